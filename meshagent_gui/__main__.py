@@ -1,0 +1,3 @@
+from meshagent_gui.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Asyncio core: services the headless agent and the tray app share. Never imports Qt."""

@@ -1,0 +1,1 @@
+"""Notifications: Gotify and the router that decides which events notify."""

@@ -1,0 +1,1 @@
+"""Sans-IO protocol: bytes/events in, bytes/events out, time passed in. No asyncio, no sockets, no clock."""

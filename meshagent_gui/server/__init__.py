@@ -1,0 +1,1 @@
+"""The reference Mesh Server (control plane)."""
