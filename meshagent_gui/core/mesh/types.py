@@ -101,9 +101,14 @@ class DeviceList(Wire):
     devices: list[Device]
 
 
+Address = Annotated[str, Field(min_length=1, max_length=100)]
+
+
 class DeviceUpdate(Wire):
     name: str | None = Field(default=None, min_length=1, max_length=64)
-    addresses: list[str] | None = None
+    addresses: list[Address] | None = Field(
+        default=None, max_length=32, description="the device's own candidate addresses"
+    )
 
 
 class Room(Wire):
@@ -123,6 +128,26 @@ class RoomCreate(Wire):
 class MemberAdd(Wire):
     user: str
     role: Role = "member"
+
+
+class JoinCodeCreate(Wire):
+    """Ask for a one-time enrolment code (``POST /join-codes``).
+
+    ``user`` defaults to the caller's own user; only an admin may name another user or ask for
+    ``new_user`` (the enrolling device gets a new user named after it). With ``room`` the
+    enrolled user joins that room as a member; the caller must own it (or be an admin), and a
+    missing room is created with the caller's user as owner.
+    """
+
+    user: str | None = Field(default=None, min_length=1, max_length=32)
+    room: str | None = Field(default=None, min_length=1, max_length=64)
+    ttl: int | None = Field(default=None, ge=30, le=7 * 86400, description="seconds; default 600")
+    new_user: bool = False
+
+
+class JoinCode(Wire):
+    code: str = Field(description="four groups of four Crockford base32 characters")
+    expires_at: float
 
 
 class CapabilityRequest(Wire):
@@ -195,12 +220,18 @@ class Event(Wire):
     kind: str
     from_: str | None = Field(default=None, alias="from")
     data: dict[str, Any] = {}
+    key: str | None = Field(
+        default=None, description="the standing announcement's key (also on `<kind>.ended`)"
+    )
 
 
 class WsError(Wire):
     type: Literal["error"] = "error"
     error: str
     message: str
+    device_id: str | None = Field(
+        default=None, description="the device the refused frame was addressed to, if any"
+    )
 
 
 WsMessage = Annotated[

@@ -1,0 +1,386 @@
+"""The `meshagent` command (DESIGN.md §4 is its contract: scripts and users depend on it).
+
+Every user mistake ends as one line on stderr and a non-zero exit; anything unexpected is logged
+with its traceback to the log file and reported in one line that points there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from meshagent_gui import __version__
+from meshagent_gui import log as logsetup
+from meshagent_gui.config import KEYS, Paths, parse_value
+from meshagent_gui.context import Context
+from meshagent_gui.errors import UserError
+
+log = logging.getLogger("meshagent")
+T = TypeVar("T")
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in our one-line style (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"meshagent: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # SUPPRESS: a global option given before the command must survive the subcommand's parse.
+    common = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--home", metavar="DIR", help="keep all config, data and state in DIR")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
+
+    parser = _Parser(prog="meshagent", description="Mesh Agent", parents=[common])
+    parser.add_argument("--version", action="version", version=f"meshagent {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, parents=[common])
+
+    server = command("server", "run the reference Mesh Server (control plane)")
+    _server_data_dir(server)
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8765)
+    server.add_argument("--tls-cert", type=Path)
+    server.add_argument("--tls-key", type=Path)
+    server.add_argument(
+        "--insecure", action="store_true", help="allow plain HTTP on a non-loopback address"
+    )
+    server.add_argument("--heartbeat", type=float, default=10.0, help=argparse.SUPPRESS)
+    server_commands = server.add_subparsers(dest="server_command", parser_class=_Parser)
+    add_user = server_commands.add_parser("add-user", help="create a user", parents=[common])
+    _server_data_dir(add_user)
+    add_user.add_argument("name")
+    add_user.add_argument("--admin", action="store_true")
+    add_user.add_argument("--password-stdin", action="store_true", required=True)
+    join_code = server_commands.add_parser(
+        "join-code", help="print a one-time enrolment code", parents=[common]
+    )
+    _server_data_dir(join_code)
+    join_code.add_argument("--user")
+    join_code.add_argument("--room")
+    join_code.add_argument("--ttl", type=int, default=600)
+    rotate = server_commands.add_parser(
+        "rotate-key", help="start signing with a new key", parents=[common]
+    )
+    _server_data_dir(rotate)
+
+    login = command("login", "enrol this device with a Mesh Server")
+    login.add_argument("url")
+    how = login.add_mutually_exclusive_group(required=True)
+    how.add_argument("--join-code")
+    how.add_argument("--user")
+    login.add_argument("--password-stdin", action="store_true")
+    login.add_argument("--name", help="this device's name")
+
+    up = command("up", "run the agent headless until stopped")
+    up.add_argument(
+        "--local", action="store_true", help="start a local mesh on this computer if none is set"
+    )
+
+    config = command("config", "read and change settings")
+    config_commands = config.add_subparsers(
+        dest="config_command", required=True, parser_class=_Parser
+    )
+    config_get = config_commands.add_parser("get", parents=[common])
+    config_get.add_argument("key")
+    config_set = config_commands.add_parser("set", parents=[common])
+    config_set.add_argument("key")
+    config_set.add_argument("value")
+    config_unset = config_commands.add_parser("unset", parents=[common])
+    config_unset.add_argument("key")
+    config_commands.add_parser("list", parents=[common])
+
+    command("devices", "devices this one may reach")
+
+    notify = command("notify", "send a notification to Gotify")
+    notify.add_argument("title")
+    notify.add_argument("message")
+    notify.add_argument("--priority", type=int, default=5)
+
+    command("doctor", "check everything and say what is wrong")
+    return parser
+
+
+def _server_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", type=Path, help="the server's data folder (default: in the agent's home)"
+    )
+
+
+# ---------------------------------------------------------------- output
+
+
+def emit(args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
+    print(json.dumps(record) if args.json else text, flush=True)
+
+
+def _run(coro: Awaitable[T]) -> T:
+    """asyncio.run with SIGTERM treated like Ctrl-C, so every task is cancelled cleanly."""
+
+    async def main() -> T:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task is not None and sys.platform != "win32":
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+
+    return asyncio.run(main())
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if not args.password_stdin:
+        raise UserError("give the password on standard input with --password-stdin", code="usage")
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise UserError("no password on standard input", code="usage")
+    return password
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from meshagent_gui.server import runner
+
+    data_dir = args.data_dir or Paths.resolve(args.home).data_dir / "server"
+    match args.server_command:
+        case "add-user":
+            runner.add_user(data_dir, args.name, _read_password(args), admin=args.admin)
+            emit(args, {"user": args.name, "admin": args.admin}, f"user {args.name} created")
+        case "join-code":
+            code, expires = runner.create_join_code(
+                data_dir, user=args.user, room=args.room, ttl=args.ttl
+            )
+            emit(args, {"code": code, "expires_at": expires}, code)
+        case "rotate-key":
+            kid = runner.rotate_key(data_dir)
+            emit(args, {"kid": kid}, f"now signing with key {kid}")
+        case _:
+            settings = runner.ServerSettings(
+                host=args.host,
+                port=args.port,
+                data_dir=data_dir,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+                insecure=args.insecure,
+                heartbeat_interval=args.heartbeat,
+            )
+
+            def ready(url: str) -> None:
+                emit(args, {"url": url}, f"Mesh Server listening on {url}")
+
+            with contextlib.suppress(asyncio.CancelledError):
+                _run(runner.serve_forever(settings, ready))
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    from meshagent_gui.core.mesh.enroll import enroll
+
+    password = _read_password(args) if args.user else None
+    ctx = Context.open(args.home)
+    enrollment = _run(
+        enroll(
+            ctx,
+            args.url,
+            join_code=args.join_code,
+            username=args.user,
+            password=password,
+            device_name=args.name,
+        )
+    )
+    emit(
+        args,
+        {
+            "device_id": enrollment.device_id,
+            "name": ctx.device_name,
+            "user": enrollment.user,
+            "server": enrollment.url,
+        },
+        f"enrolled {ctx.device_name} ({ctx.identity.short_id}) as {enrollment.user}'s device"
+        f" on {enrollment.url}",
+    )
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from meshagent_gui.core.agent import Agent
+
+    ctx = Context.open(args.home)
+    if args.local and ctx.enrollment is None:
+        return _run(_up_local(args, ctx))
+    agent = Agent.from_context(ctx)
+
+    def ready() -> None:
+        emit(
+            args,
+            {"event": "up", "device_id": agent.enrollment.device_id, "server": agent.client.url},
+            f"Mesh Agent up: {ctx.device_name} ({ctx.identity.short_id}) on {agent.client.url}",
+        )
+
+    with contextlib.suppress(asyncio.CancelledError):
+        _run(agent.run(on_ready=ready))
+    return 0
+
+
+async def _up_local(args: argparse.Namespace, ctx: Context) -> int:
+    from meshagent_gui.core.local_mesh import run_local_mesh
+
+    def ready(url: str, code: str) -> None:
+        emit(
+            args,
+            {"event": "up", "server": url, "join_code": code},
+            f"Local mesh on {url}; this device is enrolled as its owner.\n"
+            f"Add another device: meshagent login {url} --join-code {code}",
+        )
+
+    with contextlib.suppress(asyncio.CancelledError):
+        await run_local_mesh(ctx, ready)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    ctx = Context.open(args.home)
+    key = KEYS.get(getattr(args, "key", ""))
+    if args.config_command != "list" and key is None:
+        raise UserError(
+            f"unknown setting {args.key!r}; `meshagent config list` shows them", code="bad_key"
+        )
+    match args.config_command:
+        case "get":
+            assert key is not None
+            value = ctx.secrets.get(key.name) if key.secret else ctx.config[key.name]
+            shown = ("(set)" if value else "(not set)") if key.secret else value
+            emit(args, {"key": key.name, "value": shown}, str(shown))
+        case "set":
+            assert key is not None
+            if key.secret:
+                ctx.secrets.set(key.name, args.value)
+            else:
+                ctx.config.set(key.name, parse_value(key, args.value))
+                ctx.config.save()
+        case "unset":
+            assert key is not None
+            if key.secret:
+                ctx.secrets.delete(key.name)
+            else:
+                ctx.config.unset(key.name)
+                ctx.config.save()
+        case "list":
+            for name, spec in KEYS.items():
+                current: Any = ctx.config[name]
+                if spec.secret:
+                    current = "(set)" if ctx.secrets.get(name) else "(not set)"
+                emit(args, {"key": name, "value": current}, f"{name} = {current!r}")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from meshagent_gui.core import ipc
+    from meshagent_gui.core.agent import Agent
+
+    ctx = Context.open(args.home)
+
+    async def fetch() -> list[dict[str, Any]]:
+        try:
+            result: list[dict[str, Any]] = await ipc.call(ctx.paths.ipc_path, "devices")
+            return result
+        except ipc.AgentNotRunning:
+            agent = Agent.from_context(ctx)
+            try:
+                return [vars(d) for d in await agent.devices()]
+            finally:
+                await agent.client.aclose()
+
+    devices = _run(fetch())
+    for device in devices:
+        state = "online" if device["online"] else "offline"
+        emit(args, device, f"{device['name']:<24} {device['id'][:16]}  {state:<8} {device['user']}")
+    if not devices and not args.json:
+        print("no other devices share a room with this one yet")
+    return 0
+
+
+def cmd_notify(args: argparse.Namespace) -> int:
+    from meshagent_gui.core.notify.gotify import GotifyClient
+
+    ctx = Context.open(args.home)
+    url = str(ctx.config["gotify.url"])
+    token = ctx.secrets.get("gotify.token")
+    if not url or not token:
+        raise UserError(
+            "Gotify is not set up: meshagent config set gotify.url URL;"
+            " meshagent config set gotify.token TOKEN",
+            code="gotify_not_configured",
+        )
+
+    async def send() -> int:
+        async with GotifyClient(url, token) as client:
+            return await client.send(args.title, args.message, priority=args.priority)
+
+    message_id = _run(send())
+    emit(args, {"id": message_id}, f"sent (Gotify message {message_id})")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from meshagent_gui.core.doctor import run_checks
+
+    ctx = Context.open(args.home)
+    checks = _run(run_checks(ctx))
+    marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "-   "}
+    for check in checks:
+        emit(args, vars(check), f"{marks[check.status]} {check.name:<14} {check.detail}")
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "server": cmd_server,
+    "login": cmd_login,
+    "up": cmd_up,
+    "config": cmd_config,
+    "devices": cmd_devices,
+    "notify": cmd_notify,
+    "doctor": cmd_doctor,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, default in (("home", None), ("json", False), ("verbose", False)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    paths = Paths.resolve(args.home)
+    log_file = paths.log_file if paths.state_dir.parent.exists() or args.home else None
+    logsetup.setup(log_file, verbose=args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"meshagent: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        log.exception("internal error in `meshagent %s`", args.command)
+        where = f" (details in {paths.log_file})" if log_file else ""
+        print(f"meshagent: internal error: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
+        return EXIT_INTERNAL

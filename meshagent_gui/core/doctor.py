@@ -1,0 +1,107 @@
+"""`meshagent doctor`: every check a user needs to see why something does not work."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from meshagent_gui.config import KEYS
+from meshagent_gui.context import Context
+from meshagent_gui.errors import UserError
+
+from . import ipc
+
+Status = Literal["ok", "warn", "fail", "skip"]
+SKEW_WARN = 30.0
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+
+
+async def run_checks(ctx: Context) -> list[Check]:
+    checks: list[Check] = [
+        Check("config", "ok", str(ctx.paths.config_file)),
+        Check(
+            "secret store",
+            "ok" if ctx.secrets.kind == "keyring" else "warn",
+            ctx.secrets.description,
+        ),
+    ]
+    checks.append(await _guard("identity", _identity, ctx))
+    enrollment = ctx.enrollment
+    if enrollment is None:
+        checks.append(Check("enrolment", "fail", "not enrolled: run meshagent login"))
+    else:
+        checks.append(Check("enrolment", "ok", f"user {enrollment.user} on {enrollment.url}"))
+        checks.extend(await _server_checks(ctx))
+        checks.append(await _guard("agent", _agent, ctx))
+    checks.append(await _guard("gotify", _gotify, ctx))
+    return checks
+
+
+async def _guard(name: str, probe: Callable[[Context], Awaitable[Check]], ctx: Context) -> Check:
+    try:
+        return await probe(ctx)
+    except UserError as exc:
+        return Check(name, "fail", exc.message)
+
+
+async def _identity(ctx: Context) -> Check:
+    identity = ctx.identity
+    return Check("identity", "ok", f"{identity.short_id} ({identity.device_id})")
+
+
+async def _server_checks(ctx: Context) -> list[Check]:
+    async with ctx.mesh_client() as client:
+        try:
+            skew, rtt = await client.measure_clock_skew()
+        except UserError as exc:
+            return [Check("server", "fail", exc.message), Check("clock skew", "skip", "")]
+        server = Check("server", "ok", f"{client.url} answers ({rtt * 1000:.0f} ms)")
+        clock = Check(
+            "clock skew",
+            "ok" if abs(skew) < SKEW_WARN else "warn",
+            f"{skew:+.2f} s against the server"
+            + ("" if abs(skew) < SKEW_WARN else " (capability tokens may be refused)"),
+        )
+        try:
+            await client.devices()
+            auth = Check("session", "ok", "this device's token is accepted")
+        except UserError as exc:
+            auth = Check("session", "fail", exc.message)
+    return [server, clock, auth]
+
+
+async def _agent(ctx: Context) -> Check:
+    try:
+        status = await ipc.call(ctx.paths.ipc_path, "status", timeout=5)
+    except ipc.AgentNotRunning:
+        return Check("agent", "warn", "no agent running for this home (meshagent up)")
+    link = status.get("link")
+    detail = f"running; WebSocket {link}, {len(status.get('online_peers', []))} peers online"
+    if link != "online" and status.get("last_error"):
+        detail += f" (last error: {status['last_error']})"
+    return Check("agent", "ok" if link == "online" else "warn", detail)
+
+
+async def _gotify(ctx: Context) -> Check:
+    from .notify.gotify import GotifyClient
+
+    url = str(ctx.config["gotify.url"])
+    if not url:
+        return Check("gotify", "skip", f"not configured ({KEYS['gotify.url'].name})")
+    token = ctx.secrets.get("gotify.token") or ""
+    start = time.monotonic()
+    async with GotifyClient(url, token, retries=0) as client:
+        version = await client.version()
+    took = (time.monotonic() - start) * 1000
+    detail = f"{url} answers, version {version} ({took:.0f} ms)"
+    if not token:
+        return Check("gotify", "warn", detail + "; gotify.token is not set")
+    return Check("gotify", "ok", detail)

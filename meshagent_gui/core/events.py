@@ -1,0 +1,80 @@
+"""What the core tells its front ends (tray app, CLI): past-tense facts as frozen dataclasses.
+
+The core publishes them on :class:`meshagent_gui.core.bus.EventBus`; the UI and the
+notification router subscribe. Never put secrets or file/terminal contents in an event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    """Base class of every core event."""
+
+
+@dataclass(frozen=True)
+class ServerConnected(Event):
+    url: str
+    session_id: str
+    clock_skew: float
+
+
+@dataclass(frozen=True)
+class ServerDisconnected(Event):
+    url: str
+    reason: str
+    retry_in: float
+
+
+@dataclass(frozen=True)
+class PeerCameOnline(Event):
+    device_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class PeerWentOffline(Event):
+    device_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class SignalReceived(Event):
+    sender: str
+    payload: dict[str, Any] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class AnnouncementReceived(Event):
+    """An ``event`` frame from the server: room membership, terminal sessions, share offers."""
+
+    kind: str
+    sender: str | None
+    data: dict[str, Any] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class TransferCompleted(Event):
+    transfer_id: str
+    name: str
+    peer: str
+    size: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TransferFailed(Event):
+    transfer_id: str
+    name: str
+    peer: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ControlRequested(Event):
+    session_id: str
+    device_id: str
+    device_name: str

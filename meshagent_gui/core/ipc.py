@@ -1,0 +1,175 @@
+"""Local IPC between the running agent and other ``meshagent`` commands (like tailscale/tailscaled).
+
+JSON lines over a Unix socket with owner-only permissions (POSIX), or loopback TCP guarded by a
+random cookie kept in an owner-only file (Windows, where asyncio has no public named-pipe
+server). One request per line ``{"id", "method", "params"}``; one answer per line
+``{"id", "result"}`` or ``{"id", "error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, TextIO
+
+from meshagent_gui.errors import UserError
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+MAX_LINE: Final = 1 << 20
+USE_TCP: Final = sys.platform == "win32" or os.environ.get("MESHAGENT_IPC") == "tcp"
+
+
+class AgentNotRunning(Exception):
+    """No agent answers on this home's IPC endpoint."""
+
+
+class IpcServer:
+    def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
+        self.path = path
+        self._handlers = handlers
+        self._server: asyncio.Server | None = None
+        self._cookie = secrets.token_hex(16)
+
+    async def start(self) -> None:
+        if USE_TCP:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=MAX_LINE)
+            port = self._server.sockets[0].getsockname()[1]
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump({"port": port, "cookie": self._cookie}, handle)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # stale socket: the caller holds the agent lock
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(
+                self._serve, path=str(self.path), limit=MAX_LINE
+            )
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if USE_TCP:
+                line = await asyncio.wait_for(reader.readline(), 5)
+                if not secrets.compare_digest(line.strip().decode(errors="replace"), self._cookie):
+                    return
+            while line := await reader.readline():
+                writer.write(await self._answer(line) + b"\n")
+                await writer.drain()
+        except (ConnectionError, TimeoutError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _answer(self, line: bytes) -> bytes:
+        request_id: Any = None
+        try:
+            request = json.loads(line)
+            request_id = request.get("id")
+            handler = self._handlers.get(str(request.get("method")))
+            if handler is None:
+                raise UserError(f"unknown request {request.get('method')!r}", code="bad_request")
+            result = await handler(dict(request.get("params") or {}))
+            body: dict[str, Any] = {"id": request_id, "result": result}
+        except UserError as exc:
+            body = {"id": request_id, "error": {"code": exc.code, "message": exc.message}}
+        except (ValueError, AttributeError):
+            body = {"id": request_id, "error": {"code": "bad_request", "message": "bad request"}}
+        except Exception as exc:
+            log.exception("IPC request failed")
+            body = {"id": request_id, "error": {"code": "internal", "message": str(exc)}}
+        return json.dumps(body).encode()
+
+
+async def call(
+    path: Path, method: str, params: dict[str, Any] | None = None, *, timeout: float = 30.0
+) -> Any:
+    """Ask the running agent; raises AgentNotRunning when there is none."""
+    try:
+        if USE_TCP:
+            endpoint = json.loads(await asyncio.to_thread(path.read_text))
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", int(endpoint["port"]), limit=MAX_LINE), 5
+            )
+            writer.write(str(endpoint["cookie"]).encode() + b"\n")
+        else:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(path), limit=MAX_LINE), 5
+            )
+    except (OSError, ValueError, KeyError, TimeoutError) as exc:
+        raise AgentNotRunning(str(exc)) from exc
+    try:
+        writer.write(json.dumps({"id": 1, "method": method, "params": params or {}}).encode())
+        writer.write(b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except TimeoutError:
+        raise UserError("the running agent did not answer in time", code="agent_timeout") from None
+    except ConnectionError as exc:
+        raise AgentNotRunning(str(exc)) from exc
+    finally:
+        writer.close()
+    if not line:
+        raise AgentNotRunning("the agent closed the connection")
+    answer = json.loads(line)
+    if "error" in answer:
+        raise UserError(answer["error"]["message"], code=answer["error"]["code"])
+    return answer.get("result")
+
+
+class AgentLock:
+    """One agent per home: an exclusive lock on a file, released by the OS if we die."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: TextIO | None = None
+
+    def acquire(self) -> None:
+        handle = open(self.path, "a+")  # noqa: SIM115 - held for the agent's lifetime
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise UserError(
+                f"an agent is already running for this home (pid {holder})", code="agent_running"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None

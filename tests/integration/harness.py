@@ -1,0 +1,220 @@
+"""Real processes for integration tests: the reference server and agents, each its own --home."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+BASE_ENV = {
+    **os.environ,
+    "MESHAGENT_SECRET_STORE": "file",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONWARNINGS": "error::RuntimeWarning",
+}
+
+
+def meshagent_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "meshagent_gui", *args]
+
+
+def run(
+    *args: str, stdin: str | None = None, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        meshagent_cmd(*args),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**BASE_ENV, **(env or {})},
+        check=False,
+    )
+
+
+def ok(*args: str, stdin: str | None = None) -> str:
+    done = run(*args, stdin=stdin)
+    assert done.returncode == 0, f"meshagent {' '.join(args)} failed: {done.stderr}"
+    return done.stdout
+
+
+def wait_until(probe: Callable[[], T], timeout: float, what: str, every: float = 0.1) -> T:
+    """Poll until probe() is truthy; its last value on success."""
+    deadline = time.monotonic() + timeout
+    last: T = probe()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+        last = probe()
+    return last
+
+
+class Process:
+    """A long-running meshagent process whose output we read line by line."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            meshagent_cmd(*args),
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={**BASE_ENV, **(env or {})},
+            start_new_session=True,
+        )
+
+    def read_line(self, pattern: str, timeout: float = 20) -> re.Match[str]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        buffer = b""
+        while time.monotonic() < deadline:
+            chunk = self.proc.stdout.read()
+            if chunk:
+                buffer += chunk
+                for line in buffer.decode(errors="replace").splitlines():
+                    if match := re.search(pattern, line):
+                        return match
+            elif self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(
+            f"no line matching {pattern!r} from meshagent {' '.join(self.args)}; got {buffer!r};"
+            f" stderr: {self.log_path.read_text(errors='replace')[-2000:]}"
+        )
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout)
+        self._log.close()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@dataclass
+class Server:
+    data_dir: Path
+    logs: Path
+    port: int = 0
+    url: str = ""
+    process: Process | None = None
+
+    def start(self) -> Server:
+        self.process = Process(
+            [
+                "server",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(self.data_dir),
+                "--heartbeat",
+                "2",
+            ],
+            self.logs / f"server-{time.monotonic_ns()}.log",
+        )
+        self.url = self.process.read_line(r"listening on (\S+)").group(1)
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None:
+            self.process.stop(sig)
+            self.process = None
+
+    def add_user(
+        self, name: str, password: str = "correct horse battery", admin: bool = False
+    ) -> None:
+        extra = ["--admin"] if admin else []
+        ok(
+            "server",
+            "add-user",
+            name,
+            "--password-stdin",
+            "--data-dir",
+            str(self.data_dir),
+            *extra,
+            stdin=password + "\n",
+        )
+
+    def join_code(self, user: str | None = None, ttl: int = 600, room: str | None = None) -> str:
+        args = ["server", "join-code", "--data-dir", str(self.data_dir), "--ttl", str(ttl)]
+        if user:
+            args += ["--user", user]
+        if room:
+            args += ["--room", room]
+        return ok(*args).strip()
+
+
+@dataclass
+class AgentHome:
+    home: Path
+    logs: Path
+    name: str
+    process: Process | None = None
+    config: dict[str, str] = field(default_factory=dict)
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run("--home", str(self.home), *args, stdin=stdin)
+
+    def ok(self, *args: str, stdin: str | None = None) -> str:
+        done = self.cli(*args, stdin=stdin)
+        assert done.returncode == 0, f"meshagent {' '.join(args)} failed: {done.stderr}"
+        return done.stdout
+
+    def login(self, server: Server, code: str) -> dict[str, Any]:
+        for key, value in self.config.items():
+            self.ok("config", "set", key, value)
+        out = self.ok("--json", "login", server.url, "--join-code", code, "--name", self.name)
+        return dict(json.loads(out))
+
+    def up(self) -> AgentHome:
+        self.process = Process(
+            ["--home", str(self.home), "--json", "up"],
+            self.logs / f"{self.name}-{time.monotonic_ns()}.log",
+        )
+        self.process.read_line(r'"event": "up"')
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None:
+            self.process.stop(sig)
+            self.process = None
+
+    def devices(self) -> list[dict[str, Any]]:
+        out = self.ok("devices", "--json")
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def online(self) -> set[str]:
+        return {d["name"] for d in self.devices() if d["online"]}
+
+
+@contextlib.contextmanager
+def cleanup(*things: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for thing in things:
+            thing.stop()

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import importlib
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshagent_gui.core import ipc
+from meshagent_gui.errors import UserError
+
+
+async def _echo(params: dict[str, Any]) -> Any:
+    if params.get("fail"):
+        raise UserError("nope", code="refused")
+    return {"echo": params}
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(ipc, "USE_TCP", request.param == "tcp")
+    return request.param
+
+
+async def test_request_answer_and_errors(tmp_path: Path, transport: str) -> None:
+    server = ipc.IpcServer(tmp_path / "agent.sock", {"echo": _echo})
+    await server.start()
+    try:
+        assert stat.S_IMODE(os.stat(tmp_path / "agent.sock").st_mode) == 0o600
+        assert await ipc.call(tmp_path / "agent.sock", "echo", {"a": 1}) == {"echo": {"a": 1}}
+        with pytest.raises(UserError, match="nope") as caught:
+            await ipc.call(tmp_path / "agent.sock", "echo", {"fail": True})
+        assert caught.value.code == "refused"
+        with pytest.raises(UserError, match="unknown request"):
+            await ipc.call(tmp_path / "agent.sock", "missing")
+    finally:
+        await server.close()
+    with pytest.raises(ipc.AgentNotRunning):
+        await ipc.call(tmp_path / "agent.sock", "echo")
+
+
+async def test_tcp_needs_the_cookie(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+    import json
+
+    monkeypatch.setattr(ipc, "USE_TCP", True)
+    server = ipc.IpcServer(tmp_path / "agent.sock", {"echo": _echo})
+    await server.start()
+    try:
+        port = json.loads((tmp_path / "agent.sock").read_text())["port"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"wrong-cookie\n" + json.dumps({"id": 1, "method": "echo"}).encode() + b"\n")
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    finally:
+        await server.close()
+
+
+def test_lock_is_exclusive(tmp_path: Path) -> None:
+    first = ipc.AgentLock(tmp_path / "lock")
+    first.acquire()
+    try:
+        second = ipc.AgentLock(tmp_path / "lock")
+        with pytest.raises(UserError, match=f"pid {os.getpid()}"):
+            second.acquire()
+    finally:
+        first.release()
+    third = ipc.AgentLock(tmp_path / "lock")
+    third.acquire()
+    third.release()
+
+
+def test_module_reload_keeps_platform_choice() -> None:
+    assert importlib.reload(ipc).USE_TCP in (True, False)
