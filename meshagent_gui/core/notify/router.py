@@ -1,0 +1,226 @@
+"""Which core events become notifications, how they read, and where they go.
+
+The rules are data (:data:`RULES`): an event type, the ``notify.<kind>`` config key that holds its
+Gotify priority (``-1``, or any negative number, switches it off) and a function that words it.
+Events without a rule are ignored, so the core can grow new events freely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+from meshagent_gui.config import KEYS
+from meshagent_gui.core.events import (
+    ControlRequested,
+    PeerCameOnline,
+    PeerWentOffline,
+    TransferCompleted,
+    TransferFailed,
+)
+from meshagent_gui.core.notify.gotify import GotifyClient
+from meshagent_gui.errors import UserError
+
+log = logging.getLogger(__name__)
+
+OFF: Final = -1
+_MAX_FIELD: Final = 200
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One notification, ready for any sink (Gotify, desktop toast)."""
+
+    kind: str
+    title: str
+    message: str
+    priority: int
+    click_url: str | None = None
+
+
+class NotificationSink(Protocol):
+    """Somewhere notifications go. ``deliver`` may raise; the router logs and carries on."""
+
+    async def deliver(self, notification: Notification) -> None: ...
+
+
+E = TypeVar("E")
+
+
+@dataclass(frozen=True)
+class NotificationRule(Generic[E]):
+    """How one event type notifies: its kind (``notify.<kind>``) and its wording."""
+
+    kind: str
+    words: Callable[[E], tuple[str, str]]  # event -> (title, message)
+
+    @property
+    def config_key(self) -> str:
+        return f"notify.{self.kind}"
+
+
+def _clean(text: str) -> str:
+    # Names come from peers: drop control characters (newlines, escapes) and cap the length.
+    kept = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
+    kept = " ".join(kept.split())
+    return kept if len(kept) <= _MAX_FIELD else kept[: _MAX_FIELD - 1] + "…"
+
+
+def human_size(size: int) -> str:
+    """Bytes in decimal units, as file managers show them: 999 B, 1.2 kB, 3.4 MB."""
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _peer_online(event: PeerCameOnline) -> tuple[str, str]:
+    return f"{_clean(event.name)} is online", f"Device {_clean(event.name)} joined the mesh."
+
+
+def _peer_offline(event: PeerWentOffline) -> tuple[str, str]:
+    return f"{_clean(event.name)} is offline", f"Device {_clean(event.name)} left the mesh."
+
+
+def _transfer_completed(event: TransferCompleted) -> tuple[str, str]:
+    detail = f"{human_size(event.size)} in {_duration(event.seconds)}"
+    if event.seconds > 0:
+        detail += f" ({human_size(round(event.size / event.seconds))}/s)"
+    return (
+        "Transfer complete",
+        f"{_clean(event.name)} with {_clean(event.peer)}: {detail}.",
+    )
+
+
+def _transfer_failed(event: TransferFailed) -> tuple[str, str]:
+    return (
+        "Transfer failed",
+        f"{_clean(event.name)} with {_clean(event.peer)}: {_clean(event.reason)}",
+    )
+
+
+def _control_requested(event: ControlRequested) -> tuple[str, str]:
+    return (
+        "Terminal control requested",
+        f"{_clean(event.device_name)} asks to control your terminal"
+        f" (session {_clean(event.session_id)}).",
+    )
+
+
+RULES: Final[Mapping[type, NotificationRule[Any]]] = {
+    TransferCompleted: NotificationRule("transfer_completed", _transfer_completed),
+    TransferFailed: NotificationRule("transfer_failed", _transfer_failed),
+    ControlRequested: NotificationRule("control_requested", _control_requested),
+    PeerWentOffline: NotificationRule("peer_offline", _peer_offline),
+    PeerCameOnline: NotificationRule("peer_online", _peer_online),
+}
+
+
+class NotificationRouter:
+    """Turns events into notifications and hands them to every sink.
+
+    ``priorities`` maps ``notify.<kind>`` to a priority; the :class:`~meshagent_gui.config.Config`
+    itself fits, and is read on every event so that settings changes apply at once. A missing key
+    falls back to its default in :data:`meshagent_gui.config.KEYS`.
+    """
+
+    def __init__(
+        self,
+        priorities: Mapping[str, Any],
+        sinks: Sequence[NotificationSink],
+        *,
+        sink_timeout: float = 60.0,
+    ) -> None:
+        self._priorities = priorities
+        self._sinks = tuple(sinks)
+        self._sink_timeout = sink_timeout
+
+    def route(self, event: object) -> Notification | None:
+        """The notification ``event`` should raise, or None (no rule, or switched off)."""
+        rule = RULES.get(type(event))
+        if rule is None:
+            return None
+        priority = self._priority(rule.config_key)
+        if priority is None:
+            return None
+        title, message = rule.words(event)
+        return Notification(rule.kind, title, message, priority)
+
+    async def handle(self, event: object) -> None:
+        """Route ``event`` and deliver it; never raises because a sink failed."""
+        notification = self.route(event)
+        if notification is not None:
+            await self.deliver(notification)
+
+    async def deliver(self, notification: Notification) -> None:
+        """Give ``notification`` to every sink at once; one sink's failure spares the others."""
+        async with asyncio.TaskGroup() as group:
+            for sink in self._sinks:
+                group.create_task(self._deliver_to(sink, notification))
+
+    async def _deliver_to(self, sink: NotificationSink, notification: Notification) -> None:
+        try:
+            async with asyncio.timeout(self._sink_timeout):
+                await sink.deliver(notification)
+        except UserError as exc:
+            log.warning("%s notification not delivered by %r: %s", notification.kind, sink, exc)
+        except TimeoutError:
+            log.warning(
+                "%s notification not delivered by %r: no answer within %.0fs",
+                notification.kind,
+                sink,
+                self._sink_timeout,
+            )
+        except Exception:
+            log.exception("%s notification not delivered by %r", notification.kind, sink)
+
+    def _priority(self, config_key: str) -> int | None:
+        default = KEYS[config_key].default if config_key in KEYS else OFF
+        raw = self._priorities.get(config_key, default)
+        priority = _whole_number(raw)
+        if priority is None:
+            log.warning("%s must be a whole number (priority, -1 = off), not %r", config_key, raw)
+            return None
+        return None if priority < 0 else priority
+
+
+def _whole_number(raw: object) -> int | None:
+    # TOML gives ints; a hand-edited file may give "5", which is still meant as a priority.
+    if isinstance(raw, bool) or not isinstance(raw, int | str):
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+class GotifySink:
+    """Delivers notifications to Gotify with the notification's priority."""
+
+    def __init__(self, client: GotifyClient) -> None:
+        self._client = client
+
+    def __repr__(self) -> str:
+        return f"GotifySink({self._client!r})"
+
+    async def deliver(self, notification: Notification) -> None:
+        await self._client.send(
+            notification.title,
+            notification.message,
+            priority=notification.priority,
+            click_url=notification.click_url,
+        )

@@ -1,0 +1,1 @@
+"""Faithful stand-ins for outside services (run on loopback) used by the tests."""
