@@ -222,7 +222,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from meshagent_gui.core.agent import Agent
 
     ctx = Context.open(args.home)
-    if args.local and ctx.enrollment is None:
+    if ctx.config["local.server"] or (args.local and ctx.enrollment is None):
         return _run(_up_local(args, ctx))
     agent = Agent.from_context(ctx)
 

@@ -14,15 +14,29 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
 
 from .bus import EventBus
 from .events import AnnouncementReceived, PeerCameOnline
 from .ipc import AgentLock, Handler, IpcServer
-from .mesh.client import Enrollment, MeshClient
+from .mesh.client import Enrollment, MeshClient, MeshError
 from .mesh.link import MeshLink
-from .mesh.types import Device
+from .mesh.types import Device, PublicKey
+from .notify.gotify import GotifyClient
+from .notify.router import GotifySink, NotificationRouter, NotificationSink
+from .protocol.captoken import (
+    Capability,
+    CapabilityVerifier,
+    UnknownKey,
+    public_key_from_jwk_x,
+)
+
+# A token naming an unknown key makes us refetch the server's keys, at most this often, so
+# that garbage key ids cannot turn peers into a flood of requests to the server.
+KEY_REFETCH_INTERVAL = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +67,7 @@ class Agent:
         self.bus = EventBus()
         self.client = MeshClient(enrollment.url, secrets=ctx.secrets)
         self._names: dict[str, str] = {}
+        self._known: list[Device] = []
         self.link = MeshLink(
             self.client,
             self.bus,
@@ -60,6 +75,14 @@ class Agent:
             device_name=lambda device_id: self._names.get(device_id, device_id[:12]),
         )
         self.started_at = time.time()
+        # Front ends add theirs (desktop toasts); Gotify joins when it is configured.
+        self.notification_sinks: list[NotificationSink] = []
+        self.verifier = CapabilityVerifier(
+            issuer=enrollment.server_id,
+            device_id=enrollment.device_id,
+            keys=_verifying_keys(enrollment.keys),
+        )
+        self._keys_fetched_at = float("-inf")
 
     @classmethod
     def from_context(cls, ctx: Context) -> Agent:
@@ -68,7 +91,14 @@ class Agent:
     # ------------------------------------------------------------ API (also served over IPC)
 
     async def devices(self) -> list[DeviceView]:
-        devices = await self.client.devices()
+        try:
+            devices = await self.client.devices()
+        except MeshError as exc:
+            if exc.code not in ("server_unreachable", "server_timeout") or not self._known:
+                raise
+            # The server is away: what we knew, with nobody online (we cannot tell).
+            return [DeviceView.of(d, False) for d in self._known]
+        self._known = devices
         self._names.update({d.id: d.name for d in devices})
         if self.link.state == "online":
             return [DeviceView.of(d, d.id in self.link.online) for d in devices]
@@ -89,6 +119,34 @@ class Agent:
             "uptime": time.time() - self.started_at,
         }
 
+    async def request_capability(self, target: str, scope: str, resource: str = "") -> str:
+        """A capability token from the server for `scope` on `target` (the peer verifies it)."""
+        return (await self.client.capability(target, scope, resource)).token
+
+    async def verify_capability(
+        self, token: str, *, peer_id: str, scope: str, resource: str | None = None
+    ) -> Capability:
+        """Check a peer's token offline; an unknown key id refetches the server's keys once."""
+        try:
+            return self.verifier.verify(
+                token, now=time.time(), peer_id=peer_id, scope=scope, resource=resource
+            )
+        except UnknownKey:
+            if time.monotonic() - self._keys_fetched_at < KEY_REFETCH_INTERVAL:
+                raise
+        await self._refetch_keys()
+        return self.verifier.verify(
+            token, now=time.time(), peer_id=peer_id, scope=scope, resource=resource
+        )
+
+    async def _refetch_keys(self) -> None:
+        self._keys_fetched_at = time.monotonic()
+        keys = await self.client.keys()
+        self.verifier.set_keys(_verifying_keys(keys))
+        self.enrollment.keys = keys
+        await asyncio.to_thread(self.enrollment.save, self.ctx.paths.data_dir)
+        log.info("refetched the server's signing keys (%d)", len(keys))
+
     def ipc_handlers(self) -> dict[str, Handler]:
         async def devices(_: dict[str, Any]) -> Any:
             return [vars(d) for d in await self.devices()]
@@ -105,11 +163,15 @@ class Agent:
         lock = AgentLock(self.ctx.paths.lock_file)
         lock.acquire()
         ipc = IpcServer(self.ctx.paths.ipc_path, self.ipc_handlers())
+        gotify = self._gotify_client()
+        sinks = [*self.notification_sinks, *([GotifySink(gotify)] if gotify else [])]
+        router = NotificationRouter(self.ctx.config, sinks)
         try:
             await ipc.start()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.link.run(), name="mesh-link")
                 tasks.create_task(self._follow_events(), name="agent-events")
+                tasks.create_task(self._notify(router), name="agent-notify")
                 if on_ready is not None:
                     result = on_ready()
                     if result is not None:
@@ -117,7 +179,25 @@ class Agent:
         finally:
             await ipc.close()
             await self.client.aclose()
+            if gotify is not None:
+                await gotify.aclose()
             lock.release()
+
+    def _gotify_client(self) -> GotifyClient | None:
+        url = str(self.ctx.config["gotify.url"])
+        token = self.ctx.secrets.get("gotify.token")
+        if not url or not token:
+            return None
+        try:
+            return GotifyClient(url, token)
+        except UserError as exc:
+            log.warning("Gotify notifications are off: %s", exc.message)
+            return None
+
+    async def _notify(self, router: NotificationRouter) -> None:
+        with self.bus.subscribed() as events:
+            async for event in events:
+                await router.handle(event)
 
     async def _follow_events(self) -> None:
         with self.bus.subscribed() as events:
@@ -128,3 +208,7 @@ class Agent:
                 if stranger or moved:
                     with contextlib.suppress(UserError):
                         await self.devices()
+
+
+def _verifying_keys(keys: list[PublicKey]) -> dict[str, Ed25519PublicKey]:
+    return {key.kid: public_key_from_jwk_x(key.x) for key in keys}

@@ -31,8 +31,7 @@ def test_presence_and_reconnect(server: Server, make_agent) -> None:  # type: ig
 
     # The server goes away and comes back on the same port: both agents reconnect by themselves.
     server.stop()
-    status = json.loads(laptop.ok("doctor", "--json").splitlines()[0])
-    assert status["name"] == "config"
+    wait_until(lambda: "desktop" not in laptop.online(), 10, "server loss noticed")
     server.start()
     for agent, other in ((laptop, "desktop"), (desktop, "laptop")):
         wait_until(lambda a=agent, o=other: o in a.online(), 15, f"{agent.name} reconnected")

@@ -44,6 +44,7 @@ from .types import (
 log = logging.getLogger(__name__)
 
 CLOSE_UNAUTHORIZED: Final = 4401
+CLOSE_REPLACED: Final = 4409  # a newer connection of this same device took over
 OPEN_TIMEOUT: Final = 10.0
 LinkState = Literal["offline", "connecting", "online"]
 
@@ -114,6 +115,10 @@ class MeshLink:
             reason = await self._session()
             self._went_offline()
             delay = self._backoff.next_delay()
+            if reason.startswith(f"closed ({CLOSE_REPLACED})"):
+                # Two agents with one identity would steal the connection from each other.
+                reason = "replaced by another agent running with this device's identity"
+                delay = self._backoff.cap
             self.last_error = reason
             log.info("server connection lost (%s); retrying in %.1fs", reason, delay)
             self._bus.publish(ServerDisconnected(self._client.url, reason, delay))

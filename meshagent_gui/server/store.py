@@ -1,0 +1,788 @@
+"""The reference server's database: plain sqlite3 in WAL mode, schema versioned by user_version.
+
+Every method is synchronous and takes the current time as ``now`` (so expiry is testable
+without a clock). The server runs them on one dedicated thread through :class:`AsyncStore`,
+never on the event loop; the CLI calls them directly.
+
+Secrets (access tokens, refresh tokens, join codes) are stored only as SHA-256 hashes: they are
+random with at least 80 bits of entropy, so a fast hash is enough (passwords use argon2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Concatenate, Final, ParamSpec, TypeVar, cast
+
+from meshagent_gui.core.mesh.types import ROLE_SCOPES, Role
+
+DATABASE_NAME: Final = "server.sqlite3"
+ACCESS_TTL: Final = 3600
+REFRESH_TTL: Final = 30 * 86400
+JOIN_CODE_TTL: Final = 600
+MAX_JOIN_CODE_TTL: Final = 7 * 86400
+MIN_JOIN_CODE_TTL: Final = 1  # the operator may; the REST API asks for >= 30
+
+USER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
+ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+PERSONAL_ROOM_PREFIX: Final = "@"
+
+# Crockford base32: no I, L, O, U, so what people read aloud is what they type.
+_CODE_ALPHABET: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_CODE_GROUPS: Final = 4
+_CODE_GROUP_LENGTH: Final = 4
+_CODE_LOOKALIKES: Final = str.maketrans({"O": "0", "I": "1", "L": "1"})
+
+# Each migration is a list of statements, applied in one transaction with the version bump.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        """CREATE TABLE users (
+            name TEXT PRIMARY KEY,
+            password_hash TEXT,
+            admin INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL
+        )""",
+        """CREATE TABLE devices (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            platform TEXT NOT NULL,
+            user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+            certificate TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            last_seen REAL,
+            addresses TEXT NOT NULL DEFAULT '[]'
+        )""",
+        "CREATE INDEX devices_by_user ON devices(user)",
+        "CREATE TABLE rooms (name TEXT PRIMARY KEY, created_at REAL NOT NULL)",
+        """CREATE TABLE room_members (
+            room TEXT NOT NULL REFERENCES rooms(name) ON DELETE CASCADE,
+            user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('owner', 'member', 'viewer')),
+            PRIMARY KEY (room, user)
+        )""",
+        "CREATE INDEX room_members_by_user ON room_members(user)",
+        """CREATE TABLE join_codes (
+            hash TEXT PRIMARY KEY,
+            user TEXT REFERENCES users(name) ON DELETE CASCADE,
+            room TEXT,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            used_at REAL,
+            used_by TEXT
+        )""",
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            device TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+            access_hash TEXT NOT NULL UNIQUE,
+            access_expires_at REAL NOT NULL,
+            refresh_hash TEXT NOT NULL UNIQUE,
+            refresh_expires_at REAL NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX sessions_by_device ON sessions(device)",
+        # Refresh tokens already exchanged: presenting one again means it leaked, so the whole
+        # session is revoked (RFC 6819 5.2.2.3, refresh token rotation).
+        """CREATE TABLE spent_refresh_tokens (
+            hash TEXT PRIMARY KEY,
+            session TEXT NOT NULL,
+            spent_at REAL NOT NULL
+        )""",
+    ),
+)
+SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+
+class StoreError(Exception):
+    """A refused operation; ``code`` is the stable API error code (see docs/server-api.md)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    name: str
+    admin: bool
+    has_password: bool
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    id: str
+    name: str
+    platform: str
+    user: str
+    certificate: str
+    last_seen: float | None
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class NewDevice:
+    """A device presenting itself at enrolment; ``id`` is its certificate fingerprint."""
+
+    id: str
+    name: str
+    platform: str
+    certificate: str
+
+
+@dataclass(frozen=True)
+class RoomRecord:
+    name: str
+    role: Role  # the role of the user the room was looked up for
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a valid access token speaks for."""
+
+    device_id: str
+    user: str
+    admin: bool
+    session_id: str
+
+
+@dataclass(frozen=True)
+class IssuedTokens:
+    access_token: str
+    access_expires_in: int
+    refresh_token: str
+
+
+@dataclass(frozen=True)
+class MembershipChange:
+    """``user`` was added to ``room`` (or its role changed).
+
+    ``newly_shared`` are the users who shared no room with ``user`` before: their devices and
+    the user's devices can see each other from now on.
+    """
+
+    room: str
+    user: str
+    role: Role
+    members: frozenset[str]
+    newly_shared: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    device: DeviceRecord
+    tokens: IssuedTokens
+    membership: MembershipChange | None = None
+
+
+def secret_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def personal_room(user: str) -> str:
+    return PERSONAL_ROOM_PREFIX + user
+
+
+def check_user_name(name: str) -> None:
+    if not USER_NAME.fullmatch(name):
+        raise StoreError(
+            "invalid_request",
+            f"{name!r} is not a valid user name: use 1-32 lowercase letters, digits, '.', '_' or "
+            "'-', starting with a letter or digit.",
+        )
+
+
+def check_room_name(name: str) -> None:
+    if not ROOM_NAME.fullmatch(name):
+        raise StoreError(
+            "invalid_request",
+            f"{name!r} is not a valid room name: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit ('@' names are personal rooms).",
+        )
+
+
+def new_join_code() -> str:
+    groups = (
+        "".join(secrets.choice(_CODE_ALPHABET) for _ in range(_CODE_GROUP_LENGTH))
+        for _ in range(_CODE_GROUPS)
+    )
+    return "-".join(groups)
+
+
+def normalize_join_code(typed: str) -> str | None:
+    """The canonical form of a code as a person typed it (any case, spaces, dashes, O for 0)."""
+    compact = re.sub(r"[\s-]", "", typed).upper().translate(_CODE_LOOKALIKES)
+    if len(compact) != _CODE_GROUPS * _CODE_GROUP_LENGTH:
+        return None
+    if any(char not in _CODE_ALPHABET for char in compact):
+        return None
+    step = _CODE_GROUP_LENGTH
+    return "-".join(compact[i : i + step] for i in range(0, len(compact), step))
+
+
+def user_name_from_device(device_name: str) -> str:
+    """A valid user name derived from a device name ("Ann's Laptop" -> "ann-s-laptop")."""
+    slug = re.sub(r"[^a-z0-9._-]+", "-", device_name.lower()).strip("-._")[:32].strip("-._")
+    return slug or "device"
+
+
+class Store:
+    """All persistent state of the reference server."""
+
+    def __init__(self, connection: sqlite3.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+        self.server_id = self._ensure_server_id()
+
+    @classmethod
+    def open(cls, data_dir: Path) -> Store:
+        """Open (creating and migrating as needed) the database in ``data_dir``."""
+        try:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = data_dir / DATABASE_NAME
+            # One connection, used from one thread at a time (the AsyncStore worker or the CLI).
+            connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(
+                "data_dir_unusable", f"Cannot open the server database in {data_dir}: {exc}"
+            ) from exc
+        try:
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("PRAGMA synchronous = NORMAL")
+            connection.execute("PRAGMA foreign_keys = ON")
+            connection.execute("PRAGMA busy_timeout = 5000")
+            _migrate(connection)
+            return cls(connection, path)
+        except sqlite3.Error as exc:
+            connection.close()
+            raise StoreError(
+                "data_dir_unusable", f"Cannot use the server database {path}: {exc}"
+            ) from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _ensure_server_id(self) -> str:
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'server_id'").fetchone()
+            if row is not None:
+                return str(row["value"])
+            server_id = "srv-" + secrets.token_hex(8)
+            db.execute("INSERT INTO meta (key, value) VALUES ('server_id', ?)", (server_id,))
+            return server_id
+
+    # ------------------------------------------------------------ users
+
+    def create_user(
+        self, name: str, password_hash: str | None, *, admin: bool = False, now: float
+    ) -> UserRecord:
+        check_user_name(name)
+        with self._transaction() as db:
+            self._insert_user(db, name, password_hash, admin=admin, now=now)
+        return UserRecord(name=name, admin=admin, has_password=password_hash is not None)
+
+    def _insert_user(
+        self,
+        db: sqlite3.Connection,
+        name: str,
+        password_hash: str | None,
+        *,
+        admin: bool,
+        now: float,
+    ) -> None:
+        try:
+            db.execute(
+                "INSERT INTO users (name, password_hash, admin, created_at) VALUES (?, ?, ?, ?)",
+                (name, password_hash, int(admin), now),
+            )
+        except sqlite3.IntegrityError:
+            raise StoreError("user_exists", f"The user {name!r} already exists.") from None
+        room = personal_room(name)
+        db.execute("INSERT OR IGNORE INTO rooms (name, created_at) VALUES (?, ?)", (room, now))
+        db.execute(
+            "INSERT INTO room_members (room, user, role) VALUES (?, ?, 'owner')", (room, name)
+        )
+
+    def user(self, name: str) -> UserRecord | None:
+        row = self._db.execute(
+            "SELECT name, admin, password_hash FROM users WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            return None
+        return UserRecord(
+            name=row["name"],
+            admin=bool(row["admin"]),
+            has_password=row["password_hash"] is not None,
+        )
+
+    def password_hash(self, name: str) -> str | None:
+        row = self._db.execute("SELECT password_hash FROM users WHERE name = ?", (name,)).fetchone()
+        return None if row is None else cast(str | None, row["password_hash"])
+
+    def _unique_user_name(self, db: sqlite3.Connection, base: str) -> str:
+        candidate, counter = base, 1
+        while db.execute("SELECT 1 FROM users WHERE name = ?", (candidate,)).fetchone():
+            counter += 1
+            suffix = f"-{counter}"
+            candidate = base[: 32 - len(suffix)] + suffix
+        return candidate
+
+    # ------------------------------------------------------------ join codes
+
+    def create_join_code(
+        self,
+        *,
+        user: str | None,
+        room: str | None,
+        ttl: int = JOIN_CODE_TTL,
+        now: float,
+        room_owner: str | None = None,
+    ) -> tuple[str, float]:
+        """A one-time code; returns (code, expires_at). Only its hash is kept.
+
+        ``user`` None: the enrolling device gets a new user. ``room``: the enrolled user joins
+        it as a member. ``room_owner``: when the room does not exist yet it is created now,
+        owned by this user (otherwise it is created at enrolment, owned by the enrolled user).
+        """
+        if not MIN_JOIN_CODE_TTL <= ttl <= MAX_JOIN_CODE_TTL:
+            raise StoreError(
+                "invalid_request",
+                f"The join code lifetime must be {MIN_JOIN_CODE_TTL} to {MAX_JOIN_CODE_TTL} s.",
+            )
+        if room is not None and not room.startswith(PERSONAL_ROOM_PREFIX):
+            check_room_name(room)
+        code = new_join_code()
+        expires_at = now + ttl
+        with self._transaction() as db:
+            if user is not None and not self._user_exists(db, user):
+                raise StoreError("unknown_user", f"There is no user {user!r}.")
+            if room is not None and not self._room_exists(db, room):
+                if room.startswith(PERSONAL_ROOM_PREFIX):
+                    raise StoreError("unknown_room", f"There is no room {room!r}.")
+                if room_owner is not None:
+                    self._insert_room(db, room, room_owner, now)
+            db.execute(
+                "INSERT INTO join_codes (hash, user, room, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (secret_hash(code), user, room, now, expires_at),
+            )
+        return code, expires_at
+
+    def _redeem_join_code(self, db: sqlite3.Connection, typed: str, now: float) -> sqlite3.Row:
+        code = normalize_join_code(typed)
+        row = None
+        if code is not None:
+            row = db.execute(
+                "SELECT hash, user, room, expires_at, used_at FROM join_codes WHERE hash = ?",
+                (secret_hash(code),),
+            ).fetchone()
+        if row is None:
+            raise StoreError("join_code_unknown", "This join code is not known to the server.")
+        if row["used_at"] is not None:
+            raise StoreError("join_code_used", "This join code has already been used.")
+        if row["expires_at"] <= now:
+            raise StoreError("join_code_expired", "This join code has expired.")
+        db.execute("UPDATE join_codes SET used_at = ? WHERE hash = ?", (now, row["hash"]))
+        return cast(sqlite3.Row, row)
+
+    # ------------------------------------------------------------ enrolment and sessions
+
+    def enroll_with_join_code(self, typed_code: str, device: NewDevice, *, now: float) -> Enrolment:
+        with self._transaction() as db:
+            code = self._redeem_join_code(db, typed_code, now)
+            user: str | None = code["user"]
+            if user is None:
+                existing = self._device_owner(db, device.id)
+                if existing is not None:
+                    # The same certificate enrolling again keeps its user.
+                    user = existing
+                else:
+                    user = self._unique_user_name(db, user_name_from_device(device.name))
+                    self._insert_user(db, user, None, admin=False, now=now)
+            db.execute(
+                "UPDATE join_codes SET used_by = ? WHERE hash = ?", (device.id, code["hash"])
+            )
+            record = self._register_device(db, user, device, now)
+            membership = None
+            if code["room"] is not None:
+                membership = self._join_room(db, code["room"], user, now)
+            tokens = self._new_session(db, device.id, now, replace_existing=True)
+        return Enrolment(device=record, tokens=tokens, membership=membership)
+
+    def enroll_user_device(self, user: str, device: NewDevice, *, now: float) -> Enrolment:
+        """Enrol a device for a user whose password the caller has already verified."""
+        with self._transaction() as db:
+            if not self._user_exists(db, user):
+                raise StoreError("unknown_user", f"There is no user {user!r}.")
+            record = self._register_device(db, user, device, now)
+            tokens = self._new_session(db, device.id, now, replace_existing=True)
+        return Enrolment(device=record, tokens=tokens)
+
+    def _device_owner(self, db: sqlite3.Connection, device_id: str) -> str | None:
+        row = db.execute("SELECT user FROM devices WHERE id = ?", (device_id,)).fetchone()
+        return None if row is None else str(row["user"])
+
+    def _register_device(
+        self, db: sqlite3.Connection, user: str, device: NewDevice, now: float
+    ) -> DeviceRecord:
+        owner = self._device_owner(db, device.id)
+        if owner is not None and owner != user:
+            raise StoreError("forbidden", "This device certificate is enrolled to another user.")
+        db.execute(
+            "INSERT INTO devices (id, name, platform, user, certificate, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET name = excluded.name, platform = excluded.platform",
+            (device.id, device.name, device.platform, user, device.certificate, now),
+        )
+        record = self._device(db, device.id)
+        assert record is not None
+        return record
+
+    def _new_session(
+        self, db: sqlite3.Connection, device_id: str, now: float, *, replace_existing: bool
+    ) -> IssuedTokens:
+        if replace_existing:
+            # A device enrols again when it lost its tokens: the old ones must stop working.
+            db.execute("DELETE FROM sessions WHERE device = ?", (device_id,))
+        access, refresh = _new_access_token(), _new_refresh_token()
+        db.execute(
+            "INSERT INTO sessions (id, device, access_hash, access_expires_at, refresh_hash, "
+            "refresh_expires_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                secrets.token_hex(8),
+                device_id,
+                secret_hash(access),
+                now + ACCESS_TTL,
+                secret_hash(refresh),
+                now + REFRESH_TTL,
+                now,
+            ),
+        )
+        return IssuedTokens(access, ACCESS_TTL, refresh)
+
+    def authenticate(self, access_token: str, *, now: float) -> Principal | None:
+        row = self._db.execute(
+            "SELECT s.id, s.access_expires_at, d.id AS device, u.name AS user, u.admin "
+            "FROM sessions s JOIN devices d ON d.id = s.device JOIN users u ON u.name = d.user "
+            "WHERE s.access_hash = ?",
+            (secret_hash(access_token),),
+        ).fetchone()
+        if row is None or row["access_expires_at"] <= now:
+            return None
+        return Principal(
+            device_id=row["device"],
+            user=row["user"],
+            admin=bool(row["admin"]),
+            session_id=row["id"],
+        )
+
+    def refresh(self, refresh_token: str, *, now: float) -> IssuedTokens:
+        """Exchange a refresh token for a new pair; the old refresh token is spent for good."""
+        refused = StoreError(
+            "invalid_refresh_token", "The refresh token is not valid; enrol again."
+        )
+        token_hash = secret_hash(refresh_token)
+        with self._transaction() as db:
+            db.execute("DELETE FROM spent_refresh_tokens WHERE spent_at < ?", (now - REFRESH_TTL,))
+            spent = db.execute(
+                "SELECT session FROM spent_refresh_tokens WHERE hash = ?", (token_hash,)
+            ).fetchone()
+            if spent is not None:
+                db.execute("DELETE FROM sessions WHERE id = ?", (spent["session"],))
+                reuse = True
+            else:
+                reuse = False
+        if reuse:
+            # Committed above: the revocation must survive the refusal.
+            raise refused
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id, refresh_expires_at FROM sessions WHERE refresh_hash = ?", (token_hash,)
+            ).fetchone()
+            if row is None or row["refresh_expires_at"] <= now:
+                raise refused
+            access, refresh = _new_access_token(), _new_refresh_token()
+            db.execute(
+                "INSERT INTO spent_refresh_tokens (hash, session, spent_at) VALUES (?, ?, ?)",
+                (token_hash, row["id"], now),
+            )
+            db.execute(
+                "UPDATE sessions SET access_hash = ?, access_expires_at = ?, refresh_hash = ?, "
+                "refresh_expires_at = ? WHERE id = ?",
+                (
+                    secret_hash(access),
+                    now + ACCESS_TTL,
+                    secret_hash(refresh),
+                    now + REFRESH_TTL,
+                    row["id"],
+                ),
+            )
+        return IssuedTokens(access, ACCESS_TTL, refresh)
+
+    # ------------------------------------------------------------ devices
+
+    def device(self, device_id: str) -> DeviceRecord | None:
+        return self._device(self._db, device_id)
+
+    def _device(self, db: sqlite3.Connection, device_id: str) -> DeviceRecord | None:
+        row = db.execute("SELECT * FROM devices WHERE id = ?", (device_id,)).fetchone()
+        return None if row is None else _device_record(row)
+
+    def update_device(
+        self, device_id: str, *, name: str | None = None, addresses: list[str] | None = None
+    ) -> DeviceRecord:
+        with self._transaction() as db:
+            if name is not None:
+                db.execute("UPDATE devices SET name = ? WHERE id = ?", (name, device_id))
+            if addresses is not None:
+                db.execute(
+                    "UPDATE devices SET addresses = ? WHERE id = ?",
+                    (json.dumps(addresses), device_id),
+                )
+            record = self._device(db, device_id)
+        if record is None:
+            raise StoreError("unknown_device", "This device is not enrolled.")
+        return record
+
+    def touch_device(self, device_id: str, *, now: float) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE devices SET last_seen = ? WHERE id = ?", (now, device_id))
+
+    def visible_devices(self, device_id: str) -> list[tuple[DeviceRecord, tuple[str, ...]]]:
+        """Every other device sharing a room with ``device_id``, with the rooms they share."""
+        rows = self._db.execute(
+            "SELECT d.*, theirs.room AS shared_room "
+            "FROM devices me "
+            "JOIN room_members mine ON mine.user = me.user "
+            "JOIN room_members theirs ON theirs.room = mine.room "
+            "JOIN devices d ON d.user = theirs.user "
+            "WHERE me.id = ? AND d.id != me.id ORDER BY d.name, d.id, theirs.room",
+            (device_id,),
+        ).fetchall()
+        found: dict[str, tuple[DeviceRecord, list[str]]] = {}
+        for row in rows:
+            _, rooms = found.setdefault(row["id"], (_device_record(row), []))
+            rooms.append(row["shared_room"])
+        return [(record, tuple(rooms)) for record, rooms in found.values()]
+
+    # ------------------------------------------------------------ rooms
+
+    def _user_exists(self, db: sqlite3.Connection, user: str) -> bool:
+        return db.execute("SELECT 1 FROM users WHERE name = ?", (user,)).fetchone() is not None
+
+    def _room_exists(self, db: sqlite3.Connection, room: str) -> bool:
+        return db.execute("SELECT 1 FROM rooms WHERE name = ?", (room,)).fetchone() is not None
+
+    def _insert_room(self, db: sqlite3.Connection, name: str, owner: str, now: float) -> None:
+        try:
+            db.execute("INSERT INTO rooms (name, created_at) VALUES (?, ?)", (name, now))
+        except sqlite3.IntegrityError:
+            raise StoreError("room_exists", f"The room {name!r} already exists.") from None
+        db.execute(
+            "INSERT INTO room_members (room, user, role) VALUES (?, ?, 'owner')", (name, owner)
+        )
+
+    def room_exists(self, name: str) -> bool:
+        return self._room_exists(self._db, name)
+
+    def create_room(self, name: str, owner: str, *, now: float) -> RoomRecord:
+        check_room_name(name)
+        with self._transaction() as db:
+            self._insert_room(db, name, owner, now)
+        return RoomRecord(name=name, role="owner", members=(owner,))
+
+    def role(self, room: str, user: str) -> Role | None:
+        return self._role(self._db, room, user)
+
+    def _role(self, db: sqlite3.Connection, room: str, user: str) -> Role | None:
+        row = db.execute(
+            "SELECT role FROM room_members WHERE room = ? AND user = ?", (room, user)
+        ).fetchone()
+        return None if row is None else cast(Role, row["role"])
+
+    def rooms_of(self, user: str) -> list[RoomRecord]:
+        rows = self._db.execute(
+            "SELECT mine.room, mine.role, theirs.user AS member FROM room_members mine "
+            "JOIN room_members theirs ON theirs.room = mine.room "
+            "WHERE mine.user = ? ORDER BY mine.room, theirs.user",
+            (user,),
+        ).fetchall()
+        rooms: dict[str, tuple[Role, list[str]]] = {}
+        for row in rows:
+            rooms.setdefault(row["room"], (row["role"], []))[1].append(row["member"])
+        return [RoomRecord(name, role, tuple(members)) for name, (role, members) in rooms.items()]
+
+    def room_for(self, room: str, user: str) -> RoomRecord:
+        for record in self.rooms_of(user):
+            if record.name == room:
+                return record
+        raise StoreError("unknown_room", f"There is no room {room!r}.")
+
+    def add_member(
+        self, room: str, user: str, role: Role, *, by: str | None, now: float
+    ) -> MembershipChange:
+        """Add ``user`` to ``room`` with ``role`` (or change its role).
+
+        ``by`` must own the room; None means the server operator.
+        """
+        del now  # memberships carry no timestamp yet; kept for a uniform signature
+        with self._transaction() as db:
+            if not self._room_exists(db, room):
+                raise StoreError("unknown_room", f"There is no room {room!r}.")
+            if by is not None:
+                by_role = self._role(db, room, by)
+                if by_role is None:
+                    # Rooms one is not in do not exist, as far as one can tell.
+                    raise StoreError("unknown_room", f"There is no room {room!r}.")
+                if by_role != "owner":
+                    raise StoreError("forbidden", f"Only an owner of {room!r} can add members.")
+            if not self._user_exists(db, user):
+                raise StoreError("unknown_user", f"There is no user {user!r}.")
+            current = self._role(db, room, user)
+            if current == "owner" and role != "owner":
+                owners = db.execute(
+                    "SELECT COUNT(*) FROM room_members WHERE room = ? AND role = 'owner'", (room,)
+                ).fetchone()[0]
+                if owners == 1:
+                    raise StoreError("forbidden", f"The room {room!r} must keep an owner.")
+            return self._set_member(db, room, user, role)
+
+    def _join_room(
+        self, db: sqlite3.Connection, room: str, user: str, now: float
+    ) -> MembershipChange | None:
+        """Join-code membership: create the room (user as owner) or join as member."""
+        if not self._room_exists(db, room):
+            self._insert_room(db, room, user, now)
+            return MembershipChange(room, user, "owner", frozenset({user}), frozenset())
+        if self._role(db, room, user) is not None:
+            return None  # already in: a join code never changes (or lowers) a role
+        return self._set_member(db, room, user, "member")
+
+    def _set_member(
+        self, db: sqlite3.Connection, room: str, user: str, role: Role
+    ) -> MembershipChange:
+        before = self._peer_users(db, user)
+        db.execute(
+            "INSERT INTO room_members (room, user, role) VALUES (?, ?, ?) "
+            "ON CONFLICT (room, user) DO UPDATE SET role = excluded.role",
+            (room, user, role),
+        )
+        members = self._members(db, room)
+        return MembershipChange(room, user, role, members, members - before - {user})
+
+    def _members(self, db: sqlite3.Connection, room: str) -> frozenset[str]:
+        rows = db.execute("SELECT user FROM room_members WHERE room = ?", (room,)).fetchall()
+        return frozenset(row["user"] for row in rows)
+
+    def peer_users(self, user: str) -> frozenset[str]:
+        """Users sharing at least one room with ``user`` (``user`` included)."""
+        return self._peer_users(self._db, user) | {user}
+
+    def _peer_users(self, db: sqlite3.Connection, user: str) -> frozenset[str]:
+        rows = db.execute(
+            "SELECT DISTINCT theirs.user FROM room_members mine "
+            "JOIN room_members theirs ON theirs.room = mine.room WHERE mine.user = ?",
+            (user,),
+        ).fetchall()
+        return frozenset(row["user"] for row in rows)
+
+    def allowed_scopes(self, holder_user: str, target_user: str) -> frozenset[str]:
+        """Scopes ``holder_user`` may ask for toward ``target_user``'s devices (ROLE_SCOPES)."""
+        rows = self._db.execute(
+            "SELECT mine.role FROM room_members mine "
+            "JOIN room_members theirs ON theirs.room = mine.room "
+            "WHERE mine.user = ? AND theirs.user = ?",
+            (holder_user, target_user),
+        ).fetchall()
+        scopes: frozenset[str] = frozenset()
+        for row in rows:
+            scopes |= ROLE_SCOPES[row["role"]]
+        return scopes
+
+
+def _device_record(row: sqlite3.Row) -> DeviceRecord:
+    return DeviceRecord(
+        id=row["id"],
+        name=row["name"],
+        platform=row["platform"],
+        user=row["user"],
+        certificate=row["certificate"],
+        last_seen=row["last_seen"],
+        addresses=tuple(json.loads(row["addresses"])),
+    )
+
+
+def _new_access_token() -> str:
+    return "mesh_at_" + secrets.token_urlsafe(32)
+
+
+def _new_refresh_token() -> str:
+    return "mesh_rt_" + secrets.token_urlsafe(32)
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    # The version is read inside the write transaction so two processes never migrate twice.
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"the database has schema version {version}; this server knows up to "
+                f"{SCHEMA_VERSION} (it was written by a newer version)"
+            )
+        for statements in _MIGRATIONS[version:]:
+            for statement in statements:
+                connection.execute(statement)
+        connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class AsyncStore:
+    """Runs :class:`Store` methods on one worker thread, so SQLite never blocks the event loop.
+
+    ``await db.call(Store.device, device_id)``: one thread also serialises all writes.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-server-db")
+
+    async def call(
+        self, method: Callable[Concatenate[Store, P], T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, lambda: method(self.store, *args, **kwargs)
+        )
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.store.close()
