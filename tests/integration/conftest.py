@@ -11,7 +11,7 @@ from .harness import AgentHome, Server
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     logs = tmp_path / "logs"
-    logs.mkdir()
+    logs.mkdir(exist_ok=True)
     running = Server(tmp_path / "server", logs).start()
     try:
         yield running
@@ -22,10 +22,14 @@ def server(tmp_path: Path) -> Iterator[Server]:
 @pytest.fixture
 def make_agent(tmp_path: Path) -> Iterator[type[AgentHome]]:
     made: list[AgentHome] = []
+    (tmp_path / "logs").mkdir(exist_ok=True)
 
     def factory(name: str, **config: str) -> AgentHome:
         agent = AgentHome(
-            tmp_path / name, tmp_path / "logs", name, config={"server.reconnect_max": "1", **config}
+            tmp_path / name,
+            tmp_path / "logs",
+            name,
+            config={"server.reconnect_max": "1", "device.name": name, **config},
         )
         made.append(agent)
         return agent

@@ -190,11 +190,14 @@ class AgentHome:
         out = self.ok("--json", "login", server.url, "--join-code", code, "--name", self.name)
         return dict(json.loads(out))
 
-    def up(self) -> AgentHome:
-        self.process = Process(
-            ["--home", str(self.home), "--json", "up"],
+    def up_process(self, *extra: str) -> Process:
+        return Process(
+            ["--home", str(self.home), "--json", "up", *extra],
             self.logs / f"{self.name}-{time.monotonic_ns()}.log",
         )
+
+    def up(self) -> AgentHome:
+        self.process = self.up_process()
         self.process.read_line(r'"event": "up"')
         return self
 

@@ -189,6 +189,7 @@ class MeshLink:
     async def _resume(self) -> None:
         self.state = "online"
         self._backoff.reset()
+        log.info("connected to %s (%d peers online)", self._client.url, len(self.online))
         for message in list(self._standing.values()):
             await ws_send(self._ws, dump_ws(message))
         self._connected.set()

@@ -1,0 +1,36 @@
+"""`meshagent up --local`: the quick start's mesh, embedded in the agent, survives a restart."""
+
+from __future__ import annotations
+
+import socket
+
+from .harness import AgentHome, wait_until
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_local_mesh_enrols_others_and_restarts(make_agent) -> None:  # type: ignore[no-untyped-def]
+    owner: AgentHome = make_agent("owner", **{"local.port": str(free_port())})
+    for key, value in owner.config.items():
+        owner.ok("config", "set", key, value)
+    owner.process = owner.up_process("--local")
+    started = owner.process.read_line(r'"server": "(\S+)", "join_code": "(\S+)"')
+    url, code = started.group(1), started.group(2)
+
+    guest: AgentHome = make_agent("guest")
+    guest.ok("config", "set", "server.reconnect_max", "1")
+    guest.ok("login", url, "--join-code", code, "--name", "guest")
+    guest.up()
+    wait_until(lambda: "guest" in owner.online(), 5, "guest online for the owner")
+    assert guest.devices()[0]["user"] == owner.devices()[0]["user"]  # the owner's own devices
+
+    # Restart the owner's agent: the embedded server comes back with the same data and port.
+    owner.stop()
+    wait_until(lambda: "owner" not in guest.online(), 10, "owner offline")
+    owner.process = owner.up_process()
+    owner.process.read_line(r'"event": "up"')
+    wait_until(lambda: "owner" in guest.online(), 15, "guest reconnected to the restarted mesh")
