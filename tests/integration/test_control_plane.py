@@ -87,3 +87,25 @@ def test_doctor_reports_each_part(server: Server, make_agent) -> None:  # type: 
     assert done.returncode == 1
     assert "cannot reach the Mesh Server" in done.stdout
     time.sleep(0)
+
+
+def test_agent_events_reach_gotify(server: Server, make_agent) -> None:  # type: ignore[no-untyped-def]
+    from tests.fakes.gotify import FakeGotify
+
+    server.add_user("frank")
+    with FakeGotify() as gotify:
+        watcher: AgentHome = make_agent(
+            "watcher", **{"gotify.url": gotify.url, "notify.peer_offline": "6"}
+        )
+        watcher.login(server, server.join_code("frank"))
+        watcher.ok("config", "set", "gotify.token", gotify.app_token)
+        laptop: AgentHome = make_agent("flaky")
+        laptop.login(server, server.join_code("frank"))
+        watcher.up()
+        laptop.up()
+        wait_until(lambda: "flaky" in watcher.online(), 5, "flaky online")
+        assert gotify.messages == []  # peer_online is off by default
+        laptop.stop(signal.SIGKILL)
+        message = wait_until(lambda: gotify.messages, 10, "a Gotify message")[0]
+        assert "flaky" in message["title"] + message["message"]
+        assert message["priority"] == 6

@@ -1,0 +1,129 @@
+"""The agent's REST client against the real reference app, in-process (httpx ASGI transport)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meshagent_gui.context import Context
+from meshagent_gui.core.mesh.client import (
+    ACCESS_SECRET,
+    REFRESH_SECRET,
+    MeshClient,
+    MeshError,
+    normalize_url,
+)
+from meshagent_gui.core.mesh.enroll import enroll
+from meshagent_gui.server.app import FailureLimiter, ServerState, create_app
+from tests.unit.server.conftest import FakeClock, add_user, cheap_passwords
+
+URL = "http://mesh.test"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    import time
+
+    return FakeClock(time.time())
+
+
+@pytest.fixture
+def state(tmp_path: Path, clock: FakeClock) -> Iterator[ServerState]:
+    opened = ServerState.open(
+        tmp_path / "server",
+        passwords=cheap_passwords(),
+        limiter=FailureLimiter(max_failures=3, window=60.0),
+        clock=clock,
+    )
+    add_user(opened, "alice")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def transport(state: ServerState) -> httpx.ASGITransport:
+    return httpx.ASGITransport(app=create_app(state))
+
+
+@pytest.fixture
+def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Context:
+    monkeypatch.setenv("MESHAGENT_SECRET_STORE", "file")
+    return Context.open(tmp_path / "home")
+
+
+@pytest.fixture
+async def enrolled(
+    ctx: Context, transport: httpx.ASGITransport, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[MeshClient]:
+    real_init = MeshClient.__init__
+
+    def with_transport(self: MeshClient, url: str, **kwargs: object) -> None:
+        kwargs["transport"] = transport
+        real_init(self, url, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MeshClient, "__init__", with_transport)
+    await enroll(ctx, URL, username="alice", password="correct horse battery", device_name="pc")
+    async with MeshClient(URL, secrets=ctx.secrets) as client:
+        yield client
+
+
+async def test_enrolment_keeps_tokens_secret_and_pins_keys(
+    ctx: Context, enrolled: MeshClient
+) -> None:
+    enrollment = ctx.require_enrollment()
+    assert enrollment.device_id == ctx.identity.device_id
+    assert enrollment.user == "alice"
+    assert enrollment.keys and enrollment.keys[0].crv == "Ed25519"
+    assert ctx.config["server.url"] == URL
+    saved = (ctx.paths.data_dir / "enrollment.json").read_text()
+    assert ctx.secrets.get(ACCESS_SECRET) not in saved
+    assert await enrolled.devices() == []
+
+
+async def test_expired_access_token_is_refreshed(
+    ctx: Context, enrolled: MeshClient, clock: FakeClock
+) -> None:
+    before = ctx.secrets.get(ACCESS_SECRET)
+    clock.advance(2 * 3600)
+    assert await enrolled.devices() == []
+    assert ctx.secrets.get(ACCESS_SECRET) != before
+
+
+async def test_revoked_session_says_log_in_again(
+    ctx: Context, enrolled: MeshClient, clock: FakeClock
+) -> None:
+    stolen = ctx.secrets.get(REFRESH_SECRET)
+    await enrolled.refresh(ctx.secrets.get(ACCESS_SECRET))
+    assert stolen is not None
+    ctx.secrets.set(REFRESH_SECRET, stolen)  # replaying a spent refresh token revokes the session
+    clock.advance(2 * 3600)
+    with pytest.raises(MeshError, match="log in again"):
+        await enrolled.devices()
+
+
+async def test_capability_for_own_device_is_refused(ctx: Context, enrolled: MeshClient) -> None:
+    with pytest.raises(MeshError) as refused:
+        await enrolled.capability(ctx.identity.device_id, "share:file")
+    assert refused.value.code in {"not_allowed", "unknown_device"}
+
+
+async def test_not_a_mesh_server() -> None:
+    def teapot(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(418, text="<html>no</html>")
+
+    async with MeshClient(URL, transport=httpx.MockTransport(teapot)) as client:
+        with pytest.raises(MeshError, match="is this a Mesh Server"):
+            await client.info()
+
+
+@pytest.mark.parametrize("bad", ["", "mesh.test", "ftp://x", "http://", "http://h:99999"])
+def test_malformed_urls(bad: str) -> None:
+    with pytest.raises(MeshError, match="malformed server URL"):
+        normalize_url(bad)
+
+
+def test_url_normalised() -> None:
+    assert normalize_url(" https://h:8/base/ ") == "https://h:8/base"
