@@ -44,6 +44,7 @@ from meshagent_gui.core.mesh.types import (
 )
 from meshagent_gui.server.hub import Hub, HubLimits
 from meshagent_gui.server.passwords import Passwords
+from meshagent_gui.server.relay import Relay
 from meshagent_gui.server.store import (
     JOIN_CODE_TTL,
     AsyncStore,
@@ -141,9 +142,11 @@ class ServerState:
     db: AsyncStore
     keys: SigningKeys
     hub: Hub
+    relay: Relay
     passwords: Passwords = field(default_factory=Passwords)
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
     clock: Callable[[], float] = time.time
+    stun_port: int | None = None  # set by the runner once its UDP socket is bound
 
     @property
     def server_id(self) -> str:
@@ -175,6 +178,7 @@ class ServerState:
             db=db,
             keys=keys,
             hub=hub,
+            relay=Relay(hub),
             passwords=passwords or Passwords(),
             limiter=limiter or FailureLimiter(),
             clock=clock,
@@ -309,7 +313,11 @@ def create_app(state: ServerState) -> FastAPI:
     @router.get("/info")
     async def info() -> ServerInfo:
         return ServerInfo(
-            server_id=state.server_id, name=state.name, version=__version__, time=state.clock()
+            server_id=state.server_id,
+            name=state.name,
+            version=__version__,
+            time=state.clock(),
+            stun_port=state.stun_port,
         )
 
     @router.get("/keys")
@@ -460,8 +468,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     # ------------------------------------------------------------ WebSocket
 
-    @router.websocket("/ws")
-    async def websocket(socket: WebSocket) -> None:
+    async def accept_device(socket: WebSocket) -> Principal | None:
         principal = None
         scheme, _, token = socket.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and token.strip():
@@ -470,8 +477,17 @@ def create_app(state: ServerState) -> FastAPI:
         await socket.accept()
         if principal is None:
             await socket.close(CLOSE_UNAUTHORIZED, "unauthorized")
-            return
-        await hub.serve(socket, principal)
+        return principal
+
+    @router.websocket("/ws")
+    async def websocket(socket: WebSocket) -> None:
+        if (principal := await accept_device(socket)) is not None:
+            await hub.serve(socket, principal)
+
+    @router.websocket("/relay")
+    async def relay(socket: WebSocket) -> None:
+        if (principal := await accept_device(socket)) is not None:
+            await state.relay.serve(socket, principal)
 
     app.include_router(router)
     return app

@@ -56,17 +56,17 @@ class HubLimits:
     close_timeout: float = 5.0
 
 
-class _TokenBucket:
+class TokenBucket:
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self._rate, self._burst = rate, burst
         self._tokens, self._stamp = burst, now
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, amount: float = 1.0) -> bool:
         self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
         self._stamp = now
-        if self._tokens < 1.0:
+        if self._tokens < amount:
             return False
-        self._tokens -= 1.0
+        self._tokens -= amount
         return True
 
 
@@ -95,7 +95,7 @@ class Connection:
         self.user = principal.user
         self.session_id = secrets.token_hex(8)
         self.standing: dict[str, _Standing] = {}
-        self.bucket = _TokenBucket(limits.frames_per_second, limits.frame_burst, now)
+        self.bucket = TokenBucket(limits.frames_per_second, limits.frame_burst, now)
         self._limits = limits
         self._outbox: deque[str] = deque()
         self._queued_bytes = 0
@@ -173,7 +173,7 @@ class Hub:
     def connection_count(self) -> int:
         return len(self._connections)
 
-    async def _peer_users(self, user: str) -> frozenset[str]:
+    async def peer_users(self, user: str) -> frozenset[str]:
         cached = self._peers.get(user)
         if cached is not None:
             return cached
@@ -206,7 +206,7 @@ class Hub:
             await self._detach(connection)
 
     async def _attach(self, connection: Connection) -> None:
-        peers = await self._peer_users(connection.user)
+        peers = await self.peer_users(connection.user)
         now = self._clock()
         device_id = connection.device_id
         previous = self._connections.get(device_id)
@@ -239,7 +239,7 @@ class Hub:
         device_id = connection.device_id
         if self._connections.get(device_id) is not connection:
             return  # replaced: the newer connection owns presence now
-        peers = await self._peer_users(connection.user)
+        peers = await self.peer_users(connection.user)
         if self._connections.get(device_id) is not connection:
             return
         now = self._clock()
@@ -298,7 +298,7 @@ class Hub:
         if target_id is None:
             connection.push(_error("bad_message", "A signal needs 'to'."))
             return
-        peers = await self._peer_users(connection.user)
+        peers = await self.peer_users(connection.user)
         target = self._connections.get(target_id)
         if target is None:
             connection.push(
@@ -334,7 +334,7 @@ class Hub:
                 return
             connection.standing[frame.key] = announcement
         event = _event_frame(frame.kind, connection.device_id, frame.data, frame.key)
-        peers = await self._peer_users(connection.user)
+        peers = await self.peer_users(connection.user)
         for peer in self._online_peers(peers, connection.device_id):
             if announcement.visible_to(peer.device_id):
                 peer.push(event)
@@ -343,7 +343,7 @@ class Hub:
         announcement = connection.standing.pop(key, None)
         if announcement is None:
             return  # withdrawing twice is harmless
-        peers = await self._peer_users(connection.user)
+        peers = await self.peer_users(connection.user)
         ended = announcement.ended_frame(connection.device_id)
         for peer in self._online_peers(peers, connection.device_id):
             if announcement.visible_to(peer.device_id):

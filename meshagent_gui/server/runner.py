@@ -26,6 +26,7 @@ from meshagent_gui.errors import UserError
 from meshagent_gui.server.app import KEYS_FILE_NAME, ServerState, create_app
 from meshagent_gui.server.passwords import Passwords, check_password_policy
 from meshagent_gui.server.store import JOIN_CODE_TTL, Store, StoreError, check_user_name
+from meshagent_gui.server.stun import start_stun
 from meshagent_gui.server.tokens import KeyFileError, SigningKeys
 
 log = logging.getLogger(__name__)
@@ -141,14 +142,21 @@ class RunningServer:
     """A server started by :func:`start_server`; ``await stop()`` ends it."""
 
     def __init__(
-        self, url: str, server: uvicorn.Server, task: asyncio.Task[None], state: ServerState
+        self,
+        url: str,
+        server: uvicorn.Server,
+        task: asyncio.Task[None],
+        state: ServerState,
+        stun: asyncio.DatagramTransport,
     ) -> None:
         self.url = url
         self.state = state
         self._server = server
         self._task = task
+        self._stun = stun
 
     async def stop(self) -> None:
+        self._stun.close()
         if not self._task.done():
             self._server.should_exit = True
             try:
@@ -211,7 +219,9 @@ async def start_server(settings: ServerSettings) -> RunningServer:
         sock.close()
         await asyncio.to_thread(state.close)
         raise UserError(f"The server did not start on {settings.host}: {reason}")
-    return RunningServer(_url(settings, sock), server, task, state)
+    # STUN on the same port number, UDP (agents learn their server-reflexive address there).
+    stun, state.stun_port = await start_stun(settings.host, sock.getsockname()[1])
+    return RunningServer(_url(settings, sock), server, task, state, stun)
 
 
 async def serve_forever(settings: ServerSettings, on_ready: Callable[[str], None]) -> None:
