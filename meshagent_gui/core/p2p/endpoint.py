@@ -66,6 +66,20 @@ code. It keeps the stream: the application sees the connection's other streams o
 """
 
 StunHandler = Callable[[bytes, Address], None]
+RelaySender = Callable[[list[bytes], Address], None]
+
+# Peers reached through the server's relay get a pseudo address "relay.<device id>": QUIC runs
+# over it like over UDP (same packets, still end-to-end encrypted), only the carrier differs.
+RELAY_HOST_PREFIX: Final = "relay."
+
+
+def relay_address(peer_id: str) -> Address:
+    return (RELAY_HOST_PREFIX + peer_id, 0)
+
+
+def relay_peer(addr: Address) -> str | None:
+    host = str(addr[0])
+    return host[len(RELAY_HOST_PREFIX) :] if host.startswith(RELAY_HOST_PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,7 @@ class Endpoint:
         )
         self._authorize = authorize
         self._stun_handler = stun_handler
+        self._relay_sender: RelaySender | None = None
         self._accept_incoming = accept_incoming
         self._sock: socket.socket | None = None
         self._io: udp.DatagramIO | None = None
@@ -345,7 +360,7 @@ class Endpoint:
     def feed_datagrams(self, datagrams: list[tuple[bytes, Address]]) -> None:
         """Handle datagrams that arrived another way (e.g. relayed) as if the socket read them."""
         self._running()
-        self._handle(datagrams)
+        self._handle([(data, self._normalize(addr)) for data, addr in datagrams])
 
     # ------------------------------------------------------------------ receiving
 
@@ -468,7 +483,15 @@ class Endpoint:
             sent += sum(map(len, payloads))
         return sent
 
+    def set_relay(self, sender: RelaySender | None) -> None:
+        """Route datagrams for relay addresses (:func:`relay_address`) to ``sender``."""
+        self._relay_sender = sender
+
     def _send_batch(self, datagrams: list[bytes], addr: Address) -> None:
+        if addr[0].startswith(RELAY_HOST_PREFIX):
+            if self._relay_sender is not None:
+                self._relay_sender(datagrams, addr)
+            return
         if self._tx_queue:
             self._tx_queue.append((datagrams, addr))
             return

@@ -1,0 +1,431 @@
+"""The application layer of one peer connection: the sans-IO protocol Session driven over QUIC.
+
+Like aioquic's asyncio protocol around ``QuicConnection``, this module is a thin router: bytes
+read from each :class:`PeerStream` go into :class:`~meshagent_gui.core.protocol.handshake.Session`,
+its commands come back out as stream writes, resets and closes, and its events become
+:class:`Channel` objects (one per service stream) that services use with backpressure.
+
+The connection handshake runs on the dialer's first stream, inside the endpoint's ``authorize``
+hook on the listener: no other stream reaches the application before it is accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+from meshagent_gui.core.protocol.errors import ErrorCode
+from meshagent_gui.core.protocol.handshake import (
+    CloseConnection,
+    HandshakeFailed,
+    MessageReceived,
+    ResetStream,
+    Session,
+    SessionClosed,
+    SessionCommand,
+    SessionEstablished,
+    SessionEvent,
+    Side,
+    StopSending,
+    StreamAccepted,
+    StreamClosed,
+    StreamFailed,
+    StreamRefused,
+    Validator,
+    WriteStream,
+)
+from meshagent_gui.core.protocol.messages import BASE_REGISTRY, StreamRole
+from meshagent_gui.core.protocol.registry import MessageRegistry
+
+from .connection import PeerConnection
+from .errors import CloseCode, P2PError, StreamResetError, Unauthorized
+from .streams import PeerStream
+
+log = logging.getLogger(__name__)
+
+READ_SIZE: Final = 256 * 1024
+INBOX_MESSAGES: Final = 64  # per channel; a service that stops reading stops the stream
+
+
+class ChannelClosed(P2PError):
+    """The stream ended: ``code`` says how (NO_ERROR for a graceful Close)."""
+
+    def __init__(self, code: ErrorCode, message: str, *, by_peer: bool) -> None:
+        super().__init__(message or code.name)
+        self.code = code
+        self.message = message
+        self.by_peer = by_peer
+
+
+class ChannelRefused(ChannelClosed):
+    """The peer refused to open the stream (bad token, unknown role, ...)."""
+
+
+class HandshakeRefused(P2PError):
+    def __init__(self, code: ErrorCode, message: str, *, by_peer: bool) -> None:
+        super().__init__(f"{message or code.name} ({code.name})")
+        self.code = code
+        self.by_peer = by_peer
+
+
+class Channel:
+    """One service stream: typed messages both ways, with backpressure both ways."""
+
+    def __init__(self, mesh: MeshSession, stream: PeerStream, role: StreamRole, resource: str):
+        self._mesh = mesh
+        self.stream = stream
+        self.role = role
+        self.resource = resource
+        self.grant: object = None
+        self._inbox: asyncio.Queue[object] = asyncio.Queue(INBOX_MESSAGES)
+        self._wake_reader = asyncio.Event()
+        self._end: ChannelClosed | None = None
+        self._outbox: deque[SessionCommand] = deque()
+        self._wake_writer = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    @property
+    def stream_id(self) -> int:
+        return self.stream.stream_id
+
+    @property
+    def peer_id(self) -> str:
+        return self._mesh.peer_id
+
+    @property
+    def is_ended(self) -> bool:
+        return self._end is not None
+
+    async def send(self, message: object) -> None:
+        """Queue ``message``; returns once earlier writes have reached QUIC's send buffer."""
+        self._mesh.session.send(self.stream_id, message)
+        self._mesh.dispatch()
+        await self._drained.wait()
+
+    async def receive(self) -> object:
+        """The next message; raises :class:`ChannelClosed` once the stream has ended."""
+        while True:
+            if not self._inbox.empty():
+                return self._inbox.get_nowait()
+            if self._end is not None:
+                raise self._end
+            self._wake_reader.clear()
+            await self._wake_reader.wait()
+
+    async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
+        with contextlib.suppress(Exception):
+            self._mesh.session.close_stream(self.stream_id, code, message)
+            self._mesh.dispatch()
+        await self._drained.wait()
+
+    def abort(self, code: ErrorCode, message: str = "") -> None:
+        with contextlib.suppress(Exception):
+            self._mesh.session.abort_stream(self.stream_id, code, message)
+            self._mesh.dispatch()
+
+    # ------------------------------------------------------------ used by MeshSession
+
+    async def deliver(self, message: object) -> None:
+        await self._inbox.put(message)  # blocks the stream's reader: backpressure to the peer
+        self._wake_reader.set()
+
+    def ended(self, error: ChannelClosed) -> None:
+        if self._end is None:
+            self._end = error
+            self._wake_reader.set()
+            self._wake_writer.set()
+
+    def queue(self, command: SessionCommand) -> None:
+        self._outbox.append(command)
+        self._drained.clear()
+        self._wake_writer.set()
+
+    async def write_loop(self, connection: PeerConnection) -> None:
+        """Carry out this stream's commands in order; a blocked write blocks only this stream."""
+        while True:
+            if not self._outbox:
+                self._drained.set()
+                if self._end is not None:
+                    return
+                self._wake_writer.clear()
+                await self._wake_writer.wait()
+                continue
+            command = self._outbox.popleft()
+            try:
+                match command:
+                    case WriteStream(data=data, end_stream=end):
+                        if len(data):
+                            await self.stream.write(data)
+                        if end:
+                            self.stream.write_eof()
+                    case ResetStream(code=code):
+                        self.stream.reset(int(code))
+                    case StopSending(code=code):
+                        self.stream.stop_reading(int(code))
+            except (P2PError, ConnectionError) as exc:
+                log.debug("stream %d write failed: %s", self.stream_id, exc)
+                self._outbox.clear()
+                self._drained.set()
+                if connection.is_closed:
+                    return
+
+
+class MeshSession:
+    """The protocol session of one authenticated peer connection."""
+
+    def __init__(
+        self, connection: PeerConnection, session: Session, registry: MessageRegistry
+    ) -> None:
+        self.connection = connection
+        self.session = session
+        self.registry = registry
+        self._loop = asyncio.get_running_loop()
+        self._channels: dict[int, Channel] = {}
+        self._opening: dict[int, asyncio.Future[Channel]] = {}
+        self._incoming: asyncio.Queue[Channel | None] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._established = asyncio.Event()
+        self._failure: HandshakeRefused | None = None
+        self.closed = asyncio.Event()
+
+    @property
+    def peer_id(self) -> str:
+        return self.connection.peer_id
+
+    @property
+    def now(self) -> float:
+        return self._loop.time()
+
+    # ------------------------------------------------------------ both handshakes
+
+    @classmethod
+    async def dial(
+        cls,
+        connection: PeerConnection,
+        *,
+        tokens: Sequence[str],
+        validate: Validator,
+        registry: MessageRegistry = BASE_REGISTRY,
+    ) -> MeshSession:
+        """Run the connection handshake as the dialer; raises :class:`HandshakeRefused`."""
+        loop = asyncio.get_running_loop()
+        mesh = cls(
+            connection,
+            Session(Side.DIALER, validate=validate, now=loop.time(), registry=registry),
+            registry,
+        )
+        first = await connection.open_stream()
+        mesh._adopt(first, StreamRole.CONTROL, "")
+        mesh.session.start(first.stream_id, tokens=tokens, now=mesh.now)
+        mesh.dispatch()
+        await mesh._wait_established()
+        return mesh
+
+    @classmethod
+    async def accept(
+        cls,
+        connection: PeerConnection,
+        first: PeerStream,
+        *,
+        validate: Validator,
+        registry: MessageRegistry = BASE_REGISTRY,
+    ) -> MeshSession:
+        """Run the connection handshake as the listener (inside the endpoint's authorize hook).
+
+        Raises :class:`Unauthorized` (the endpoint closes the connection with its code)."""
+        loop = asyncio.get_running_loop()
+        mesh = cls(
+            connection,
+            Session(Side.LISTENER, validate=validate, now=loop.time(), registry=registry),
+            registry,
+        )
+        mesh._adopt(first, StreamRole.CONTROL, "")
+        try:
+            await mesh._wait_established()
+        except HandshakeRefused as exc:
+            await asyncio.sleep(0)  # let the refusal's bytes go out before the close
+            raise Unauthorized(str(exc), CloseCode.UNAUTHORIZED) from exc
+        return mesh
+
+    async def _wait_established(self) -> None:
+        timer = self._spawn(self._timers(), "p2p-session-timers")
+        watch = self._spawn(self._watch_connection(), "p2p-session-watch")
+        try:
+            await self._established.wait()
+        except asyncio.CancelledError:
+            self.close(ErrorCode.NO_ERROR, "cancelled")
+            raise
+        if self._failure is not None:
+            timer.cancel()
+            watch.cancel()
+            raise self._failure
+        self._spawn(self._accept_streams(), "p2p-session-accept")
+
+    # ------------------------------------------------------------ channels
+
+    async def open_channel(
+        self, role: StreamRole, *, tokens: Sequence[str] = (), resource: str = ""
+    ) -> Channel:
+        """Open a service stream; raises :class:`ChannelRefused` if the peer says no."""
+        stream = await self.connection.open_stream()
+        opened: asyncio.Future[Channel] = self._loop.create_future()
+        self._opening[stream.stream_id] = opened
+        self._adopt(stream, role, resource)
+        self.session.open_stream(
+            stream.stream_id, role, tokens=tokens, resource=resource, now=self.now
+        )
+        self.dispatch()
+        return await opened
+
+    async def accept_channel(self) -> Channel:
+        """The next stream the peer opened and our validator accepted."""
+        channel = await self._incoming.get()
+        if channel is None:
+            self._incoming.put_nowait(None)
+            raise ChannelClosed(ErrorCode.GOING_AWAY, "the connection closed", by_peer=False)
+        return channel
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        self.session.close(code, reason)
+        self.dispatch()
+        self._finish()
+
+    # ------------------------------------------------------------ plumbing
+
+    def _adopt(self, stream: PeerStream, role: StreamRole, resource: str) -> Channel:
+        channel = Channel(self, stream, role, resource)
+        self._channels[stream.stream_id] = channel
+        self._spawn(self._read_loop(channel), f"p2p-read-{stream.stream_id}")
+        self._spawn(channel.write_loop(self.connection), f"p2p-write-{stream.stream_id}")
+        return channel
+
+    def _spawn(self, coroutine: Awaitable[None], name: str) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coroutine)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def dispatch(self) -> None:
+        """Hand the session's commands to their streams' writers (in order, per stream)."""
+        for command in self.session.commands_to_send():
+            if isinstance(command, CloseConnection):
+                self.connection.close(int(command.code), command.reason)
+                continue
+            channel = self._channels.get(command.stream_id)
+            if channel is not None:
+                channel.queue(command)
+
+    async def _read_loop(self, channel: Channel) -> None:
+        stream = channel.stream
+        try:
+            while True:
+                try:
+                    data = await stream.read(READ_SIZE)
+                except StreamResetError as exc:
+                    await self._handle(
+                        self.session.stream_reset(stream.stream_id, exc.error_code, self.now)
+                    )
+                    return
+                except P2PError:
+                    return
+                await self._handle(
+                    self.session.receive_data(stream.stream_id, data, not data, self.now)
+                )
+                if not data:
+                    return
+        finally:
+            if channel.is_ended:
+                self._channels.pop(stream.stream_id, None)
+
+    async def _accept_streams(self) -> None:
+        while True:
+            try:
+                stream = await self.connection.accept_stream()
+            except P2PError:
+                return
+            self._adopt(stream, StreamRole.CONTROL, "")  # the role comes with its Hello
+
+    async def _timers(self) -> None:
+        while True:
+            deadline = self.session.next_deadline()
+            await asyncio.sleep(1.0 if deadline is None else max(0.0, deadline - self.now))
+            await self._handle(self.session.handle_timer(self.now))
+
+    async def _watch_connection(self) -> None:
+        info = await self.connection.wait_closed()
+        code = info.code if info.application else int(ErrorCode.GOING_AWAY)
+        await self._handle(self.session.connection_lost(code, info.reason, self.now))
+        self._finish()
+
+    async def _handle(self, events: list[SessionEvent]) -> None:
+        self.dispatch()
+        for event in events:
+            match event:
+                case SessionEstablished():
+                    self._established.set()
+                case HandshakeFailed(code=code, message=message, by_peer=by_peer):
+                    self._failure = HandshakeRefused(code, message, by_peer=by_peer)
+                    self._established.set()
+                case StreamAccepted(stream_id=sid, role=role, resource=resource):
+                    channel = self._channels[sid]
+                    channel.role, channel.resource, channel.grant = role, resource, event.grant
+                    if event.opened_by_peer:
+                        self._incoming.put_nowait(channel)
+                    elif (opened := self._opening.pop(sid, None)) is not None:
+                        opened.set_result(channel)
+                case StreamRefused(stream_id=sid, code=code, message=message, by_peer=by_peer):
+                    refused = ChannelRefused(code, message, by_peer=by_peer)
+                    if (opened := self._opening.pop(sid, None)) is not None:
+                        opened.set_exception(refused)
+                    self._end_channel(sid, refused)
+                case MessageReceived(stream_id=sid, message=message):
+                    if (receiver := self._channels.get(sid)) is not None:
+                        await receiver.deliver(message)
+                case StreamClosed(stream_id=sid, code=code, message=message):
+                    self._end_channel(sid, ChannelClosed(code, message, by_peer=True))
+                case StreamFailed(stream_id=sid, code=code, message=message, by_peer=by_peer):
+                    failed = ChannelClosed(code, message, by_peer=by_peer)
+                    if (opened := self._opening.pop(sid, None)) is not None:
+                        opened.set_exception(failed)
+                    self._end_channel(sid, failed)
+                case SessionClosed(code=code, message=message, by_peer=by_peer):
+                    for sid in list(self._channels):
+                        self._end_channel(sid, ChannelClosed(code, message, by_peer=by_peer))
+                    self._finish()
+
+    def _end_channel(self, stream_id: int, error: ChannelClosed) -> None:
+        channel = self._channels.get(stream_id)
+        if channel is not None:
+            channel.ended(error)
+
+    def _finish(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        for opened in self._opening.values():
+            if not opened.done():
+                opened.set_exception(
+                    ChannelClosed(ErrorCode.GOING_AWAY, "the connection closed", by_peer=False)
+                )
+        self._opening.clear()
+        self._incoming.put_nowait(None)
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+
+    async def aclose(self) -> None:
+        """Close the connection and wait for every task of this session to end."""
+        self.close(ErrorCode.NO_ERROR, "closed")
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+ValidatorFactory = Callable[[str], Validator]
+"""Builds the validator for one authenticated peer (its device id)."""

@@ -1,0 +1,142 @@
+"""The protocol Session driven over real QUIC connections on 127.0.0.1 (both engines)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from meshagent_gui import identity
+from meshagent_gui.core.p2p import Endpoint, PeerConnection, PeerStream
+from meshagent_gui.core.p2p.session import (
+    ChannelClosed,
+    ChannelRefused,
+    HandshakeRefused,
+    MeshSession,
+)
+from meshagent_gui.core.protocol.errors import ErrorCode
+from meshagent_gui.core.protocol.handshake import Refusal
+from meshagent_gui.core.protocol.messages import Hello, StreamRole
+from tests.unit.core.protocol.pair import TEST_REGISTRY, Chunk, Note, RecordingValidator
+
+TIMEOUT = 10.0
+
+
+@asynccontextmanager
+async def pair(
+    engine: str, alice: identity.Identity, bob: identity.Identity, validator: RecordingValidator
+) -> AsyncIterator[tuple[Endpoint, Endpoint, asyncio.Queue[MeshSession]]]:
+    accepted: asyncio.Queue[MeshSession] = asyncio.Queue()
+
+    async def authorize(conn: PeerConnection, first: PeerStream) -> bool:
+        mesh = await MeshSession.accept(conn, first, validate=validator, registry=TEST_REGISTRY)
+        accepted.put_nowait(mesh)
+        return True
+
+    listener = Endpoint(bob, engine=engine, authorize=authorize)
+    dialer = Endpoint(alice, engine=engine)
+    await listener.start("127.0.0.1", 0)
+    await dialer.start("127.0.0.1", 0)
+    try:
+        yield dialer, listener, accepted
+    finally:
+        await dialer.close()
+        await listener.close()
+
+
+async def dial(
+    dialer: Endpoint, listener: Endpoint, bob: identity.Identity, token: str
+) -> MeshSession:
+    conn = await dialer.connect(("127.0.0.1", listener.local_address[1]), bob.device_id)
+    return await MeshSession.dial(
+        conn, tokens=(token,), validate=RecordingValidator(), registry=TEST_REGISTRY
+    )
+
+
+async def test_handshake_then_channels_both_ways(
+    engine: str, alice: identity.Identity, bob: identity.Identity
+) -> None:
+    validator = RecordingValidator(good=frozenset({"good", "transfer-ok"}))
+    async with pair(engine, alice, bob, validator) as (dialer, listener, accepted):
+        ours = await asyncio.wait_for(dial(dialer, listener, bob, "good"), TIMEOUT)
+        theirs = await asyncio.wait_for(accepted.get(), TIMEOUT)
+        assert validator.seen[0].role is StreamRole.CONTROL
+        assert theirs.peer_id == alice.device_id
+
+        channel = await ours.open_channel(
+            StreamRole.TRANSFER, tokens=("transfer-ok",), resource="file-1"
+        )
+        incoming = await asyncio.wait_for(theirs.accept_channel(), TIMEOUT)
+        assert (incoming.role, incoming.resource, incoming.grant) == (
+            StreamRole.TRANSFER,
+            "file-1",
+            "grant:transfer-ok",
+        )
+
+        payload = os.urandom(3 * 1024 * 1024)
+
+        async def send_all() -> None:
+            for offset in range(0, len(payload), 256 * 1024):
+                piece = payload[offset : offset + 256 * 1024]
+                await channel.send(Chunk(offset, b"abcd", False, piece))
+            await channel.send(Note("done"))
+            await channel.close()
+
+        received = bytearray()
+        sender = asyncio.create_task(send_all())
+        while True:
+            message = await asyncio.wait_for(incoming.receive(), TIMEOUT)
+            if isinstance(message, Note):
+                break
+            assert isinstance(message, Chunk)
+            received += message.data
+        with pytest.raises(ChannelClosed) as ended:
+            await asyncio.wait_for(incoming.receive(), TIMEOUT)
+        assert ended.value.code is ErrorCode.NO_ERROR
+        await sender
+        assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+
+        # The listener opens a channel toward the dialer too.
+        back = await theirs.open_channel(StreamRole.SYNC, tokens=("good",))
+        arrived = await asyncio.wait_for(ours.accept_channel(), TIMEOUT)
+        await back.send(Note("hello back", (1, 2)))
+        assert await asyncio.wait_for(arrived.receive(), TIMEOUT) == Note("hello back", (1, 2))
+
+
+async def test_bad_connection_token_is_refused_with_its_reason(
+    engine: str, alice: identity.Identity, bob: identity.Identity
+) -> None:
+    async with pair(engine, alice, bob, RecordingValidator()) as (dialer, listener, accepted):
+        with pytest.raises(HandshakeRefused) as refused:
+            await asyncio.wait_for(dial(dialer, listener, bob, "forged"), TIMEOUT)
+        assert refused.value.code is ErrorCode.BAD_TOKEN and refused.value.by_peer
+        assert accepted.empty()
+
+
+async def test_a_refused_channel_leaves_the_connection_usable(
+    engine: str, alice: identity.Identity, bob: identity.Identity
+) -> None:
+    class ScopeValidator(RecordingValidator):
+        def __call__(self, hello: Hello) -> object:
+            if hello.role is StreamRole.TERMINAL:
+                raise Refusal(ErrorCode.NOT_ALLOWED, "no terminal for you")
+            return super().__call__(hello)
+
+    async with pair(engine, alice, bob, ScopeValidator()) as (dialer, listener, accepted):
+        ours = await asyncio.wait_for(dial(dialer, listener, bob, "good"), TIMEOUT)
+        theirs = await asyncio.wait_for(accepted.get(), TIMEOUT)
+        with pytest.raises(ChannelRefused) as refused:
+            await asyncio.wait_for(
+                ours.open_channel(StreamRole.TERMINAL, tokens=("good",)), TIMEOUT
+            )
+        assert refused.value.code is ErrorCode.NOT_ALLOWED
+        ok = await ours.open_channel(StreamRole.TRANSFER, tokens=("good",))
+        incoming = await asyncio.wait_for(theirs.accept_channel(), TIMEOUT)
+        await ok.send(Note("still fine"))
+        assert await asyncio.wait_for(incoming.receive(), TIMEOUT) == Note("still fine")
+        await ours.aclose()
+        await asyncio.wait_for(theirs.closed.wait(), TIMEOUT)
