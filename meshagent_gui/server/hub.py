@@ -138,6 +138,9 @@ class Connection:
                 frame = self._outbox.popleft()
                 self._queued_bytes -= len(frame)
                 await websocket.send_text(frame)
+                # send_text rarely suspends: yield so one full outbox cannot hold the loop, and
+                # so a vanished client's disconnect is seen before we write on into a dead socket.
+                await asyncio.sleep(0)
             code, reason = self._close
             async with asyncio.timeout(self._limits.close_timeout):
                 await websocket.close(code, reason)
