@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("devices", "devices this one may reach")
 
+    ping = command("ping", "connect to a device and measure the path and round trips")
+    ping.add_argument("device", help="name, id or id prefix (see meshagent devices)")
+    ping.add_argument("--count", "-c", type=int, default=4)
+
     notify = command("notify", "send a notification to Gotify")
     notify.add_argument("title")
     notify.add_argument("message")
@@ -316,6 +320,63 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _through_agent(ctx: Context, method: str, params: dict[str, Any]) -> Any:
+    """Ask the running agent; with none, run one in-process for the duration of the call."""
+    from meshagent_gui.core import ipc
+    from meshagent_gui.core.agent import Agent
+
+    try:
+        return await ipc.call(ctx.paths.ipc_path, method, params, timeout=120)
+    except ipc.AgentNotRunning:
+        pass
+    agent = Agent.from_context(ctx)
+    connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    runner = asyncio.create_task(agent.run(on_ready=lambda: connected.set_result(None)))
+    try:
+        done, _ = await asyncio.wait({runner, connected}, return_when=asyncio.FIRST_COMPLETED)
+        if runner in done:
+            runner.result()  # the agent could not start: its error is the answer
+        try:
+            await agent.link.wait_connected(15)
+        except TimeoutError:
+            raise UserError(
+                f"cannot connect to the Mesh Server: {agent.link.last_error or 'timeout'}",
+                code="server_unreachable",
+            ) from None
+        handler = agent.ipc_handlers()[method]
+        return await handler(params)
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+
+def cmd_ping(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise UserError("--count takes a number of at least 1", code="usage")
+    ctx = Context.open(args.home)
+    result = _run(_through_agent(ctx, "ping", {"device": args.device, "count": args.count}))
+    if not args.json:
+        print(
+            f"ping {result['device']} ({result['device_id'][:12]}):"
+            f" connected in {result['setup_ms']:.0f} ms"
+        )
+    failures = 0
+    for attempt in result["tries"]:
+        record = {"device": result["device"], **attempt}
+        if "error" in attempt:
+            failures += 1
+            emit(args, record, f"  {attempt['seq']}: {attempt['path']}  {attempt['error']}")
+        else:
+            emit(
+                args,
+                record,
+                f"  {attempt['seq']}: {attempt['path']:<6} {attempt['local']} -> "
+                f"{attempt['remote']}  rtt {attempt['rtt_ms']:.3f} ms",
+            )
+    return 1 if failures == len(result["tries"]) else 0
+
+
 def cmd_notify(args: argparse.Namespace) -> int:
     from meshagent_gui.core.notify.gotify import GotifyClient
 
@@ -355,6 +416,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up,
     "config": cmd_config,
     "devices": cmd_devices,
+    "ping": cmd_ping,
     "notify": cmd_notify,
     "doctor": cmd_doctor,
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
+from meshagent_gui.identity import short_id
 
 from .bus import EventBus
 from .events import AnnouncementReceived, PeerCameOnline
@@ -27,6 +29,11 @@ from .mesh.link import MeshLink
 from .mesh.types import Device, PublicKey
 from .notify.gotify import GotifyClient
 from .notify.router import GotifySink, NotificationRouter, NotificationSink
+from .p2p.endpoint import Endpoint
+from .p2p.engine import ENGINE_ENV
+from .p2p.errors import P2PError
+from .p2p.peers import PeerManager
+from .p2p.relay import RelayLink
 from .protocol.captoken import (
     Capability,
     CapabilityVerifier,
@@ -83,6 +90,26 @@ class Agent:
             keys=_verifying_keys(enrollment.keys),
         )
         self._keys_fetched_at = float("-inf")
+        config = ctx.config
+        self.endpoint = Endpoint(
+            ctx.identity,
+            engine=os.environ.get(ENGINE_ENV) or str(config["p2p.engine"]),
+            # late-bound: the peer manager is built next, around this endpoint
+            authorize=lambda conn, first: self.peers.authorize(conn, first),  # noqa: PLW0108
+        )
+        self.peers = PeerManager(
+            endpoint=self.endpoint,
+            link=self.link,
+            client=self.client,
+            verifier=self.verifier,
+            bus=self.bus,
+            relay=RelayLink(
+                self.client, self.endpoint, reconnect_max=float(config["server.reconnect_max"])
+            ),
+            refetch_keys=self._refetch_keys,
+            direct_timeout=float(config["p2p.direct_timeout"]),
+            upgrade_interval=float(config["p2p.upgrade_interval"]),
+        )
 
     @classmethod
     def from_context(cls, ctx: Context) -> Agent:
@@ -104,8 +131,96 @@ class Agent:
             return [DeviceView.of(d, d.id in self.link.online) for d in devices]
         return [DeviceView.of(d, d.online) for d in devices]
 
+    async def resolve_device(self, text: str) -> DeviceView:
+        """A device by name (any case), full id, id prefix or short id; one clear error else."""
+        wanted = text.strip().lower()
+        devices = await self.devices()
+        for matches in (
+            [d for d in devices if d.name.lower() == wanted or d.id == wanted],
+            [d for d in devices if len(wanted) >= 4 and d.id.startswith(wanted)],
+            [d for d in devices if short_id(d.id).lower().startswith(wanted) and len(wanted) >= 4],
+        ):
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                names = ", ".join(f"{d.name} ({d.id[:12]})" for d in matches)
+                raise UserError(f"{text!r} matches several devices: {names}", code="ambiguous")
+        raise UserError(
+            f"no device {text!r} shares a room with this one (see meshagent devices)",
+            code="unknown_device",
+        )
+
+    async def ping(self, device: str, count: int = 4, interval: float = 1.0) -> dict[str, Any]:
+        """Connect to a device (direct, else relay) and measure round trips over QUIC."""
+        target = await self.resolve_device(device)
+        started = time.monotonic()
+        session = await self.peers.session(target.id)
+        setup = time.monotonic() - started
+        tries: list[dict[str, Any]] = []
+        for attempt in range(count):
+            if attempt:
+                await asyncio.sleep(interval)
+            path = self.peers.path_of(session)
+            try:
+                rtt = await session.connection.ping(timeout=5.0)
+            except (TimeoutError, P2PError) as exc:
+                tries.append(
+                    {"seq": attempt + 1, "path": path.kind, "error": str(exc) or "timeout"}
+                )
+                continue
+            tries.append(
+                {
+                    "seq": attempt + 1,
+                    "path": path.kind,
+                    "local": path.local,
+                    "remote": path.remote,
+                    "rtt_ms": round(rtt * 1000, 3),
+                }
+            )
+            session = self.peers.sessions().get(target.id, session)  # it may have upgraded
+        return {
+            "device": target.name,
+            "device_id": target.id,
+            "setup_ms": setup * 1000,
+            "tries": tries,
+        }
+
+    def p2p_status(self) -> dict[str, Any]:
+        buffers = self.endpoint.socket_buffers
+        peers = []
+        for peer_id, session in self.peers.sessions().items():
+            stats = session.connection.stats()
+            path = self.peers.path_of(session)
+            peers.append(
+                {
+                    "device_id": peer_id,
+                    "name": self._names.get(peer_id, peer_id[:12]),
+                    "path": path.kind,
+                    "remote": path.remote,
+                    "rtt_ms": None if stats.smoothed_rtt is None else stats.smoothed_rtt * 1000,
+                    "bytes_sent": stats.bytes_sent,
+                    "bytes_received": stats.bytes_received,
+                    "datagrams_sent": stats.datagrams_sent,
+                    "datagrams_received": stats.datagrams_received,
+                }
+            )
+        return {
+            "engine": self.endpoint.engine_name,
+            "io": self.endpoint.io_name,
+            "local": "{}:{}".format(*self.endpoint.local_address[:2]),
+            "buffers": {
+                "requested": buffers.requested,
+                "receive": buffers.receive_usable,
+                "send": buffers.send_usable,
+                "forced": buffers.receive_forced,
+            },
+            "relay": self.peers.relay.state,
+            "peers": peers,
+        }
+
     async def status(self) -> dict[str, Any]:
         return {
+            "p2p": self.p2p_status(),
             "device_id": self.enrollment.device_id,
             "device_name": self.ctx.device_name,
             "user": self.enrollment.user,
@@ -154,7 +269,10 @@ class Agent:
         async def status(_: dict[str, Any]) -> Any:
             return await self.status()
 
-        return {"devices": devices, "status": status}
+        async def ping(params: dict[str, Any]) -> Any:
+            return await self.ping(str(params["device"]), int(params.get("count", 4)))
+
+        return {"devices": devices, "status": status, "ping": ping}
 
     # ------------------------------------------------------------ running
 
@@ -168,8 +286,10 @@ class Agent:
         router = NotificationRouter(self.ctx.config, sinks)
         try:
             await ipc.start()
+            await self._start_endpoint()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.link.run(), name="mesh-link")
+                tasks.create_task(self.peers.run(), name="p2p")
                 tasks.create_task(self._follow_events(), name="agent-events")
                 tasks.create_task(self._notify(router), name="agent-notify")
                 if on_ready is not None:
@@ -178,10 +298,23 @@ class Agent:
                         await result
         finally:
             await ipc.close()
+            await self.peers.aclose()
+            await self.endpoint.close()
             await self.client.aclose()
             if gotify is not None:
                 await gotify.aclose()
             lock.release()
+
+    async def _start_endpoint(self) -> None:
+        port = int(self.ctx.config["p2p.port"])
+        try:
+            await self.endpoint.start("0.0.0.0", port)
+        except OSError as exc:
+            raise UserError(
+                f"cannot open UDP port {port} for peer connections: {exc.strerror or exc}"
+                " (meshagent config set p2p.port N)",
+                code="p2p_port",
+            ) from exc
 
     def _gotify_client(self) -> GotifyClient | None:
         url = str(self.ctx.config["gotify.url"])

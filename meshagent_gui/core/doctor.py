@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from meshagent_gui.config import KEYS
 from meshagent_gui.context import Context
@@ -15,6 +16,7 @@ from . import ipc
 
 Status = Literal["ok", "warn", "fail", "skip"]
 SKEW_WARN = 30.0
+MIN_SOCKET_BUFFER = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ async def run_checks(ctx: Context) -> list[Check]:
         checks.append(Check("enrolment", "ok", f"user {enrollment.user} on {enrollment.url}"))
         checks.extend(await _server_checks(ctx))
         checks.append(await _guard("agent", _agent, ctx))
+        with contextlib.suppress(ipc.AgentNotRunning, UserError):
+            status = await ipc.call(ctx.paths.ipc_path, "status", timeout=5)
+            checks.extend(p2p_checks(status["p2p"]))
     checks.append(await _guard("gotify", _gotify, ctx))
     return checks
 
@@ -88,6 +93,34 @@ async def _agent(ctx: Context) -> Check:
     if link != "online" and status.get("last_error"):
         detail += f" (last error: {status['last_error']})"
     return Check("agent", "ok" if link == "online" else "warn", detail)
+
+
+def p2p_checks(p2p: dict[str, Any]) -> list[Check]:
+    """The data plane as the running agent sees it: engine, buffers, relay, each peer's path."""
+    buffers = p2p["buffers"]
+    small = buffers["receive"] < MIN_SOCKET_BUFFER
+    checks = [
+        Check("quic engine", "ok", f"{p2p['engine']} ({p2p['io']} socket I/O) on {p2p['local']}"),
+        Check(
+            "socket buffers",
+            "warn" if small else "ok",
+            f"receive {buffers['receive'] // 1024} KiB, send {buffers['send'] // 1024} KiB"
+            f" (asked {buffers['requested'] // 1024} KiB)"
+            + (" - raise net.core.rmem_max for full speed" if small else ""),
+        ),
+        Check("relay", "ok" if p2p["relay"] == "online" else "warn", str(p2p["relay"])),
+    ]
+    for peer in p2p["peers"]:
+        rtt = "?" if peer["rtt_ms"] is None else f"{peer['rtt_ms']:.2f} ms"
+        checks.append(
+            Check(
+                f"peer {peer['name']}",
+                "ok",
+                f"{peer['path']} {peer['remote']}  rtt {rtt}  sent {peer['bytes_sent']} B"
+                f"  received {peer['bytes_received']} B",
+            )
+        )
+    return checks
 
 
 async def _gotify(ctx: Context) -> Check:

@@ -78,3 +78,13 @@ class ControlRequested(Event):
     session_id: str
     device_id: str
     device_name: str
+
+
+@dataclass(frozen=True)
+class PathChanged(Event):
+    """The connection to a peer now runs over ``kind`` (direct or relay)."""
+
+    device_id: str
+    kind: str
+    local: str
+    remote: str

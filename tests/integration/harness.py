@@ -175,9 +175,10 @@ class AgentHome:
     name: str
     process: Process | None = None
     config: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return run("--home", str(self.home), *args, stdin=stdin)
+        return run("--home", str(self.home), *args, stdin=stdin, env=self.env)
 
     def ok(self, *args: str, stdin: str | None = None) -> str:
         done = self.cli(*args, stdin=stdin)
@@ -194,6 +195,7 @@ class AgentHome:
         return Process(
             ["--home", str(self.home), "--json", "up", *extra],
             self.logs / f"{self.name}-{time.monotonic_ns()}.log",
+            env=self.env,
         )
 
     def up(self) -> AgentHome:

@@ -12,15 +12,16 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 API_PREFIX: Final = "/api/v1"
-SCOPES: Final = ("share:file", "share:folder", "terminal:view", "terminal:control")
-Scope = Literal["share:file", "share:folder", "terminal:view", "terminal:control"]
+# p2p:connect admits a QUIC connection (its first stream); the others admit service streams.
+SCOPES: Final = ("p2p:connect", "share:file", "share:folder", "terminal:view", "terminal:control")
+Scope = Literal["p2p:connect", "share:file", "share:folder", "terminal:view", "terminal:control"]
 Role = Literal["owner", "member", "viewer"]
 
 # Which scopes each room role may ask for toward the other devices of the room.
 ROLE_SCOPES: Final[dict[str, frozenset[str]]] = {
     "owner": frozenset(SCOPES),
     "member": frozenset(SCOPES),
-    "viewer": frozenset({"terminal:view"}),
+    "viewer": frozenset({"p2p:connect", "terminal:view"}),
 }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import ipaddress
 import logging
 import socket
@@ -68,18 +69,32 @@ code. It keeps the stream: the application sees the connection's other streams o
 StunHandler = Callable[[bytes, Address], None]
 RelaySender = Callable[[list[bytes], Address], None]
 
-# Peers reached through the server's relay get a pseudo address "relay.<device id>": QUIC runs
-# over it like over UDP (same packets, still end-to-end encrypted), only the carrier differs.
-RELAY_HOST_PREFIX: Final = "relay."
+# Peers reached through the server's relay get a pseudo address: QUIC runs over it like over
+# UDP (same packets, still end-to-end encrypted), only the carrier differs. The engines insist on
+# a syntactically valid IP, so it is an IPv6 address in a ULA prefix of our own ("mesh") whose
+# host part is derived from the peer's id; the map back is filled as addresses are made.
+RELAY_NETWORK: Final = ipaddress.IPv6Network("fdfe:6d65:7368::/64")
+RELAY_PORT: Final = 9
+_RELAY_TEXT: Final = "fdfe:6d65:7368:"
+_relay_peers: dict[ipaddress.IPv6Address, str] = {}
 
 
 def relay_address(peer_id: str) -> Address:
-    return (RELAY_HOST_PREFIX + peer_id, 0)
+    host_part = int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:8], "big")
+    ip = RELAY_NETWORK[host_part]
+    _relay_peers[ip] = peer_id
+    return (str(ip), RELAY_PORT)
 
 
 def relay_peer(addr: Address) -> str | None:
-    host = str(addr[0])
-    return host[len(RELAY_HOST_PREFIX) :] if host.startswith(RELAY_HOST_PREFIX) else None
+    """The peer behind a relay pseudo address (any textual form), or None for a real one."""
+    if not str(addr[0]).lower().startswith(_RELAY_TEXT):  # cheap: this runs per transmit
+        return None
+    try:
+        ip = ipaddress.ip_address(str(addr[0]))
+    except ValueError:
+        return None
+    return _relay_peers.get(ip) if isinstance(ip, ipaddress.IPv6Address) else None
 
 
 @dataclass(frozen=True)
@@ -324,6 +339,8 @@ class Endpoint:
         try:
             async with asyncio.timeout(self.settings.handshake_timeout):
                 await conn.wait_authenticated()
+            if conn.is_closed:
+                return  # e.g. the dialer raced several paths and kept another one
             if self._authorize is not None:
                 conn.begin_authorization()
                 async with asyncio.timeout(self.settings.authorize_timeout):
@@ -488,7 +505,7 @@ class Endpoint:
         self._relay_sender = sender
 
     def _send_batch(self, datagrams: list[bytes], addr: Address) -> None:
-        if addr[0].startswith(RELAY_HOST_PREFIX):
+        if relay_peer(addr) is not None:
             if self._relay_sender is not None:
                 self._relay_sender(datagrams, addr)
             return

@@ -290,6 +290,11 @@ class MeshSession:
             raise ChannelClosed(ErrorCode.GOING_AWAY, "the connection closed", by_peer=False)
         return channel
 
+    def has_open_channels(self) -> bool:
+        """Any service stream still running (the control stream does not count)."""
+        control = self.session.control_stream_id
+        return any(sid != control and not c.is_ended for sid, c in self._channels.items())
+
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         self.session.close(code, reason)
         self.dispatch()

@@ -249,9 +249,11 @@ async def test_capability_acl(
         await client.post(
             "/rooms/team/members", json={"user": "ann", "role": role}, headers=devices["bob"].auth
         )
-    allowed = {"owner": set(SCOPES), "member": set(SCOPES), "viewer": {"terminal:view"}}.get(
-        role or "", set()
-    )
+    allowed = {
+        "owner": set(SCOPES),
+        "member": set(SCOPES),
+        "viewer": {"p2p:connect", "terminal:view"},
+    }.get(role or "", set())
     target = devices["bob"].device_id
     for scope in SCOPES:
         response = await client.post(

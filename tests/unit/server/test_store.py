@@ -274,7 +274,7 @@ def test_the_best_role_across_shared_rooms_wins(store: Store) -> None:
         store.create_user(name, "hash", now=NOW)
     store.create_room("view", "bob", now=NOW)
     store.add_member("view", "ann", "viewer", by="bob", now=NOW)
-    assert store.allowed_scopes("ann", "bob") == {"terminal:view"}
+    assert store.allowed_scopes("ann", "bob") == {"p2p:connect", "terminal:view"}
     store.create_room("work", "bob", now=NOW)
     store.add_member("work", "ann", "member", by="bob", now=NOW)
     assert store.allowed_scopes("ann", "bob") == frozenset(SCOPES)

@@ -1,0 +1,457 @@
+"""One authenticated connection per peer pair, found through signalling, shared by all services.
+
+Setting up a connection to a peer (the dialer's side):
+
+1. gather our candidates (host addresses, and the server-reflexive one from the server's STUN),
+   ask the server for a ``p2p:connect`` capability token, and signal an *offer*;
+2. the peer answers with its candidates and starts punching toward ours at once;
+3. we dial every candidate of the peer at the same time (our QUIC Initials punch our NAT): the
+   first that authenticates wins;
+4. if no direct path works within ``direct_timeout``, we dial through the server's relay, which
+   carries the same end-to-end encrypted QUIC packets;
+5. a relayed connection keeps trying to upgrade: every ``upgrade_interval`` the dialer retries
+   the direct race, and a direct connection that authenticates replaces the relayed one (which
+   drains: its open channels finish on it).
+
+Both sides may dial at once; the connection dialed by the smaller device id wins, and a direct
+connection always beats a relayed one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from aioice import stun
+
+from meshagent_gui.core.bus import EventBus
+from meshagent_gui.core.events import PathChanged, SignalReceived
+from meshagent_gui.core.mesh.client import MeshClient, MeshError
+from meshagent_gui.core.mesh.link import MeshLink
+from meshagent_gui.core.protocol.captoken import CapabilityVerifier, TokenError, UnknownKey
+from meshagent_gui.core.protocol.errors import ErrorCode
+from meshagent_gui.core.protocol.handshake import Refusal, Validator
+from meshagent_gui.core.protocol.messages import Hello, StreamRole
+from meshagent_gui.errors import UserError
+
+from .candidates import Candidate, gather
+from .connection import PeerConnection
+from .endpoint import Endpoint, relay_address, relay_peer
+from .errors import P2PError
+from .relay import RelayLink
+from .session import Channel, ChannelClosed, HandshakeRefused, MeshSession
+from .streams import PeerStream
+
+log = logging.getLogger(__name__)
+
+CONNECT_SCOPE: Final = "p2p:connect"
+SIGNAL_KEY: Final = "p2p"
+ANSWER_TIMEOUT: Final = 5.0
+PUNCH_SCHEDULE: Final = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
+DRAIN_CHECK: Final = 5.0
+PROBE_TIMEOUT: Final = 1.5
+# Test-only: while this file exists, direct candidates are not tried (the loopback stand-in for
+# a firewall that drops UDP between the agents; the netns tests use real iptables instead).
+BLOCK_DIRECT_ENV: Final = "MESHAGENT_TEST_BLOCK_DIRECT"
+
+PathKind = Literal["direct", "relay"]
+ServiceHandler = Callable[[Channel], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Service:
+    """A kind of stream peers may open toward us: which scopes admit it, who handles it."""
+
+    role: StreamRole
+    scopes: tuple[str, ...]
+    handle: ServiceHandler
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    kind: PathKind
+    local: str
+    remote: str
+
+
+class PeerUnreachable(UserError):
+    pass
+
+
+class PeerManager:
+    def __init__(
+        self,
+        *,
+        endpoint: Endpoint,
+        link: MeshLink,
+        client: MeshClient,
+        verifier: CapabilityVerifier,
+        bus: EventBus,
+        relay: RelayLink,
+        refetch_keys: Callable[[], Awaitable[None]],
+        direct_timeout: float = 3.0,
+        upgrade_interval: float = 30.0,
+        include_loopback: bool = True,
+    ) -> None:
+        self.endpoint = endpoint
+        self.relay = relay
+        self._link = link
+        self._client = client
+        self._verifier = verifier
+        self._bus = bus
+        self._refetch_keys = refetch_keys
+        self.direct_timeout = direct_timeout
+        self.upgrade_interval = upgrade_interval
+        self._include_loopback = include_loopback
+        self._sessions: dict[str, MeshSession] = {}
+        self._dialed_by: dict[MeshSession, str] = {}
+        self._draining: set[MeshSession] = set()
+        self._dialing: dict[str, asyncio.Future[MeshSession]] = {}
+        self._answers: dict[str, asyncio.Future[list[Candidate]]] = {}
+        self._services: dict[StreamRole, Service] = {}
+        self._stun_server: tuple[str, int] | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+
+    # ------------------------------------------------------------ public API
+
+    def register(self, service: Service) -> None:
+        self._services[service.role] = service
+
+    async def session(self, peer_id: str, *, timeout: float = 20.0) -> MeshSession:
+        """The live session with ``peer_id``, dialing it if there is none."""
+        current = self._sessions.get(peer_id)
+        if current is not None and not current.closed.is_set():
+            # A peer that died without a word (kill -9, cable) looks alive until the idle
+            # timeout: one round trip tells, before a service builds on a dead connection.
+            try:
+                await current.connection.ping(timeout=PROBE_TIMEOUT)
+                return current
+            except (TimeoutError, P2PError):
+                log.info("connection to %s is dead; dialing again", peer_id[:12])
+                current.close(ErrorCode.GOING_AWAY, "peer stopped answering")
+                self._sessions.pop(peer_id, None)
+        pending = self._dialing.get(peer_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._dial(peer_id))
+            self._dialing[peer_id] = pending
+            pending.add_done_callback(lambda _: self._dialing.pop(peer_id, None))
+        return await asyncio.wait_for(asyncio.shield(pending), timeout)
+
+    def path_of(self, session: MeshSession) -> PathInfo:
+        conn = session.connection
+        remote = conn.remote_address
+        kind: PathKind = "relay" if relay_peer(remote) is not None else "direct"
+        local = self.endpoint.local_address
+        return PathInfo(
+            kind, f"{local[0]}:{local[1]}", "server relay" if kind == "relay" else _fmt(remote)
+        )
+
+    def sessions(self) -> dict[str, MeshSession]:
+        return {pid: s for pid, s in self._sessions.items() if not s.closed.is_set()}
+
+    # ------------------------------------------------------------ running
+
+    async def run(self) -> None:
+        self.endpoint.set_stun_handler(None)
+        async with asyncio.TaskGroup() as tasks:
+            self._tasks = tasks
+            tasks.create_task(self.relay.run(), name="p2p-relay")
+            tasks.create_task(self._accept_loop(), name="p2p-accept")
+            tasks.create_task(self._signal_loop(), name="p2p-signals")
+            tasks.create_task(self._maintain(), name="p2p-maintain")
+
+    async def authorize(self, conn: PeerConnection, first: PeerStream) -> bool:
+        """The endpoint's hook: the connection handshake, with our capability checks."""
+        mesh = await MeshSession.accept(conn, first, validate=self._validator(conn.peer_id))
+        return self._adopt(mesh, dialer=conn.peer_id)
+
+    async def _accept_loop(self) -> None:
+        async for _ in self.endpoint.incoming():
+            pass  # sessions were adopted in authorize(); QUIC-level accept just drains
+
+    # ------------------------------------------------------------ validation
+
+    def _validator(self, peer_id: str) -> Validator:
+        def validate(hello: Hello) -> object:
+            if hello.role is StreamRole.CONTROL:
+                scopes: Sequence[str] = (CONNECT_SCOPE,)
+            else:
+                service = self._services.get(hello.role)
+                if service is None:
+                    raise Refusal(ErrorCode.UNKNOWN_ROLE, f"no {hello.role.name.lower()} service")
+                scopes = service.scopes
+            problem = "no capability token"
+            for token in hello.tokens:
+                for scope in scopes:
+                    try:
+                        return self._verifier.verify(
+                            token,
+                            now=time.time(),
+                            peer_id=peer_id,
+                            scope=scope,
+                            resource=hello.resource or None,
+                        )
+                    except UnknownKey:
+                        self._spawn(self._refetch_keys(), "p2p-refetch-keys")
+                        problem = "token signed with a key we do not know yet; try again"
+                    except TokenError as exc:
+                        problem = exc.code
+            raise Refusal(ErrorCode.BAD_TOKEN, problem)
+
+        return validate
+
+    # ------------------------------------------------------------ dialing
+
+    async def _dial(self, peer_id: str) -> MeshSession:
+        if peer_id not in self._link.online:
+            raise PeerUnreachable(
+                "that device is offline (not connected to the Mesh Server)", code="peer_offline"
+            )
+        token_task = asyncio.ensure_future(self._client.capability(peer_id, CONNECT_SCOPE))
+        try:
+            conn = await self._direct(peer_id)
+            if conn is None:
+                conn = await self._relayed(peer_id)
+            token = (await token_task).token
+        finally:
+            token_task.cancel()
+        try:
+            mesh = await MeshSession.dial(conn, tokens=(token,), validate=self._validator(peer_id))
+        except HandshakeRefused as exc:
+            raise PeerUnreachable(f"the peer refused this device: {exc}", code="refused") from exc
+        if not self._adopt(mesh, dialer=self.endpoint.device_id):
+            return self._sessions[peer_id]  # the peer's own dial won the tie
+        return mesh
+
+    async def _direct(self, peer_id: str) -> PeerConnection | None:
+        """Offer/answer through the server, then race every direct candidate of the peer."""
+        if _direct_blocked():
+            return None
+        attempt = secrets.token_hex(8)
+        answer: asyncio.Future[list[Candidate]] = asyncio.get_running_loop().create_future()
+        self._answers[attempt] = answer
+        try:
+            ours = await self._candidates()
+            await self._link.signal(
+                peer_id, {SIGNAL_KEY: "offer", "attempt": attempt, "candidates": _wire(ours)}
+            )
+            theirs = await asyncio.wait_for(answer, ANSWER_TIMEOUT)
+        except (TimeoutError, MeshError):
+            return None
+        finally:
+            self._answers.pop(attempt, None)
+        return await self._race(peer_id, theirs)
+
+    async def _race(self, peer_id: str, candidates: list[Candidate]) -> PeerConnection | None:
+        targets = [c for c in candidates if c.kind != "relay"]
+        if not targets:
+            return None
+        attempts = [
+            asyncio.ensure_future(
+                self.endpoint.connect((c.address, c.port), peer_id, timeout=self.direct_timeout)
+            )
+            for c in targets
+        ]
+        winner: PeerConnection | None = None
+        try:
+            for finished in asyncio.as_completed(attempts):
+                try:
+                    winner = await finished
+                    break
+                except (P2PError, TimeoutError, OSError) as exc:
+                    log.debug("direct attempt to %s failed: %s", peer_id[:12], exc)
+        finally:
+            for attempt in attempts:
+                if not attempt.done():
+                    attempt.cancel()
+                elif winner is not None and not attempt.cancelled() and not attempt.exception():
+                    other = attempt.result()
+                    if other is not winner:
+                        other.close(reason="another path won")
+            await asyncio.gather(*attempts, return_exceptions=True)
+        return winner
+
+    async def _relayed(self, peer_id: str) -> PeerConnection:
+        try:
+            await self.relay.wait_connected(10.0)
+            return await self.endpoint.connect(relay_address(peer_id), peer_id, timeout=10.0)
+        except (P2PError, TimeoutError) as exc:
+            raise PeerUnreachable(
+                "no path to that device, neither direct nor through the relay"
+                f" ({exc or 'timeout'})",
+                code="peer_unreachable",
+            ) from exc
+
+    async def _candidates(self) -> list[Candidate]:
+        if self._stun_server is None:
+            with contextlib.suppress(MeshError):
+                info = await self._client.info()
+                if info.stun_port:
+                    host = _url_host(self._client.url)
+                    self._stun_server = (host, info.stun_port)
+        return await gather(
+            self.endpoint, self._stun_server, include_loopback=self._include_loopback
+        )
+
+    # ------------------------------------------------------------ answering
+
+    async def _signal_loop(self) -> None:
+        with self._bus.subscribed() as events:
+            async for event in events:
+                if isinstance(event, SignalReceived) and SIGNAL_KEY in event.payload:
+                    self._spawn(self._on_signal(event.sender, event.payload), "p2p-signal")
+
+    async def _on_signal(self, sender: str, payload: dict[str, Any]) -> None:
+        try:
+            kind = payload[SIGNAL_KEY]
+            attempt = str(payload["attempt"])
+            candidates = [Candidate.from_wire(c) for c in payload["candidates"][:32]]
+        except (KeyError, TypeError, ValueError):
+            log.debug("ignored a malformed p2p signal from %s", sender[:12])
+            return
+        if kind == "answer":
+            future = self._answers.get(attempt)
+            if future is not None and not future.done():
+                future.set_result(candidates)
+            return
+        if kind != "offer":
+            return
+        ours = [] if _direct_blocked() else await self._candidates()
+        with contextlib.suppress(MeshError):
+            await self._link.signal(
+                sender, {SIGNAL_KEY: "answer", "attempt": attempt, "candidates": _wire(ours)}
+            )
+        if ours:
+            await self._punch(candidates)
+
+    async def _punch(self, candidates: list[Candidate]) -> None:
+        """Open our NAT toward the dialer: a tiny STUN request to each of its candidates."""
+        started = asyncio.get_running_loop().time()
+        for at in PUNCH_SCHEDULE:
+            await asyncio.sleep(max(0.0, started + at - asyncio.get_running_loop().time()))
+            for candidate in candidates:
+                if candidate.kind == "relay":
+                    continue
+                probe = stun.Message(
+                    message_method=stun.Method.BINDING,
+                    message_class=stun.Class.REQUEST,
+                    transaction_id=secrets.token_bytes(12),
+                )
+                with contextlib.suppress(OSError, P2PError):
+                    self.endpoint.send_datagram(bytes(probe), (candidate.address, candidate.port))
+
+    # ------------------------------------------------------------ bookkeeping
+
+    def _adopt(self, mesh: MeshSession, *, dialer: str) -> bool:
+        """Make ``mesh`` the peer's session unless a better one exists; False if closed."""
+        peer_id = mesh.peer_id
+        self._dialed_by[mesh] = dialer
+        current = self._sessions.get(peer_id)
+        if current is not None and not current.closed.is_set():
+            new_kind, old_kind = self.path_of(mesh).kind, self.path_of(current).kind
+            new_wins = (new_kind, old_kind) == ("direct", "relay") or (
+                new_kind == old_kind and dialer < self._dialed_by.get(current, dialer)
+            )
+            if not new_wins:
+                mesh.close(ErrorCode.NO_ERROR, "duplicate connection")
+                return False
+            self._draining.add(current)
+        self._sessions[peer_id] = mesh
+        self._spawn(self._serve_channels(mesh), "p2p-channels")
+        path = self.path_of(mesh)
+        log.info("peer %s: %s path (%s)", peer_id[:12], path.kind, path.remote)
+        self._bus.publish(PathChanged(peer_id, path.kind, path.local, path.remote))
+        return True
+
+    async def _serve_channels(self, mesh: MeshSession) -> None:
+        while True:
+            try:
+                channel = await mesh.accept_channel()
+            except ChannelClosed:
+                return
+            service = self._services.get(channel.role)
+            if service is None:
+                channel.abort(ErrorCode.UNKNOWN_ROLE)
+                continue
+            self._spawn(service.handle(channel), f"p2p-service-{channel.role.name.lower()}")
+
+    async def _maintain(self) -> None:
+        """Close drained sessions, forget dead ones, and try to upgrade relayed ones."""
+        next_upgrade = time.monotonic() + self.upgrade_interval
+        while True:
+            await asyncio.sleep(min(DRAIN_CHECK, self.upgrade_interval))
+            for old in list(self._draining):
+                if old.closed.is_set() or not old.has_open_channels():
+                    old.close(ErrorCode.NO_ERROR, "replaced by a better path")
+                    self._draining.discard(old)
+                    self._dialed_by.pop(old, None)
+            for peer_id, mesh in list(self._sessions.items()):
+                if mesh.closed.is_set():
+                    del self._sessions[peer_id]
+                    self._dialed_by.pop(mesh, None)
+            if time.monotonic() >= next_upgrade:
+                next_upgrade = time.monotonic() + self.upgrade_interval
+                for peer_id, mesh in list(self._sessions.items()):
+                    mine = self._dialed_by.get(mesh) == self.endpoint.device_id
+                    if mine and self.path_of(mesh).kind == "relay":
+                        self._spawn(self._upgrade(peer_id, mesh), "p2p-upgrade")
+
+    async def _upgrade(self, peer_id: str, relayed: MeshSession) -> None:
+        conn = await self._direct(peer_id)
+        if conn is None:
+            return
+        try:
+            token = (await self._client.capability(peer_id, CONNECT_SCOPE)).token
+            mesh = await MeshSession.dial(conn, tokens=(token,), validate=self._validator(peer_id))
+        except (MeshError, HandshakeRefused, P2PError) as exc:
+            log.info("upgrade to a direct path failed: %s", exc)
+            conn.close(reason="upgrade failed")
+            return
+        self._adopt(mesh, dialer=self.endpoint.device_id)
+
+    def _spawn(self, coroutine: Awaitable[Any], name: str) -> None:
+        if self._tasks is None:
+            raise RuntimeError("the peer manager is not running")
+        self._tasks.create_task(_logged(coroutine, name), name=name)
+
+    async def aclose(self) -> None:
+        for mesh in [*self._sessions.values(), *self._draining]:
+            await mesh.aclose()
+
+
+async def _logged(coroutine: Awaitable[Any], name: str) -> None:
+    """A helper task's failure is logged, never allowed to take the whole manager down."""
+    try:
+        await coroutine
+    except (UserError, P2PError, TimeoutError, ConnectionError) as exc:
+        log.info("%s: %s", name, exc)
+    except Exception:
+        log.exception("%s failed", name)
+
+
+def _direct_blocked() -> bool:
+    flag = os.environ.get(BLOCK_DIRECT_ENV)
+    return bool(flag) and Path(flag).exists()  # type: ignore[arg-type]
+
+
+def _wire(candidates: list[Candidate]) -> list[dict[str, Any]]:
+    return [c.to_wire() for c in candidates]
+
+
+def _fmt(addr: tuple[Any, ...]) -> str:
+    host = str(addr[0]).removeprefix("::ffff:")
+    return f"[{host}]:{addr[1]}" if ":" in host else f"{host}:{addr[1]}"
+
+
+def _url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or "127.0.0.1"
