@@ -215,6 +215,7 @@ class Agent:
                 "forced": buffers.receive_forced,
             },
             "relay": self.peers.relay.state,
+            "nat": self.peers.nat,
             "peers": peers,
         }
 

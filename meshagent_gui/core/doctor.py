@@ -109,6 +109,7 @@ def p2p_checks(p2p: dict[str, Any]) -> list[Check]:
             + (" - raise net.core.rmem_max for full speed" if small else ""),
         ),
         Check("relay", "ok" if p2p["relay"] == "online" else "warn", str(p2p["relay"])),
+        Check("nat", "ok", f"{p2p['nat']} (guessed from the server's STUN answer)"),
     ]
     for peer in p2p["peers"]:
         rtt = "?" if peer["rtt_ms"] is None else f"{peer['rtt_ms']:.2f} ms"

@@ -25,7 +25,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -42,7 +42,7 @@ from meshagent_gui.core.protocol.handshake import Refusal, Validator
 from meshagent_gui.core.protocol.messages import Hello, StreamRole
 from meshagent_gui.errors import UserError
 
-from .candidates import Candidate, gather
+from .candidates import Candidate, gather, nat_type_guess
 from .connection import PeerConnection
 from .endpoint import Endpoint, relay_address, relay_peer
 from .errors import P2PError
@@ -118,6 +118,7 @@ class PeerManager:
         self._answers: dict[str, asyncio.Future[list[Candidate]]] = {}
         self._services: dict[StreamRole, Service] = {}
         self._stun_server: tuple[str, int] | None = None
+        self.nat: str = "unknown"  # a rough guess from STUN: open / cone / symmetric / unknown
         self._tasks: asyncio.TaskGroup | None = None
 
     # ------------------------------------------------------------ public API
@@ -160,7 +161,6 @@ class PeerManager:
     # ------------------------------------------------------------ running
 
     async def run(self) -> None:
-        self.endpoint.set_stun_handler(None)
         async with asyncio.TaskGroup() as tasks:
             self._tasks = tasks
             tasks.create_task(self.relay.run(), name="p2p-relay")
@@ -180,33 +180,12 @@ class PeerManager:
     # ------------------------------------------------------------ validation
 
     def _validator(self, peer_id: str) -> Validator:
-        def validate(hello: Hello) -> object:
-            if hello.role is StreamRole.CONTROL:
-                scopes: Sequence[str] = (CONNECT_SCOPE,)
-            else:
-                service = self._services.get(hello.role)
-                if service is None:
-                    raise Refusal(ErrorCode.UNKNOWN_ROLE, f"no {hello.role.name.lower()} service")
-                scopes = service.scopes
-            problem = "no capability token"
-            for token in hello.tokens:
-                for scope in scopes:
-                    try:
-                        return self._verifier.verify(
-                            token,
-                            now=time.time(),
-                            peer_id=peer_id,
-                            scope=scope,
-                            resource=hello.resource or None,
-                        )
-                    except UnknownKey:
-                        self._spawn(self._refetch_keys(), "p2p-refetch-keys")
-                        problem = "token signed with a key we do not know yet; try again"
-                    except TokenError as exc:
-                        problem = exc.code
-            raise Refusal(ErrorCode.BAD_TOKEN, problem)
-
-        return validate
+        return capability_validator(
+            self._verifier,
+            peer_id,
+            {role: service.scopes for role, service in self._services.items()},
+            on_unknown_key=lambda: self._spawn(self._refetch_keys(), "p2p-refetch-keys"),
+        )
 
     # ------------------------------------------------------------ dialing
 
@@ -297,9 +276,16 @@ class PeerManager:
                 if info.stun_port:
                     host = _url_host(self._client.url)
                     self._stun_server = (host, info.stun_port)
-        return await gather(
+        candidates = await gather(
             self.endpoint, self._stun_server, include_loopback=self._include_loopback
         )
+        reflexive = [c for c in candidates if c.kind == "srflx"]
+        if reflexive and self._stun_server is not None:
+            self.nat = nat_type_guess(
+                [c for c in candidates if c.kind == "host"],
+                {self._stun_server: (reflexive[0].address, reflexive[0].port)},
+            )
+        return candidates
 
     # ------------------------------------------------------------ answering
 
@@ -386,6 +372,9 @@ class PeerManager:
     async def _maintain(self) -> None:
         """Close drained sessions, forget dead ones, and try to upgrade relayed ones."""
         next_upgrade = time.monotonic() + self.upgrade_interval
+        with contextlib.suppress(MeshError, OSError, P2PError, TimeoutError):
+            await self._link.wait_connected(30)
+            await self._candidates()  # learns the NAT guess for doctor
         while True:
             await asyncio.sleep(min(DRAIN_CHECK, self.upgrade_interval))
             for old in list(self._draining):
@@ -425,6 +414,48 @@ class PeerManager:
     async def aclose(self) -> None:
         for mesh in [*self._sessions.values(), *self._draining]:
             await mesh.aclose()
+
+
+def capability_validator(
+    verifier: CapabilityVerifier,
+    peer_id: str,
+    service_scopes: Mapping[StreamRole, Sequence[str]],
+    *,
+    on_unknown_key: Callable[[], None],
+    clock: Callable[[], float] = time.time,
+) -> Validator:
+    """Checks each Hello from ``peer_id``: a capability token for the stream's role.
+
+    The connection (CONTROL) needs ``p2p:connect``; a service stream needs one of its service's
+    scopes, for the resource the Hello names. Refusals carry the token error's code.
+    """
+
+    def validate(hello: Hello) -> object:
+        if hello.role is StreamRole.CONTROL:
+            scopes: Sequence[str] = (CONNECT_SCOPE,)
+        elif hello.role in service_scopes:
+            scopes = service_scopes[hello.role]
+        else:
+            raise Refusal(ErrorCode.UNKNOWN_ROLE, f"no {hello.role.name.lower()} service")
+        problem = "no capability token"
+        for token in hello.tokens:
+            for scope in scopes:
+                try:
+                    return verifier.verify(
+                        token,
+                        now=clock(),
+                        peer_id=peer_id,
+                        scope=scope,
+                        resource=hello.resource or None,
+                    )
+                except UnknownKey:
+                    on_unknown_key()
+                    problem = "token signed with a key we do not know yet; try again"
+                except TokenError as exc:
+                    problem = exc.code
+        raise Refusal(ErrorCode.BAD_TOKEN, problem)
+
+    return validate
 
 
 async def _logged(coroutine: Awaitable[Any], name: str) -> None:
