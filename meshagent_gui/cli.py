@@ -320,13 +320,20 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _through_agent(ctx: Context, method: str, params: dict[str, Any]) -> Any:
+async def _through_agent(
+    ctx: Context,
+    method: str,
+    params: dict[str, Any],
+    on_progress: Callable[[Any], None] | None = None,
+) -> Any:
     """Ask the running agent; with none, run one in-process for the duration of the call."""
     from meshagent_gui.core import ipc
     from meshagent_gui.core.agent import Agent
 
     try:
-        return await ipc.call(ctx.paths.ipc_path, method, params, timeout=120)
+        return await ipc.call(
+            ctx.paths.ipc_path, method, params, timeout=120, on_progress=on_progress
+        )
     except ipc.AgentNotRunning:
         pass
     agent = Agent.from_context(ctx)
@@ -343,8 +350,7 @@ async def _through_agent(ctx: Context, method: str, params: dict[str, Any]) -> A
                 f"cannot connect to the Mesh Server: {agent.link.last_error or 'timeout'}",
                 code="server_unreachable",
             ) from None
-        handler = agent.ipc_handlers()[method]
-        return await handler(params)
+        return await ipc.outcome_of(agent.ipc_handlers()[method](params), on_progress)
     finally:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):

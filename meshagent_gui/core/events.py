@@ -88,3 +88,34 @@ class PathChanged(Event):
     kind: str
     local: str
     remote: str
+
+
+@dataclass(frozen=True)
+class TransferOffered(Event):
+    """A peer offers files; the UI answers with Agent.answer_offer (unless auto-accepted)."""
+
+    transfer_id: str
+    peer: str
+    peer_name: str
+    names: tuple[str, ...]
+    files: int
+    total: int
+    auto_accepted: bool
+
+
+@dataclass(frozen=True)
+class TransferAccepted(Event):
+    transfer_id: str
+    peer: str
+
+
+@dataclass(frozen=True)
+class TransferProgressed(Event):
+    transfer_id: str
+    direction: str  # "send" or "receive"
+    peer: str
+    name: str
+    done: int
+    total: int
+    rate: float  # bytes per second, smoothed
+    eta: float | None  # seconds

@@ -3,7 +3,9 @@
 JSON lines over a Unix socket with owner-only permissions (POSIX), or loopback TCP guarded by a
 random cookie kept in an owner-only file (Windows, where asyncio has no public named-pipe
 server). One request per line ``{"id", "method", "params"}``; one answer per line
-``{"id", "result"}`` or ``{"id", "error": {"code", "message"}}``.
+``{"id", "result"}`` or ``{"id", "error": {"code", "message"}}``. A long request (a transfer)
+may send ``{"id", "progress": ...}`` lines before its answer: its handler is an async generator
+whose last item is the result.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import os
 import secrets
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -23,7 +25,7 @@ from meshagent_gui.errors import UserError
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+Handler = Callable[[dict[str, Any]], Awaitable[Any] | AsyncIterator[Any]]
 MAX_LINE: Final = 1 << 20
 USE_TCP: Final = sys.platform == "win32" or os.environ.get("MESHAGENT_IPC") == "tcp"
 
@@ -73,7 +75,7 @@ class IpcServer:
                 if not secrets.compare_digest(line.strip().decode(errors="replace"), self._cookie):
                     return
             while line := await reader.readline():
-                writer.write(await self._answer(line) + b"\n")
+                writer.write(await self._answer(line, writer) + b"\n")
                 await writer.drain()
         except (ConnectionError, TimeoutError, asyncio.LimitOverrunError, ValueError):
             pass
@@ -82,15 +84,19 @@ class IpcServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    async def _answer(self, line: bytes) -> bytes:
+    async def _answer(self, line: bytes, writer: asyncio.StreamWriter) -> bytes:
         request_id: Any = None
+
+        def progress(item: Any) -> None:
+            writer.write(json.dumps({"id": request_id, "progress": item}).encode() + b"\n")
+
         try:
             request = json.loads(line)
             request_id = request.get("id")
             handler = self._handlers.get(str(request.get("method")))
             if handler is None:
                 raise UserError(f"unknown request {request.get('method')!r}", code="bad_request")
-            result = await handler(dict(request.get("params") or {}))
+            result = await outcome_of(handler(dict(request.get("params") or {})), progress)
             body: dict[str, Any] = {"id": request_id, "result": result}
         except UserError as exc:
             body = {"id": request_id, "error": {"code": exc.code, "message": exc.message}}
@@ -102,8 +108,28 @@ class IpcServer:
         return json.dumps(body).encode()
 
 
+async def outcome_of(
+    outcome: Awaitable[Any] | AsyncIterator[Any], on_progress: Callable[[Any], None] | None
+) -> Any:
+    """A handler's result; a streaming handler's items before its last go to ``on_progress``."""
+    if not isinstance(outcome, AsyncIterator):
+        return await outcome
+    result: Any = None
+    first = True
+    async for item in outcome:
+        if not first and on_progress is not None:
+            on_progress(result)
+        result, first = item, False
+    return result
+
+
 async def call(
-    path: Path, method: str, params: dict[str, Any] | None = None, *, timeout: float = 30.0
+    path: Path,
+    method: str,
+    params: dict[str, Any] | None = None,
+    *,
+    timeout: float = 30.0,
+    on_progress: Callable[[Any], None] | None = None,
 ) -> Any:
     """Ask the running agent; raises AgentNotRunning when there is none."""
     try:
@@ -123,7 +149,16 @@ async def call(
         writer.write(json.dumps({"id": 1, "method": method, "params": params or {}}).encode())
         writer.write(b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        while True:
+            # `timeout` bounds the silence between lines: a long transfer keeps talking.
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if not line:
+                break
+            answer = json.loads(line)
+            if "progress" not in answer:
+                break
+            if on_progress is not None:
+                on_progress(answer["progress"])
     except TimeoutError:
         raise UserError("the running agent did not answer in time", code="agent_timeout") from None
     except ConnectionError as exc:
@@ -132,7 +167,6 @@ async def call(
         writer.close()
     if not line:
         raise AgentNotRunning("the agent closed the connection")
-    answer = json.loads(line)
     if "error" in answer:
         raise UserError(answer["error"]["message"], code=answer["error"]["code"])
     return answer.get("result")

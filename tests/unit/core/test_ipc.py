@@ -75,3 +75,20 @@ def test_lock_is_exclusive(tmp_path: Path) -> None:
 
 def test_module_reload_keeps_platform_choice() -> None:
     assert importlib.reload(ipc).USE_TCP in (True, False)
+
+
+async def test_streaming_handler_sends_progress_then_result(tmp_path: Path, transport: str) -> None:
+    async def count(params: dict[str, Any]) -> Any:
+        for i in range(int(params["n"])):
+            yield {"done": i}
+        yield {"total": params["n"]}
+
+    server = ipc.IpcServer(tmp_path / "agent.sock", {"count": count})
+    await server.start()
+    seen: list[Any] = []
+    try:
+        result = await ipc.call(tmp_path / "agent.sock", "count", {"n": 3}, on_progress=seen.append)
+    finally:
+        await server.close()
+    assert seen == [{"done": 0}, {"done": 1}, {"done": 2}]
+    assert result == {"total": 3}
