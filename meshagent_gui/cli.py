@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands.add_parser("list", parents=[common])
 
     command("devices", "devices this one may reach")
+
+    send = command("send", "send files and folders to a device (resumes by itself)")
+    send.add_argument("paths", nargs="+", metavar="PATH")
+    send.add_argument("--to", required=True, dest="device", metavar="DEVICE")
+    send.add_argument("--rate", default="", help="at most this many bytes/s, e.g. 5M")
+    send.add_argument("--wait", action="store_true", help="wait for the device to come online")
 
     ping = command("ping", "connect to a device and measure the path and round trips")
     ping.add_argument("device", help="name, id or id prefix (see meshagent devices)")
@@ -383,6 +390,52 @@ def cmd_ping(args: argparse.Namespace) -> int:
     return 1 if failures == len(result["tries"]) else 0
 
 
+def cmd_send(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from meshagent_gui.core.share.ratelimit import parse_rate
+
+    parse_rate(args.rate)  # a typo fails here, before anything connects
+    paths = [str(Path(p).expanduser().absolute()) for p in args.paths]
+    for path in paths:
+        if not os.path.lexists(path):
+            raise UserError(f"{path}: no such file or folder", code="not_found")
+    ctx = Context.open(args.home)
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=args.json or not sys.stderr.isatty(),
+    )
+    with bar:
+        task = bar.add_task(f"to {args.device}", total=None)
+
+        def progress(update: dict[str, Any]) -> None:
+            bar.update(task, completed=update["done"], total=update["total"])
+
+        params = {"paths": paths, "device": args.device, "rate": args.rate, "wait": args.wait}
+        result = _run(_through_agent(ctx, "send", params, on_progress=progress))
+    for item in result["items"]:
+        resumed = f", resumed at {item['resumed_from']} B" if item["resumed_from"] else ""
+        emit(
+            args,
+            item,
+            f"sent {item['name']} to {result['device']}: {item['bytes']} B in"
+            f" {item['seconds']:.1f} s over a {item['path']} path{resumed}",
+        )
+    return 0
+
+
 def cmd_notify(args: argparse.Namespace) -> int:
     from meshagent_gui.core.notify.gotify import GotifyClient
 
@@ -423,6 +476,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "config": cmd_config,
     "devices": cmd_devices,
     "ping": cmd_ping,
+    "send": cmd_send,
     "notify": cmd_notify,
     "doctor": cmd_doctor,
 }

@@ -11,10 +11,12 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import platformdirs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from meshagent_gui.context import Context
@@ -40,6 +42,9 @@ from .protocol.captoken import (
     UnknownKey,
     public_key_from_jwk_x,
 )
+from .protocol.transfer import TRANSFER_REGISTRY
+from .share.ratelimit import parse_rate
+from .share.service import TransferService
 
 # A token naming an unknown key makes us refetch the server's keys, at most this often, so
 # that garbage key ids cannot turn peers into a flood of requests to the server.
@@ -109,6 +114,19 @@ class Agent:
             refetch_keys=self._refetch_keys,
             direct_timeout=float(config["p2p.direct_timeout"]),
             upgrade_interval=float(config["p2p.upgrade_interval"]),
+            registry=TRANSFER_REGISTRY,
+        )
+        self.transfers = TransferService(
+            peers=self.peers,
+            client=self.client,
+            bus=self.bus,
+            downloads=self.downloads_dir,
+            data_dir=ctx.paths.data_dir,
+            own_user=enrollment.user,
+            peer_user=self._peer_user,
+            peer_name=lambda device_id: self._names.get(device_id, device_id[:12]),
+            auto_accept=lambda: str(config["transfer.auto_accept"]),
+            global_rate=lambda: parse_rate(str(config["transfer.rate_limit"])),
         )
 
     @classmethod
@@ -130,6 +148,51 @@ class Agent:
         if self.link.state == "online":
             return [DeviceView.of(d, d.id in self.link.online) for d in devices]
         return [DeviceView.of(d, d.online) for d in devices]
+
+    def downloads_dir(self) -> Path:
+        configured = str(self.ctx.config["downloads.dir"])
+        if configured:
+            folder = Path(configured).expanduser()
+        elif self.ctx.paths.home is not None:
+            folder = self.ctx.paths.home / "downloads"
+        else:
+            folder = Path(platformdirs.user_downloads_dir())
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    async def _peer_user(self, device_id: str) -> str | None:
+        for device in self._known or await self.client.devices():
+            if device.id == device_id:
+                return device.user
+        return None
+
+    async def send(
+        self, paths: list[str], device: str, *, rate: str = "", wait: bool = False
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Send files and folders; yields progress dicts, then {"items": [...]}."""
+        target = await self.resolve_device(device)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        task = asyncio.create_task(
+            self.transfers.send(
+                [Path(p) for p in paths],
+                target.id,
+                rate=parse_rate(rate),
+                wait=wait,
+                on_progress=queue.put_nowait,
+            )
+        )
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                else:
+                    getter.cancel()
+            items = task.result()
+        finally:
+            task.cancel()
+        yield {"device": target.name, "items": [vars(item) for item in items]}
 
     async def resolve_device(self, text: str) -> DeviceView:
         """A device by name (any case), full id, id prefix or short id; one clear error else."""
@@ -273,7 +336,15 @@ class Agent:
         async def ping(params: dict[str, Any]) -> Any:
             return await self.ping(str(params["device"]), int(params.get("count", 4)))
 
-        return {"devices": devices, "status": status, "ping": ping}
+        def send(params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+            return self.send(
+                [str(p) for p in params["paths"]],
+                str(params["device"]),
+                rate=str(params.get("rate") or ""),
+                wait=bool(params.get("wait")),
+            )
+
+        return {"devices": devices, "status": status, "ping": ping, "send": send}
 
     # ------------------------------------------------------------ running
 

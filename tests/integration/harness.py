@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,15 +25,20 @@ BASE_ENV = {
 }
 
 
-def meshagent_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "meshagent_gui", *args]
+def meshagent_cmd(*args: str, prefix: Sequence[str] = ()) -> list[str]:
+    """``prefix`` wraps the command, e.g. ``ip netns exec NS`` to run it in a namespace."""
+    return [*prefix, sys.executable, "-m", "meshagent_gui", *args]
 
 
 def run(
-    *args: str, stdin: str | None = None, timeout: float = 60, env: dict[str, str] | None = None
+    *args: str,
+    stdin: str | None = None,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        meshagent_cmd(*args),
+        meshagent_cmd(*args, prefix=prefix),
         input=stdin,
         capture_output=True,
         text=True,
@@ -64,12 +69,18 @@ def wait_until(probe: Callable[[], T], timeout: float, what: str, every: float =
 class Process:
     """A long-running meshagent process whose output we read line by line."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.args = args
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            meshagent_cmd(*args),
+            meshagent_cmd(*args, prefix=prefix),
             stdout=subprocess.PIPE,
             stderr=self._log,
             env={**BASE_ENV, **(env or {})},
@@ -121,11 +132,15 @@ class Server:
     port: int = 0
     url: str = ""
     process: Process | None = None
+    host: str | None = None  # None: the server's default (loopback)
+    prefix: Sequence[str] = ()
 
     def start(self) -> Server:
+        where = ["--host", self.host, "--insecure"] if self.host else []
         self.process = Process(
             [
                 "server",
+                *where,
                 "--port",
                 str(self.port),
                 "--data-dir",
@@ -134,6 +149,7 @@ class Server:
                 "2",
             ],
             self.logs / f"server-{time.monotonic_ns()}.log",
+            prefix=self.prefix,
         )
         self.url = self.process.read_line(r"listening on (\S+)").group(1)
         self.port = int(self.url.rsplit(":", 1)[1])
@@ -176,9 +192,10 @@ class AgentHome:
     process: Process | None = None
     config: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    prefix: Sequence[str] = ()
 
     def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return run("--home", str(self.home), *args, stdin=stdin, env=self.env)
+        return run("--home", str(self.home), *args, stdin=stdin, env=self.env, prefix=self.prefix)
 
     def ok(self, *args: str, stdin: str | None = None) -> str:
         done = self.cli(*args, stdin=stdin)
@@ -196,6 +213,7 @@ class AgentHome:
             ["--home", str(self.home), "--json", "up", *extra],
             self.logs / f"{self.name}-{time.monotonic_ns()}.log",
             env=self.env,
+            prefix=self.prefix,
         )
 
     def up(self) -> AgentHome:

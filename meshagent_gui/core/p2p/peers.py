@@ -39,7 +39,8 @@ from meshagent_gui.core.mesh.link import MeshLink
 from meshagent_gui.core.protocol.captoken import CapabilityVerifier, TokenError, UnknownKey
 from meshagent_gui.core.protocol.errors import ErrorCode
 from meshagent_gui.core.protocol.handshake import Refusal, Validator
-from meshagent_gui.core.protocol.messages import Hello, StreamRole
+from meshagent_gui.core.protocol.messages import BASE_REGISTRY, Hello, StreamRole
+from meshagent_gui.core.protocol.registry import MessageRegistry
 from meshagent_gui.errors import UserError
 
 from .candidates import Candidate, gather, nat_type_guess
@@ -100,8 +101,10 @@ class PeerManager:
         direct_timeout: float = 3.0,
         upgrade_interval: float = 30.0,
         include_loopback: bool = True,
+        registry: MessageRegistry = BASE_REGISTRY,
     ) -> None:
         self.endpoint = endpoint
+        self.registry = registry  # every service's messages: one registry per connection
         self.relay = relay
         self._link = link
         self._client = client
@@ -115,6 +118,7 @@ class PeerManager:
         self._dialed_by: dict[MeshSession, str] = {}
         self._draining: set[MeshSession] = set()
         self._dialing: dict[str, asyncio.Future[MeshSession]] = {}
+        self._upgrading: set[str] = set()
         self._answers: dict[str, asyncio.Future[list[Candidate]]] = {}
         self._services: dict[StreamRole, Service] = {}
         self._stun_server: tuple[str, int] | None = None
@@ -170,7 +174,9 @@ class PeerManager:
 
     async def authorize(self, conn: PeerConnection, first: PeerStream) -> bool:
         """The endpoint's hook: the connection handshake, with our capability checks."""
-        mesh = await MeshSession.accept(conn, first, validate=self._validator(conn.peer_id))
+        mesh = await MeshSession.accept(
+            conn, first, validate=self._validator(conn.peer_id), registry=self.registry
+        )
         return self._adopt(mesh, dialer=conn.peer_id)
 
     async def _accept_loop(self) -> None:
@@ -203,7 +209,9 @@ class PeerManager:
         finally:
             token_task.cancel()
         try:
-            mesh = await MeshSession.dial(conn, tokens=(token,), validate=self._validator(peer_id))
+            mesh = await MeshSession.dial(
+                conn, tokens=(token,), validate=self._validator(peer_id), registry=self.registry
+            )
         except HandshakeRefused as exc:
             raise PeerUnreachable(f"the peer refused this device: {exc}", code="refused") from exc
         if not self._adopt(mesh, dialer=self.endpoint.device_id):
@@ -390,16 +398,26 @@ class PeerManager:
                 next_upgrade = time.monotonic() + self.upgrade_interval
                 for peer_id, mesh in list(self._sessions.items()):
                     mine = self._dialed_by.get(mesh) == self.endpoint.device_id
-                    if mine and self.path_of(mesh).kind == "relay":
-                        self._spawn(self._upgrade(peer_id, mesh), "p2p-upgrade")
+                    relayed = self.path_of(mesh).kind == "relay"
+                    if mine and relayed and peer_id not in self._upgrading:
+                        self._upgrading.add(peer_id)
+                        self._spawn(self._upgrade(peer_id), "p2p-upgrade")
 
-    async def _upgrade(self, peer_id: str, relayed: MeshSession) -> None:
+    async def _upgrade(self, peer_id: str) -> None:
+        try:
+            await self._try_upgrade(peer_id)
+        finally:
+            self._upgrading.discard(peer_id)
+
+    async def _try_upgrade(self, peer_id: str) -> None:
         conn = await self._direct(peer_id)
         if conn is None:
             return
         try:
             token = (await self._client.capability(peer_id, CONNECT_SCOPE)).token
-            mesh = await MeshSession.dial(conn, tokens=(token,), validate=self._validator(peer_id))
+            mesh = await MeshSession.dial(
+                conn, tokens=(token,), validate=self._validator(peer_id), registry=self.registry
+            )
         except (MeshError, HandshakeRefused, P2PError) as exc:
             log.info("upgrade to a direct path failed: %s", exc)
             conn.close(reason="upgrade failed")

@@ -12,8 +12,16 @@ from meshagent_gui.errors import UserError
 
 @pytest.mark.parametrize(
     ("text", "rate"),
-    [("5M", 5e6), ("500K", 5e5), ("1.5G", 1.5e9), ("5Mi", 5 * 2**20), ("2MB/s", 2e6),
-     ("", None), ("0", None), ("4096", 4096.0)],
+    [
+        ("5M", 5e6),
+        ("500K", 5e5),
+        ("1.5G", 1.5e9),
+        ("5Mi", 5 * 2**20),
+        ("2MB/s", 2e6),
+        ("", None),
+        ("0", None),
+        ("4096", 4096.0),
+    ],
 )
 def test_parse_rate(text: str, rate: float | None) -> None:
     assert parse_rate(text) == rate

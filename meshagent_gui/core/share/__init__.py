@@ -1,0 +1,1 @@
+"""Sharing files and folders: safe receiving paths, resumable partial files, sending sources."""

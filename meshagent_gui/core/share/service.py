@@ -1,0 +1,743 @@
+"""Files and folders over the P2P session: the sender's loop, the receiver's service.
+
+The protocol decisions are the sans-IO state machines' (core/protocol/transfer.py); the disk
+work is core/share/source.py (reading, hashing while streaming) and partial.py (chunks in place,
+resume, verified rename); this module moves messages between them and a QUIC channel, applies
+the accept policy and the rate limits, and reports progress as events.
+
+Resume, either side:
+
+- the receiver keeps, per file, a partial plus a state file, and a small index of the files it
+  completed for each sender (``completed.jsonl`` in the data dir); its Answer tells the sender
+  which chunks it already holds, so a new ``send`` of the same files sends only the rest;
+- the sender's ``send`` survives the receiver going away: it waits for the peer to come back
+  (bounded by ``reconnect_window``), reconnects and offers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from meshagent_gui.core.bus import EventBus
+from meshagent_gui.core.events import (
+    TransferAccepted,
+    TransferCompleted,
+    TransferFailed,
+    TransferOffered,
+    TransferProgressed,
+)
+from meshagent_gui.core.mesh.client import MeshClient, MeshError
+from meshagent_gui.core.p2p.errors import P2PError
+from meshagent_gui.core.p2p.peers import PeerManager, PeerUnreachable, Service
+from meshagent_gui.core.p2p.session import Channel, ChannelClosed
+from meshagent_gui.core.protocol import transfer as tp
+from meshagent_gui.core.protocol.captoken import Capability
+from meshagent_gui.core.protocol.errors import ProtocolError
+from meshagent_gui.core.protocol.messages import StreamRole
+from meshagent_gui.errors import UserError
+
+from .partial import DiskFull, HashMismatch, PartialFile
+from .paths import UnsafePath, ensure_directory_inside, resolve_inside, safe_relative_path
+from .ratelimit import TokenBucket, take_all
+from .source import ChunkReader, SourceChanged, SourceEntry, read_one_chunk, walk
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE: Final = 1024 * 1024
+OFFER_TIMEOUT: Final = 120.0  # the receiver may be asking its user
+ASK_TIMEOUT: Final = 90.0  # how long an offer waits for an answer from the UI
+PROGRESS_EVERY: Final = 0.2
+READ_AHEAD: Final = 4
+
+
+class TransferError(UserError):
+    pass
+
+
+@dataclass
+class ItemResult:
+    """One top-level item of a send, as `send --json` prints it."""
+
+    name: str
+    bytes: int
+    sent: int = 0
+    resumed_from: int = 0
+    blake3: str | None = None
+    seconds: float = 0.0
+    path: str = ""
+
+
+@dataclass
+class _Rate:
+    """A smoothed transfer rate and ETA for progress reports."""
+
+    total: int
+    started: float = field(default_factory=time.monotonic)
+    last_time: float = field(default_factory=time.monotonic)
+    last_done: int = 0
+    rate: float = 0.0
+
+    def update(self, done: int) -> tuple[float, float | None]:
+        now = time.monotonic()
+        elapsed = now - self.last_time
+        if elapsed >= 0.2:
+            instant = (done - self.last_done) / elapsed
+            self.rate = instant if self.rate == 0 else 0.7 * self.rate + 0.3 * instant
+            self.last_time, self.last_done = now, done
+        eta = (self.total - done) / self.rate if self.rate > 0 else None
+        return self.rate, eta
+
+
+PeerUser = Callable[[str], Awaitable[str | None]]
+PeerName = Callable[[str], str]
+
+
+class TransferService:
+    def __init__(
+        self,
+        *,
+        peers: PeerManager,
+        client: MeshClient,
+        bus: EventBus,
+        downloads: Callable[[], Path],
+        data_dir: Path,
+        own_user: str,
+        peer_user: PeerUser,
+        peer_name: PeerName,
+        auto_accept: Callable[[], str],
+        global_rate: Callable[[], float | None],
+        reconnect_window: float = 600.0,
+    ) -> None:
+        self._peers = peers
+        self._client = client
+        self._bus = bus
+        self._downloads = downloads
+        self._own_user = own_user
+        self._peer_user = peer_user
+        self._peer_name = peer_name
+        self._auto_accept = auto_accept
+        self._global_rate = global_rate
+        self._global_bucket: tuple[float, TokenBucket] | None = None
+        self.reconnect_window = reconnect_window
+        self._completed = CompletedIndex(data_dir / "completed.jsonl")
+        self._pending_answers: dict[str, asyncio.Future[bool]] = {}
+        peers.register(Service(StreamRole.TRANSFER, ("share:file", "share:folder"), self._receive))
+
+    # ================================================================ sending
+
+    async def send(
+        self,
+        paths: list[Path],
+        peer_id: str,
+        *,
+        rate: float | None = None,
+        wait: bool = False,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list[ItemResult]:
+        """Send files and folders to ``peer_id``; resumes by itself across reconnects."""
+        manifest = await asyncio.to_thread(walk, paths)
+        for skipped in manifest.skipped:
+            log.warning("not sent: %s (%s)", skipped.path, skipped.reason)
+        entries = manifest.entries
+        offer_entries = [
+            tp.Entry(e.path, e.kind, e.size, e.mode, e.mtime_ns, e.key) for e in entries
+        ]
+        scope = "share:folder" if manifest.has_folders else "share:file"
+        transfer_id = uuid.uuid4().hex
+        buckets = [TokenBucket(rate)] if rate else []
+        started = time.monotonic()
+        deadline = started + self.reconnect_window
+        totals = _Totals()
+        progress = _Rate(manifest.total_bytes)
+        path_kind = ""
+        while True:
+            try:
+                session = await self._peers.session(peer_id)
+                path_kind = self._peers.path_of(session).kind
+                grant = await self._client.capability(peer_id, scope, transfer_id)
+                channel = await session.open_channel(
+                    StreamRole.TRANSFER, tokens=(grant.token,), resource=transfer_id
+                )
+                sender = tp.TransferSender(offer_entries, CHUNK_SIZE, transfer_id)
+                await self._run_sender(
+                    channel,
+                    sender,
+                    entries,
+                    [*buckets, *self._global_buckets()],
+                    totals,
+                    progress,
+                    peer_id,
+                    on_progress,
+                )
+                break
+            except (PeerUnreachable, P2PError, ChannelClosed, ConnectionError, _Interrupted) as exc:
+                offline = isinstance(exc, PeerUnreachable) and exc.code == "peer_offline"
+                if offline and not wait and not totals.started:
+                    raise
+                if time.monotonic() > deadline:
+                    raise TransferError(
+                        f"gave up: the receiver stayed unreachable ({exc})", code="unreachable"
+                    ) from exc
+                log.info("transfer interrupted (%s); reconnecting", exc)
+                await asyncio.sleep(1.0)
+        results = _item_results(entries, totals, time.monotonic() - started, path_kind)
+        order = {path.name: n for n, path in enumerate(paths)}  # as given on the command line
+        return sorted(results, key=lambda item: order.get(item.name, len(order)))
+
+    def _global_buckets(self) -> list[TokenBucket]:
+        rate = self._global_rate()
+        if rate is None:
+            return []
+        if self._global_bucket is None or self._global_bucket[0] != rate:
+            self._global_bucket = (rate, TokenBucket(rate))
+        return [self._global_bucket[1]]
+
+    async def _run_sender(
+        self,
+        channel: Channel,
+        sender: tp.TransferSender,
+        entries: tuple[SourceEntry, ...],
+        buckets: list[TokenBucket],
+        totals: _Totals,
+        progress: _Rate,
+        peer_id: str,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        for offer in sender.start():
+            await channel.send(offer)
+        answer = await self._wait_answer(channel, sender)
+        if not answer.accepted:
+            await channel.close()
+            raise TransferError(
+                f"the receiver declined: {answer.reason or 'no reason given'}", code="declined"
+            )
+        totals.started = True
+        if totals.skipped is None:  # what the first answer found already there
+            totals.skipped = {
+                have.index: tp.bitmap_bytes(have.chunks, entries[have.index].size, CHUNK_SIZE)
+                for have in answer.have
+            }
+        done = asyncio.Event()
+        failure: list[BaseException] = []
+
+        async def listen() -> None:
+            try:
+                while not sender.finished:
+                    message = await channel.receive()
+                    for event in sender.receive(message):
+                        match event:
+                            case tp.ProgressReported(bytes_verified=verified):
+                                self._report(sender, progress, verified, peer_id, on_progress)
+                            case tp.FileConfirmed(index=index, ok=False, reason=reason):
+                                failure.append(
+                                    TransferError(
+                                        f"{entries[index].path}: the receiver failed it ({reason})",
+                                        code="file_failed",
+                                    )
+                                )
+                            case tp.CancelledByPeer(reason=reason):
+                                failure.append(
+                                    TransferError(
+                                        f"the receiver cancelled: {reason}", code="cancelled"
+                                    )
+                                )
+                            case tp.TransferFailed(cancel=cancel, reason=reason):
+                                await channel.send(cancel)
+                                failure.append(TransferError(reason, code="failed"))
+                    if sender.finished:
+                        break
+            except (ChannelClosed, ProtocolError) as exc:
+                failure.append(exc)
+            finally:
+                done.set()
+
+        listener = asyncio.create_task(listen())
+        try:
+            await self._stream(channel, sender, entries, buckets, totals, done)
+            await done.wait()
+        except SourceChanged as exc:
+            await _quietly(
+                channel.send(sender.cancel(str(exc), tp.TransferErrorCode.SOURCE_CHANGED))
+            )
+            raise
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        real_failures = [f for f in failure if isinstance(f, TransferError)]
+        if real_failures:
+            raise real_failures[0]
+        if sender.state is not tp.SenderState.DONE:
+            raise _Interrupted("the connection to the receiver was cut")
+        self._report(sender, progress, sender.total_bytes, peer_id, on_progress)
+        await _quietly(channel.close())
+
+    async def _wait_answer(self, channel: Channel, sender: tp.TransferSender) -> tp.AnswerReceived:
+        async with asyncio.timeout(OFFER_TIMEOUT):
+            while True:
+                message = await channel.receive()
+                for event in sender.receive(message):
+                    if isinstance(event, tp.AnswerReceived):
+                        return event
+                    if isinstance(event, tp.CancelledByPeer):
+                        raise TransferError(
+                            f"the receiver cancelled: {event.reason}", code="cancelled"
+                        )
+
+    async def _stream(
+        self,
+        channel: Channel,
+        sender: tp.TransferSender,
+        entries: tuple[SourceEntry, ...],
+        buckets: list[TokenBucket],
+        totals: _Totals,
+        stop: asyncio.Event,
+    ) -> None:
+        """Send every chunk the plan asks for, file by file, resends first."""
+        for index in sender.files:
+            if stop.is_set():
+                return
+            work = sender.next_work()
+            while isinstance(work, tp.SendChunk) and work.resend:
+                await self._resend(channel, sender, entries, buckets, work)
+                work = sender.next_work()
+            if work is None or getattr(work, "index", None) != index:
+                continue  # the receiver already confirmed or failed this file
+            entry = entries[index]
+            async with ChunkReader(
+                entry, CHUNK_SIZE, have=sender.receiver_bitmap(index), read_ahead=READ_AHEAD
+            ) as reader:
+                async for piece in reader:
+                    if stop.is_set():
+                        return
+                    work = sender.next_work()
+                    while isinstance(work, tp.SendChunk) and work.resend:
+                        await self._resend(channel, sender, entries, buckets, work)
+                        work = sender.next_work()
+                    await take_all(buckets, len(piece.data))
+                    await channel.send(tp.Chunk(index, piece.chunk, piece.digest, piece.data))
+                    sender.chunk_sent(index, piece.chunk)
+                    totals.sent[index] = totals.sent.get(index, 0) + len(piece.data)
+                totals.digests[index] = reader.file_digest
+            end = sender.file_sent(index, reader.file_digest)
+            if end is not None:
+                await channel.send(end)
+        # Resends asked for after the last file went out, until the receiver is done.
+        while True:
+            work = sender.next_work()
+            if isinstance(work, tp.SendChunk) and work.resend:
+                await self._resend(channel, sender, entries, buckets, work)
+                continue
+            if stop.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.05)
+
+    async def _resend(
+        self,
+        channel: Channel,
+        sender: tp.TransferSender,
+        entries: tuple[SourceEntry, ...],
+        buckets: list[TokenBucket],
+        work: tp.SendChunk,
+    ) -> None:
+        piece = await read_one_chunk(entries[work.index], CHUNK_SIZE, work.chunk)
+        await take_all(buckets, len(piece.data))
+        await channel.send(tp.Chunk(work.index, work.chunk, piece.digest, piece.data))
+        sender.chunk_sent(work.index, work.chunk)
+
+    def _report(
+        self,
+        sender: tp.TransferSender,
+        progress: _Rate,
+        verified: int,
+        peer_id: str,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
+        rate, eta = progress.update(verified)
+        event = TransferProgressed(
+            sender.transfer_id,
+            "send",
+            peer_id,
+            _title(sender.entries),
+            verified,
+            sender.total_bytes,
+            rate,
+            eta,
+        )
+        self._bus.publish(event)
+        if on_progress is not None:
+            on_progress({"done": verified, "total": sender.total_bytes, "rate": rate, "eta": eta})
+
+    # ================================================================ receiving
+
+    async def answer_offer(self, transfer_id: str, accept: bool) -> None:
+        """The UI's answer to a TransferOffered event that was not auto-accepted."""
+        future = self._pending_answers.get(transfer_id)
+        if future is None or future.done():
+            raise UserError("no such offer is waiting for an answer", code="unknown_offer")
+        future.set_result(accept)
+
+    async def _receive(self, channel: Channel) -> None:
+        peer_id = channel.peer_id
+        receiver = tp.TransferReceiver(transfer_id=channel.resource)
+        capability = channel.grant if isinstance(channel.grant, Capability) else None
+        incoming = _Incoming(self, channel, receiver, peer_id)
+        try:
+            await incoming.run(capability)
+        except (ChannelClosed, P2PError, ConnectionError) as exc:
+            await incoming.abandon()
+            if not incoming.completed:
+                self._bus.publish(
+                    TransferFailed(
+                        receiver.expected_transfer_id or "",
+                        incoming.title,
+                        peer_id,
+                        str(exc) or "cut off",
+                    )
+                )
+        except ProtocolError as exc:
+            await incoming.abandon()
+            log.warning("transfer from %s refused: %s", peer_id[:12], exc)
+            channel.abort(exc.code, str(exc)[:200])
+            self._bus.publish(
+                TransferFailed(
+                    receiver.expected_transfer_id or "", incoming.title, peer_id, f"refused: {exc}"
+                )
+            )
+        except UserError as exc:
+            await incoming.abandon()
+            self._bus.publish(
+                TransferFailed(
+                    receiver.expected_transfer_id or "", incoming.title, peer_id, exc.message
+                )
+            )
+
+    async def decide(self, peer_id: str, offer: tp.OfferReceived, names: tuple[str, ...]) -> bool:
+        policy = self._auto_accept()
+        own = policy in ("own", "") and await self._peer_user(peer_id) == self._own_user
+        auto = policy == "all" or own
+        event = TransferOffered(
+            offer.transfer_id,
+            peer_id,
+            self._peer_name(peer_id),
+            names,
+            sum(1 for e in offer.entries if e.kind == "file"),
+            offer.total_bytes,
+            auto,
+        )
+        self._bus.publish(event)
+        if auto:
+            return True
+        if policy == "none":
+            return False
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending_answers[offer.transfer_id] = future
+        try:
+            return await asyncio.wait_for(future, ASK_TIMEOUT)
+        except TimeoutError:
+            return False
+        finally:
+            self._pending_answers.pop(offer.transfer_id, None)
+
+
+@dataclass
+class _Totals:
+    """One `send` across its reconnects: bytes sent per entry, what the receiver had at the
+    first answer, and the whole-file digests."""
+
+    started: bool = False
+    sent: dict[int, int] = field(default_factory=dict)
+    skipped: dict[int, int] | None = None
+    digests: dict[int, bytes] = field(default_factory=dict)
+
+
+class _Interrupted(Exception):
+    """The channel ended before the receiver said Complete: reconnect and offer again."""
+
+
+class _Incoming:
+    """One transfer being received."""
+
+    def __init__(
+        self,
+        service: TransferService,
+        channel: Channel,
+        receiver: tp.TransferReceiver,
+        peer_id: str,
+    ) -> None:
+        self.service = service
+        self.channel = channel
+        self.receiver = receiver
+        self.peer_id = peer_id
+        self.root = Path()
+        self.destinations: dict[int, Path] = {}
+        self.partials: dict[int, PartialFile] = {}
+        self.already: set[int] = set()
+        self.title = ""
+        self.completed = False
+        self.started = time.monotonic()
+        self.rate: _Rate | None = None
+
+    async def run(self, capability: Capability | None) -> None:
+        offer = await self._offer()
+        self.title = _title(offer.entries)
+        folders = any(e.kind == "dir" or "/" in e.path for e in offer.entries)
+        if folders and capability is not None and capability.scope != "share:folder":
+            await self._decline("a folder needs a share:folder capability")
+            return
+        self.root = self.service._downloads()
+        try:
+            self._plan_destinations(offer)
+        except UnsafePath as exc:
+            await self._decline(f"unsafe name: {exc.message}")
+            log.warning("refused an offer from %s: %s", self.peer_id[:12], exc.message)
+            return
+        names = tuple(sorted({e.path.split("/", 1)[0] for e in offer.entries}))
+        if not await self.service.decide(self.peer_id, offer, names):
+            await self._decline("declined by the user")
+            return
+        self.service._bus.publish(TransferAccepted(offer.transfer_id, self.peer_id))
+        have = await self._prepare(offer)
+        for message in self.receiver.accept(have):
+            await self.channel.send(message)
+        self.rate = _Rate(offer.total_bytes)
+        await self._pump()
+
+    async def _offer(self) -> tp.OfferReceived:
+        while True:
+            for event in self.receiver.receive(await self.channel.receive()):
+                if isinstance(event, tp.OfferReceived):
+                    return event
+
+    async def _decline(self, reason: str) -> None:
+        await self.channel.send(self.receiver.decline(reason))
+        await _quietly(self.channel.close())
+
+    def _plan_destinations(self, offer: tp.OfferReceived) -> None:
+        for index, entry in enumerate(offer.entries):
+            relative = safe_relative_path(entry.path)
+            if entry.kind == "file":
+                self.destinations[index] = resolve_inside(self.root, relative)
+
+    async def _prepare(self, offer: tp.OfferReceived) -> dict[int, bytes]:
+        """Folders made; files already here (done earlier) or partly here (resume) reported."""
+        have: dict[int, bytes] = {}
+        for index, entry in enumerate(offer.entries):
+            if entry.kind == "dir":
+                await asyncio.to_thread(ensure_directory_inside, self.root, entry.path)
+                continue
+            destination = self.destinations[index]
+            await asyncio.to_thread(destination.parent.mkdir, parents=True, exist_ok=True)
+            count = tp.chunk_count(entry.size, offer.chunk_size)
+            if self.service._completed.has(self.peer_id, entry.key, destination, entry.size):
+                have[index] = tp.full_bitmap(count)
+                self.already.add(index)
+                continue
+            if _partial_exists(destination):
+                partial = await self._open(index, entry, offer.chunk_size)
+                if partial.verified_bytes:
+                    have[index] = partial.have
+        return have
+
+    async def _open(self, index: int, entry: tp.Entry, chunk_size: int) -> PartialFile:
+        partial = self.partials.get(index)
+        if partial is None:
+            partial = await PartialFile.open(
+                self.destinations[index],
+                sender=self.peer_id,
+                key=entry.key,
+                size=entry.size,
+                chunk_size=chunk_size,
+            )
+            self.partials[index] = partial
+        return partial
+
+    async def _pump(self) -> None:
+        offer = self.receiver.offer
+        assert offer is not None
+        while not self.receiver.finished:
+            message = await self.channel.receive()
+            for event in self.receiver.receive(message):
+                match event:
+                    case tp.ChunkReceived(index=index, chunk=chunk, digest=digest, data=data):
+                        await self._chunk(offer, index, chunk, digest, data)
+                    case tp.FileEnded(index=index, digest=digest):
+                        await self._file_ended(offer, index, digest)
+                    case tp.CancelledByPeer(reason=reason):
+                        await self.abandon()
+                        raise TransferError(f"the sender cancelled: {reason}", code="cancelled")
+            progress = self.receiver.progress(time.monotonic())
+            if progress is not None:
+                await self.channel.send(progress)
+                self._report(offer)
+        self.completed = True
+        self._report(offer)
+        self.service._bus.publish(
+            TransferCompleted(
+                offer.transfer_id,
+                self.title,
+                self.peer_id,
+                offer.total_bytes,
+                time.monotonic() - self.started,
+            )
+        )
+        with contextlib.suppress(ChannelClosed):
+            await self.channel.receive()  # the sender's Close
+
+    async def _chunk(
+        self, offer: tp.Offer, index: int, chunk: int, digest: bytes, data: bytes | memoryview
+    ) -> None:
+        entry = offer.entries[index]
+        try:
+            partial = await self._open(index, entry, offer.chunk_size)
+            await partial.write_chunk(chunk, digest, data)
+        except HashMismatch:
+            resend = self.receiver.chunk_failed(index, chunk)
+            if resend is not None:
+                await self.channel.send(resend)
+            return
+        except DiskFull as exc:
+            await self.channel.send(
+                self.receiver.cancel(exc.message, tp.TransferErrorCode.DISK_FULL)
+            )
+            raise
+        for event in self.receiver.chunk_verified(index, chunk):
+            if isinstance(event, tp.FileEnded):
+                await self._file_ended(offer, event.index, event.digest)
+
+    async def _file_ended(self, offer: tp.Offer, index: int, digest: bytes) -> None:
+        entry = offer.entries[index]
+        ok, reason = True, ""
+        if index in self.already:
+            final = self.destinations[index]
+        else:
+            partial = await self._open(index, entry, offer.chunk_size)
+            try:
+                final = await partial.finish(digest, mode=entry.mode, mtime_ns=entry.mtime_ns)
+            except HashMismatch as exc:
+                ok, reason, final = False, exc.message, self.destinations[index]
+            self.partials.pop(index, None)
+        if ok:
+            await asyncio.to_thread(
+                self.service._completed.add, self.peer_id, entry.key, final, entry.size
+            )
+        for message in self.receiver.file_done(index, ok, reason):
+            await self.channel.send(message)
+
+    def _report(self, offer: tp.Offer) -> None:
+        if self.rate is None:
+            return
+        done = self.receiver.bytes_verified
+        rate, eta = self.rate.update(done)
+        self.service._bus.publish(
+            TransferProgressed(
+                offer.transfer_id,
+                "receive",
+                self.peer_id,
+                self.title,
+                done,
+                offer.total_bytes,
+                rate,
+                eta,
+            )
+        )
+
+    async def abandon(self) -> None:
+        """Keep every partial for a resume; close their files."""
+        for partial in self.partials.values():
+            with contextlib.suppress(Exception):
+                await partial.abandon()
+        self.partials.clear()
+
+
+class CompletedIndex:
+    """Files received whole, per sender and entry key: a repeated send skips them.
+
+    One JSON object per line, appended; a line is trusted only while the file it names still
+    has the size it had (the user may have edited or moved it: then it is received again).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._entries: dict[tuple[str, str], tuple[str, int]] | None = None
+
+    def _load(self) -> dict[tuple[str, str], tuple[str, int]]:
+        if self._entries is None:
+            self._entries = {}
+            with contextlib.suppress(FileNotFoundError):
+                for line in self.path.read_text(encoding="utf-8").splitlines():
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        row = json.loads(line)
+                        self._entries[(row["sender"], row["key"])] = (row["path"], int(row["size"]))
+        return self._entries
+
+    def has(self, sender: str, key: bytes, destination: Path, size: int) -> bool:
+        found = self._load().get((sender, key.hex()))
+        if found is None:
+            return False
+        path, known_size = found
+        try:
+            return (
+                Path(path).parent == destination.parent
+                and os.stat(path).st_size == size == known_size
+            )
+        except OSError:
+            return False
+
+    def add(self, sender: str, key: bytes, final: Path, size: int) -> None:
+        self._load()[(sender, key.hex())] = (str(final), size)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(
+                json.dumps({"sender": sender, "key": key.hex(), "path": str(final), "size": size})
+                + "\n"
+            )
+
+
+def _partial_exists(destination: Path) -> bool:
+    return destination.with_name(destination.name + ".meshpart.state").exists()
+
+
+def _title(entries: tuple[tp.Entry, ...] | tuple[SourceEntry, ...]) -> str:
+    tops = sorted({e.path.split("/", 1)[0] for e in entries})
+    return tops[0] if len(tops) == 1 else f"{tops[0]} and {len(tops) - 1} more"
+
+
+def _item_results(
+    entries: tuple[SourceEntry, ...], totals: _Totals, seconds: float, path_kind: str
+) -> list[ItemResult]:
+    digests, sent, skipped = totals.digests, totals.sent, totals.skipped or {}
+    results: dict[str, ItemResult] = {}
+    hashers: dict[str, Any] = {}
+    from blake3 import blake3
+
+    for index, entry in enumerate(entries):
+        top = entry.path.split("/", 1)[0]
+        item = results.setdefault(top, ItemResult(top, 0, seconds=seconds, path=path_kind))
+        item.bytes += entry.size
+        item.sent += sent.get(index, 0)
+        item.resumed_from += skipped.get(index, 0)
+        if entry.kind == "file" and index in digests:
+            if entry.path == top:
+                item.blake3 = digests[index].hex()
+            else:  # a folder's digest: over its files' paths and digests, in offer order
+                hasher = hashers.setdefault(top, blake3())
+                hasher.update(entry.path.encode() + b"\0" + digests[index])
+    for top, hasher in hashers.items():
+        results[top].blake3 = hasher.hexdigest()
+    return list(results.values())
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    with contextlib.suppress(ChannelClosed, P2PError, ConnectionError, MeshError):
+        await awaitable
