@@ -18,9 +18,10 @@ Each figure is paired with a baseline measured in the same run, interleaved roun
 - **small files**: 2,000 files of 4 KiB received through ``PartialFile`` (open, one chunk,
   finish with its fsyncs) one at a time and 32 in flight on a 32-thread executor, against the
   least a durable receiver does per file (temp file, write, fsync, rename, fsync the folder) at
-  the same concurrency (and 32 in flight with ``finish(sync_folder=False)`` and one folder sync
-  at the end); and sent (``walk`` + one ``ChunkReader`` per file, one file at a time
-  as the sender streams them) against ``os.walk`` + ``open().read()``.
+  the same concurrency. Also, 32 in flight: ``PartialFile.store_whole`` (one executor trip per
+  file) and ``finish(sync_folder=False)`` with one folder sync at the end. Sending: ``walk`` +
+  one ``ChunkReader`` per file, one file at a time as the sender streams them, against
+  ``os.walk`` + ``open().read()``.
 - **blake3 threads**: hashing 1 MiB and 4 MiB buffers with ``max_threads`` 1, 2 and AUTO, to
   decide whether the chunk digests should use blake3's multithreading on this machine.
 
@@ -35,6 +36,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -278,7 +280,12 @@ async def measure(directory: Path) -> dict[str, list[float]]:
 
 
 async def receive_small(
-    directory: Path, in_flight: int, executor: ThreadPoolExecutor, *, sync_folder: bool = True
+    directory: Path,
+    in_flight: int,
+    executor: ThreadPoolExecutor,
+    *,
+    sync_folder: bool = True,
+    one_step: bool = False,
 ) -> float:
     data = os.urandom(SMALL_FILE)
     data_digest = blake3(data).digest()
@@ -286,6 +293,19 @@ async def receive_small(
 
     async def one(number: int) -> None:
         try:
+            if one_step:
+                await PartialFile.store_whole(
+                    directory / f"r{number}.txt",
+                    data,
+                    data_digest,
+                    sender=SENDER,
+                    key=KEY,
+                    chunk_size=MiB,
+                    mtime_ns=0,
+                    sync_folder=sync_folder,
+                    executor=executor,
+                )
+                return
             partial = await PartialFile.open(
                 directory / f"r{number}.txt",
                 sender=SENDER,
@@ -381,11 +401,18 @@ async def measure_small(directory: Path) -> dict[str, list[float]]:
             samples.setdefault("receive_partial_32_batched", []).append(
                 await receive_small(target, 32, executor, sync_folder=False)
             )
+            target = directory / f"small-whole-{round_number}"
+            target.mkdir()
+            samples.setdefault("receive_whole_32", []).append(
+                await receive_small(target, 32, executor, one_step=True)
+            )
             tree = directory / f"small-partial-32-{round_number}"
             samples.setdefault("send_reader", []).append(await send_small(tree))
             samples.setdefault("send_plain", []).append(
                 await asyncio.to_thread(plain_read_tree, tree)
             )
+            for leftover in directory.glob("small-*"):  # thousands of files: not kept
+                await asyncio.to_thread(shutil.rmtree, leftover)
     return samples
 
 
@@ -439,6 +466,7 @@ def test_share_disk_throughput_against_plain_io(
     small_pairs = {
         "receive 4 KiB files, 1 at a time": ("receive_partial_1", "receive_plain_1", 0.2),
         "receive 4 KiB files, 32 in flight": ("receive_partial_32", "receive_plain_32", 0.2),
+        "receive 4 KiB, 32, store_whole": ("receive_whole_32", "receive_plain_32", 0.2),
         "receive 4 KiB, 32, one folder sync": (
             "receive_partial_32_batched",
             "receive_plain_32",

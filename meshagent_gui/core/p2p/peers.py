@@ -33,7 +33,7 @@ from typing import Any, Final, Literal
 from aioice import stun
 
 from meshagent_gui.core.bus import EventBus
-from meshagent_gui.core.events import PathChanged, SignalReceived
+from meshagent_gui.core.events import PathChanged, PeerWentOffline, SignalReceived
 from meshagent_gui.core.mesh.client import MeshClient, MeshError
 from meshagent_gui.core.mesh.link import MeshLink
 from meshagent_gui.core.protocol.captoken import CapabilityVerifier, TokenError, UnknownKey
@@ -302,6 +302,20 @@ class PeerManager:
             async for event in events:
                 if isinstance(event, SignalReceived) and SIGNAL_KEY in event.payload:
                     self._spawn(self._on_signal(event.sender, event.payload), "p2p-signal")
+                elif isinstance(event, PeerWentOffline) and event.device_id in self._sessions:
+                    self._spawn(self._probe(event.device_id), "p2p-probe")
+
+    async def _probe(self, peer_id: str) -> None:
+        """The server lost the peer: if it also stopped answering us, drop the connection now
+        (its services reconnect) rather than at the idle timeout."""
+        mesh = self._sessions.get(peer_id)
+        if mesh is None or mesh.closed.is_set():
+            return
+        try:
+            await mesh.connection.ping(timeout=PROBE_TIMEOUT)
+        except (TimeoutError, P2PError):
+            log.info("peer %s stopped answering; closing its connection", peer_id[:12])
+            mesh.close(ErrorCode.GOING_AWAY, "peer stopped answering")
 
     async def _on_signal(self, sender: str, payload: dict[str, Any]) -> None:
         try:

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
-from meshagent_gui.core.protocol.errors import ErrorCode
+from meshagent_gui.core.protocol.errors import ErrorCode, LocalProtocolError
 from meshagent_gui.core.protocol.handshake import (
     CloseConnection,
     HandshakeFailed,
@@ -84,6 +84,7 @@ class Channel:
         self._inbox: asyncio.Queue[object] = asyncio.Queue(INBOX_MESSAGES)
         self._wake_reader = asyncio.Event()
         self._end: ChannelClosed | None = None
+        self._broken: ChannelClosed | None = None  # our direction is dead too
         self._outbox: deque[SessionCommand] = deque()
         self._wake_writer = asyncio.Event()
         self._drained = asyncio.Event()
@@ -102,10 +103,20 @@ class Channel:
         return self._end is not None
 
     async def send(self, message: object) -> None:
-        """Queue ``message``; returns once earlier writes have reached QUIC's send buffer."""
-        self._mesh.session.send(self.stream_id, message)
+        """Queue ``message``; returns once earlier writes have reached QUIC's send buffer.
+
+        Raises :class:`ChannelClosed` once the stream cannot carry our data any more (the
+        peer reset it, the connection died): a sender never writes into the void."""
+        if self._broken is not None:
+            raise self._broken
+        try:
+            self._mesh.session.send(self.stream_id, message)
+        except LocalProtocolError as exc:
+            raise ChannelClosed(ErrorCode.GOING_AWAY, str(exc), by_peer=False) from exc
         self._mesh.dispatch()
         await self._drained.wait()
+        if self._broken is not None:
+            raise self._broken
 
     async def receive(self) -> object:
         """The next message; raises :class:`ChannelClosed` once the stream has ended."""
@@ -134,11 +145,20 @@ class Channel:
         await self._inbox.put(message)  # blocks the stream's reader: backpressure to the peer
         self._wake_reader.set()
 
-    def ended(self, error: ChannelClosed) -> None:
+    def ended(self, error: ChannelClosed, *, broken: bool) -> None:
+        """The peer's direction ended (``broken``: ours cannot carry data either)."""
         if self._end is None:
             self._end = error
             self._wake_reader.set()
             self._wake_writer.set()
+        if broken and self._broken is None:
+            self._broken = error  # new sends raise; what the session queued still goes out
+
+    def kill(self, error: ChannelClosed) -> None:
+        """The stream is gone with its writer: drop what was queued, wake every waiter."""
+        self.ended(error, broken=True)
+        self._outbox.clear()
+        self._drained.set()
 
     def queue(self, command: SessionCommand) -> None:
         self._outbox.append(command)
@@ -150,7 +170,7 @@ class Channel:
         while True:
             if not self._outbox:
                 self._drained.set()
-                if self._end is not None:
+                if self._broken is not None:
                     return
                 self._wake_writer.clear()
                 await self._wake_writer.wait()
@@ -169,10 +189,8 @@ class Channel:
                         self.stream.stop_reading(int(code))
             except (P2PError, ConnectionError) as exc:
                 log.debug("stream %d write failed: %s", self.stream_id, exc)
-                self._outbox.clear()
-                self._drained.set()
-                if connection.is_closed:
-                    return
+                self.kill(ChannelClosed(ErrorCode.GOING_AWAY, str(exc), by_peer=True))
+                return
 
 
 class MeshSession:
@@ -388,31 +406,32 @@ class MeshSession:
                     refused = ChannelRefused(code, message, by_peer=by_peer)
                     if (opened := self._opening.pop(sid, None)) is not None:
                         opened.set_exception(refused)
-                    self._end_channel(sid, refused)
+                    self._end_channel(sid, refused, broken=True)
                 case MessageReceived(stream_id=sid, message=message):
                     if (receiver := self._channels.get(sid)) is not None:
                         await receiver.deliver(message)
                 case StreamClosed(stream_id=sid, code=code, message=message):
-                    self._end_channel(sid, ChannelClosed(code, message, by_peer=True))
+                    self._end_channel(sid, ChannelClosed(code, message, by_peer=True), broken=False)
                 case StreamFailed(stream_id=sid, code=code, message=message, by_peer=by_peer):
                     failed = ChannelClosed(code, message, by_peer=by_peer)
                     if (opened := self._opening.pop(sid, None)) is not None:
                         opened.set_exception(failed)
-                    self._end_channel(sid, failed)
+                    self._end_channel(sid, failed, broken=True)
                 case SessionClosed(code=code, message=message, by_peer=by_peer):
-                    for sid in list(self._channels):
-                        self._end_channel(sid, ChannelClosed(code, message, by_peer=by_peer))
-                    self._finish()
+                    self._finish(ChannelClosed(code, message, by_peer=by_peer))
 
-    def _end_channel(self, stream_id: int, error: ChannelClosed) -> None:
+    def _end_channel(self, stream_id: int, error: ChannelClosed, *, broken: bool) -> None:
         channel = self._channels.get(stream_id)
         if channel is not None:
-            channel.ended(error)
+            channel.ended(error, broken=broken)
 
-    def _finish(self) -> None:
+    def _finish(self, why: ChannelClosed | None = None) -> None:
         if self.closed.is_set():
             return
         self.closed.set()
+        gone = why or ChannelClosed(ErrorCode.GOING_AWAY, "the connection closed", by_peer=False)
+        for channel in self._channels.values():
+            channel.kill(gone)  # before their tasks go: nobody waits forever
         for opened in self._opening.values():
             if not opened.done():
                 opened.set_exception(

@@ -395,18 +395,60 @@ class PartialFile:
         ``destination`` is the wanted final path (from ``resolve_inside``); its folder must
         exist. Raises :class:`DiskFull` (partial kept) when the free space cannot hold the rest.
         """
+        if sync_every <= 0:
+            raise ValueError("sync_every must be positive")
+        header = cls._header(sender, key, size, chunk_size)
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, cls._open_blocking, destination, header, sync_every, executor
+        )
+
+    @classmethod
+    async def store_whole(
+        cls,
+        destination: Path,
+        data: bytes | memoryview,
+        digest: bytes,
+        *,
+        sender: str,
+        key: bytes,
+        chunk_size: int,
+        mode: int = 0o644,
+        mtime_ns: int,
+        sync_folder: bool = True,
+        executor: Executor | None = None,
+    ) -> Path:
+        """:meth:`open`, :meth:`write_chunk` and :meth:`finish` for a file that is one chunk
+        (``len(data) <= chunk_size``), in one trip to the executor: for many small files, the
+        hops cost as much as the disk. Same checks, same files, same errors.
+        """
+        if len(data) > chunk_size:
+            raise ValueError(f"{len(data)} bytes is more than one chunk of {chunk_size}")
+        header = cls._header(sender, key, len(data), chunk_size)
+
+        def store() -> Path:
+            partial = cls._open_blocking(destination, header, DEFAULT_SYNC_EVERY, executor)
+            try:
+                if partial.chunk_count:
+                    partial._write_blocking(0, bytes(digest), data)
+                return partial._finish_blocking(bytes(digest), mode, mtime_ns, False, sync_folder)
+            except HashMismatch:
+                partial._discard_blocking()
+                raise
+            except BaseException:
+                partial._abandon_blocking()
+                raise
+
+        return await asyncio.get_running_loop().run_in_executor(executor, store)
+
+    @staticmethod
+    def _header(sender: str, key: bytes, size: int, chunk_size: int) -> StateHeader:
         if len(key) != KEY_SIZE:
             raise ValueError(f"an entry key is {KEY_SIZE} bytes, not {len(key)}")
         if size < 0 or not 0 < chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"bad size {size} or chunk size {chunk_size}")
         if chunk_count(size, chunk_size) > MAX_CHUNKS:
             raise ValueError(f"{size} bytes in chunks of {chunk_size} is too many chunks")
-        if sync_every <= 0:
-            raise ValueError("sync_every must be positive")
-        header = StateHeader(size, chunk_size, blake3(sender.encode()).digest(), key)
-        return await asyncio.get_running_loop().run_in_executor(
-            executor, cls._open_blocking, destination, header, sync_every, executor
-        )
+        return StateHeader(size, chunk_size, blake3(sender.encode()).digest(), key)
 
     @classmethod
     def _open_blocking(

@@ -75,6 +75,9 @@ class ItemResult:
     blake3: str | None = None
     seconds: float = 0.0
     path: str = ""
+    attempts: int = 1  # connections it took (a receiver that restarts costs one more)
+    last_resumed_from: int = 0  # what the last attempt found already there
+    last_sent: int = 0  # what the last attempt sent
 
 
 @dataclass
@@ -222,11 +225,14 @@ class TransferService:
                 f"the receiver declined: {answer.reason or 'no reason given'}", code="declined"
             )
         totals.started = True
+        had = {
+            have.index: tp.bitmap_bytes(have.chunks, entries[have.index].size, CHUNK_SIZE)
+            for have in answer.have
+        }
         if totals.skipped is None:  # what the first answer found already there
-            totals.skipped = {
-                have.index: tp.bitmap_bytes(have.chunks, entries[have.index].size, CHUNK_SIZE)
-                for have in answer.have
-            }
+            totals.skipped = had
+        totals.attempts += 1
+        totals.last_skipped, totals.last_sent = had, {}
         done = asyncio.Event()
         failure: list[BaseException] = []
 
@@ -309,7 +315,7 @@ class TransferService:
                 return
             work = sender.next_work()
             while isinstance(work, tp.SendChunk) and work.resend:
-                await self._resend(channel, sender, entries, buckets, work)
+                await self._resend(channel, sender, entries, buckets, totals, work)
                 work = sender.next_work()
             if work is None or getattr(work, "index", None) != index:
                 continue  # the receiver already confirmed or failed this file
@@ -322,12 +328,12 @@ class TransferService:
                         return
                     work = sender.next_work()
                     while isinstance(work, tp.SendChunk) and work.resend:
-                        await self._resend(channel, sender, entries, buckets, work)
+                        await self._resend(channel, sender, entries, buckets, totals, work)
                         work = sender.next_work()
                     await take_all(buckets, len(piece.data))
                     await channel.send(tp.Chunk(index, piece.chunk, piece.digest, piece.data))
                     sender.chunk_sent(index, piece.chunk)
-                    totals.sent[index] = totals.sent.get(index, 0) + len(piece.data)
+                    totals.count_sent(index, len(piece.data))
                 totals.digests[index] = reader.file_digest
             end = sender.file_sent(index, reader.file_digest)
             if end is not None:
@@ -336,7 +342,7 @@ class TransferService:
         while True:
             work = sender.next_work()
             if isinstance(work, tp.SendChunk) and work.resend:
-                await self._resend(channel, sender, entries, buckets, work)
+                await self._resend(channel, sender, entries, buckets, totals, work)
                 continue
             if stop.is_set():
                 return
@@ -349,12 +355,14 @@ class TransferService:
         sender: tp.TransferSender,
         entries: tuple[SourceEntry, ...],
         buckets: list[TokenBucket],
+        totals: _Totals,
         work: tp.SendChunk,
     ) -> None:
         piece = await read_one_chunk(entries[work.index], CHUNK_SIZE, work.chunk)
         await take_all(buckets, len(piece.data))
         await channel.send(tp.Chunk(work.index, work.chunk, piece.digest, piece.data))
         sender.chunk_sent(work.index, work.chunk)
+        totals.count_sent(work.index, len(piece.data))
 
     def _report(
         self,
@@ -460,6 +468,13 @@ class _Totals:
     sent: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, int] | None = None
     digests: dict[int, bytes] = field(default_factory=dict)
+    attempts: int = 0
+    last_sent: dict[int, int] = field(default_factory=dict)
+    last_skipped: dict[int, int] = field(default_factory=dict)
+
+    def count_sent(self, index: int, size: int) -> None:
+        self.sent[index] = self.sent.get(index, 0) + size
+        self.last_sent[index] = self.last_sent.get(index, 0) + size
 
 
 class _Interrupted(Exception):
@@ -727,6 +742,9 @@ def _item_results(
         item.bytes += entry.size
         item.sent += sent.get(index, 0)
         item.resumed_from += skipped.get(index, 0)
+        item.attempts = totals.attempts
+        item.last_sent += totals.last_sent.get(index, 0)
+        item.last_resumed_from += totals.last_skipped.get(index, 0)
         if entry.kind == "file" and index in digests:
             if entry.path == top:
                 item.blake3 = digests[index].hex()

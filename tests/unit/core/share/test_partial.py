@@ -580,3 +580,55 @@ async def test_the_folder_sync_can_be_left_to_the_caller(
         await partial.finish(digest(data), mtime_ns=MTIME_NS, sync_folder=sync_folder)
     assert synced == [tmp_path]  # once, for "a"
     assert (tmp_path / "b").read_bytes() == data
+
+
+async def test_store_whole_in_one_step(tmp_path: Path) -> None:
+    data = b"#!/bin/sh\n"
+    (tmp_path / "run.sh").write_bytes(b"already here")
+    landed = await PartialFile.store_whole(
+        tmp_path / "run.sh",
+        data,
+        digest(data),
+        sender=SENDER,
+        key=KEY,
+        chunk_size=CHUNK,
+        mode=0o755,
+        mtime_ns=MTIME_NS,
+    )
+    assert landed == tmp_path / "run (1).sh" and landed.read_bytes() == data
+    assert os.stat(landed).st_mtime_ns == MTIME_NS and os.access(landed, os.X_OK)
+    empty = await PartialFile.store_whole(
+        tmp_path / "empty",
+        b"",
+        digest(b""),
+        sender=SENDER,
+        key=KEY,
+        chunk_size=CHUNK,
+        mtime_ns=MTIME_NS,
+    )
+    assert empty.read_bytes() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run (1).sh", "run.sh"]
+
+
+async def test_store_whole_refuses_damage_and_leaves_nothing(tmp_path: Path) -> None:
+    with pytest.raises(HashMismatch):
+        await PartialFile.store_whole(
+            tmp_path / "f",
+            b"data",
+            digest(b"other"),
+            sender=SENDER,
+            key=KEY,
+            chunk_size=CHUNK,
+            mtime_ns=MTIME_NS,
+        )
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="more than one chunk"):
+        await PartialFile.store_whole(
+            tmp_path / "f",
+            b"x" * (CHUNK + 1),
+            digest(b""),
+            sender=SENDER,
+            key=KEY,
+            chunk_size=CHUNK,
+            mtime_ns=MTIME_NS,
+        )
