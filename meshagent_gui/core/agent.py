@@ -372,6 +372,7 @@ class Agent:
             await ipc.close()
             await self.peers.aclose()
             await self.endpoint.close()
+            self.transfers.close()
             await self.client.aclose()
             if gotify is not None:
                 await gotify.aclose()

@@ -156,7 +156,7 @@ def test_a_tree_of_five_thousand_files(pair, tmp_path: Path) -> None:  # type: i
 
 
 def test_rate_limit(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    sender, receiver = pair
+    sender, _receiver = pair
     source = random_file(tmp_path / "paced.bin", 50_000_000)
     started = time.monotonic()
     sender.ok("send", str(source), "--to", "receiver", "--rate", "5M")

@@ -24,9 +24,12 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+from blake3 import blake3
 
 from meshagent_gui.core.bus import EventBus
 from meshagent_gui.core.events import (
@@ -46,7 +49,7 @@ from meshagent_gui.core.protocol.errors import ProtocolError
 from meshagent_gui.core.protocol.messages import StreamRole
 from meshagent_gui.errors import UserError
 
-from .partial import DiskFull, HashMismatch, PartialFile
+from .partial import DiskFull, HashMismatch, PartialFile, partial_exists
 from .paths import UnsafePath, ensure_directory_inside, resolve_inside, safe_relative_path
 from .ratelimit import TokenBucket, take_all
 from .source import ChunkReader, SourceChanged, SourceEntry, read_one_chunk, walk
@@ -133,6 +136,9 @@ class TransferService:
         self._global_bucket: tuple[float, TokenBucket] | None = None
         self.reconnect_window = reconnect_window
         self._completed = CompletedIndex(data_dir / "completed.jsonl")
+        # Disk work (reads, writes, hashing, fsync, rename) runs here, never on the loop; more
+        # threads than cores because most of it waits on the disk, not the CPU.
+        self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="meshagent-disk")
         self._pending_answers: dict[str, asyncio.Future[bool]] = {}
         peers.register(Service(StreamRole.TRANSFER, ("share:file", "share:folder"), self._receive))
 
@@ -196,6 +202,9 @@ class TransferService:
         results = _item_results(entries, totals, time.monotonic() - started, path_kind)
         order = {path.name: n for n, path in enumerate(paths)}  # as given on the command line
         return sorted(results, key=lambda item: order.get(item.name, len(order)))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     def _global_buckets(self) -> list[TokenBucket]:
         rate = self._global_rate()
@@ -321,7 +330,11 @@ class TransferService:
                 continue  # the receiver already confirmed or failed this file
             entry = entries[index]
             async with ChunkReader(
-                entry, CHUNK_SIZE, have=sender.receiver_bitmap(index), read_ahead=READ_AHEAD
+                entry,
+                CHUNK_SIZE,
+                have=sender.receiver_bitmap(index),
+                read_ahead=READ_AHEAD,
+                executor=self.executor,
             ) as reader:
                 async for piece in reader:
                     if stop.is_set():
@@ -358,7 +371,9 @@ class TransferService:
         totals: _Totals,
         work: tp.SendChunk,
     ) -> None:
-        piece = await read_one_chunk(entries[work.index], CHUNK_SIZE, work.chunk)
+        piece = await read_one_chunk(
+            entries[work.index], CHUNK_SIZE, work.chunk, executor=self.executor
+        )
         await take_all(buckets, len(piece.data))
         await channel.send(tp.Chunk(work.index, work.chunk, piece.digest, piece.data))
         sender.chunk_sent(work.index, work.chunk)
@@ -498,6 +513,7 @@ class _Incoming:
         self.root = Path()
         self.destinations: dict[int, Path] = {}
         self.partials: dict[int, PartialFile] = {}
+        self.small: dict[int, bytes] = {}
         self.already: set[int] = set()
         self.title = ""
         self.completed = False
@@ -553,13 +569,15 @@ class _Incoming:
                 await asyncio.to_thread(ensure_directory_inside, self.root, entry.path)
                 continue
             destination = self.destinations[index]
-            await asyncio.to_thread(destination.parent.mkdir, parents=True, exist_ok=True)
+            parent = safe_relative_path(entry.path).parent
+            if parent.parts:
+                await asyncio.to_thread(ensure_directory_inside, self.root, parent)
             count = tp.chunk_count(entry.size, offer.chunk_size)
             if self.service._completed.has(self.peer_id, entry.key, destination, entry.size):
                 have[index] = tp.full_bitmap(count)
                 self.already.add(index)
                 continue
-            if _partial_exists(destination):
+            if partial_exists(destination):
                 partial = await self._open(index, entry, offer.chunk_size)
                 if partial.verified_bytes:
                     have[index] = partial.have
@@ -614,9 +632,17 @@ class _Incoming:
         self, offer: tp.Offer, index: int, chunk: int, digest: bytes, data: bytes | memoryview
     ) -> None:
         entry = offer.entries[index]
+        one_chunk = entry.size <= offer.chunk_size and index not in self.partials
         try:
-            partial = await self._open(index, entry, offer.chunk_size)
-            await partial.write_chunk(chunk, digest, data)
+            if one_chunk:
+                # Small files skip the partial: held in memory until their FileEnd (the next
+                # message), then written, checked and renamed in one trip to the disk thread.
+                if blake3(data).digest() != digest:
+                    raise HashMismatch(self.destinations[index], chunk)
+                self.small[index] = bytes(data)
+            else:
+                partial = await self._open(index, entry, offer.chunk_size)
+                await partial.write_chunk(chunk, digest, data)
         except HashMismatch:
             resend = self.receiver.chunk_failed(index, chunk)
             if resend is not None:
@@ -636,12 +662,28 @@ class _Incoming:
         ok, reason = True, ""
         if index in self.already:
             final = self.destinations[index]
+        elif index in self.small:
+            try:
+                final = await PartialFile.store_whole(
+                    self.destinations[index],
+                    self.small.pop(index),
+                    digest,
+                    sender=self.peer_id,
+                    key=entry.key,
+                    chunk_size=offer.chunk_size,
+                    mode=entry.mode,
+                    mtime_ns=entry.mtime_ns,
+                    executor=self.service.executor,
+                )
+            except HashMismatch as exc:
+                ok, reason, final = False, exc.message, self.destinations[index]
         else:
             partial = await self._open(index, entry, offer.chunk_size)
             try:
                 final = await partial.finish(digest, mode=entry.mode, mtime_ns=entry.mtime_ns)
             except HashMismatch as exc:
                 ok, reason, final = False, exc.message, self.destinations[index]
+                await partial.discard()  # which chunk is wrong cannot be known
             self.partials.pop(index, None)
         if ok:
             await asyncio.to_thread(
@@ -719,10 +761,6 @@ class CompletedIndex:
             )
 
 
-def _partial_exists(destination: Path) -> bool:
-    return destination.with_name(destination.name + ".meshpart.state").exists()
-
-
 def _title(entries: tuple[tp.Entry, ...] | tuple[SourceEntry, ...]) -> str:
     tops = sorted({e.path.split("/", 1)[0] for e in entries})
     return tops[0] if len(tops) == 1 else f"{tops[0]} and {len(tops) - 1} more"
@@ -734,8 +772,6 @@ def _item_results(
     digests, sent, skipped = totals.digests, totals.sent, totals.skipped or {}
     results: dict[str, ItemResult] = {}
     hashers: dict[str, Any] = {}
-    from blake3 import blake3
-
     for index, entry in enumerate(entries):
         top = entry.path.split("/", 1)[0]
         item = results.setdefault(top, ItemResult(top, 0, seconds=seconds, path=path_kind))

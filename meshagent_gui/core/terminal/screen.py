@@ -1,0 +1,250 @@
+"""The host's model of the shared screen: feed it bytes, get bytes that repaint a terminal.
+
+The emulator is asciinema's ``avt`` (Rust) through ``pyavt``, chosen by measurement against
+pyte, pyghostty (libghostty-vt) and vt100wasm on recorded vim, less, htop and top sessions and
+synthetic streams (alternate screen, 256 colours and truecolor, CJK and emoji, scroll regions),
+with tmux as the reference terminal. avt is exact on all of them, and its dump restores the
+primary screen *behind* an alternate-screen program (so a viewer who joined while vim was open
+gets the shell back when vim exits); pyte crashes on vim's output and has no alternate screen;
+libghostty's formatter loses the primary screen and ships no Windows wheel; vt100wasm drops
+strikethrough and is slower. The figures are in the README.
+
+avt parses 25-30 MB/s on one core and holds the GIL while it does, while ``cat`` through a PTY
+reaches about 100 MB/s here. So the screen is never on the hot path: :class:`ScreenTracker`
+queues the output (O(1) per chunk) and the host parses it a slice per event-loop turn. In a
+flood (the emulator a quarter of its bound behind) the host stops parsing until the output
+pauses, and past the bound the tracker skips the oldest output, resuming at the next line
+start. A snapshot first parses whatever is queued (at most the bound, 1 MiB: about 35 ms), so
+it is exact, except after a skip, where it is exact for the lines printed since: for a flood
+of text, the whole screen. Modes a program switched inside skipped output can be missed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Final
+
+from avt._avt import Vt  # the typed home of avt.Vt
+
+from meshagent_gui.core.protocol.terminal import check_size
+
+DEFAULT_MAX_BACKLOG: Final = 1024 * 1024
+
+# What a snapshot sends before the dump, so that it repaints any terminal, whatever state a
+# previous program left it in: primary screen, soft reset (margins, origin, pen, charsets,
+# insert mode, visible cursor), the modes avt restores only when they are not the default,
+# the input modes avt does not track, then home and clear.
+SNAPSHOT_PREAMBLE: Final = (
+    b"\x1b[?1049l\x1b[!p\x1b[?7h\x1b[20l\x1b[?1l\x1b>\x1b[4l\x1b[?6l\x1b[r\x1b[0m"
+    b"\x1b(B\x1b)B\x0f\x1b[?25h"
+    b"\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1004l\x1b[?1005l\x1b[?1006l\x1b[?1015l\x1b[?2004l"
+    b"\x1b[H\x1b[2J"
+)
+
+# Input modes a program sets that avt does not keep (mouse reporting, focus events, bracketed
+# paste, application keypad): tracked here so a snapshot turns them back on in the viewer.
+TRACKED_MODES: Final = frozenset({1000, 1002, 1003, 1004, 1005, 1006, 1015, 2004})
+_MODE_CHANGE: Final = re.compile(rb"\x1b\[\?([0-9;]+)([hl])|\x1b([=>c])")
+_MODE_TAIL: Final = 32  # a mode change split between two slices is still seen
+
+CANCEL: Final = "\x18"  # CAN: aborts a sequence the emulator was in the middle of
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSize:
+    cols: int
+    rows: int
+
+    def __post_init__(self) -> None:
+        check_size(self.cols, self.rows)
+
+
+@dataclass(frozen=True, slots=True)
+class ScreenSnapshot:
+    """``data`` repaints a ``cols`` x ``rows`` terminal to show every output byte before
+    ``offset``."""
+
+    offset: int
+    cols: int
+    rows: int
+    data: bytes
+
+
+class Screen:
+    """One avt terminal, fed bytes (UTF-8 decoded incrementally, split anywhere)."""
+
+    def __init__(self, cols: int, rows: int) -> None:
+        check_size(cols, rows)
+        self._vt = Vt(cols, rows, scrollback_limit=0)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._modes: dict[int, bool] = {}
+        self._keypad_application = False
+        self._tail = b""
+
+    @property
+    def size(self) -> WindowSize:
+        cols, rows = self._vt.size
+        return WindowSize(cols, rows)
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        cursor = self._vt.cursor
+        return cursor.col, cursor.row
+
+    def feed(self, data: bytes) -> None:
+        text = self._decoder.decode(data)
+        if text:
+            self._vt.feed_str(text)
+        self._track_modes(data)
+
+    def resize(self, cols: int, rows: int) -> None:
+        check_size(cols, rows)
+        self._vt.resize(cols, rows)
+
+    def resynchronise(self) -> None:
+        """Bytes were skipped: drop a half-decoded character and abort a half-parsed sequence."""
+        self._decoder.reset()
+        self._vt.feed_str(CANCEL)
+        self._tail = b""
+
+    def text(self) -> list[str]:
+        """The visible rows as text (wide characters once, trailing blanks kept)."""
+        return [line.text for line in self._vt.view()]
+
+    def snapshot(self) -> bytes:
+        """Bytes that make a fresh terminal of this size show this screen (and the primary
+        screen behind an alternate one), with cursor, pen, margins, tab stops and modes."""
+        # avt writes 8-bit CSI (U+009B); terminals in UTF-8 mode want the 7-bit form. A cell
+        # never holds a C1 control, so the replacement cannot touch text.
+        dump = self._vt.dump().replace("\x9b", "\x1b[").encode("utf-8")
+        modes = b"".join(f"\x1b[?{mode}h".encode() for mode, on in self._modes.items() if on)
+        keypad = b"\x1b=" if self._keypad_application else b""
+        return SNAPSHOT_PREAMBLE + dump + modes + keypad
+
+    def _track_modes(self, data: bytes) -> None:
+        # Matches in the tail were applied with the previous slice: applying them again, before
+        # the newer ones, leaves the same end state (set and reset are idempotent).
+        scan = self._tail + data if self._tail else data
+        self._tail = data[-_MODE_TAIL:]
+        if b"\x1b" not in scan:
+            return
+        for match in _MODE_CHANGE.finditer(scan):
+            params, action, single = match.groups()
+            if single == b"=":
+                self._keypad_application = True
+            elif single == b">":
+                self._keypad_application = False
+            elif single == b"c":  # RIS: a full reset
+                self._modes.clear()
+                self._keypad_application = False
+            else:
+                for param in params.split(b";"):
+                    if param.isdigit() and int(param) in TRACKED_MODES:
+                        self._modes[int(param)] = action == b"h"
+
+
+class ScreenTracker:
+    """A :class:`Screen` kept up to date with a stream that may outrun it.
+
+    :meth:`append` and :meth:`resize` are O(1) and never parse (the PTY reader calls them);
+    :meth:`work` parses a bounded slice (the host calls it when the loop is idle);
+    :meth:`snapshot` parses whatever is queued, then dumps. Past ``max_backlog`` queued bytes the
+    oldest are skipped (counted in :attr:`skipped_bytes`) and parsing resumes after the next
+    newline, where a flood of text is back in a plain state.
+    """
+
+    def __init__(self, cols: int, rows: int, *, max_backlog: int = DEFAULT_MAX_BACKLOG) -> None:
+        self.screen = Screen(cols, rows)
+        self.max_backlog = max_backlog
+        self._backlog: deque[bytes | WindowSize] = deque()
+        self._backlog_bytes = 0
+        self._offset = 0  # the stream offset the screen reflects (parsed or skipped)
+        self._resync = False
+        self.skipped_bytes = 0
+        self.skips = 0
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def stream_offset(self) -> int:
+        """The offset after everything appended."""
+        return self._offset + self._backlog_bytes
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._backlog_bytes
+
+    @property
+    def size(self) -> WindowSize:
+        """The size at the end of the stream (the screen itself may still be behind)."""
+        for item in reversed(self._backlog):
+            if isinstance(item, WindowSize):
+                return item
+        return self.screen.size
+
+    def append(self, data: bytes) -> None:
+        if not data:
+            return
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
+        if self._backlog_bytes > self.max_backlog:
+            self._skip_oldest(self.max_backlog // 2)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._backlog.append(WindowSize(cols, rows))
+
+    def work(self, budget: int) -> bool:
+        """Parse up to ``budget`` queued bytes; True while more is queued."""
+        while self._backlog and budget > 0:
+            item = self._backlog.popleft()
+            if isinstance(item, WindowSize):
+                self.screen.resize(item.cols, item.rows)
+                continue
+            if len(item) > budget:
+                self._backlog.appendleft(item[budget:])
+                item = item[:budget]
+            self._backlog_bytes -= len(item)
+            budget -= len(item)
+            self._feed(item)
+        return bool(self._backlog)
+
+    def catch_up(self) -> None:
+        while self.work(1 << 30):
+            pass
+
+    def snapshot(self) -> ScreenSnapshot:
+        self.catch_up()
+        size = self.screen.size
+        return ScreenSnapshot(self._offset, size.cols, size.rows, self.screen.snapshot())
+
+    def _feed(self, data: bytes) -> None:
+        if self._resync:
+            newline = data.find(b"\n")
+            skipped = len(data) if newline < 0 else newline + 1
+            self.skipped_bytes += skipped
+            self._offset += skipped
+            data = data[skipped:]
+            if newline < 0:
+                return
+            self._resync = False
+            self.screen.resynchronise()
+        self.screen.feed(data)
+        self._offset += len(data)
+
+    def _skip_oldest(self, keep: int) -> None:
+        while self._backlog_bytes > keep:
+            item = self._backlog.popleft()
+            if isinstance(item, WindowSize):  # sizes are never skipped, only applied early
+                self.screen.resize(item.cols, item.rows)
+                continue
+            self._backlog_bytes -= len(item)
+            self._offset += len(item)
+            self.skipped_bytes += len(item)
+        if not self._resync:
+            self.skips += 1
+        self._resync = True
