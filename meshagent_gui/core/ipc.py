@@ -75,7 +75,17 @@ class IpcServer:
                 if not secrets.compare_digest(line.strip().decode(errors="replace"), self._cookie):
                     return
             while line := await reader.readline():
-                writer.write(await self._answer(line, writer) + b"\n")
+                answering = asyncio.ensure_future(self._answer(line, writer))
+                hangup = asyncio.ensure_future(reader.read(1))  # the client sends nothing more
+                await asyncio.wait({answering, hangup}, return_when=asyncio.FIRST_COMPLETED)
+                if not answering.done():
+                    # The caller went away (Ctrl-C on `meshagent send`): stop what it asked for.
+                    answering.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await answering
+                    return
+                hangup.cancel()
+                writer.write(answering.result() + b"\n")
                 await writer.drain()
         except (ConnectionError, TimeoutError, asyncio.LimitOverrunError, ValueError):
             pass

@@ -6,13 +6,11 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from blake3 import blake3
 
-from .harness import AgentHome, Process, Server, wait_until
+from .harness import AgentHome, Process, wait_until
 
 CHUNK = 1024 * 1024
 
@@ -33,19 +31,6 @@ def random_file(path: Path, size: int) -> Path:
             handle.write(block)
             left -= len(block)
     return path
-
-
-@pytest.fixture
-def pair(server: Server, make_agent) -> Iterator[tuple[AgentHome, AgentHome]]:  # type: ignore[no-untyped-def]
-    server.add_user("ann")
-    sender: AgentHome = make_agent("sender")
-    receiver: AgentHome = make_agent("receiver")
-    sender.login(server, server.join_code("ann"))
-    receiver.login(server, server.join_code("ann"))
-    sender.up()
-    receiver.up()
-    wait_until(lambda: "receiver" in sender.online(), 5, "receiver online")
-    yield sender, receiver
 
 
 def send_json(agent: AgentHome, *args: str) -> list[dict[str, object]]:

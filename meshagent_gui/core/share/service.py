@@ -281,8 +281,14 @@ class TransferService:
             await self._stream(channel, sender, entries, buckets, totals, done)
             await done.wait()
         except SourceChanged as exc:
-            await _quietly(
-                channel.send(sender.cancel(str(exc), tp.TransferErrorCode.SOURCE_CHANGED))
+            await _tell_cancel(channel, sender, str(exc), tp.TransferErrorCode.SOURCE_CHANGED)
+            raise
+        except asyncio.CancelledError:
+            # Cancelled here (Ctrl-C, the UI): tell the receiver, who keeps its partials.
+            await asyncio.shield(
+                _tell_cancel(
+                    channel, sender, "cancelled by the sender", tp.TransferErrorCode.CANCELLED
+                )
             )
             raise
         finally:
@@ -790,6 +796,14 @@ def _item_results(
     for top, hasher in hashers.items():
         results[top].blake3 = hasher.hexdigest()
     return list(results.values())
+
+
+async def _tell_cancel(
+    channel: Channel, sender: tp.TransferSender, reason: str, code: tp.TransferErrorCode
+) -> None:
+    """Best effort: the transfer is over for us either way."""
+    with contextlib.suppress(ProtocolError):
+        await _quietly(channel.send(sender.cancel(reason, code)))
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:
