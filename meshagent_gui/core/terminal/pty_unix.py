@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
-import ptyprocess  # type: ignore[import-untyped]
+import ptyprocess
 
 from meshagent_gui.core.protocol.terminal import check_size
 from meshagent_gui.core.terminal.pty import READ_BUDGET, ExitStatus, PtyClosed
