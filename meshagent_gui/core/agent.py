@@ -344,7 +344,21 @@ class Agent:
                 wait=bool(params.get("wait")),
             )
 
-        return {"devices": devices, "status": status, "ping": ping, "send": send}
+        async def transfers(_: dict[str, Any]) -> Any:
+            return [t.describe() for t in self.transfers.active.values()]
+
+        async def cancel(params: dict[str, Any]) -> Any:
+            await self.transfers.cancel(str(params["transfer_id"]))
+            return {"cancelled": params["transfer_id"]}
+
+        return {
+            "devices": devices,
+            "status": status,
+            "ping": ping,
+            "send": send,
+            "transfers": transfers,
+            "cancel": cancel,
+        }
 
     # ------------------------------------------------------------ running
 

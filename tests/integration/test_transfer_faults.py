@@ -148,3 +148,23 @@ def test_a_hostile_sender_writes_nothing_outside(pair, tmp_path: Path, name: str
     outside = [p for p in tmp_path.rglob("*") if p.name in {"escape.txt", "evil", "win.txt", "b"}]
     assert outside == []
     assert not downloads(receiver).exists() or list(downloads(receiver).iterdir()) == []
+
+
+def test_cancel_from_the_receiver(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The receiver's UI cancels through the same agent API the IPC serves."""
+    from meshagent_gui.core import ipc
+
+    sender, receiver = pair
+    source = random_file(tmp_path / "unwanted.bin", 100 * CHUNK)
+    sending = _sending(sender, source, tmp_path)
+    wait_until(lambda: _progress_of(receiver, "unwanted.bin") >= 5 * CHUNK, 30, "5 MiB in")
+    socket_path = receiver.home / "state" / "agent.sock"
+    [running] = asyncio.run(ipc.call(socket_path, "transfers"))
+    assert running["direction"] == "receive" and running["name"] == "unwanted.bin"
+    asyncio.run(ipc.call(socket_path, "cancel", {"transfer_id": running["transfer_id"]}))
+    errors = _stderr(sending)
+    sending.stop()
+    assert sending.proc.returncode != 0
+    assert "the receiver cancelled" in errors and "Traceback" not in errors
+    assert not (downloads(receiver) / "unwanted.bin").exists()
+    assert _progress_of(receiver, "unwanted.bin") >= 5 * CHUNK  # the partial is kept

@@ -84,6 +84,27 @@ class ItemResult:
 
 
 @dataclass
+class ActiveTransfer:
+    """A transfer running now, as `transfers` lists it (and the UI's transfer list)."""
+
+    transfer_id: str
+    direction: str
+    peer: str
+    name: str
+    total: int
+    task: asyncio.Task[Any] | None = field(default=None, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "transfer_id": self.transfer_id,
+            "direction": self.direction,
+            "peer": self.peer,
+            "name": self.name,
+            "total": self.total,
+        }
+
+
+@dataclass
 class _Rate:
     """A smoothed transfer rate and ETA for progress reports."""
 
@@ -140,6 +161,7 @@ class TransferService:
         # threads than cores because most of it waits on the disk, not the CPU.
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="meshagent-disk")
         self._pending_answers: dict[str, asyncio.Future[bool]] = {}
+        self.active: dict[str, ActiveTransfer] = {}
         peers.register(Service(StreamRole.TRANSFER, ("share:file", "share:folder"), self._receive))
 
     # ================================================================ sending
@@ -163,11 +185,48 @@ class TransferService:
         ]
         scope = "share:folder" if manifest.has_folders else "share:file"
         transfer_id = uuid.uuid4().hex
+        self.active[transfer_id] = ActiveTransfer(
+            transfer_id,
+            "send",
+            peer_id,
+            _title(entries),
+            manifest.total_bytes,
+            asyncio.current_task(),
+        )
+        try:
+            return await self._send(
+                paths,
+                entries,
+                offer_entries,
+                scope,
+                transfer_id,
+                peer_id,
+                rate,
+                wait,
+                on_progress,
+                manifest.total_bytes,
+            )
+        finally:
+            self.active.pop(transfer_id, None)
+
+    async def _send(
+        self,
+        paths: list[Path],
+        entries: tuple[SourceEntry, ...],
+        offer_entries: list[tp.Entry],
+        scope: str,
+        transfer_id: str,
+        peer_id: str,
+        rate: float | None,
+        wait: bool,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+        total_bytes: int,
+    ) -> list[ItemResult]:
         buckets = [TokenBucket(rate)] if rate else []
         started = time.monotonic()
         deadline = started + self.reconnect_window
         totals = _Totals()
-        progress = _Rate(manifest.total_bytes)
+        progress = _Rate(total_bytes)
         path_kind = ""
         while True:
             try:
@@ -417,13 +476,31 @@ class TransferService:
             raise UserError("no such offer is waiting for an answer", code="unknown_offer")
         future.set_result(accept)
 
+    async def cancel(self, transfer_id: str) -> None:
+        """Stop a transfer in either direction; the receiver keeps its partials for a resume."""
+        active = self.active.get(transfer_id)
+        if active is None or active.task is None:
+            raise UserError("no such transfer is running", code="unknown_transfer")
+        active.task.cancel()
+
     async def _receive(self, channel: Channel) -> None:
         peer_id = channel.peer_id
         receiver = tp.TransferReceiver(transfer_id=channel.resource)
         capability = channel.grant if isinstance(channel.grant, Capability) else None
         incoming = _Incoming(self, channel, receiver, peer_id)
+        self.active[channel.resource] = ActiveTransfer(
+            channel.resource, "receive", peer_id, "", 0, asyncio.current_task()
+        )
         try:
             await incoming.run(capability)
+        except asyncio.CancelledError:
+            await asyncio.shield(incoming.cancelled())
+            self._bus.publish(
+                TransferFailed(
+                    channel.resource, incoming.title, peer_id, "cancelled by the receiver"
+                )
+            )
+            raise
         except (ChannelClosed, P2PError, ConnectionError) as exc:
             await incoming.abandon()
             if not incoming.completed:
@@ -529,6 +606,9 @@ class _Incoming:
     async def run(self, capability: Capability | None) -> None:
         offer = await self._offer()
         self.title = _title(offer.entries)
+        active = self.service.active.get(offer.transfer_id)
+        if active is not None:
+            active.name, active.total = self.title, offer.total_bytes
         folders = any(e.kind == "dir" or "/" in e.path for e in offer.entries)
         if folders and capability is not None and capability.scope != "share:folder":
             await self._decline("a folder needs a share:folder capability")
@@ -715,6 +795,12 @@ class _Incoming:
                 eta,
             )
         )
+
+    async def cancelled(self) -> None:
+        """Our user cancelled: tell the sender, keep the partials."""
+        with contextlib.suppress(ProtocolError):
+            await _quietly(self.channel.send(self.receiver.cancel("cancelled by the receiver")))
+        await self.abandon()
 
     async def abandon(self) -> None:
         """Keep every partial for a resume; close their files."""
