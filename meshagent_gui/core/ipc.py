@@ -85,6 +85,8 @@ class IpcServer:
                         await answering
                     return
                 hangup.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await hangup  # a reader may have one waiter at a time
                 writer.write(answering.result() + b"\n")
                 await writer.drain()
         except (ConnectionError, TimeoutError, asyncio.LimitOverrunError, ValueError):

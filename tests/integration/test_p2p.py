@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from .harness import AgentHome, Server, wait_until
 
 
@@ -13,9 +15,12 @@ def ping(agent: AgentHome, device: str, count: int = 2) -> list[dict[str, object
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def test_direct_then_relay_then_upgrade(server: Server, make_agent, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("engine", ["qh3", "aioquic"])
+def test_direct_then_relay_then_upgrade(
+    server: Server, make_agent, tmp_path: Path, engine: str
+) -> None:  # type: ignore[no-untyped-def]
     block = tmp_path / "block-direct"
-    env = {"MESHAGENT_TEST_BLOCK_DIRECT": str(block)}
+    env = {"MESHAGENT_TEST_BLOCK_DIRECT": str(block), "MESHAGENT_QUIC_ENGINE": engine}
     server.add_user("ann")
     laptop: AgentHome = make_agent("laptop", **{"p2p.upgrade_interval": "1"})
     desktop: AgentHome = make_agent("desktop")
@@ -28,6 +33,7 @@ def test_direct_then_relay_then_upgrade(server: Server, make_agent, tmp_path: Pa
 
     tries = ping(laptop, "desktop")
     assert [t["path"] for t in tries] == ["direct", "direct"]
+    assert engine in laptop.ok("doctor")
     assert all(float(t["rtt_ms"]) < 1000 for t in tries)  # type: ignore[arg-type]
 
     # Direct UDP "blocked": a fresh connection goes through the relay and still carries data.

@@ -92,3 +92,26 @@ async def test_streaming_handler_sends_progress_then_result(tmp_path: Path, tran
         await server.close()
     assert seen == [{"done": 0}, {"done": 1}, {"done": 2}]
     assert result == {"total": 3}
+
+
+async def test_several_requests_on_one_connection_log_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import asyncio
+    import json
+
+    server = ipc.IpcServer(tmp_path / "agent.sock", {"echo": _echo})
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(tmp_path / "agent.sock"))
+        for n in range(3):
+            writer.write(
+                json.dumps({"id": n, "method": "echo", "params": {"n": n}}).encode() + b"\n"
+            )
+            await writer.drain()
+            answer = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            assert answer == {"id": n, "result": {"echo": {"n": n}}}
+        writer.close()
+    finally:
+        await server.close()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
