@@ -16,13 +16,15 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from meshagent_gui import __version__
 from meshagent_gui import log as logsetup
 from meshagent_gui.config import KEYS, Paths, parse_value
-from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
+
+if TYPE_CHECKING:
+    from meshagent_gui.context import Context
 
 log = logging.getLogger("meshagent")
 T = TypeVar("T")
@@ -133,6 +135,13 @@ def _server_data_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _context(home: str | None) -> Context:
+    # Imported on use: it pulls in httpx and pydantic, which `--version` and `--help` never need.
+    from meshagent_gui.context import Context
+
+    return Context.open(home)
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -204,7 +213,7 @@ def cmd_login(args: argparse.Namespace) -> int:
     from meshagent_gui.core.mesh.enroll import enroll
 
     password = _read_password(args) if args.user else None
-    ctx = Context.open(args.home)
+    ctx = _context(args.home)
     enrollment = _run(
         enroll(
             ctx,
@@ -232,7 +241,7 @@ def cmd_login(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from meshagent_gui.core.agent import Agent
 
-    ctx = Context.open(args.home)
+    ctx = _context(args.home)
     if ctx.config["local.server"] or (args.local and ctx.enrollment is None):
         return _run(_up_local(args, ctx))
     agent = Agent.from_context(ctx)
@@ -266,7 +275,7 @@ async def _up_local(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    ctx = Context.open(args.home)
+    ctx = _context(args.home)
     key = KEYS.get(getattr(args, "key", ""))
     if args.config_command != "list" and key is None:
         raise UserError(
@@ -305,7 +314,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     from meshagent_gui.core import ipc
     from meshagent_gui.core.agent import Agent
 
-    ctx = Context.open(args.home)
+    ctx = _context(args.home)
 
     async def fetch() -> list[dict[str, Any]]:
         try:
@@ -367,7 +376,7 @@ async def _through_agent(
 def cmd_ping(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise UserError("--count takes a number of at least 1", code="usage")
-    ctx = Context.open(args.home)
+    ctx = _context(args.home)
     result = _run(_through_agent(ctx, "ping", {"device": args.device, "count": args.count}))
     if not args.json:
         print(
@@ -407,7 +416,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     for path in paths:
         if not os.path.lexists(path):
             raise UserError(f"{path}: no such file or folder", code="not_found")
-    ctx = Context.open(args.home)
+    ctx = _context(args.home)
     bar = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -439,7 +448,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_notify(args: argparse.Namespace) -> int:
     from meshagent_gui.core.notify.gotify import GotifyClient
 
-    ctx = Context.open(args.home)
+    ctx = _context(args.home)
     url = str(ctx.config["gotify.url"])
     token = ctx.secrets.get("gotify.token")
     if not url or not token:
@@ -461,7 +470,7 @@ def cmd_notify(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from meshagent_gui.core.doctor import run_checks
 
-    ctx = Context.open(args.home)
+    ctx = _context(args.home)
     checks = _run(run_checks(ctx))
     marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "skip": "-   "}
     for check in checks:
