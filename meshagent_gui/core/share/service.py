@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Final
 
 from blake3 import blake3
@@ -49,7 +49,7 @@ from meshagent_gui.core.protocol.errors import ProtocolError
 from meshagent_gui.core.protocol.messages import StreamRole
 from meshagent_gui.errors import UserError
 
-from .partial import DiskFull, HashMismatch, PartialFile, partial_exists
+from .partial import DiskFull, HashMismatch, PartialFile, partial_exists, sync_directory
 from .paths import UnsafePath, ensure_directory_inside, resolve_inside, safe_relative_path
 from .ratelimit import TokenBucket, take_all
 from .source import ChunkReader, SourceChanged, SourceEntry, read_one_chunk, walk
@@ -60,6 +60,8 @@ CHUNK_SIZE: Final = 1024 * 1024
 OFFER_TIMEOUT: Final = 120.0  # the receiver may be asking its user
 ASK_TIMEOUT: Final = 90.0  # how long an offer waits for an answer from the UI
 PROGRESS_EVERY: Final = 0.2
+SMALL_BATCH_FILES: Final = 256  # completed small files recorded on disk together
+SMALL_BATCH_BYTES: Final = 4 * 1024 * 1024
 READ_AHEAD: Final = 4
 
 
@@ -162,6 +164,7 @@ class TransferService:
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="meshagent-disk")
         self._pending_answers: dict[str, asyncio.Future[bool]] = {}
         self.active: dict[str, ActiveTransfer] = {}
+        self._titles: dict[str, str] = {}  # per transfer: progress events name it often
         peers.register(Service(StreamRole.TRANSFER, ("share:file", "share:folder"), self._receive))
 
     # ================================================================ sending
@@ -208,6 +211,7 @@ class TransferService:
             )
         finally:
             self.active.pop(transfer_id, None)
+            self._titles.pop(transfer_id, None)
 
     async def _send(
         self,
@@ -457,7 +461,7 @@ class TransferService:
             sender.transfer_id,
             "send",
             peer_id,
-            _title(sender.entries),
+            self._titles.setdefault(sender.transfer_id, _title(sender.entries)),
             verified,
             sender.total_bytes,
             rate,
@@ -597,6 +601,10 @@ class _Incoming:
         self.destinations: dict[int, Path] = {}
         self.partials: dict[int, PartialFile] = {}
         self.small: dict[int, bytes] = {}
+        self.unsynced_folders: set[Path] = set()
+        self.finishing: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(32)
+        self.failure: BaseException | None = None
         self.already: set[int] = set()
         self.title = ""
         self.completed = False
@@ -649,25 +657,44 @@ class _Incoming:
 
     async def _prepare(self, offer: tp.OfferReceived) -> dict[int, bytes]:
         """Folders made; files already here (done earlier) or partly here (resume) reported."""
+        # One trip to a disk thread for the whole offer: thousands of small files must not cost
+        # thousands of thread hops (or stat calls on the event loop).
+        done, partly = await asyncio.get_running_loop().run_in_executor(
+            self.service.executor, self._scan, offer
+        )
         have: dict[int, bytes] = {}
+        for index in done:
+            have[index] = tp.full_bitmap(
+                tp.chunk_count(offer.entries[index].size, offer.chunk_size)
+            )
+            self.already.add(index)
+        for index in partly:
+            partial = await self._open(index, offer.entries[index], offer.chunk_size)
+            if partial.verified_bytes:
+                have[index] = partial.have
+        return have
+
+    def _scan(self, offer: tp.OfferReceived) -> tuple[list[int], list[int]]:
+        """(Blocking) make the folders; find the files received whole before, and partials."""
+        made: set[PurePosixPath] = set()
+        done: list[int] = []
+        partly: list[int] = []
         for index, entry in enumerate(offer.entries):
-            if entry.kind == "dir":
-                await asyncio.to_thread(ensure_directory_inside, self.root, entry.path)
+            folder = safe_relative_path(entry.path)
+            if entry.kind == "file":
+                folder = folder.parent
+            if folder.parts and folder not in made:
+                ensure_directory_inside(self.root, folder)
+                made.update(folder.parents)
+                made.add(folder)
+            if entry.kind != "file":
                 continue
             destination = self.destinations[index]
-            parent = safe_relative_path(entry.path).parent
-            if parent.parts:
-                await asyncio.to_thread(ensure_directory_inside, self.root, parent)
-            count = tp.chunk_count(entry.size, offer.chunk_size)
             if self.service._completed.has(self.peer_id, entry.key, destination, entry.size):
-                have[index] = tp.full_bitmap(count)
-                self.already.add(index)
-                continue
-            if partial_exists(destination):
-                partial = await self._open(index, entry, offer.chunk_size)
-                if partial.verified_bytes:
-                    have[index] = partial.have
-        return have
+                done.append(index)
+            elif partial_exists(destination):
+                partly.append(index)
+        return done, partly
 
     async def _open(self, index: int, entry: tp.Entry, chunk_size: int) -> PartialFile:
         partial = self.partials.get(index)
@@ -686,7 +713,9 @@ class _Incoming:
         offer = self.receiver.offer
         assert offer is not None
         while not self.receiver.finished:
-            message = await self.channel.receive()
+            message = await self._next_message()
+            if message is None:
+                break  # the last small files were finished while we waited
             for event in self.receiver.receive(message):
                 match event:
                     case tp.ChunkReceived(index=index, chunk=chunk, digest=digest, data=data):
@@ -700,6 +729,11 @@ class _Incoming:
             if progress is not None:
                 await self.channel.send(progress)
                 self._report(offer)
+        await self._settle()
+        if self.unsynced_folders:
+            await asyncio.get_running_loop().run_in_executor(
+                self.service.executor, _sync_folders, sorted(self.unsynced_folders)
+            )
         self.completed = True
         self._report(offer)
         self.service._bus.publish(
@@ -749,20 +783,13 @@ class _Incoming:
         if index in self.already:
             final = self.destinations[index]
         elif index in self.small:
-            try:
-                final = await PartialFile.store_whole(
-                    self.destinations[index],
-                    self.small.pop(index),
-                    digest,
-                    sender=self.peer_id,
-                    key=entry.key,
-                    chunk_size=offer.chunk_size,
-                    mode=entry.mode,
-                    mtime_ns=entry.mtime_ns,
-                    executor=self.service.executor,
-                )
-            except HashMismatch as exc:
-                ok, reason, final = False, exc.message, self.destinations[index]
+            # Small files are finished concurrently (each is an open, a write, an fsync and a
+            # rename: latency, not CPU), so thousands of them do not queue behind each other.
+            await self.slots.acquire()
+            task = asyncio.ensure_future(self._finish_small(offer, index, digest))
+            self.finishing.add(task)
+            task.add_done_callback(self._small_finished)
+            return
         else:
             partial = await self._open(index, entry, offer.chunk_size)
             try:
@@ -771,12 +798,78 @@ class _Incoming:
                 ok, reason, final = False, exc.message, self.destinations[index]
                 await partial.discard()  # which chunk is wrong cannot be known
             self.partials.pop(index, None)
-        if ok:
-            await asyncio.to_thread(
-                self.service._completed.add, self.peer_id, entry.key, final, entry.size
+        await self._file_finished(index, entry, ok, reason, final)
+
+    async def _finish_small(self, offer: tp.Offer, index: int, digest: bytes) -> None:
+        entry = offer.entries[index]
+        ok, reason = True, ""
+        try:
+            final = await PartialFile.store_whole(
+                self.destinations[index],
+                self.small.pop(index),
+                digest,
+                sender=self.peer_id,
+                key=entry.key,
+                chunk_size=offer.chunk_size,
+                mode=entry.mode,
+                mtime_ns=entry.mtime_ns,
+                sync_folder=False,  # once per folder at the end, not once per small file
+                executor=self.service.executor,
             )
+            self.unsynced_folders.add(final.parent)
+        except HashMismatch as exc:
+            ok, reason, final = False, exc.message, self.destinations[index]
+        await self._file_finished(index, entry, ok, reason, final)
+
+    async def _file_finished(
+        self, index: int, entry: tp.Entry, ok: bool, reason: str, final: Path
+    ) -> None:
+        if ok:
+            index_file = self.service._completed
+            index_file.add(self.peer_id, entry.key, final, entry.size)
+            # A receiver killed later must still know this file is whole (else it would come
+            # again as "name (1)"): big files are recorded at once, small ones in batches.
+            if entry.size > SMALL_BATCH_BYTES or index_file.unsaved >= SMALL_BATCH_FILES:
+                await asyncio.get_running_loop().run_in_executor(
+                    self.service.executor, index_file.flush
+                )
         for message in self.receiver.file_done(index, ok, reason):
             await self.channel.send(message)
+
+    def _small_finished(self, task: asyncio.Task[None]) -> None:
+        self.finishing.discard(task)
+        self.slots.release()
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            self.failure = task.exception()
+
+    async def _next_message(self) -> object | None:
+        """The sender's next message, or None once every file is done meanwhile."""
+        while True:
+            getter = asyncio.ensure_future(self.channel.receive())
+            if not self.finishing:
+                return await getter
+            settling = asyncio.ensure_future(asyncio.wait(set(self.finishing)))
+            await asyncio.wait({getter, settling}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                settling.cancel()
+                return getter.result()
+            getter.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ChannelClosed):
+                await getter
+            if self.failure is not None:
+                raise self.failure
+            if self.receiver.finished:
+                return None
+
+    async def _settle(self) -> None:
+        """Wait for the small files still being finished; their first error is ours."""
+        if self.finishing:
+            await asyncio.wait(set(self.finishing))
+        if self.failure is not None:
+            raise self.failure
+        await asyncio.get_running_loop().run_in_executor(
+            self.service.executor, self.service._completed.flush
+        )
 
     def _report(self, offer: tp.Offer) -> None:
         if self.rate is None:
@@ -804,6 +897,10 @@ class _Incoming:
 
     async def abandon(self) -> None:
         """Keep every partial for a resume; close their files."""
+        for task in list(self.finishing):
+            task.cancel()
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self.service._completed.flush)
         for partial in self.partials.values():
             with contextlib.suppress(Exception):
                 await partial.abandon()
@@ -820,6 +917,7 @@ class CompletedIndex:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._entries: dict[tuple[str, str], tuple[str, int]] | None = None
+        self._unsaved: list[str] = []
 
     def _load(self) -> dict[tuple[str, str], tuple[str, int]]:
         if self._entries is None:
@@ -845,12 +943,26 @@ class CompletedIndex:
             return False
 
     def add(self, sender: str, key: bytes, final: Path, size: int) -> None:
+        """Remember a file (in memory at once; on disk at the next :meth:`flush`)."""
         self._load()[(sender, key.hex())] = (str(final), size)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(
-                json.dumps({"sender": sender, "key": key.hex(), "path": str(final), "size": size})
-                + "\n"
-            )
+        row = {"sender": sender, "key": key.hex(), "path": str(final), "size": size}
+        self._unsaved.append(json.dumps(row))
+
+    @property
+    def unsaved(self) -> int:
+        return len(self._unsaved)
+
+    def flush(self) -> None:
+        """(Blocking) append what was added since the last flush, in one write."""
+        if self._unsaved:
+            lines, self._unsaved = self._unsaved, []
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write("\n".join(lines) + "\n")
+
+
+def _sync_folders(folders: list[Path]) -> None:
+    for folder in folders:
+        sync_directory(folder)
 
 
 def _title(entries: tuple[tp.Entry, ...] | tuple[SourceEntry, ...]) -> str:
