@@ -227,13 +227,28 @@ def slot_names(destination: Path, slot: int) -> tuple[Path, Path]:
     return Path(str(base) + PARTIAL_SUFFIX), Path(str(base) + STATE_SUFFIX)
 
 
-def partial_exists(destination: Path) -> bool:
+def partial_exists(destination: Path, states: frozenset[str] | None = None) -> bool:
     """Whether any slot beside ``destination`` holds a partial.
 
-    No locking, no reading: one ``lstat`` per slot (blocking). Use it to skip
-    :meth:`PartialFile.open`, which creates a partial, for files with nothing to resume.
+    No locking, no reading: one ``lstat`` per slot (blocking), or none when ``states`` (the
+    folder's state-file names, from :func:`state_files_in`) is given, as a whole offer's scan
+    does. Use it to skip :meth:`PartialFile.open`, which creates a partial, for files with
+    nothing to resume.
     """
+    if states is not None:
+        if not states:
+            return False
+        return any(slot_names(destination, slot)[1].name in states for slot in range(MAX_SLOTS))
     return any(os.path.lexists(slot_names(destination, slot)[1]) for slot in range(MAX_SLOTS))
+
+
+def state_files_in(folder: Path) -> frozenset[str]:
+    """(Blocking) the names of the partial state files in ``folder``: one directory read."""
+    try:
+        with os.scandir(folder) as entries:
+            return frozenset(e.name for e in entries if e.name.endswith(STATE_SUFFIX))
+    except OSError:
+        return frozenset()
 
 
 # ---------------------------------------------------------------------------- low-level I/O

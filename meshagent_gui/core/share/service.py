@@ -49,7 +49,14 @@ from meshagent_gui.core.protocol.errors import ProtocolError
 from meshagent_gui.core.protocol.messages import StreamRole
 from meshagent_gui.errors import UserError
 
-from .partial import DiskFull, HashMismatch, PartialFile, partial_exists, sync_directory
+from .partial import (
+    DiskFull,
+    HashMismatch,
+    PartialFile,
+    partial_exists,
+    state_files_in,
+    sync_directory,
+)
 from .paths import UnsafePath, ensure_directory_inside, resolve_inside, safe_relative_path
 from .ratelimit import TokenBucket, take_all
 from .source import ChunkReader, SourceChanged, SourceEntry, read_one_chunk, walk
@@ -677,6 +684,7 @@ class _Incoming:
     def _scan(self, offer: tp.OfferReceived) -> tuple[list[int], list[int]]:
         """(Blocking) make the folders; find the files received whole before, and partials."""
         made: set[PurePosixPath] = set()
+        states: dict[Path, frozenset[str]] = {}  # per folder: one directory read, not 32 stats
         done: list[int] = []
         partly: list[int] = []
         for index, entry in enumerate(offer.entries):
@@ -692,7 +700,10 @@ class _Incoming:
             destination = self.destinations[index]
             if self.service._completed.has(self.peer_id, entry.key, destination, entry.size):
                 done.append(index)
-            elif partial_exists(destination):
+            elif partial_exists(
+                destination,
+                states.setdefault(destination.parent, state_files_in(destination.parent)),
+            ):
                 partly.append(index)
         return done, partly
 
