@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any, Final, Literal
 
 from pydantic import ValidationError
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from meshagent_gui.core.bus import EventBus
 from meshagent_gui.core.events import (
@@ -27,6 +27,7 @@ from meshagent_gui.core.events import (
     SignalReceived,
 )
 
+from .authed_socket import CLOSE_UNAUTHORIZED, run_authed_socket
 from .backoff import Backoff
 from .client import MeshClient, MeshError, ws_url
 from .types import (
@@ -43,7 +44,6 @@ from .types import (
 
 log = logging.getLogger(__name__)
 
-CLOSE_UNAUTHORIZED: Final = 4401
 CLOSE_REPLACED: Final = 4409  # a newer connection of this same device took over
 OPEN_TIMEOUT: Final = 10.0
 LinkState = Literal["offline", "connecting", "online"]
@@ -127,49 +127,20 @@ class MeshLink:
     async def _session(self) -> str:
         """One connection from open to close; returns why it ended."""
         self.state = "connecting"
-        token = self._client.access_token
-        for attempt in range(2):
-            if token is None:
-                token = await self._refresh(None)
-                if token is None:
-                    return "not logged in"
-            try:
-                async with connect(
-                    ws_url(self._client.url),
-                    additional_headers={"Authorization": f"Bearer {token}"},
-                    open_timeout=OPEN_TIMEOUT,
-                    close_timeout=2,
-                    max_size=2**16,
-                    ping_interval=10,
-                    ping_timeout=10,
-                ) as ws:
-                    return await self._serve(ws)
-            except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd else None
-                if code == CLOSE_UNAUTHORIZED and attempt == 0:
-                    token = await self._refresh(token)
-                    if token is None:
-                        return "refused: this device's session is no longer valid"
-                    continue
-                return f"closed ({code})" if code else "connection dropped"
-            except InvalidStatus as exc:
-                if exc.response.status_code in (401, 403) and attempt == 0:
-                    token = await self._refresh(token)
-                    if token is None:
-                        return "refused: this device's session is no longer valid"
-                    continue
-                return f"server answered HTTP {exc.response.status_code}"
-            except (OSError, TimeoutError, InvalidHandshake) as exc:
-                return str(exc) or type(exc).__name__
-        return "refused twice"
+        return await run_authed_socket(
+            self._client,
+            ws_url(self._client.url),
+            self._serve,
+            on_refresh_error=self._note_error,
+            open_timeout=OPEN_TIMEOUT,
+            close_timeout=2,
+            max_size=2**16,
+            ping_interval=10,
+            ping_timeout=10,
+        )
 
-    async def _refresh(self, stale: str | None) -> str | None:
-        try:
-            return await self._client.refresh(stale)
-        except MeshError as exc:
-            self.last_error = exc.message
-            log.warning("cannot refresh the session: %s", exc.message)
-            return None
+    def _note_error(self, message: str) -> None:
+        self.last_error = message
 
     async def _serve(self, ws: ClientConnection) -> str:
         self._ws = ws

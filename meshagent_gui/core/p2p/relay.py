@@ -21,11 +21,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
+from meshagent_gui.core.mesh.authed_socket import CLOSE_UNAUTHORIZED, run_authed_socket
 from meshagent_gui.core.mesh.backoff import Backoff
-from meshagent_gui.core.mesh.client import MeshClient, MeshError
+from meshagent_gui.core.mesh.client import MeshClient
 from meshagent_gui.core.mesh.types import API_PREFIX
 from meshagent_gui.core.p2p.endpoint import Endpoint, relay_address, relay_peer
 from meshagent_gui.core.p2p.engine import Address
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 ID_BYTES: Final = 32
 MAX_DATAGRAM: Final = 1500  # the server closes the socket (1003) on anything larger
 MAX_FRAME: Final = ID_BYTES + MAX_DATAGRAM
-CLOSE_UNAUTHORIZED: Final = 4401
 OPEN_TIMEOUT: Final = 10.0
 # Frames the websockets client buffers before it stops reading the socket (its default, 16,
 # would throttle a QUIC flight long before the server's own queue does).
@@ -154,46 +154,29 @@ class RelayLink:
     async def _session(self) -> str:
         """One connection from open to close; returns why it ended."""
         self._set_state("connecting")
-        token = self._client.access_token
-        for attempt in range(2):
-            if self.state == "online":
+
+        async def serve(ws: ClientConnection) -> str:
+            if self.state == "online":  # a retry after the server refused a stale token
                 self._disconnected("connecting")
-            if token is None:
-                token = await self._refresh(None)
-                if token is None:
-                    return "not logged in"
-            try:
-                async with connect(
-                    relay_url(self._client.url),
-                    additional_headers={"Authorization": f"Bearer {token}"},
-                    open_timeout=self._open_timeout,
-                    close_timeout=2,
-                    max_size=MAX_FRAME,
-                    max_queue=RECEIVE_QUEUE,
-                    compression=None,  # QUIC packets are encrypted: nothing to compress
-                    ping_interval=10,
-                    ping_timeout=10,
-                ) as ws:
-                    await self._confirm(ws)
-                    return await self._serve(ws)
-            except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd else None
-                if code == CLOSE_UNAUTHORIZED and attempt == 0:
-                    token = await self._refresh(token)
-                    if token is None:
-                        return "refused: this device's session is no longer valid"
-                    continue
-                return f"closed ({code})" if code else "connection dropped"
-            except InvalidStatus as exc:
-                if exc.response.status_code in (401, 403) and attempt == 0:
-                    token = await self._refresh(token)
-                    if token is None:
-                        return "refused: this device's session is no longer valid"
-                    continue
-                return f"server answered HTTP {exc.response.status_code}"
-            except (OSError, TimeoutError, InvalidHandshake) as exc:
-                return str(exc) or type(exc).__name__
-        return "refused twice"
+            await self._confirm(ws)
+            return await self._serve(ws)
+
+        return await run_authed_socket(
+            self._client,
+            relay_url(self._client.url),
+            serve,
+            on_refresh_error=self._note_error,
+            open_timeout=self._open_timeout,
+            close_timeout=2,
+            max_size=MAX_FRAME,
+            max_queue=RECEIVE_QUEUE,
+            compression=None,  # QUIC packets are encrypted: nothing to compress
+            ping_interval=10,
+            ping_timeout=10,
+        )
+
+    def _note_error(self, message: str) -> None:
+        self.last_error = message
 
     async def _confirm(self, ws: ClientConnection) -> None:
         """Wait for one ping round trip before calling the link online.
@@ -205,14 +188,6 @@ class RelayLink:
         pong = await ws.ping()
         async with asyncio.timeout(self._open_timeout):
             await pong
-
-    async def _refresh(self, stale: str | None) -> str | None:
-        try:
-            return await self._client.refresh(stale)
-        except MeshError as exc:
-            self.last_error = exc.message
-            log.warning("cannot refresh the session for the relay: %s", exc.message)
-            return None
 
     async def _serve(self, ws: ClientConnection) -> str:
         self._ws = ws
