@@ -17,13 +17,14 @@ from typing import Final
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from meshagent_gui.core.mesh.types import RELAY_ID_BYTES as ID_BYTES
+from meshagent_gui.core.mesh.types import RELAY_MAX_DATAGRAM as MAX_DATAGRAM
+
 from .hub import Hub, TokenBucket
 from .store import Principal
 
 log = logging.getLogger(__name__)
 
-ID_BYTES: Final = 32
-MAX_DATAGRAM: Final = 1500
 CLOSE_BAD_FRAME: Final = 1003
 
 

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from meshagent_gui.core.mesh.types import PublicKey
+from meshagent_gui.core.protocol.captoken import certificate_binding
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +42,6 @@ class KeyFileError(Exception):
 
 def b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
-def certificate_binding(holder_device_id: str) -> str:
-    """The ``cnf`` ``x5t#S256`` value for a device id (the hex SHA-256 of its certificate)."""
-    return b64url(bytes.fromhex(holder_device_id))
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,9 @@ def normalize_url(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
-def ws_url(url: str) -> str:
-    return ("wss" + url[5:] if url.startswith("https") else "ws" + url[4:]) + API_PREFIX + "/ws"
+def ws_url(url: str, endpoint: str = "/ws") -> str:
+    """The WebSocket URL of an API endpoint (``/ws``, ``/relay``) of the server at ``url``."""
+    return ("wss" + url[5:] if url.startswith("https") else "ws" + url[4:]) + API_PREFIX + endpoint
 
 
 @dataclass

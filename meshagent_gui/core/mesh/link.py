@@ -162,7 +162,9 @@ class MeshLink:
         self._backoff.reset()
         log.info("connected to %s (%d peers online)", self._client.url, len(self.online))
         for message in list(self._standing.values()):
-            await ws_send(self._ws, dump_ws(message))
+            # Inside the session: a drop here ends it like any other (ConnectionClosed).
+            assert self._ws is not None
+            await asyncio.wait_for(self._ws.send(dump_ws(message)), OPEN_TIMEOUT)
         self._connected.set()
         self._bus.publish(
             ServerConnected(self._client.url, self.session_id or "", self.clock_skew or 0.0)
@@ -209,8 +211,3 @@ class MeshLink:
                 log.warning("the server refused a frame: %s (%s)", message.message, message.error)
             case _:
                 log.debug("ignored %s frame", message.type)
-
-
-async def ws_send(ws: ClientConnection | None, text: str) -> None:
-    if ws is not None:
-        await asyncio.wait_for(ws.send(text), OPEN_TIMEOUT)

@@ -12,6 +12,9 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 API_PREFIX: Final = "/api/v1"
+# Relay frames (/api/v1/relay): a raw device id, then one QUIC datagram.
+RELAY_ID_BYTES: Final = 32
+RELAY_MAX_DATAGRAM: Final = 1500
 # p2p:connect admits a QUIC connection (its first stream); the others admit service streams.
 SCOPES: Final = ("p2p:connect", "share:file", "share:folder", "terminal:view", "terminal:control")
 Scope = Literal["p2p:connect", "share:file", "share:folder", "terminal:view", "terminal:control"]

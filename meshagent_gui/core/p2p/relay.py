@@ -26,16 +26,15 @@ from websockets.exceptions import ConnectionClosed
 
 from meshagent_gui.core.mesh.authed_socket import CLOSE_UNAUTHORIZED, run_authed_socket
 from meshagent_gui.core.mesh.backoff import Backoff
-from meshagent_gui.core.mesh.client import MeshClient
-from meshagent_gui.core.mesh.types import API_PREFIX
+from meshagent_gui.core.mesh.client import MeshClient, ws_url
+from meshagent_gui.core.mesh.types import RELAY_ID_BYTES as ID_BYTES
+from meshagent_gui.core.mesh.types import RELAY_MAX_DATAGRAM as MAX_DATAGRAM
 from meshagent_gui.core.p2p.endpoint import Endpoint, relay_address, relay_peer
 from meshagent_gui.core.p2p.engine import Address
 from meshagent_gui.core.p2p.errors import EndpointClosedError
 
 log = logging.getLogger(__name__)
 
-ID_BYTES: Final = 32
-MAX_DATAGRAM: Final = 1500  # the server closes the socket (1003) on anything larger
 MAX_FRAME: Final = ID_BYTES + MAX_DATAGRAM
 OPEN_TIMEOUT: Final = 10.0
 # Frames the websockets client buffers before it stops reading the socket (its default, 16,
@@ -64,8 +63,7 @@ class RelayStats:
 
 
 def relay_url(server_url: str) -> str:
-    scheme = "wss" + server_url[5:] if server_url.startswith("https") else "ws" + server_url[4:]
-    return scheme + API_PREFIX + "/relay"
+    return ws_url(server_url, "/relay")
 
 
 class RelayLink:

@@ -281,6 +281,7 @@ ReceiverMessage: TypeAlias = Answer | Resend | Progress | FileDone | Cancel | Co
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
+    """How many chunks a file of ``size`` bytes has (an empty file has none)."""
     return -(-size // chunk_size)
 
 

@@ -80,6 +80,7 @@ from typing import Final, TypeVar
 
 from blake3 import blake3
 
+from meshagent_gui.core.protocol.transfer import chunk_count, chunk_length
 from meshagent_gui.errors import UserError
 
 from .paths import MAX_COMPONENT_BYTES, move_to_unique
@@ -156,16 +157,6 @@ def _disk_errors(path: Path, needed: int | None = None) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- layout
-
-
-def chunk_count(size: int, chunk_size: int) -> int:
-    """How many chunks a file of ``size`` bytes has (an empty file has none)."""
-    return -(-size // chunk_size)
-
-
-def chunk_length(size: int, chunk_size: int, chunk: int) -> int:
-    """The length of chunk ``chunk``: ``chunk_size`` except for the last one."""
-    return min(chunk_size, size - chunk * chunk_size)
 
 
 @dataclass(frozen=True, slots=True)
