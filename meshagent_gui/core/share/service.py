@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE: Final = 1024 * 1024
 OFFER_TIMEOUT: Final = 120.0  # the receiver may be asking its user
 ASK_TIMEOUT: Final = 90.0  # how long an offer waits for an answer from the UI
-PROGRESS_EVERY: Final = 0.2
 SMALL_BATCH_FILES: Final = 256  # completed small files recorded on disk together
 SMALL_BATCH_BYTES: Final = 4 * 1024 * 1024
 READ_AHEAD: Final = 4

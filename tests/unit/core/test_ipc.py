@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib
 import os
 import stat
 from pathlib import Path
@@ -71,10 +70,6 @@ def test_lock_is_exclusive(tmp_path: Path) -> None:
     third = ipc.AgentLock(tmp_path / "lock")
     third.acquire()
     third.release()
-
-
-def test_module_reload_keeps_platform_choice() -> None:
-    assert importlib.reload(ipc).USE_TCP in (True, False)
 
 
 async def test_streaming_handler_sends_progress_then_result(tmp_path: Path, transport: str) -> None:
