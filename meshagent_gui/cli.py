@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -24,7 +24,9 @@ from meshagent_gui.config import KEYS, Paths, parse_value
 from meshagent_gui.errors import UserError
 
 if TYPE_CHECKING:
+    from meshagent_gui.console import Role
     from meshagent_gui.context import Context
+    from meshagent_gui.core.agent import Agent
 
 log = logging.getLogger("meshagent")
 T = TypeVar("T")
@@ -124,6 +126,33 @@ def build_parser() -> argparse.ArgumentParser:
     notify.add_argument("title")
     notify.add_argument("message")
     notify.add_argument("--priority", type=int, default=5)
+
+    terminal = command("terminal", "share this computer's terminal, or watch a shared one")
+    terminal_commands = terminal.add_subparsers(
+        dest="terminal_command", required=True, parser_class=_Parser
+    )
+    share = terminal_commands.add_parser(
+        "share",
+        parents=[common],
+        help="share a shell (or COMMAND) with the room",
+        description="Share a shell (or COMMAND, e.g. `-- ssh user@host`) with the room; viewers"
+        " watch, and may take control once you allow it. Ctrl-] q stops sharing.",
+    )
+    share.add_argument(
+        "--allow-control",
+        action="store_true",
+        help="your own devices may take control without asking",
+    )
+    share.add_argument("--record", type=Path, metavar="FILE", help="write an asciicast v2 file")
+    share.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    view = terminal_commands.add_parser(
+        "view",
+        parents=[common],
+        help="watch a device's shared terminal (Ctrl-] q leaves, Ctrl-] c takes control)",
+    )
+    view.add_argument("device", help="name, id or id prefix (see meshagent devices)")
+    view.add_argument("--session", help="which session, when the device shares several")
+    view.add_argument("--control", action="store_true", help="ask for control at once")
 
     command("doctor", "check everything and say what is wrong")
     return parser
@@ -344,7 +373,6 @@ async def _through_agent(
 ) -> Any:
     """Ask the running agent; with none, run one in-process for the duration of the call."""
     from meshagent_gui.core import ipc
-    from meshagent_gui.core.agent import Agent
 
     try:
         return await ipc.call(
@@ -352,6 +380,15 @@ async def _through_agent(
         )
     except ipc.AgentNotRunning:
         pass
+    async with _agent_in_process(ctx) as agent:
+        return await ipc.outcome_of(agent.ipc_handlers()[method](params), on_progress)
+
+
+@contextlib.asynccontextmanager
+async def _agent_in_process(ctx: Context) -> AsyncIterator[Agent]:
+    """An agent for the duration of one command, connected to the server."""
+    from meshagent_gui.core.agent import Agent
+
     agent = Agent.from_context(ctx)
     connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     runner = asyncio.create_task(agent.run(on_ready=lambda: connected.set_result(None)))
@@ -366,11 +403,56 @@ async def _through_agent(
                 f"cannot connect to the Mesh Server: {agent.link.last_error or 'timeout'}",
                 code="server_unreachable",
             ) from None
-        return await ipc.outcome_of(agent.ipc_handlers()[method](params), on_progress)
+        yield agent
     finally:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+
+
+async def _console(ctx: Context, method: str, params: dict[str, Any], role: Role) -> int:
+    """Attach this console to a terminal session in the running agent (or one of our own)."""
+    from meshagent_gui.console import Console
+    from meshagent_gui.core import ipc
+
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            stream = await ipc.attach(ctx.paths.ipc_path, method, params)
+        except ipc.AgentNotRunning:
+            await stack.enter_async_context(_agent_in_process(ctx))
+            stream = await ipc.attach(ctx.paths.ipc_path, method, params)
+        try:
+            return await Console(stream, role).run()
+        finally:
+            await stream.aclose()
+
+
+def cmd_terminal(args: argparse.Namespace) -> int:
+    from meshagent_gui.console import console_size
+
+    ctx = _context(args.home)
+    size = list(console_size())
+    if args.terminal_command == "share":
+        command = list(args.cmd)
+        if command[:1] == ["--"]:
+            command = command[1:]
+        record = str(args.record.expanduser().absolute()) if args.record else ""
+        params = {
+            "command": command or None,
+            "allow_control": args.allow_control,
+            "record": record,
+            "size": size,
+            "cwd": os.getcwd(),
+            "env": dict(os.environ),  # the shared shell is this console's, not the agent's
+        }
+        return _run(_console(ctx, "terminal.share", params, "host"))
+    params = {
+        "device": args.device,
+        "session": args.session or "",
+        "control": args.control,
+        "size": size,
+    }
+    return _run(_console(ctx, "terminal.view", params, "viewer"))
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
@@ -488,6 +570,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "send": cmd_send,
     "notify": cmd_notify,
     "doctor": cmd_doctor,
+    "terminal": cmd_terminal,
 }
 
 

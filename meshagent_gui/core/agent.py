@@ -25,7 +25,7 @@ from meshagent_gui.identity import short_id
 
 from .bus import EventBus
 from .events import AnnouncementReceived, PeerCameOnline
-from .ipc import AgentLock, Handler, IpcServer
+from .ipc import AgentLock, Handler, IpcServer, IpcStream, StreamHandler
 from .mesh.client import Enrollment, MeshClient, MeshError
 from .mesh.link import MeshLink
 from .mesh.types import Device, PublicKey
@@ -42,9 +42,13 @@ from .protocol.captoken import (
     UnknownKey,
     public_key_from_jwk_x,
 )
+from .protocol.messages import BASE_REGISTRY
+from .protocol.terminal import TERMINAL_REGISTRY
 from .protocol.transfer import TRANSFER_REGISTRY
 from .share.ratelimit import parse_rate
 from .share.service import TransferService
+from .terminal.bridge import share_console, view_console
+from .terminal.service import TerminalService
 
 # A token naming an unknown key makes us refetch the server's keys, at most this often, so
 # that garbage key ids cannot turn peers into a flood of requests to the server.
@@ -114,7 +118,7 @@ class Agent:
             refetch_keys=self._refetch_keys,
             direct_timeout=float(config["p2p.direct_timeout"]),
             upgrade_interval=float(config["p2p.upgrade_interval"]),
-            registry=TRANSFER_REGISTRY,
+            registry=AGENT_REGISTRY,
         )
         self.transfers = TransferService(
             peers=self.peers,
@@ -127,6 +131,17 @@ class Agent:
             peer_name=lambda device_id: self._names.get(device_id, device_id[:12]),
             auto_accept=lambda: str(config["transfer.auto_accept"]),
             global_rate=lambda: parse_rate(str(config["transfer.rate_limit"])),
+        )
+        self.terminals = TerminalService(
+            peers=self.peers,
+            link=self.link,
+            client=self.client,
+            bus=self.bus,
+            verify=self.verify_capability,
+            own_user=enrollment.user,
+            peer_user=self._peer_user,
+            peer_name=lambda device_id: self._names.get(device_id, device_id[:12]),
+            device_name=lambda: str(config["device.name"]) or "this device",
         )
 
     @classmethod
@@ -360,13 +375,28 @@ class Agent:
             "cancel": cancel,
         }
 
+    def ipc_streams(self) -> dict[str, StreamHandler]:
+        """Attached requests: consoles of ``meshagent terminal share|view``."""
+
+        async def resolve(text: str) -> tuple[str, str]:
+            device = await self.resolve_device(text)
+            return device.id, device.name
+
+        async def share(params: dict[str, Any], stream: IpcStream) -> None:
+            await share_console(self.terminals, params, stream)
+
+        async def view(params: dict[str, Any], stream: IpcStream) -> None:
+            await view_console(self.terminals, resolve, params, stream)
+
+        return {"terminal.share": share, "terminal.view": view}
+
     # ------------------------------------------------------------ running
 
     async def run(self, *, on_ready: Callable[[], Awaitable[None] | None] | None = None) -> None:
         """Run until cancelled: server link, IPC endpoint and the event consumers."""
         lock = AgentLock(self.ctx.paths.lock_file)
         lock.acquire()
-        ipc = IpcServer(self.ctx.paths.ipc_path, self.ipc_handlers())
+        ipc = IpcServer(self.ctx.paths.ipc_path, self.ipc_handlers(), self.ipc_streams())
         gotify = self._gotify_client()
         sinks = [*self.notification_sinks, *([GotifySink(gotify)] if gotify else [])]
         router = NotificationRouter(self.ctx.config, sinks)
@@ -377,6 +407,7 @@ class Agent:
                 tasks.create_task(self.link.run(), name="mesh-link")
                 tasks.create_task(self.peers.run(), name="p2p")
                 tasks.create_task(self._follow_events(), name="agent-events")
+                tasks.create_task(self.terminals.run(), name="terminal-announcements")
                 tasks.create_task(self._notify(router), name="agent-notify")
                 if on_ready is not None:
                     result = on_ready()
@@ -428,6 +459,12 @@ class Agent:
                 if stranger or moved:
                     with contextlib.suppress(UserError):
                         await self.devices()
+
+
+AGENT_REGISTRY = TRANSFER_REGISTRY.extended(
+    spec for spec in TERMINAL_REGISTRY.specs if spec.code not in BASE_REGISTRY.codes
+)
+"""Every message an agent speaks on its peer streams: transfers and terminals."""
 
 
 def _verifying_keys(keys: list[PublicKey]) -> dict[str, Ed25519PublicKey]:

@@ -6,6 +6,12 @@ server). One request per line ``{"id", "method", "params"}``; one answer per lin
 ``{"id", "result"}`` or ``{"id", "error": {"code", "message"}}``. A long request (a transfer)
 may send ``{"id", "progress": ...}`` lines before its answer: its handler is an async generator
 whose last item is the result.
+
+An *attached* request (a terminal console) turns the connection into a two-way stream after its
+request line: frames of ``!BI`` (kind, length) then the payload, kind 0 raw bytes (terminal
+output, keystrokes), kind 1 one JSON object (events, resizes, answers). The agent's first frame
+is JSON: ``{"ok": {...}}`` or ``{"error": {"code", "message"}}``. JSON lines would cost a
+base64 round for every keystroke and every byte of a ``cat`` flood.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import logging
 import os
 import secrets
+import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -27,6 +34,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any] | AsyncIterator[Any]]
 MAX_LINE: Final = 1 << 20
+FRAME_HEAD: Final = struct.Struct("!BI")
+FRAME_DATA: Final = 0
+FRAME_JSON: Final = 1
+MAX_FRAME: Final = 1 << 20
 USE_TCP: Final = sys.platform == "win32" or os.environ.get("MESHAGENT_IPC") == "tcp"
 
 
@@ -34,10 +45,85 @@ class AgentNotRunning(Exception):
     """No agent answers on this home's IPC endpoint."""
 
 
+class StreamClosed(Exception):
+    """The other end of an attached stream hung up."""
+
+
+class IpcStream:
+    """An attached request's two-way stream of byte frames and JSON frames."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    def write_data(self, data: bytes | memoryview) -> None:
+        """Queue bytes without waiting (the hot path); :meth:`drain` applies backpressure."""
+        if self._writer.is_closing():
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), MAX_FRAME):
+            part = view[start : start + MAX_FRAME]
+            self._writer.write(FRAME_HEAD.pack(FRAME_DATA, len(part)))
+            self._writer.write(part)
+
+    def write_json(self, message: Mapping[str, Any]) -> None:
+        if self._writer.is_closing():
+            return
+        body = json.dumps(message).encode()
+        self._writer.write(FRAME_HEAD.pack(FRAME_JSON, len(body)) + body)
+
+    @property
+    def buffered(self) -> int:
+        return self._writer.transport.get_write_buffer_size()
+
+    async def drain(self) -> None:
+        try:
+            await self._writer.drain()
+        except ConnectionError as exc:
+            raise StreamClosed(str(exc)) from exc
+
+    async def receive(self) -> bytes | dict[str, Any]:
+        """The next frame; raises :class:`StreamClosed` at the end."""
+        try:
+            head = await self._reader.readexactly(FRAME_HEAD.size)
+            kind, length = FRAME_HEAD.unpack(head)
+            if length > MAX_FRAME:
+                raise StreamClosed(f"frame of {length} bytes")
+            body = await self._reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise StreamClosed("hung up") from exc
+        if kind == FRAME_DATA:
+            return body
+        try:
+            message = json.loads(body)
+        except ValueError as exc:
+            raise StreamClosed("bad JSON frame") from exc
+        if not isinstance(message, dict):
+            raise StreamClosed("bad JSON frame")
+        return message
+
+    def close(self) -> None:
+        self._writer.close()
+
+    async def aclose(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self._writer.wait_closed()
+
+
+StreamHandler = Callable[[dict[str, Any], IpcStream], Awaitable[None]]
+
+
 class IpcServer:
-    def __init__(self, path: Path, handlers: Mapping[str, Handler]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        handlers: Mapping[str, Handler],
+        streams: Mapping[str, StreamHandler] | None = None,
+    ) -> None:
         self.path = path
         self._handlers = handlers
+        self._streams = streams or {}
         self._server: asyncio.Server | None = None
         self._cookie = secrets.token_hex(16)
 
@@ -75,6 +161,10 @@ class IpcServer:
                 if not secrets.compare_digest(line.strip().decode(errors="replace"), self._cookie):
                     return
             while line := await reader.readline():
+                if (attached := self._attached(line)) is not None:
+                    handler, params = attached
+                    await handler(params, IpcStream(reader, writer))
+                    return
                 answering = asyncio.ensure_future(self._answer(line, writer))
                 hangup = asyncio.ensure_future(reader.read(1))  # the client sends nothing more
                 await asyncio.wait({answering, hangup}, return_when=asyncio.FIRST_COMPLETED)
@@ -95,6 +185,16 @@ class IpcServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+
+    def _attached(self, line: bytes) -> tuple[StreamHandler, dict[str, Any]] | None:
+        try:
+            request = json.loads(line)
+            handler = self._streams.get(str(request.get("method")))
+            if handler is None:
+                return None
+            return handler, dict(request.get("params") or {})
+        except (ValueError, AttributeError, TypeError):
+            return None  # _answer says what is wrong with it
 
     async def _answer(self, line: bytes, writer: asyncio.StreamWriter) -> bytes:
         request_id: Any = None
@@ -144,19 +244,7 @@ async def call(
     on_progress: Callable[[Any], None] | None = None,
 ) -> Any:
     """Ask the running agent; raises AgentNotRunning when there is none."""
-    try:
-        if USE_TCP:
-            endpoint = json.loads(await asyncio.to_thread(path.read_text))
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection("127.0.0.1", int(endpoint["port"]), limit=MAX_LINE), 5
-            )
-            writer.write(str(endpoint["cookie"]).encode() + b"\n")
-        else:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(path), limit=MAX_LINE), 5
-            )
-    except (OSError, ValueError, KeyError, TimeoutError) as exc:
-        raise AgentNotRunning(str(exc)) from exc
+    reader, writer = await _connect(path)
     try:
         writer.write(json.dumps({"id": 1, "method": method, "params": params or {}}).encode())
         writer.write(b"\n")
@@ -182,6 +270,47 @@ async def call(
     if "error" in answer:
         raise UserError(answer["error"]["message"], code=answer["error"]["code"])
     return answer.get("result")
+
+
+async def attach(path: Path, method: str, params: dict[str, Any] | None = None) -> IpcStream:
+    """Open an attached request; raises AgentNotRunning, or UserError if the agent refuses."""
+    reader, writer = await _connect(path)
+    stream = IpcStream(reader, writer)
+    writer.write(json.dumps({"id": 1, "method": method, "params": params or {}}).encode())
+    writer.write(b"\n")
+    try:
+        await writer.drain()
+        first = await asyncio.wait_for(stream.receive(), 60)
+    except (StreamClosed, ConnectionError) as exc:
+        await stream.aclose()
+        raise AgentNotRunning(str(exc)) from exc
+    except TimeoutError:
+        await stream.aclose()
+        raise UserError("the running agent did not answer in time", code="agent_timeout") from None
+    if isinstance(first, dict) and isinstance(first.get("error"), dict):
+        await stream.aclose()
+        raise UserError(str(first["error"].get("message")), code=str(first["error"].get("code")))
+    if not isinstance(first, dict) or "ok" not in first:
+        await stream.aclose()
+        raise UserError("the running agent answered nonsense", code="agent_error")
+    return stream
+
+
+async def _connect(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    try:
+        if USE_TCP:
+            endpoint = json.loads(await asyncio.to_thread(path.read_text))
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", int(endpoint["port"]), limit=MAX_LINE), 5
+            )
+            writer.write(str(endpoint["cookie"]).encode() + b"\n")
+        else:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(path), limit=MAX_LINE), 5
+            )
+    except (OSError, ValueError, KeyError, TimeoutError) as exc:
+        raise AgentNotRunning(str(exc)) from exc
+    return reader, writer
 
 
 class AgentLock:

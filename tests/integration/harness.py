@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -241,3 +242,68 @@ def cleanup(*things: Any) -> Iterator[None]:
     finally:
         for thing in things:
             thing.stop()
+
+
+class Tmux:
+    """A private tmux server: each session is a real console (a PTY) that tests type into and
+    read the screen of, as a person would."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+
+    def _tmux(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["tmux", "-S", str(self.socket), "-f", "/dev/null", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        size: tuple[int, int] = (100, 30),
+    ) -> None:
+        """Run ``argv`` in a new session of ``size`` (cols, rows); the pane stays after exit."""
+        environment = {**BASE_ENV, **(env or {}), "TERM": "xterm-256color"}
+        exports = " ".join(
+            f"{k}={shlex.quote(v)}" for k, v in environment.items() if k.isidentifier()
+        )
+        command = f"env -i {exports} {shlex.join(argv)}; echo '[exited' $? ']'; sleep 3600"
+        cols, rows = size
+        done = self._tmux(
+            "new-session", "-d", "-s", name, "-x", str(cols), "-y", str(rows), command
+        )
+        assert done.returncode == 0, done.stderr
+
+    def type(self, name: str, text: str, *, enter: bool = False) -> None:
+        self._tmux("send-keys", "-t", name, "-l", text)
+        if enter:
+            self._tmux("send-keys", "-t", name, "Enter")
+
+    def keys(self, name: str, *keys: str) -> None:
+        """tmux key names: ``C-]``, ``Enter``, ``q``..."""
+        self._tmux("send-keys", "-t", name, *keys)
+
+    def screen(self, name: str) -> str:
+        return self._tmux("capture-pane", "-p", "-t", name).stdout
+
+    def resize(self, name: str, cols: int, rows: int) -> None:
+        self._tmux("resize-window", "-t", name, "-x", str(cols), "-y", str(rows))
+
+    def wait_for(self, name: str, text: str, timeout: float = 15) -> str:
+        try:
+            return wait_until(
+                lambda: s if text in (s := self.screen(name)) else "", timeout, repr(text)
+            )
+        except AssertionError:
+            raise AssertionError(
+                f"{text!r} not on {name}'s screen after {timeout}s:\n{self.screen(name)}"
+            ) from None
+
+    def kill(self) -> None:
+        self._tmux("kill-server")

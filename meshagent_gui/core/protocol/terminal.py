@@ -48,6 +48,7 @@ MAX_INPUT_DATA: Final = 16 * KiB
 """One Input message; a paste is split into several."""
 MAX_PARTY_LENGTH: Final = 256
 MAX_REASON_LENGTH: Final = 1 * KiB
+MAX_TOKEN_LENGTH: Final = 4 * KiB
 
 JOIN: Final = 0x0201
 OUTPUT: Final = 0x0202
@@ -170,7 +171,11 @@ class ControlState:
 
 @dataclass(frozen=True, slots=True)
 class ControlRequest:
-    """Viewer -> host: asks for control (the viewer's stream must carry terminal:control)."""
+    """Viewer -> host: asks for control. ``token``: a ``terminal:control`` capability for this
+    session, fetched from the server just now (the server's ACL says who may ask); empty when
+    the stream was opened with one already."""
+
+    token: Annotated[str, msgspec.Meta(max_length=MAX_TOKEN_LENGTH)] = ""
 
 
 @dataclass(frozen=True, slots=True)

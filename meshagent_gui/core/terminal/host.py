@@ -795,6 +795,10 @@ class TerminalHost:
         self._set_controller(viewer, "granted")
         return True
 
+    def deny_control(self, viewer: Viewer, reason: str) -> None:
+        """Tell ``viewer`` its request was refused (by the host's user or its policy)."""
+        viewer._push(ControlDenied(reason))
+
     def grant_control(self, viewer: Viewer) -> None:
         """Give control to ``viewer`` (the host's decision), demoting any other controller."""
         if not viewer.can_control or viewer.closed:

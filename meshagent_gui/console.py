@@ -1,0 +1,196 @@
+"""The console end of ``meshagent terminal share|view``: raw mode, keys, output, status lines.
+
+The agent holds the PTY or the viewer's stream; this process is only the user's terminal,
+attached to it over local IPC (see ``core.terminal.bridge``). ``Ctrl-]`` is the escape key, as
+in telnet: the key after it is a command (``q`` leave, ``c`` take control, ``r`` release or
+revoke, ``Ctrl-]`` a literal one, anything else shows the help).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Iterator
+from typing import Any, Final, Literal
+
+from meshagent_gui.core.ipc import IpcStream, StreamClosed
+
+ESCAPE: Final = 0x1D  # Ctrl-]
+Role = Literal["host", "viewer"]
+
+HELP: Final = {
+    "host": "Ctrl-] then: q stop sharing, r take control back, Ctrl-] send Ctrl-]",
+    "viewer": "Ctrl-] then: q leave, c take control, r release control, Ctrl-] send Ctrl-]",
+}
+
+
+@contextlib.contextmanager
+def raw_mode(fd: int) -> Iterator[None]:
+    """The console in raw mode (keys as typed, no echo), restored however we leave."""
+    if not os.isatty(fd):
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def console_size() -> tuple[int, int]:
+    size = shutil.get_terminal_size((80, 24))
+    return max(1, min(size.columns, 1000)), max(1, min(size.lines, 1000))
+
+
+class Console:
+    """Pumps keys to the agent and the agent's frames to the screen until the session ends."""
+
+    def __init__(self, stream: IpcStream, role: Role) -> None:
+        self.stream = stream
+        self.role = role
+        self.exit_code = 0
+        self._escaped = False
+        self._asking: int | None = None  # a control request waiting for y/n (host)
+        self._in = sys.stdin.fileno()
+        self._out = sys.stdout.fileno()
+        self._leaving = False
+
+    def say(self, text: str) -> None:
+        """A status line, set apart from the shared screen."""
+        self._write(f"\r\n\x1b[7m[meshagent] {text}\x1b[0m\r\n".encode())
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                written = os.write(self._out, view)
+            except BlockingIOError:
+                continue
+            view = view[written:]
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        with raw_mode(self._in):
+            reading = self._watch_keys(loop)
+            if sys.platform != "win32":
+                loop.add_signal_handler(signal.SIGWINCH, self._resized)
+            try:
+                await self._show()
+            finally:
+                if reading:
+                    loop.remove_reader(self._in)
+                if sys.platform != "win32":
+                    loop.remove_signal_handler(signal.SIGWINCH)
+        return self.exit_code
+
+    def _watch_keys(self, loop: asyncio.AbstractEventLoop) -> bool:
+        try:
+            loop.add_reader(self._in, self._keys)
+        except (OSError, ValueError, NotImplementedError):
+            return False  # stdin is a regular file or closed: nothing to type
+        return True
+
+    def _resized(self) -> None:
+        self.stream.write_json({"resize": list(console_size())})
+
+    async def _show(self) -> None:
+        while True:
+            try:
+                frame = await self.stream.receive()
+            except StreamClosed:
+                if self.role == "viewer" and not self._leaving:
+                    self.say("the agent closed the session")
+                    self.exit_code = 1
+                return
+            if isinstance(frame, bytes):
+                self._write(frame)
+            elif self._event(frame):
+                return
+
+    def _event(self, frame: dict[str, Any]) -> bool:
+        """Show an agent event; True when the session is over."""
+        match frame.get("event"):
+            case "control_request":
+                self._asking = frame.get("id")
+                self.say(f"{frame.get('name')} asks to take control. Allow? [y/n]")
+            case "control_request_closed" if self._asking == frame.get("id"):
+                self._asking = None
+            case "viewer_joined":
+                self.say(f"{frame.get('name')} is watching")
+            case "viewer_left":
+                self.say(f"{frame.get('name')} left")
+            case "control":
+                controller = frame.get("controller")
+                if frame.get("you"):
+                    self.say("you are in control")
+                elif controller:
+                    self.say(f"{controller} is in control")
+                else:
+                    self.say("the host is in control")
+            case "refused":
+                self.say(f"control refused: {frame.get('reason')}")
+            case "error":
+                self.say(str(frame.get("message")))
+                self.exit_code = 1
+                return True
+            case "ended":
+                code, sig = frame.get("exit_code"), frame.get("signal")
+                message = frame.get("message") or (
+                    f"exit code {code}" if code is not None else f"signal {sig}"
+                )
+                if self.role == "viewer":
+                    self.say(f"session ended: {message}")
+                self.exit_code = code if isinstance(code, int) else 128 + int(sig or 0)
+                return True
+        return False
+
+    def _keys(self) -> None:
+        try:
+            data = os.read(self._in, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self._in)
+            return
+        forward = bytearray()
+        for byte in data:
+            if self._asking is not None and byte in b"yYnN":
+                self.stream.write_json({"consent": self._asking, "allow": byte in b"yY"})
+                self._asking = None
+            elif self._escaped:
+                self._escaped = False
+                if byte == ESCAPE:
+                    forward.append(byte)
+                else:
+                    self._command(chr(byte))
+            elif byte == ESCAPE:
+                self._escaped = True
+            else:
+                forward.append(byte)
+        if forward:
+            self.stream.write_data(bytes(forward))
+
+    def _command(self, key: str) -> None:
+        match key, self.role:
+            case (("q" | "Q" | "."), "host"):
+                self.stream.write_json({"stop": True})
+            case (("q" | "Q" | "."), "viewer"):
+                self._leaving = True
+                self.stream.close()  # _show sees the end of the stream and returns
+            case (("c" | "C"), "viewer"):
+                self.stream.write_json({"control": "request"})
+                self.say("asking for control...")
+            case (("r" | "R"), "viewer"):
+                self.stream.write_json({"control": "release"})
+            case (("r" | "R"), "host"):
+                self.stream.write_json({"revoke": True})
+            case _:
+                self.say(HELP[self.role])

@@ -1,0 +1,222 @@
+"""The agent's side of ``meshagent terminal share|view``: a console attached over local IPC.
+
+The console process (the CLI, in raw mode) and the agent exchange IPC stream frames: raw bytes
+are terminal output (agent -> console) or keystrokes (console -> agent); JSON frames carry the
+rest. Console -> agent: ``{"resize": [cols, rows]}``, ``{"consent": id, "allow": bool}``,
+``{"revoke": true}``, ``{"stop": true}`` (host); ``{"control": "request"|"release"}`` (viewer).
+Agent -> console: ``{"event": ...}`` with ``control_request`` (id, name), ``viewer_joined``,
+``viewer_left``, ``control`` (controller, you), ``refused`` (reason), ``screen``/``size``
+(cols, rows), ``ended`` (exit_code, signal, message), ``error`` (message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+from meshagent_gui.core.ipc import IpcStream, StreamClosed
+from meshagent_gui.core.protocol.terminal import (
+    ControlChanged,
+    ControlRefused,
+    OutputReceived,
+    ScreenReplaced,
+    SessionEnded,
+    SizeChanged,
+    ViewerEvent,
+)
+from meshagent_gui.core.terminal import host as h
+from meshagent_gui.core.terminal.service import ControlAsk, TerminalService
+from meshagent_gui.errors import UserError
+
+CONSOLE_HIGH_WATER: Final = 1 << 20
+"""Output queued toward a console before the viewer stops reading its stream (backpressure to
+the host, whose bounded queue then skips this viewer ahead to a fresh snapshot)."""
+
+ResolveDevice = Callable[[str], Awaitable[tuple[str, str]]]
+
+
+def _refuse(stream: IpcStream, exc: UserError) -> None:
+    stream.write_json({"error": {"code": exc.code, "message": exc.message}})
+
+
+def _size(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        cols, rows = value
+        if 0 < cols <= 1000 and 0 < rows <= 1000:
+            return cols, rows
+    return None
+
+
+async def share_console(
+    service: TerminalService, params: dict[str, Any], stream: IpcStream
+) -> None:
+    """Share a new PTY; the attached console is the host's own terminal."""
+    size = _size(params.get("size")) or (80, 24)
+    command = params.get("command") or None
+    record = params.get("record")
+    env = params.get("env")
+    try:
+        if env is not None and not (
+            isinstance(env, dict) and all(isinstance(v, str) for v in env.values())
+        ):
+            raise UserError("the environment must map names to strings", code="usage")
+        if command is not None and not (
+            isinstance(command, list) and all(isinstance(c, str) for c in command)
+        ):
+            raise UserError("the command must be a list of words", code="usage")
+        shared = service.share(
+            command,
+            allow_control=bool(params.get("allow_control")),
+            record=Path(record) if isinstance(record, str) and record else None,
+            cols=size[0],
+            rows=size[1],
+            cwd=params.get("cwd") if isinstance(params.get("cwd"), str) else None,
+            env=env,
+        )
+    except UserError as exc:
+        _refuse(stream, exc)
+        return
+    stream.write_json({"ok": {"session_id": shared.session_id, "title": shared.title}})
+    asks: dict[int, asyncio.Future[bool]] = {}
+    numbers = itertools.count(1)
+
+    async def consent(ask: ControlAsk) -> bool:
+        number = next(numbers)
+        answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        asks[number] = answer
+        stream.write_json({"event": "control_request", "id": number, "name": ask.device_name})
+        try:
+            return await answer
+        finally:
+            asks.pop(number, None)
+            stream.write_json({"event": "control_request_closed", "id": number})
+
+    def on_event(event: h.HostEvent) -> None:
+        match event:
+            case h.ViewerJoined(party=party):
+                stream.write_json({"event": "viewer_joined", "name": party})
+            case h.ViewerLeft(party=party):
+                stream.write_json({"event": "viewer_left", "name": party})
+            case h.ControlChanged(controller=controller, reason=reason):
+                stream.write_json(
+                    {"event": "control", "controller": controller, "reason": reason, "you": False}
+                )
+
+    async def read_console() -> None:
+        try:
+            while True:
+                frame = await stream.receive()
+                if isinstance(frame, bytes):
+                    shared.host.console_input(frame)
+                elif (new_size := _size(frame.get("resize"))) is not None:
+                    shared.host.set_console_size(*new_size)
+                elif "consent" in frame:
+                    answer = asks.get(frame["consent"])
+                    if answer is not None and not answer.done():
+                        answer.set_result(bool(frame.get("allow")))
+                elif frame.get("revoke"):
+                    shared.revoke_control()
+                elif frame.get("stop"):
+                    shared.stop()
+        except StreamClosed:
+            shared.stop()  # the sharing console is gone: so is the session
+
+    shared.console_output = stream.write_data
+    shared.consent = consent
+    shared.on_event = on_event
+    async with asyncio.TaskGroup() as tasks:
+        reader = tasks.create_task(read_console(), name="terminal-console-in")
+        status = await shared.run()
+        reader.cancel()
+    stream.write_json(
+        {"event": "ended", "exit_code": status.code, "signal": status.signal, "message": ""}
+    )
+    with contextlib.suppress(StreamClosed):
+        await stream.drain()
+
+
+def _event_json(event: ViewerEvent) -> dict[str, Any]:
+    match event:
+        case ScreenReplaced(cols=cols, rows=rows):
+            return {"event": "screen", "cols": cols, "rows": rows}
+        case SizeChanged(cols=cols, rows=rows):
+            return {"event": "size", "cols": cols, "rows": rows}
+        case ControlChanged(controller=controller, you=you):
+            return {"event": "control", "controller": controller, "you": you}
+        case ControlRefused(reason=reason):
+            return {"event": "refused", "reason": reason}
+        case SessionEnded(exit_code=code, signal=signal, message=message):
+            return {"event": "ended", "exit_code": code, "signal": signal, "message": message}
+    raise AssertionError(event)
+
+
+async def view_console(
+    service: TerminalService, resolve: ResolveDevice, params: dict[str, Any], stream: IpcStream
+) -> None:
+    """Watch (or control) a peer's session; the attached console shows it."""
+    size = _size(params.get("size")) or (0, 0)
+    session = params.get("session")
+    try:
+        device_id, _ = await resolve(str(params.get("device", "")))
+        view = await service.view(
+            device_id,
+            session if isinstance(session, str) and session else None,
+            control=bool(params.get("control")),
+            cols=size[0],
+            rows=size[1],
+        )
+    except UserError as exc:
+        _refuse(stream, exc)
+        return
+    stream.write_json(
+        {"ok": {"session_id": view.session_id, "device": view.device_name, "size": view.size}}
+    )
+    if view.control:
+        try:
+            await view.request_control()
+        except UserError as exc:
+            stream.write_json({"event": "refused", "reason": exc.message})
+
+    async def show() -> None:
+        try:
+            async for event in view.events():
+                if isinstance(event, OutputReceived):
+                    stream.write_data(event.data)
+                    if stream.buffered > CONSOLE_HIGH_WATER:
+                        await stream.drain()
+                else:
+                    stream.write_json(_event_json(event))
+        except UserError as exc:
+            stream.write_json({"event": "error", "message": exc.message})
+        await stream.drain()
+
+    async def read_console() -> None:
+        while True:
+            frame = await stream.receive()
+            if isinstance(frame, bytes):
+                await view.send_input(frame)
+            elif (new_size := _size(frame.get("resize"))) is not None:
+                await view.resize(*new_size)
+            elif frame.get("control") == "request":
+                try:
+                    await view.request_control()
+                except UserError as exc:
+                    stream.write_json({"event": "refused", "reason": exc.message})
+            elif frame.get("control") == "release":
+                await view.release_control()
+
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            shower = tasks.create_task(show(), name="terminal-view-out")
+            reader = tasks.create_task(read_console(), name="terminal-view-in")
+            await asyncio.wait({shower, reader}, return_when=asyncio.FIRST_COMPLETED)
+            shower.cancel()
+            reader.cancel()
+    except* StreamClosed:
+        pass  # the console left
+    finally:
+        await view.aclose()

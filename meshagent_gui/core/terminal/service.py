@@ -1,0 +1,626 @@
+"""Terminal share over the mesh: the host's sessions and the viewer's client.
+
+Host: :meth:`TerminalService.share` spawns the command on a PTY around a
+:class:`~meshagent_gui.core.terminal.host.TerminalHost`; :meth:`SharedTerminal.run` announces the
+session to the room (a standing ``terminal.session`` announcement, withdrawn at the end) and
+serves every TERMINAL stream a peer opens for it with a ``terminal:view`` or
+``terminal:control`` capability.
+
+Control is decided in two places. The **server** decides who *may* control: a viewer asks it
+for a ``terminal:control`` capability (the room's ACL; a ``viewer`` role gets 403) and sends
+that token in its ControlRequest. The **host** decides who *does*: its policy (automatic for
+the sharing user's own devices with ``allow_control``) or its user (a console y/n, a GUI
+prompt), and it alone serialises grants, so there is exactly one controller even when the
+server is unreachable. A token is checked when the stream opens and when control is asked for;
+a session outlives its tokens.
+
+Viewer: :meth:`TerminalService.view` opens the stream; :meth:`TerminalView.events` yields the
+viewer events of :mod:`~meshagent_gui.core.protocol.terminal` with output already filtered (no
+terminal query answers, no clipboard writes), and resumes from its offset after a dropped
+connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Final
+
+from meshagent_gui.core.bus import EventBus
+from meshagent_gui.core.events import (
+    AnnouncementReceived,
+    ControlRequested,
+    PeerWentOffline,
+    ServerConnected,
+)
+from meshagent_gui.core.mesh.client import MeshClient, MeshError
+from meshagent_gui.core.mesh.link import MeshLink
+from meshagent_gui.core.p2p.errors import P2PError
+from meshagent_gui.core.p2p.peers import PeerManager, Service
+from meshagent_gui.core.p2p.session import Channel, ChannelClosed
+from meshagent_gui.core.protocol.captoken import Capability, TokenError
+from meshagent_gui.core.protocol.errors import ErrorCode, ProtocolError
+from meshagent_gui.core.protocol.messages import StreamRole
+from meshagent_gui.core.protocol.terminal import (
+    ControlRelease,
+    ControlRequest,
+    Join,
+    OutputReceived,
+    Resize,
+    ScreenReplaced,
+    SessionEnded,
+    ViewerEvent,
+    ViewerStream,
+    check_size,
+    input_parts,
+)
+from meshagent_gui.core.terminal.host import (
+    AsciicastRecorder,
+    HostEvent,
+    TerminalHost,
+    TooManyViewers,
+    Viewer,
+)
+from meshagent_gui.core.terminal.pty import ExitStatus, Pty, spawn_pty
+from meshagent_gui.core.terminal.sanitize import OutputSanitizer
+from meshagent_gui.errors import UserError
+
+log = logging.getLogger(__name__)
+
+VIEW_SCOPE: Final = "terminal:view"
+CONTROL_SCOPE: Final = "terminal:control"
+ANNOUNCE_KIND: Final = "terminal.session"
+JOIN_TIMEOUT: Final = 10.0
+CONSENT_TIMEOUT: Final = 60.0
+RECONNECT_WINDOW: Final = 30.0
+"""How long a viewer keeps trying to get back to a session after its connection dropped."""
+DISCOVERY_WAIT: Final = 2.0
+"""After connecting, how long the server may take to replay the room's announcements."""
+
+
+@dataclass(frozen=True)
+class AnnouncedSession:
+    """A terminal session a peer shares (from its standing announcement)."""
+
+    device_id: str
+    session_id: str
+    title: str
+    cols: int
+    rows: int
+    allow_control: bool
+    started_at: float
+
+
+@dataclass(frozen=True)
+class ControlAsk:
+    """A viewer asks the host's user for control."""
+
+    session_id: str
+    device_id: str
+    device_name: str
+
+
+Consent = Callable[[ControlAsk], Awaitable[bool]]
+Verify = Callable[..., Awaitable[Capability]]
+PeerUser = Callable[[str], Awaitable[str | None]]
+
+
+class SharedTerminal:
+    """One shared PTY: run it with :meth:`run`; the front end sets the callbacks first."""
+
+    def __init__(
+        self,
+        service: TerminalService,
+        session_id: str,
+        title: str,
+        pty: Pty,
+        *,
+        allow_control: bool,
+        recorder: AsciicastRecorder | None,
+    ) -> None:
+        self.service = service
+        self.session_id = session_id
+        self.title = title
+        self.allow_control = allow_control
+        self.started_at = time.time()
+        self.console_output: Callable[[bytes], None] | None = None
+        """The sharing user's own console (bytes as they come from the PTY)."""
+        self.consent: Consent | None = None
+        """Asks the sharing user about a control request; None: only the policy decides."""
+        self.on_event: Callable[[HostEvent], None] | None = None
+        self.host = TerminalHost(
+            pty,
+            auto_grant=False,
+            recorder=recorder,
+            console_output=self._to_console,
+            on_event=self._event,
+        )
+        self._asking = asyncio.Lock()  # one prompt at a time: the user answers them in turn
+        self._parties: dict[str, int] = {}
+
+    async def run(self) -> ExitStatus:
+        """Announce the session and share it until the command exits (or cancellation)."""
+        self.service._shared[self.session_id] = self
+        try:
+            with contextlib.suppress(MeshError):
+                await self.service._link.announce(
+                    ANNOUNCE_KIND, self.describe(), key=self._key
+                )  # offline: the link sends it when it connects (standing announcement)
+            return await self.host.run()
+        finally:
+            self.service._shared.pop(self.session_id, None)
+            with contextlib.suppress(MeshError):
+                await self.service._link.withdraw(self._key)
+
+    def describe(self) -> dict[str, Any]:
+        cols, rows = self.host.size
+        return {
+            "session_id": self.session_id,
+            "title": self.title,
+            "cols": cols,
+            "rows": rows,
+            "allow_control": self.allow_control,
+            "started_at": self.started_at,
+        }
+
+    def stop(self) -> None:
+        """End the session: hang up the command; :meth:`run` then returns."""
+        self.host.close()
+
+    def revoke_control(self) -> None:
+        self.host.revoke_control()
+
+    @property
+    def _key(self) -> str:
+        return f"{ANNOUNCE_KIND}:{self.session_id}"
+
+    def _to_console(self, data: bytes) -> None:
+        if self.console_output is not None:
+            self.console_output(data)
+
+    def _event(self, event: HostEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def _party(self, name: str) -> str:
+        """A name everyone can read in "X is in control": the device's, made unique."""
+        count = self._parties.get(name, 0) + 1
+        self._parties[name] = count
+        return name if count == 1 else f"{name} ({count})"
+
+    # ------------------------------------------------------------ one viewer's stream
+
+    async def serve(self, channel: Channel, grant: Capability) -> None:
+        try:
+            async with asyncio.timeout(JOIN_TIMEOUT):
+                join = await channel.receive()
+        except TimeoutError:
+            channel.abort(ErrorCode.HANDSHAKE_TIMEOUT, "no Join")
+            return
+        if not isinstance(join, Join):
+            channel.abort(ErrorCode.UNEXPECTED_MESSAGE, "the stream must start with Join")
+            return
+        name = self.service._peer_name(channel.peer_id)
+        try:
+            viewer = self.host.attach(
+                self._party(name),
+                can_control=grant.scope == CONTROL_SCOPE,
+                from_offset=join.from_offset,
+                cols=join.cols,
+                rows=join.rows,
+            )
+        except TooManyViewers as exc:
+            channel.abort(ErrorCode.REFUSED, f"too many viewers ({exc})")
+            return
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                pump = tasks.create_task(self._pump(viewer, channel), name="terminal-pump")
+                reader = tasks.create_task(self._read(viewer, channel), name="terminal-read")
+                await pump  # after Ended: the viewer has everything
+                reader.cancel()
+        except* ChannelClosed as group:
+            log.info("viewer %s left: %s", viewer.party, group.exceptions[0])
+        except* ProtocolError as group:
+            error = group.exceptions[0]
+            assert isinstance(error, ProtocolError)
+            log.warning("viewer %s broke the protocol: %s", viewer.party, error)
+            channel.abort(error.code, str(error))
+        finally:
+            self.host.detach(viewer)
+
+    async def _pump(self, viewer: Viewer, channel: Channel) -> None:
+        async for message in viewer:
+            await channel.send(message)
+        await channel.close()
+
+    async def _read(self, viewer: Viewer, channel: Channel) -> None:
+        while True:
+            message = await channel.receive()
+            if isinstance(message, ControlRequest):
+                await self._control_requested(viewer, channel, message)
+            else:
+                self.host.receive(viewer, message)
+
+    async def _control_requested(
+        self, viewer: Viewer, channel: Channel, request: ControlRequest
+    ) -> None:
+        peer = channel.peer_id
+        if request.token and not viewer.can_control:
+            try:
+                await self.service._verify(
+                    request.token, peer_id=peer, scope=CONTROL_SCOPE, resource=self.session_id
+                )
+                viewer.can_control = True
+            except TokenError as exc:
+                self.host.deny_control(viewer, f"the control capability was refused: {exc}")
+                return
+        if not viewer.can_control:
+            self.host.deny_control(viewer, "no terminal:control capability")
+            return
+        name = self.service._peer_name(peer)
+        self.service._bus.publish(ControlRequested(self.session_id, peer, name))
+        own = await self.service._peer_user(peer) == self.service._own_user
+        if self.allow_control and own:
+            self.host.request_control(viewer)  # first come: a second asker is told who won
+            return
+        if self.consent is None:
+            self.host.deny_control(viewer, "the host does not hand out control")
+            return
+        async with self._asking:
+            if viewer.closed or self.host.controller == viewer.party:
+                return
+            try:
+                async with asyncio.timeout(CONSENT_TIMEOUT):
+                    allowed = await self.consent(ControlAsk(self.session_id, peer, name))
+            except TimeoutError:
+                allowed = False
+            if viewer.closed:
+                return
+            if allowed:
+                self.host.grant_control(viewer)  # demotes whoever had it
+            else:
+                self.host.deny_control(viewer, "the host declined")
+
+
+class TerminalService:
+    """The agent's terminal sessions (hosted here) and the peers' (announced to us)."""
+
+    def __init__(
+        self,
+        *,
+        peers: PeerManager,
+        link: MeshLink,
+        client: MeshClient,
+        bus: EventBus,
+        verify: Verify,
+        own_user: str,
+        peer_user: PeerUser,
+        peer_name: Callable[[str], str],
+        device_name: Callable[[], str],
+    ) -> None:
+        self._peers = peers
+        self._link = link
+        self._client = client
+        self._bus = bus
+        self._verify = verify
+        self._own_user = own_user
+        self._peer_user = peer_user
+        self._peer_name = peer_name
+        self._device_name = device_name
+        self._shared: dict[str, SharedTerminal] = {}
+        self._announced: dict[tuple[str, str], AnnouncedSession] = {}
+        self._announcements_changed = asyncio.Event()
+        peers.register(Service(StreamRole.TERMINAL, (CONTROL_SCOPE, VIEW_SCOPE), self._serve))
+
+    # ------------------------------------------------------------ hosting
+
+    def share(
+        self,
+        command: Sequence[str] | None = None,
+        *,
+        allow_control: bool = False,
+        record: Path | None = None,
+        cols: int = 80,
+        rows: int = 24,
+        title: str | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> SharedTerminal:
+        """Start ``command`` (default: the user's shell) on a PTY, ready to :meth:`run`."""
+        try:
+            check_size(cols, rows)
+        except ValueError as exc:
+            raise UserError(str(exc), code="usage") from exc
+        if record is not None:
+            try:
+                record.open("wb").close()  # the recorder's thread opens it: fail here, clearly
+            except OSError as exc:
+                raise UserError(
+                    f"cannot record to {record}: {exc.strerror or exc}", code="record"
+                ) from exc
+        try:
+            pty = spawn_pty(command, cols=cols, rows=rows, cwd=cwd, env=env)
+        except (OSError, ValueError) as exc:  # ptyprocess: FileNotFoundError, or bad argv
+            what = command[0] if command else "the shell"
+            raise UserError(f"cannot start {what}: {exc}", code="spawn") from exc
+        recorder = None
+        if record is not None:
+            recorder = AsciicastRecorder(record, cols=cols, rows=rows, title=title)
+        shown = " ".join(command) if command else "shell"
+        return SharedTerminal(
+            self,
+            secrets.token_hex(4),
+            title or f"{shown} on {self._device_name()}",
+            pty,
+            allow_control=allow_control,
+            recorder=recorder,
+        )
+
+    @property
+    def shared(self) -> dict[str, SharedTerminal]:
+        return dict(self._shared)
+
+    async def _serve(self, channel: Channel) -> None:
+        grant = channel.grant
+        if not isinstance(grant, Capability):
+            channel.abort(ErrorCode.BAD_TOKEN, "no capability")
+            return
+        session_id = channel.resource
+        shared = self._shared.get(session_id)
+        if shared is None or (grant.resource and grant.resource != session_id):
+            channel.abort(ErrorCode.REFUSED, f"no terminal session {session_id!r} here")
+            return
+        await shared.serve(channel, grant)
+
+    # ------------------------------------------------------------ the peers' sessions
+
+    def sessions(self, device_id: str | None = None) -> list[AnnouncedSession]:
+        """Sessions the room's devices announced, newest first."""
+        found = [
+            s for s in self._announced.values() if device_id is None or s.device_id == device_id
+        ]
+        return sorted(found, key=lambda s: s.started_at, reverse=True)
+
+    async def wait_sessions(self, device_id: str, timeout: float = DISCOVERY_WAIT) -> None:
+        """Until ``device_id`` has announced a session, or ``timeout``."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not self.sessions(device_id):
+                    self._announcements_changed.clear()
+                    await self._announcements_changed.wait()
+
+    async def run(self) -> None:
+        """Follow the room's terminal announcements (owned by the agent's task group)."""
+        with self._bus.subscribed() as events:
+            async for event in events:
+                match event:
+                    case AnnouncementReceived(kind=kind, sender=sender, data=data) if sender:
+                        self._announcement(kind, sender, data)
+                    case PeerWentOffline(device_id=device_id):
+                        for key in [k for k in self._announced if k[0] == device_id]:
+                            del self._announced[key]
+                    case ServerConnected():
+                        self._announced.clear()  # the server replays what still stands
+                    case _:
+                        continue
+                self._announcements_changed.set()
+
+    def _announcement(self, kind: str, sender: str, data: dict[str, Any]) -> None:
+        session_id = data.get("session_id")
+        if not isinstance(session_id, str) or not session_id:
+            return
+        if kind == f"{ANNOUNCE_KIND}.ended":
+            self._announced.pop((sender, session_id), None)
+        elif kind == ANNOUNCE_KIND:
+            try:
+                self._announced[(sender, session_id)] = AnnouncedSession(
+                    sender,
+                    session_id,
+                    str(data.get("title", ""))[:200],
+                    int(data.get("cols", 80)),
+                    int(data.get("rows", 24)),
+                    bool(data.get("allow_control", False)),
+                    float(data.get("started_at", time.time())),
+                )
+            except (TypeError, ValueError):
+                log.info("ignored a malformed terminal announcement from %s", sender[:12])
+
+    # ------------------------------------------------------------ viewing
+
+    async def view(
+        self,
+        device_id: str,
+        session_id: str | None = None,
+        *,
+        control: bool = False,
+        cols: int = 0,
+        rows: int = 0,
+    ) -> TerminalView:
+        """Connect to a session of ``device_id`` (its only or newest one when not named)."""
+        if session_id is None:
+            await self.wait_sessions(device_id)
+            found = self.sessions(device_id)
+            name = self._peer_name(device_id)
+            if not found:
+                raise UserError(f"{name} is not sharing a terminal", code="no_session")
+            session_id = found[0].session_id
+        view = TerminalView(
+            self, device_id, self._peer_name(device_id), session_id, control=control
+        )
+        view._console = (cols, rows)
+        await view.connect()
+        return view
+
+
+@dataclass
+class TerminalView:
+    """A viewer's connection to one shared terminal (see the module docstring)."""
+
+    service: TerminalService
+    device_id: str
+    device_name: str
+    session_id: str
+    control: bool = False
+    _stream: ViewerStream = field(default_factory=ViewerStream)
+    _filter: OutputSanitizer = field(default_factory=OutputSanitizer)
+    _channel: Channel | None = None
+    _console: tuple[int, int] = (0, 0)
+    _closed: bool = False
+
+    @property
+    def controller(self) -> str | None:
+        return self._stream.controller
+
+    @property
+    def you_control(self) -> bool:
+        return self._stream.you_control
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        stream = self._stream
+        return (stream.cols, stream.rows) if stream.cols and stream.rows else None
+
+    async def connect(self) -> None:
+        """Open (or reopen, resuming from our offset) the stream to the host."""
+        service = self.service
+        scope = CONTROL_SCOPE if self.control else VIEW_SCOPE
+        try:
+            session = await service._peers.session(self.device_id)
+            grant = await service._client.capability(self.device_id, scope, self.session_id)
+            channel = await session.open_channel(
+                StreamRole.TERMINAL, tokens=(grant.token,), resource=self.session_id
+            )
+            await channel.send(self._stream.join(*self._console))
+        except MeshError as exc:
+            if exc.code == "not_allowed":
+                raise UserError(
+                    f"you may not {'control' if self.control else 'view'} terminals on"
+                    f" {self.device_name} (your role in the room does not allow it)",
+                    code="not_allowed",
+                ) from exc
+            raise
+        except ChannelClosed as exc:
+            raise UserError(
+                f"{self.device_name} refused the terminal: {exc}", code="refused"
+            ) from exc
+        except (P2PError, TimeoutError) as exc:
+            raise UserError(
+                f"cannot reach {self.device_name}: {exc or 'timeout'}", code="unreachable"
+            ) from exc
+        self._channel = channel
+
+    async def events(self) -> AsyncIterator[ViewerEvent]:
+        """What to show, in order; ends after SessionEnded. Raises UserError when the host
+        cannot be reached again within RECONNECT_WINDOW."""
+        while not self._closed:
+            channel = self._channel
+            if channel is None:
+                ended = await self._reconnect()
+                if ended is not None:
+                    yield ended
+                    return
+                continue
+            try:
+                message = await channel.receive()
+            except ChannelClosed as exc:
+                self._channel = None
+                if exc.code is ErrorCode.REFUSED:
+                    yield SessionEnded(None, None, "the host stopped sharing")
+                    return
+                log.info("terminal stream to %s dropped: %s", self.device_name, exc)
+                continue
+            try:
+                events = self._stream.receive(message)
+            except ProtocolError as exc:
+                channel.abort(exc.code, str(exc))
+                raise UserError(
+                    f"{self.device_name} sent a malformed terminal stream: {exc}",
+                    code="protocol",
+                ) from exc
+            for event in events:
+                yield self._filtered(event)
+                if isinstance(event, SessionEnded):
+                    return
+
+    def _filtered(self, event: ViewerEvent) -> ViewerEvent:
+        if isinstance(event, ScreenReplaced):
+            self._filter.reset()
+        elif isinstance(event, OutputReceived):
+            return replace(event, data=self._filter.feed(event.data))
+        return event
+
+    async def _reconnect(self) -> SessionEnded | None:
+        deadline = time.monotonic() + RECONNECT_WINDOW
+        delay = 0.25
+        while True:
+            try:
+                await self.connect()
+                return None
+            except UserError as exc:
+                if exc.code == "refused":
+                    return SessionEnded(None, None, "the host stopped sharing")
+                if time.monotonic() + delay > deadline:
+                    raise UserError(
+                        f"lost the connection to {self.device_name}: {exc.message}",
+                        code="disconnected",
+                    ) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 4.0)
+
+    async def send_input(self, data: bytes) -> None:
+        """Keystrokes (the host drops them unless we control; dropped while reconnecting)."""
+        channel = self._channel
+        if channel is None:
+            return
+        with contextlib.suppress(ChannelClosed):
+            for part in input_parts(data):
+                await channel.send(part)
+
+    async def resize(self, cols: int, rows: int) -> None:
+        """Our console's size: it drives the PTY while we control."""
+        self._console = (cols, rows)
+        channel = self._channel
+        if channel is not None:
+            with contextlib.suppress(ChannelClosed, ValueError):
+                await channel.send(Resize(cols, rows))
+
+    async def request_control(self) -> None:
+        """Ask the server for the right, then the host; the answer comes as an event."""
+        token = ""
+        if not self.control:
+            try:
+                grant = await self.service._client.capability(
+                    self.device_id, CONTROL_SCOPE, self.session_id
+                )
+            except MeshError as exc:
+                if exc.code == "not_allowed":
+                    raise UserError(
+                        "your role in the room allows watching only", code="not_allowed"
+                    ) from exc
+                raise
+            token = grant.token
+        channel = self._channel
+        if channel is None:
+            raise UserError("not connected to the host right now", code="disconnected")
+        with contextlib.suppress(ChannelClosed):
+            await channel.send(ControlRequest(token))
+
+    async def release_control(self) -> None:
+        channel = self._channel
+        if channel is not None:
+            with contextlib.suppress(ChannelClosed):
+                await channel.send(ControlRelease())
+
+    async def aclose(self) -> None:
+        self._closed = True
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            with contextlib.suppress(ChannelClosed, TimeoutError):
+                async with asyncio.timeout(2):
+                    await channel.close()

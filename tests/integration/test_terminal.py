@@ -1,0 +1,213 @@
+"""Terminal share end to end: real agents, real PTYs, consoles driven through tmux."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+
+from .harness import AgentHome, Server, Tmux, meshagent_cmd, wait_until
+
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
+
+SHELL = ["bash", "--norc", "--noprofile"]
+SHELL_ENV = {"PS1": "prompt> ", "HISTFILE": "/dev/null"}
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    consoles = Tmux(tmp_path / "tmux.sock")
+    try:
+        yield consoles
+    finally:
+        consoles.kill()
+
+
+@pytest.fixture
+def team(server: Server, make_agent) -> dict[str, AgentHome]:  # type: ignore[no-untyped-def]
+    """ann's host and two of her viewers, and bob's laptop, all in room `team`, all up."""
+    server.add_user("ann")
+    server.add_user("bob")
+    users = {"host": "ann", "v1": "ann", "v2": "ann", "bob": "bob"}
+    agents: dict[str, AgentHome] = {name: make_agent(name) for name in users}
+    codes = {name: server.join_code(user, room="team") for name, user in users.items()}
+
+    def start(name: str) -> None:
+        agents[name].login(server, codes[name])
+        agents[name].up()
+
+    with ThreadPoolExecutor(len(agents)) as pool:  # each step is a Python start-up: overlap them
+        list(pool.map(start, agents))
+    wait_until(lambda: agents["host"].online() >= {"v1", "v2", "bob"}, 10, "everyone online")
+    return agents
+
+
+def share(tmux: Tmux, host: AgentHome, *args: str, command: list[str] = SHELL) -> None:
+    argv = meshagent_cmd("--home", str(host.home), "terminal", "share", *args, "--", *command)
+    tmux.start("host", argv, env=SHELL_ENV)
+    tmux.wait_for("host", "prompt>")
+
+
+def view(tmux: Tmux, viewer: AgentHome, *args: str, console: str | None = None) -> str:
+    name = console or viewer.name
+    tmux.start(name, meshagent_cmd("--home", str(viewer.home), "terminal", "view", "host", *args))
+    return name
+
+
+def escape(tmux: Tmux, console: str, key: str) -> None:
+    tmux.keys(console, "C-]")
+    tmux.keys(console, key)
+
+
+def test_controller_types_view_only_cannot_and_control_moves(
+    tmux: Tmux, team: dict[str, AgentHome]
+) -> None:
+    share(tmux, team["host"], "--allow-control")
+    view(tmux, team["v1"], "--control")
+    view(tmux, team["v2"])
+    tmux.wait_for("v1", "you are in control")
+    tmux.wait_for("v2", "v1 is in control")
+
+    word = f"hi-{secrets.token_hex(4)}"
+    tmux.type("v1", f"echo {word}", enter=True)
+    for console in ("host", "v1", "v2"):
+        screen = tmux.wait_for(console, f"\n{word}")  # the command's output, on its own line
+        assert screen.count(word) == 2  # the typed line and what it printed
+
+    # A view-only party types: the host drops it. The controller's next line proves the PTY
+    # had every chance to receive it first.
+    ignored = f"no-{secrets.token_hex(4)}"
+    tmux.type("v2", f"echo {ignored}", enter=True)
+    mark = f"mark-{secrets.token_hex(4)}"
+    tmux.type("v1", f"echo {mark}", enter=True)
+    tmux.wait_for("host", f"\n{mark}")
+    assert ignored not in tmux.screen("host")
+
+    # v2 asks while v1 holds control: told who has it.
+    escape(tmux, "v2", "c")
+    tmux.wait_for("v2", "control refused: v1 is in control")
+    # v1 gives it back; now v2 gets it, and v1 sees who has it.
+    escape(tmux, "v1", "r")
+    tmux.wait_for("v2", "the host is in control")
+    escape(tmux, "v2", "c")
+    tmux.wait_for("v2", "you are in control")
+    tmux.wait_for("v1", "v2 is in control")
+    word2 = f"v2-{secrets.token_hex(4)}"
+    tmux.type("v2", f"echo {word2}", enter=True)
+    tmux.wait_for("host", f"\n{word2}")
+
+    # The host takes control back at any moment; its own console always types.
+    escape(tmux, "host", "r")
+    tmux.wait_for("v2", "the host is in control")
+    blocked = f"blocked-{secrets.token_hex(4)}"
+    tmux.type("v2", f"echo {blocked}", enter=True)
+    word3 = f"host-{secrets.token_hex(4)}"
+    tmux.type("host", f"echo {word3}", enter=True)
+    tmux.wait_for("v1", f"\n{word3}")
+    assert blocked not in tmux.screen("host")
+
+    # Two requests at the same moment: exactly one wins, the other is told.
+    tmux.keys("v1", "C-]")
+    tmux.keys("v2", "C-]")
+    tmux.keys("v1", "c")
+    tmux.keys("v2", "c")
+    wait_until(
+        lambda: (
+            sum(
+                "you are in control" in tmux.screen(v).split("asking for control")[-1]
+                for v in ("v1", "v2")
+            )
+            == 1
+            and sum(
+                "control refused" in tmux.screen(v).split("asking for control")[-1]
+                for v in ("v1", "v2")
+            )
+            == 1
+        ),
+        15,
+        "one winner and one refusal",
+    )
+
+    # The command exits: every viewer is told, and the session is gone.
+    tmux.type("host", "exit 3", enter=True)
+    for console in ("v1", "v2"):
+        tmux.wait_for(console, "session ended: exit code 3")
+    tmux.wait_for("host", "[exited 3 ]")
+
+
+def test_another_users_device_needs_the_hosts_consent(
+    tmux: Tmux, team: dict[str, AgentHome]
+) -> None:
+    share(tmux, team["host"], "--allow-control")  # automatic for ann's devices only
+    view(tmux, team["bob"], "--control")
+    tmux.wait_for("host", "bob asks to take control. Allow? [y/n]")
+    tmux.type("host", "n")
+    tmux.wait_for("bob", "control refused: the host declined")
+    escape(tmux, "bob", "c")
+    tmux.wait_for("host", "bob asks to take control. Allow? [y/n]")
+    tmux.type("host", "y")
+    tmux.wait_for("bob", "you are in control")
+    word = f"bob-{secrets.token_hex(4)}"
+    tmux.type("bob", f"echo {word}", enter=True)
+    tmux.wait_for("host", f"\n{word}")
+
+
+def test_late_joiner_sees_vim_at_once_and_a_recording_is_written(
+    tmux: Tmux, team: dict[str, AgentHome], tmp_path: Path
+) -> None:
+    cast = tmp_path / "session.cast"
+    text = tmp_path / "notes.txt"
+    text.write_text("".join(f"line {i} of the notes\n" for i in range(1, 11)))
+    share(tmux, team["host"], "--record", str(cast))
+    tmux.type("host", f"vim -u NONE -N {text}", enter=True)
+    tmux.wait_for("host", "line 10 of the notes")
+    view(tmux, team["v1"])
+    screen = tmux.wait_for("v1", "line 10 of the notes")
+    assert "line 1 of the notes" in screen
+    assert '"notes.txt"' in screen or "notes.txt" in screen  # vim's status line came too
+    tmux.keys("host", "Escape")
+    tmux.type("host", ":q!", enter=True)
+    tmux.wait_for("v1", "prompt>")
+    # vim left the alternate screen: its text is gone from the viewer's screen as well.
+    wait_until(lambda: "line 10 of the notes" not in tmux.screen("v1"), 10, "vim gone")
+    escape(tmux, "host", "q")
+    tmux.wait_for("v1", "session ended")
+    lines = cast.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["version"] == 2 and header["width"] == 100 and header["height"] == 30
+    output = "".join(json.loads(line)[2] for line in lines[1:] if json.loads(line)[1] == "o")
+    assert "line 10 of the notes" in output
+
+
+def test_a_stalled_viewer_does_not_slow_the_others(tmux: Tmux, team: dict[str, AgentHome]) -> None:
+    share(tmux, team["host"], "--allow-control")
+    view(tmux, team["v1"], "--control")
+    view(tmux, team["v2"])
+    tmux.wait_for("v1", "you are in control")
+    tmux.wait_for("v2", "v1 is in control")
+    stalled = _console_process(tmux, "v2")
+    stalled.send_signal(signal.SIGSTOP)
+    try:
+        # ~20 MB of output while v2 reads nothing: v1 keeps up and sees the end of it.
+        tmux.type("v1", "seq 1 3000000 | tail -c 20000000 >/dev/tty; echo flood-done", enter=True)
+        tmux.wait_for("v1", "flood-done", timeout=60)
+        tmux.wait_for("host", "flood-done", timeout=10)
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+    # v2 catches up with the present (a fresh snapshot, not the whole backlog).
+    tmux.wait_for("v2", "flood-done", timeout=30)
+
+
+def _console_process(tmux: Tmux, console: str) -> psutil.Process:
+    pane = int(tmux._tmux("display", "-p", "-t", console, "#{pane_pid}").stdout.strip())
+    for child in psutil.Process(pane).children(recursive=True):
+        if "terminal" in child.cmdline():
+            return child
+    raise AssertionError(f"no meshagent process under {console}'s pane")
