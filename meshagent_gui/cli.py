@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--session", help="which session, when the device shares several")
     view.add_argument("--control", action="store_true", help="ask for control at once")
 
+    autostart = command("autostart", "start Mesh Agent when you log in")
+    autostart.add_argument("state", choices=("on", "off", "status"))
+
     command("doctor", "check everything and say what is wrong")
     return parser
 
@@ -427,6 +430,29 @@ async def _console(ctx: Context, method: str, params: dict[str, Any], role: Role
             await stream.aclose()
 
 
+def cmd_autostart(args: argparse.Namespace) -> int:
+    import dataclasses
+    import shlex
+
+    from meshagent_gui.core import autostart
+
+    paths = Paths.resolve(args.home)
+    match args.state:
+        case "on":
+            status = autostart.enable_autostart(paths)
+        case "off":
+            status = autostart.disable_autostart(paths)
+        case _:
+            status = autostart.autostart_status(paths)
+    emit(
+        args,
+        dataclasses.asdict(status),
+        f"autostart {'on' if status.enabled else 'off'}: {status.location}"
+        + (f"\n  runs: {shlex.join(status.command)}" if status.enabled else ""),
+    )
+    return 0
+
+
 def cmd_terminal(args: argparse.Namespace) -> int:
     from meshagent_gui.console import console_size
 
@@ -571,6 +597,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "notify": cmd_notify,
     "doctor": cmd_doctor,
     "terminal": cmd_terminal,
+    "autostart": cmd_autostart,
 }
 
 
