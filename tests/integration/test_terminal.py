@@ -6,6 +6,7 @@ import json
 import secrets
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -157,6 +158,9 @@ def test_another_users_device_needs_the_hosts_consent(
     word = f"bob-{secrets.token_hex(4)}"
     tmux.type("bob", f"echo {word}", enter=True)
     tmux.wait_for("host", f"\n{word}")
+    escape(tmux, "bob", "q")  # leaving: the console is restored and the host is told
+    tmux.wait_for("bob", "[exited 0 ]")
+    tmux.wait_for("host", "bob left")
 
 
 def test_late_joiner_sees_vim_at_once_and_a_recording_is_written(
@@ -211,3 +215,19 @@ def _console_process(tmux: Tmux, console: str) -> psutil.Process:
         if "terminal" in child.cmdline():
             return child
     raise AssertionError(f"no meshagent process under {console}'s pane")
+
+
+def test_host_agent_restart_tells_the_viewer_and_nothing_hangs(
+    tmux: Tmux, team: dict[str, AgentHome]
+) -> None:
+    host = team["host"]
+    share(tmux, host)
+    view(tmux, team["v1"])
+    tmux.wait_for("v1", "prompt>")
+    started = time.monotonic()
+    host.stop(signal.SIGKILL)
+    tmux.wait_for("host", "[exited", timeout=10)  # the sharing console sees its agent go
+    host.up()
+    tmux.wait_for("v1", "session ended: the host stopped sharing", timeout=60)
+    tmux.wait_for("v1", "[exited", timeout=10)
+    print(f"viewer told after {time.monotonic() - started:.1f} s")

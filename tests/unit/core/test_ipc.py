@@ -110,3 +110,67 @@ async def test_several_requests_on_one_connection_log_no_error(
     finally:
         await server.close()
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def _upper(params: dict[str, Any], stream: ipc.IpcStream) -> None:
+    """An attached handler: refuses, or echoes bytes upper-cased and JSON with a mark."""
+    if params.get("fail"):
+        stream.write_json({"error": {"code": "no_session", "message": "nothing shared"}})
+        return
+    stream.write_json({"ok": {"hello": params.get("name")}})
+    while True:
+        try:
+            frame = await stream.receive()
+        except ipc.StreamClosed:
+            return
+        if isinstance(frame, bytes):
+            stream.write_data(frame.upper())
+        else:
+            stream.write_json({**frame, "seen": True})
+        await stream.drain()
+
+
+async def test_attached_stream_carries_bytes_and_json_both_ways(
+    tmp_path: Path, transport: str
+) -> None:
+    path = tmp_path / "agent.sock"
+    server = ipc.IpcServer(path, {"echo": _echo}, {"upper": _upper})
+    await server.start()
+    try:
+        stream = await ipc.attach(path, "upper", {"name": "x"})
+        big = bytes(range(256)) * 8192  # 2 MiB: more than one frame
+        stream.write_data(b"keys")
+        stream.write_json({"resize": [80, 24]})
+        stream.write_data(big)
+        assert await stream.receive() == b"KEYS"
+        assert await stream.receive() == {"resize": [80, 24], "seen": True}
+        received = bytearray()
+        while len(received) < len(big):
+            part = await stream.receive()
+            assert isinstance(part, bytes)
+            received += part
+        assert bytes(received) == big.upper()
+        await stream.aclose()
+        with pytest.raises(UserError, match="nothing shared") as refused:
+            await ipc.attach(path, "upper", {"fail": True})
+        assert refused.value.code == "no_session"
+        # Plain requests still work beside attached ones.
+        assert await ipc.call(path, "echo", {"a": 1}) == {"echo": {"a": 1}}
+    finally:
+        await server.close()
+
+
+async def test_attached_stream_refuses_an_oversized_frame(tmp_path: Path) -> None:
+    import asyncio
+
+    reader = asyncio.StreamReader()
+    reader.feed_data(ipc.FRAME_HEAD.pack(ipc.FRAME_DATA, ipc.MAX_FRAME + 1) + b"x")
+    reader.feed_eof()
+    stream = ipc.IpcStream(reader, None)  # type: ignore[arg-type]
+    with pytest.raises(ipc.StreamClosed, match="frame of"):
+        await stream.receive()
+    reader = asyncio.StreamReader()
+    reader.feed_data(ipc.FRAME_HEAD.pack(ipc.FRAME_JSON, 5) + b"[1,2]")
+    reader.feed_eof()
+    with pytest.raises(ipc.StreamClosed, match="bad JSON"):
+        await ipc.IpcStream(reader, None).receive()  # type: ignore[arg-type]

@@ -1,0 +1,355 @@
+"""The terminal service's stream handling with a real PTY and an in-memory channel: malformed
+frames, control tokens and consent, announcements, and the viewer's filtering and endings."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from meshagent_gui.core.bus import EventBus
+from meshagent_gui.core.events import AnnouncementReceived, ControlRequested, ServerConnected
+from meshagent_gui.core.p2p.session import ChannelClosed
+from meshagent_gui.core.protocol.captoken import Capability, Expired
+from meshagent_gui.core.protocol.errors import ErrorCode
+from meshagent_gui.core.protocol.terminal import (
+    ControlDenied,
+    ControlRequest,
+    ControlState,
+    Ended,
+    Input,
+    Join,
+    Output,
+    OutputReceived,
+    ScreenReplaced,
+    SessionEnded,
+    Snapshot,
+)
+from meshagent_gui.core.terminal.service import (
+    CONTROL_SCOPE,
+    VIEW_SCOPE,
+    ControlAsk,
+    SharedTerminal,
+    TerminalService,
+    TerminalView,
+)
+from meshagent_gui.errors import UserError
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix PTYs")
+TIMEOUT = 10
+
+
+class FakeChannel:
+    """One TERMINAL stream as the service sees it: what the peer sends, what we sent."""
+
+    def __init__(self, peer_id: str = "peer-1", resource: str = "") -> None:
+        self.peer_id = peer_id
+        self.resource = resource
+        self.grant: object = None
+        self.inbox: asyncio.Queue[object] = asyncio.Queue()
+        self.sent: list[object] = []
+        self.aborted: tuple[ErrorCode, str] | None = None
+        self.closed = False
+        self.arrived = asyncio.Event()
+
+    async def receive(self) -> object:
+        message = await self.inbox.get()
+        if isinstance(message, ChannelClosed):
+            raise message
+        return message
+
+    async def send(self, message: object) -> None:
+        if self.aborted is not None:
+            raise ChannelClosed(ErrorCode.CANCELLED, "aborted", by_peer=False)
+        self.sent.append(message)
+        self.arrived.set()
+
+    async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
+        self.closed = True
+
+    def abort(self, code: ErrorCode, message: str = "") -> None:
+        self.aborted = (code, message)
+        self.inbox.put_nowait(ChannelClosed(code, message, by_peer=False))
+
+    async def wait_sent(self, kind: type, *, count: int = 1) -> list[Any]:
+        async with asyncio.timeout(TIMEOUT):
+            while len(found := [m for m in self.sent if isinstance(m, kind)]) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return found
+
+
+class FakePeers:
+    def __init__(self) -> None:
+        self.services: list[object] = []
+
+    def register(self, service: object) -> None:
+        self.services.append(service)
+
+
+@dataclass
+class FakeLink:
+    announced: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    async def announce(self, kind: str, data: dict[str, Any], *, key: str | None = None) -> None:
+        assert key is not None
+        self.announced[key] = data
+
+    async def withdraw(self, key: str) -> None:
+        self.announced.pop(key, None)
+
+
+def grant(scope: str, resource: str = "") -> Capability:
+    return Capability("iss", "peer-1", "me", scope, resource, 0, 0, 2e9, "jti")
+
+
+def make_service(
+    *,
+    verify: Callable[..., Awaitable[Capability]] | None = None,
+    peer_user: str = "ann",
+) -> tuple[TerminalService, FakeLink, EventBus]:
+    async def refuse(*_: Any, **__: Any) -> Capability:
+        raise Expired("token expired")
+
+    async def user_of(_: str) -> str:
+        return peer_user
+
+    link, bus = FakeLink(), EventBus()
+    service = TerminalService(
+        peers=FakePeers(),  # type: ignore[arg-type]
+        link=link,  # type: ignore[arg-type]
+        client=None,  # type: ignore[arg-type]
+        bus=bus,
+        verify=verify or refuse,
+        own_user="ann",
+        peer_user=user_of,
+        peer_name=lambda device_id: f"name-of-{device_id}",
+        device_name=lambda: "laptop",
+    )
+    return service, link, bus
+
+
+async def running(shared: SharedTerminal) -> asyncio.Task[Any]:
+    task = asyncio.create_task(shared.run())
+    async with asyncio.timeout(TIMEOUT):
+        while shared.session_id not in shared.service.shared:
+            await asyncio.sleep(0.01)
+    return task
+
+
+async def stop(shared: SharedTerminal, task: asyncio.Task[Any]) -> None:
+    shared.stop()
+    async with asyncio.timeout(TIMEOUT):
+        await task
+
+
+async def test_session_is_announced_while_it_runs_and_withdrawn_after() -> None:
+    service, link, _ = make_service()
+    shared = service.share([sys.executable, "-c", "import time; time.sleep(30)"], title="demo")
+    task = await running(shared)
+    assert [d["title"] for d in link.announced.values()] == ["demo"]
+    await stop(shared, task)
+    assert link.announced == {}
+    assert service.shared == {}
+
+
+async def test_a_stream_must_start_with_join() -> None:
+    service, _, _ = make_service()
+    shared = service.share(["cat"])
+    task = await running(shared)
+    channel = FakeChannel(resource=shared.session_id)
+    channel.inbox.put_nowait(Input(b"x"))
+    await shared.serve(channel, grant(VIEW_SCOPE))  # type: ignore[arg-type]
+    assert channel.aborted is not None and channel.aborted[0] is ErrorCode.UNEXPECTED_MESSAGE
+    assert shared.host.viewers == ()
+    await stop(shared, task)
+
+
+async def test_a_malformed_message_ends_only_that_viewer() -> None:
+    service, _, _ = make_service()
+    shared = service.share(["cat"])
+    task = await running(shared)
+    channel = FakeChannel(resource=shared.session_id)
+    channel.inbox.put_nowait(Join())
+    channel.inbox.put_nowait(Output(0, b"a viewer may not send output"))
+    await shared.serve(channel, grant(VIEW_SCOPE))  # type: ignore[arg-type]
+    assert channel.aborted is not None and channel.aborted[0] is ErrorCode.UNEXPECTED_MESSAGE
+    assert shared.host.viewers == ()
+    assert shared.host.status is None  # the session goes on
+    await stop(shared, task)
+
+
+async def test_view_only_input_is_dropped_and_a_bad_control_token_refused() -> None:
+    service, _, _ = make_service()
+    shared = service.share(["cat"])
+    task = await running(shared)
+    channel = FakeChannel(resource=shared.session_id)
+    serving = asyncio.create_task(shared.serve(channel, grant(VIEW_SCOPE)))  # type: ignore[arg-type]
+    channel.inbox.put_nowait(Join())
+    await channel.wait_sent(ControlState)
+    channel.inbox.put_nowait(Input(b"typed by a watcher\n"))
+    channel.inbox.put_nowait(ControlRequest("expired.token.here"))
+    [denied] = await channel.wait_sent(ControlDenied)
+    assert "refused" in denied.reason and "expired" in denied.reason
+    assert shared.host.dropped_input_bytes == len(b"typed by a watcher\n")
+    assert shared.host.controller is None
+    await stop(shared, task)
+    await asyncio.wait_for(serving, TIMEOUT)
+    assert isinstance(channel.sent[-1], Ended) and channel.closed
+
+
+async def test_a_fresh_control_token_from_the_server_upgrades_a_watcher() -> None:
+    checked: list[dict[str, Any]] = []
+
+    async def verify(token: str, **claims: Any) -> Capability:
+        checked.append({"token": token, **claims})
+        return grant(CONTROL_SCOPE, claims["resource"])
+
+    service, _, bus = make_service(verify=verify)
+    shared = service.share(["cat"], allow_control=True)
+    console = bytearray()
+    shared.console_output = console.extend
+    task = await running(shared)
+    channel = FakeChannel(resource=shared.session_id)
+    with bus.subscribed() as events:
+        serving = asyncio.create_task(shared.serve(channel, grant(VIEW_SCOPE)))  # type: ignore[arg-type]
+        channel.inbox.put_nowait(Join())
+        channel.inbox.put_nowait(ControlRequest("good.token"))
+        states = await channel.wait_sent(ControlState, count=2)
+        assert states[-1].you and states[-1].controller == "name-of-peer-1"
+        asked = await asyncio.wait_for(anext(aiter(events)), TIMEOUT)
+        assert asked == ControlRequested(shared.session_id, "peer-1", "name-of-peer-1")
+    assert checked == [
+        {
+            "token": "good.token",
+            "peer_id": "peer-1",
+            "scope": CONTROL_SCOPE,
+            "resource": shared.session_id,
+        }
+    ]
+    channel.inbox.put_nowait(Input(b"from the controller\n"))
+    async with asyncio.timeout(TIMEOUT):
+        while b"from the controller" not in console:
+            await asyncio.sleep(0.02)
+    await stop(shared, task)
+    await asyncio.wait_for(serving, TIMEOUT)
+
+
+@pytest.mark.parametrize("answer", [True, False])
+async def test_another_users_device_gets_control_only_with_consent(answer: bool) -> None:
+    service, _, _ = make_service(peer_user="bob")
+    shared = service.share(["cat"], allow_control=True)
+    asks: list[ControlAsk] = []
+
+    async def consent(ask: ControlAsk) -> bool:
+        asks.append(ask)
+        return answer
+
+    shared.consent = consent
+    task = await running(shared)
+    channel = FakeChannel(resource=shared.session_id)
+    serving = asyncio.create_task(shared.serve(channel, grant(CONTROL_SCOPE)))  # type: ignore[arg-type]
+    channel.inbox.put_nowait(Join())
+    channel.inbox.put_nowait(ControlRequest())
+    if answer:
+        states = await channel.wait_sent(ControlState, count=2)
+        assert states[-1].you
+    else:
+        [denied] = await channel.wait_sent(ControlDenied)
+        assert denied.reason == "the host declined"
+    assert asks == [ControlAsk(shared.session_id, "peer-1", "name-of-peer-1")]
+    await stop(shared, task)
+    await asyncio.wait_for(serving, TIMEOUT)
+
+
+async def test_without_a_way_to_ask_the_host_refuses() -> None:
+    service, _, _ = make_service(peer_user="bob")
+    shared = service.share(["cat"])
+    task = await running(shared)
+    channel = FakeChannel(resource=shared.session_id)
+    serving = asyncio.create_task(shared.serve(channel, grant(CONTROL_SCOPE)))  # type: ignore[arg-type]
+    channel.inbox.put_nowait(Join())
+    channel.inbox.put_nowait(ControlRequest())
+    [denied] = await channel.wait_sent(ControlDenied)
+    assert denied.reason == "the host does not hand out control"
+    await stop(shared, task)
+    await asyncio.wait_for(serving, TIMEOUT)
+
+
+async def test_a_command_that_cannot_start_or_record_is_one_clear_error(tmp_path: Any) -> None:
+    service, _, _ = make_service()
+    with pytest.raises(UserError, match="cannot start no-such-program-here"):
+        service.share(["no-such-program-here"])
+    with pytest.raises(UserError, match="cannot record to"):
+        service.share(["cat"], record=tmp_path / "missing" / "x.cast")
+
+
+async def test_announcements_are_followed() -> None:
+    service, _, bus = make_service()
+    following = asyncio.create_task(service.run())
+    await asyncio.sleep(0)
+    data = {"session_id": "s1", "title": "bash on pc", "cols": 80, "rows": 24, "started_at": 1}
+    bus.publish(AnnouncementReceived("terminal.session", "pc", data))
+    await service.wait_sessions("pc", timeout=TIMEOUT)
+    assert [s.title for s in service.sessions("pc")] == ["bash on pc"]
+    bus.publish(AnnouncementReceived("terminal.session", "pc", {"session_id": 5}))  # malformed
+    bus.publish(AnnouncementReceived("terminal.session.ended", "pc", data))
+    bus.publish(AnnouncementReceived("terminal.session", "pc2", {**data, "session_id": "s2"}))
+    await service.wait_sessions("pc2", timeout=TIMEOUT)
+    assert service.sessions("pc") == []
+    bus.publish(ServerConnected("url", "ws", 0.0))  # the server replays what still stands
+    async with asyncio.timeout(TIMEOUT):
+        while service.sessions():
+            await asyncio.sleep(0.01)
+    following.cancel()
+
+
+# ---------------------------------------------------------------- the viewer's side
+
+
+def viewer_of(channel: FakeChannel) -> TerminalView:
+    service, _, _ = make_service()
+    view = TerminalView(service, "host-id", "host", "s1")
+    view._channel = channel  # type: ignore[assignment]
+    return view
+
+
+async def collect(events: AsyncIterator[Any]) -> list[Any]:
+    return [event async for event in events]
+
+
+async def test_the_viewer_filters_queries_and_clipboard_writes() -> None:
+    channel = FakeChannel()
+    view = viewer_of(channel)
+    for message in (
+        Snapshot(6, 80, 24, True, b"screen"),
+        Output(6, b"a\x1b[6nb\x1b]52;c;ZXZpbA==\x07c"),  # a cursor query and an OSC 52 write
+        Ended(0),
+    ):
+        channel.inbox.put_nowait(message)
+    events = await asyncio.wait_for(collect(view.events()), TIMEOUT)
+    assert isinstance(events[0], ScreenReplaced)
+    shown = b"".join(bytes(e.data) for e in events if isinstance(e, OutputReceived))
+    assert shown == b"screenabc"
+    assert events[-1] == SessionEnded(0, None, "")
+
+
+async def test_a_malformed_stream_is_one_clear_error() -> None:
+    channel = FakeChannel()
+    view = viewer_of(channel)
+    channel.inbox.put_nowait(Output(0, b"output before any snapshot"))
+    with pytest.raises(UserError, match="malformed terminal stream"):
+        await asyncio.wait_for(collect(view.events()), TIMEOUT)
+    assert channel.aborted is not None
+
+
+async def test_a_session_gone_from_the_host_ends_the_view() -> None:
+    channel = FakeChannel()
+    view = viewer_of(channel)
+    channel.inbox.put_nowait(ChannelClosed(ErrorCode.REFUSED, "no session", by_peer=True))
+    events = await asyncio.wait_for(collect(view.events()), TIMEOUT)
+    assert events == [SessionEnded(None, None, "the host stopped sharing")]
