@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any, Final, Literal
 
@@ -92,6 +93,14 @@ class Console:
         return self.exit_code
 
     def _watch_keys(self, loop: asyncio.AbstractEventLoop) -> bool:
+        if sys.platform == "win32":
+            # The proactor loop cannot watch a console handle: a daemon thread reads it.
+            def read_keys() -> None:
+                while data := os.read(self._in, 4096):
+                    loop.call_soon_threadsafe(self._on_keys, data)
+
+            threading.Thread(target=read_keys, name="console-keys", daemon=True).start()
+            return False
         try:
             loop.add_reader(self._in, self._keys)
         except (OSError, ValueError, NotImplementedError):
@@ -160,6 +169,9 @@ class Console:
         if not data:
             asyncio.get_running_loop().remove_reader(self._in)
             return
+        self._on_keys(data)
+
+    def _on_keys(self, data: bytes) -> None:
         forward = bytearray()
         for byte in data:
             if self._asking is not None and byte in b"yYnN":
