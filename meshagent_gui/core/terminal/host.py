@@ -66,6 +66,10 @@ from meshagent_gui.core.terminal.screen import ScreenSnapshot, ScreenTracker, Wi
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
 FLOOD_RECHECK_SECONDS: Final = 0.005
+FLOOD_FRAME_SECONDS: Final = 0.25
+"""While the output floods, how often viewers get a picture of the screen."""
+FLOOD_FRAME_TAIL: Final = 64 * 1024
+"""Output parsed for such a picture: a screenful many times over, about 2 ms of avt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +217,9 @@ class Viewer:
         if self._done or self._closed:
             return None
         if self._needs_snapshot:
+            if self._host._flooding:
+                # Held until the flood pauses: one snapshot then, not one per queue-full.
+                return self._queued_message()
             self._needs_snapshot = False
             for message in self._host._snapshot_messages(self):
                 self._items.append(message)
@@ -226,6 +233,15 @@ class Viewer:
         if self._ended is not None:
             self._done = True
             return self._ended
+        return None
+
+    def _queued_message(self) -> HostMessage | None:
+        """A control message queued while held (output is never queued then)."""
+        if self._items and not isinstance(self._items[0], tuple):
+            message = self._items.popleft()
+            assert not isinstance(message, tuple)
+            self._queued -= _MESSAGE_COST
+            return message
         return None
 
     def close(self) -> None:
@@ -292,6 +308,18 @@ class Viewer:
     def _end(self, message: Ended) -> None:
         self._ended = message
         self._wakeup.set()
+
+    def _frame(self, messages: list[HostMessage]) -> None:
+        """A snapshot while held: it stays held (the live output after it is not queued)."""
+        self._items.extend(messages)
+        self._queued += _MESSAGE_COST * len(messages)
+        self._wakeup.set()
+
+    def _hold(self) -> None:
+        """The output floods: drop what is queued; a snapshot follows when it pauses."""
+        self._items = deque(item for item in self._items if not isinstance(item, tuple))
+        self._queued = _MESSAGE_COST * len(self._items)
+        self._needs_snapshot = True
 
     def _detached(self) -> None:
         self._closed = True
@@ -507,6 +535,7 @@ class TerminalHost:
         self._status: ExitStatus | None = None
         self._ended: Ended | None = None
         self._reading_paused = False
+        self._flooding = False
         self.dropped_input_bytes = 0
 
     # ------------------------------------------------------------ state
@@ -591,23 +620,56 @@ class TerminalHost:
         emulator is a quarter of its bound behind, the output is a flood (``cat`` of a big
         file): parsing it now would only slow the PTY reader, and most of it will be skipped
         anyway, so the worker waits until the output pauses, then catches up.
+
+        Viewers stand back too: nobody reads a flood, and streaming it to ten viewers would
+        cost ten times its encryption. While it lasts they are held (queues dropped, nothing
+        sent) and each gets one snapshot of the screen once it pauses, as mosh does.
         """
         budget = self.limits.screen_slice_bytes
         flood = self.limits.screen_backlog_bytes // 4
+        next_frame = 0.0
         while True:
             await self._screen_work.wait()
             self._screen_work.clear()
             while True:
                 if self._tracker.pending_bytes > flood:
+                    now = time.monotonic()
+                    if not self._flooding:
+                        self._flooding = True
+                        next_frame = now + FLOOD_FRAME_SECONDS
+                        for viewer in self._viewers:
+                            viewer._hold()
+                    elif now >= next_frame:
+                        next_frame = now + FLOOD_FRAME_SECONDS
+                        self._flood_frame()
                     seen = self._offset
                     await asyncio.sleep(FLOOD_RECHECK_SECONDS)
                     if self._offset != seen:
                         continue
+                self._flood_paused()
                 if not self._tracker.work(budget):
                     break
                 await asyncio.sleep(0)  # the PTY reader and the viewers go first
 
+    def _flood_frame(self) -> None:
+        """While the output floods, viewers see the screen a few times a second: one snapshot,
+        made once for all of them (a viewer still busy with the last one skips this one)."""
+        idle = [v for v in self._viewers if v._needs_snapshot and not v._items and not v.closed]
+        if not idle:
+            return
+        snap = self._tracker.snapshot(tail=FLOOD_FRAME_TAIL)
+        parts = snapshot_parts(snap.offset, snap.cols, snap.rows, snap.data)
+        for viewer in idle:
+            viewer._frame([*parts, self._control_state(viewer)])
+
+    def _flood_paused(self) -> None:
+        if self._flooding:
+            self._flooding = False
+            for viewer in self._viewers:
+                viewer._wakeup.set()  # its snapshot is due
+
     def _end(self, status: ExitStatus, message: str) -> None:
+        self._flood_paused()
         if self._ended is not None:
             return
         self._status = status
@@ -624,8 +686,9 @@ class TerminalHost:
         self._replay.append(offset, data)
         self._tracker.append(data)
         self._screen_work.set()
-        for viewer in self._viewers:
-            viewer._push_output(offset, data)
+        if not self._flooding:
+            for viewer in self._viewers:
+                viewer._push_output(offset, data)
         if self._console_output is not None:
             self._console_output(data)
         recorder = self._recorder

@@ -217,7 +217,11 @@ class ScreenTracker:
         while self.work(1 << 30):
             pass
 
-    def snapshot(self) -> ScreenSnapshot:
+    def snapshot(self, *, tail: int | None = None) -> ScreenSnapshot:
+        """The screen after everything appended. ``tail``: parse at most that many of the
+        queued bytes, skipping the older ones (a picture during a flood, not an exact one)."""
+        if tail is not None and self._backlog_bytes > tail:
+            self._skip_oldest(tail)
         self.catch_up()
         size = self.screen.size
         return ScreenSnapshot(self._offset, size.cols, size.rows, self.screen.snapshot())

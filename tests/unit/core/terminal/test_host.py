@@ -276,6 +276,29 @@ async def test_a_slow_viewer_never_holds_up_the_pty_or_other_viewers(
     assert catch_up.messages[-1] == Ended(0, None, "")
 
 
+async def test_viewers_stand_back_during_a_flood_and_see_its_end(
+    sessions: Callable[..., Session],
+) -> None:
+    # 16 MB as fast as the PTY goes, then a pause, then a last line.
+    script = (
+        "import sys, time\n"
+        "line = b'flood ' + b'y' * 74 + b'\\n'\n"
+        "sys.stdout.buffer.write(line * 200000); sys.stdout.flush()\n"
+        "time.sleep(0.3); print('after the flood')\n"
+    )
+    session = sessions([PY, "-c", script])
+    host = session.host
+    viewers = [session.client(f"v{i}") for i in range(3)]
+    assert await session.finish() == ExitStatus(code=0)
+    for viewer in viewers:
+        streamed = sum(len(m.data) for m in viewer.of_type(Output))  # type: ignore[attr-defined]
+        assert streamed < host.offset // 4  # most of the flood was never sent
+        assert viewer.stream.offset == host.offset
+        assert "after the flood" in "\n".join(viewer.screen.text())
+        assert viewer.screen.text() == host.screen.screen.text()
+        assert viewer.viewer.resyncs == 0  # held, not fallen behind
+
+
 async def test_a_viewer_resumes_from_its_offset(sessions: Callable[..., Session]) -> None:
     session = sessions(ECHO)
     host = session.host
