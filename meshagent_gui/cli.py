@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     login.add_argument("--password-stdin", action="store_true")
     login.add_argument("--name", help="this device's name")
 
+    command("gui", "the desktop app (the same as `meshagent` alone)")
+
     up = command("up", "run the agent headless until stopped")
     up.add_argument(
         "--local", action="store_true", help="start a local mesh on this computer if none is set"
@@ -430,6 +432,29 @@ async def _console(ctx: Context, method: str, params: dict[str, Any], role: Role
             await stream.aclose()
 
 
+def cmd_gui(args: argparse.Namespace) -> int:
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY")
+        or os.environ.get("WAYLAND_DISPLAY")
+        or os.environ.get("QT_QPA_PLATFORM")
+    ):
+        raise UserError(
+            "no display for the desktop app: run `meshagent up` for the headless agent"
+            " (see `meshagent --help`)",
+            code="no_display",
+        )
+    try:
+        from meshagent_gui.ui.app import run_gui
+    except ImportError as exc:
+        raise UserError(
+            f"the desktop app needs PySide6 and qasync ({exc.name} is missing):"
+            " pip install 'meshagent-gui[gui]'",
+            code="no_gui",
+        ) from None
+    paths = Paths.resolve(args.home)
+    return run_gui(args.home, log_file=str(paths.log_file))
+
+
 def cmd_autostart(args: argparse.Namespace) -> int:
     import dataclasses
     import shlex
@@ -598,6 +623,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "doctor": cmd_doctor,
     "terminal": cmd_terminal,
     "autostart": cmd_autostart,
+    "gui": cmd_gui,
 }
 
 
@@ -608,8 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, default)
     if args.command is None:
-        parser.print_help()
-        return 0
+        args.command = "gui"
     paths = Paths.resolve(args.home)
     log_file = paths.log_file if paths.state_dir.parent.exists() or args.home else None
     logsetup.setup(log_file, verbose=args.verbose)

@@ -1,0 +1,1 @@
+"""The desktop app (PySide6 + qasync) over the same core as `meshagent up`."""

@@ -1,0 +1,326 @@
+"""The one object between the async core and the widgets (DESIGN §2).
+
+It follows the agent's event bus and turns events into Qt signals and model updates, and it runs
+the user's actions (send, cancel, resume, answer an offer) as tasks it owns and cancels on
+shutdown. Widgets never touch the agent directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
+
+from PySide6.QtCore import QObject, Signal
+
+from meshagent_gui.context import Context
+from meshagent_gui.core.agent import Agent
+from meshagent_gui.core.events import (
+    AnnouncementReceived,
+    PathChanged,
+    PeerCameOnline,
+    PeerWentOffline,
+    ServerConnected,
+    ServerDisconnected,
+    TransferAccepted,
+    TransferCompleted,
+    TransferFailed,
+    TransferOffered,
+    TransferProgressed,
+)
+from meshagent_gui.core.ipc import Handler
+from meshagent_gui.core.onboarding import JoinCode, new_join_code
+from meshagent_gui.errors import UserError
+
+from .devices import DeviceEntry, DeviceListModel
+from .resources import TrayState
+from .transfers import State, TransferRow, TransferTableModel
+
+log = logging.getLogger(__name__)
+
+# Device ids whose offers are accepted without asking ("Always accept from this device").
+ALWAYS_ACCEPT_KEY: Final = "transfer.always_accept"
+_TRANSFER_EVENTS: Final = (
+    TransferProgressed,
+    TransferOffered,
+    TransferAccepted,
+    TransferCompleted,
+    TransferFailed,
+)
+_DEVICE_EVENTS: Final = (
+    PeerCameOnline,
+    PeerWentOffline,
+    PathChanged,
+    ServerConnected,
+    ServerDisconnected,
+)
+
+
+class GuiAgent(Agent):
+    """The agent with the app's own IPC request: ``show`` (a second launch brings us forward)."""
+
+    show_window: Callable[[], None] | None = None
+
+    def ipc_handlers(self) -> dict[str, Handler]:
+        handlers = super().ipc_handlers()
+
+        async def show(_: dict[str, Any]) -> Any:
+            if self.show_window is not None:
+                self.show_window()
+            return {"shown": True}
+
+        handlers["show"] = show
+        return handlers
+
+
+def always_accepted(ctx: Context) -> set[str]:
+    raw = ctx.config.get(ALWAYS_ACCEPT_KEY, "")
+    items = raw if isinstance(raw, list) else str(raw or "").split(",")
+    return {str(item).strip() for item in items if str(item).strip()}
+
+
+def allow_device(ctx: Context, device_id: str) -> None:
+    allowed = always_accepted(ctx) | {device_id}
+    ctx.config.set(ALWAYS_ACCEPT_KEY, ",".join(sorted(allowed)))
+    ctx.config.save()
+
+
+class AgentBridge(QObject):
+    """Signals for the widgets, actions for the user; owns every task it starts."""
+
+    ready = Signal()
+    link_changed = Signal(str)  # offline / connecting / online
+    tray_state_changed = Signal(object)  # TrayState
+    offer_received = Signal(object)  # TransferOffered that needs an answer
+    join_code_changed = Signal(object)  # JoinCode
+    error = Signal(str)  # one line for the status bar
+    show_requested = Signal()
+    event_received = Signal(object)  # every core event, for whoever cares
+
+    def __init__(self, ctx: Context, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.ctx = ctx
+        self.agent: Agent | None = None
+        self.join_code: JoinCode | None = None
+        self.transfers = TransferTableModel(self)
+        self.devices = DeviceListModel(self)
+        self.link_state = "offline"
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sends: dict[str, asyncio.Task[Any]] = {}
+        self._refreshing: asyncio.Task[None] | None = None
+        self._refresh_again = False
+        self._tray_state = TrayState.OFFLINE
+
+    # ------------------------------------------------------------ wiring
+
+    def make_agent(self, ctx: Context) -> Agent:
+        """The factory handed to core.onboarding.run_agent."""
+        agent = GuiAgent.from_context(ctx)
+        assert isinstance(agent, GuiAgent)
+        agent.show_window = self.show_requested.emit
+        return agent
+
+    def attach(self, agent: Agent, join: JoinCode | None) -> None:
+        """The agent runs: follow its events, load the devices."""
+        self.agent = agent
+        self.spawn(self._follow(agent), "ui-events")
+        if join is not None:
+            self.join_code = join
+            self.join_code_changed.emit(join)
+        self._set_link(agent.link.state)
+        self.refresh_devices()
+        self.ready.emit()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, UserError):
+            self.error.emit(exc.message)
+        elif exc is not None:
+            task.get_loop().call_exception_handler(
+                {"message": f"task {task.get_name()} failed", "exception": exc, "task": task}
+            )
+
+    async def aclose(self) -> None:
+        """Cancel every task; sends tell their receivers, who keep partials for a resume."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self.agent = None
+
+    # ------------------------------------------------------------ events
+
+    async def _follow(self, agent: Agent) -> None:
+        with agent.bus.subscribed(maxsize=10_000) as events:
+            async for event in events:
+                self.handle(event)
+
+    def handle(self, event: object) -> None:
+        if isinstance(event, _TRANSFER_EVENTS):
+            self.transfers.apply(event)
+            if isinstance(event, TransferOffered) and not event.auto_accepted:
+                self._offered(event)
+        if isinstance(event, ServerConnected):
+            self._set_link("online")
+        elif isinstance(event, ServerDisconnected):
+            self._set_link("offline")
+        if isinstance(event, _DEVICE_EVENTS) or (
+            isinstance(event, AnnouncementReceived) and event.kind.startswith("room.")
+        ):
+            self.refresh_devices()
+        self.event_received.emit(event)
+        self._update_tray_state()
+
+    def _offered(self, event: TransferOffered) -> None:
+        if event.peer in always_accepted(self.ctx):
+            self.spawn(self.answer_offer(event.transfer_id, True), "answer-offer")
+            return
+        self.offer_received.emit(event)
+
+    def _set_link(self, state: str) -> None:
+        if state != self.link_state:
+            self.link_state = state
+            self.link_changed.emit(state)
+        self._update_tray_state()
+
+    def _update_tray_state(self) -> None:
+        if self.link_state != "online":
+            state = TrayState.OFFLINE
+        elif any(r.state is State.RUNNING for r in self.transfers.rows()):
+            state = TrayState.TRANSFERRING
+        else:
+            state = TrayState.ONLINE
+        if state is not self._tray_state:
+            self._tray_state = state
+            self.tray_state_changed.emit(state)
+
+    @property
+    def tray_state(self) -> TrayState:
+        return self._tray_state
+
+    # ------------------------------------------------------------ devices
+
+    def refresh_devices(self) -> None:
+        """Reload the device list; bursts of events cost one reload (plus one for late news)."""
+        if self._refreshing is not None and not self._refreshing.done():
+            self._refresh_again = True
+            return
+        self._refreshing = self.spawn(self._refresh(), "ui-devices")
+
+    async def _refresh(self) -> None:
+        while True:
+            self._refresh_again = False
+            agent = self.agent
+            if agent is None:
+                return
+            try:
+                views = await agent.devices()
+            except UserError as exc:
+                log.info("device list not refreshed: %s", exc.message)
+                return
+            paths = {p["device_id"]: str(p["path"]) for p in agent.p2p_status()["peers"]}
+            entries = [
+                DeviceEntry(v.id, v.name, v.user, v.platform, v.online, paths.get(v.id, ""))
+                for v in views
+                if v.id != agent.enrollment.device_id
+            ]
+            self.devices.set_devices(entries)
+            self.transfers.set_peer_names(self.devices.names())
+            if not self._refresh_again:
+                return
+
+    # ------------------------------------------------------------ actions
+
+    def send(self, paths: list[str], device_id: str) -> TransferRow:
+        """Send files and folders to a device; the row follows the transfer."""
+        name = self.devices.names().get(device_id, device_id[:12])
+        row = self.transfers.add_send(paths, device_id, name)
+        self._start_send(row)
+        return row
+
+    def _start_send(self, row: TransferRow) -> None:
+        task = self.spawn(self._send(row), f"ui-send-{row.key}")
+        self._sends[row.key] = task
+        self._update_tray_state()
+
+    async def _send(self, row: TransferRow) -> None:
+        agent = self.agent
+        if agent is None:
+            self.transfers.happen(row, "failed", error="the agent is not running")
+            return
+        try:
+            async for update in agent.send(list(row.paths), row.peer_id):
+                if "items" in update:
+                    self.transfers.happen(row, "completed")
+                elif row.transfer_id is None:  # bus events carry it once known
+                    self.transfers.progress(
+                        row,
+                        int(update["done"]),
+                        int(update["total"]),
+                        update["rate"],
+                        update["eta"],
+                    )
+        except asyncio.CancelledError:
+            self.transfers.happen(row, "cancelled", error="")
+            raise
+        except UserError as exc:
+            happening = "declined" if exc.code == "declined" else "failed"
+            self.transfers.happen(row, happening, error=exc.message)
+        finally:
+            self._sends.pop(row.key, None)
+            self._update_tray_state()
+
+    def cancel(self, row: TransferRow) -> None:
+        task = self._sends.get(row.key)
+        if task is not None:
+            task.cancel()
+            return
+        agent = self.agent
+        if agent is not None and row.transfer_id and row.transfer_id in agent.transfers.active:
+            self.spawn(agent.transfers.cancel(row.transfer_id), "ui-cancel")
+        elif row.state is State.ASKING and row.transfer_id:
+            self.spawn(self.answer_offer(row.transfer_id, False), "ui-decline")
+
+    def resume(self, row: TransferRow) -> None:
+        """Send again: the receiver's verified chunks are kept, only the rest goes."""
+        if row.can_resume and self.transfers.happen(row, "restarted"):
+            self._start_send(row)
+
+    async def answer_offer(self, transfer_id: str, accept: bool, *, always: bool = False) -> None:
+        agent = self.agent
+        if agent is None:
+            return
+        row = self.transfers.find(transfer_id)
+        if always and accept and row is not None:
+            allow_device(self.ctx, row.peer_id)
+        try:
+            await agent.transfers.answer_offer(transfer_id, accept)
+        except UserError as exc:
+            if row is not None:
+                self.transfers.happen(row, "failed", error=exc.message)
+            return
+        if not accept and row is not None:
+            self.transfers.happen(row, "declined")
+
+    async def new_join_code(self) -> JoinCode | None:
+        if self.join_code is None:
+            return None
+        self.join_code = await new_join_code(self.ctx, self.join_code.url)
+        self.join_code_changed.emit(self.join_code)
+        return self.join_code
+
+    def online_devices(self) -> list[DeviceEntry]:
+        return [d for d in self.devices.devices() if d.online]

@@ -1,0 +1,237 @@
+"""First run: connect to a Mesh Server, or start a local mesh on this computer.
+
+Connecting enrols this device exactly as `meshagent login` does (core/mesh/enroll.enroll). The
+local mesh is started by the app afterwards (core/onboarding.run_agent(local=True)): the embedded
+server, this device enrolled as owner, and a join code shown in the main window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QCloseEvent
+from PySide6.QtWidgets import (
+    QDialog,
+    QFormLayout,
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from meshagent_gui.context import Context
+from meshagent_gui.core.mesh.enroll import enroll
+from meshagent_gui.errors import UserError
+
+from .main_window import named
+from .resources import app_icon
+
+log = logging.getLogger(__name__)
+
+STYLE = """
+#heading { font-size: 17pt; font-weight: 600; }
+#lead { color: #55606b; }
+#option { border: 1px solid #d6dde3; border-radius: 12px; background: palette(base); }
+#optionTitle { font-size: 12pt; font-weight: 600; }
+#hint { color: #66727d; }
+#error { color: #c62828; }
+QPushButton#primary { background: #2a9d8f; color: white; border: none; border-radius: 6px;
+                      padding: 8px 18px; font-weight: 600; }
+QPushButton#primary:disabled { background: #9cc9c3; }
+QPushButton#secondary { padding: 7px 16px; }
+"""
+
+
+class Choice(enum.Enum):
+    CONNECTED = "connected"  # enrolled with a Mesh Server
+    LOCAL = "local"  # start the embedded mesh
+
+
+class FirstRunDialog(QDialog):
+    def __init__(self, ctx: Context, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.ctx = ctx
+        self.choice: Choice | None = None
+        self._task: asyncio.Task[bool] | None = None
+        self.setWindowTitle("Welcome to Mesh Agent")
+        self.setWindowIcon(app_icon())
+        self.setStyleSheet(STYLE)
+        self.setMinimumWidth(640)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(24, 20, 24, 18)
+        layout.setSpacing(14)
+
+        top = QHBoxLayout()
+        logo = QLabel()
+        logo.setPixmap(app_icon().pixmap(56, 56))
+        words = QVBoxLayout()
+        words.setSpacing(2)
+        words.addWidget(named(QLabel("Welcome to Mesh Agent"), "heading"))
+        lead = named(
+            QLabel(
+                "Send files and folders peer to peer, share terminals and get notified."
+                " Choose how this device joins a mesh."
+            ),
+            "lead",
+        )
+        lead.setWordWrap(True)
+        words.addWidget(lead)
+        top.addWidget(logo, 0, Qt.AlignmentFlag.AlignTop)
+        top.addSpacing(8)
+        top.addLayout(words, 1)
+        layout.addLayout(top)
+
+        local = named(QFrame(), "option")
+        local_layout = QVBoxLayout(local)
+        local_layout.setContentsMargins(16, 14, 16, 14)
+        local_layout.addWidget(named(QLabel("Start a local mesh on this computer"), "optionTitle"))
+        local_hint = named(
+            QLabel(
+                "Nothing else to install: the Mesh Server runs inside this app, this device becomes"
+                " its owner, and you get a join code for your other devices."
+            ),
+            "hint",
+        )
+        local_hint.setWordWrap(True)
+        local_layout.addWidget(local_hint)
+        self.local_button = named(QPushButton("Start a local mesh"), "primary")
+        self.local_button.clicked.connect(self.choose_local)
+        row = QHBoxLayout()
+        row.addStretch(1)
+        row.addWidget(self.local_button)
+        local_layout.addLayout(row)
+        layout.addWidget(local)
+
+        remote = named(QFrame(), "option")
+        remote_layout = QVBoxLayout(remote)
+        remote_layout.setContentsMargins(16, 14, 16, 14)
+        remote_layout.addWidget(named(QLabel("Connect to a Mesh Server"), "optionTitle"))
+        server_form = QFormLayout()
+        self.url = QLineEdit()
+        self.url.setPlaceholderText("https://mesh.example.org")
+        self.device_name = QLineEdit()
+        self.device_name.setPlaceholderText(ctx.device_name)
+        server_form.addRow("Server URL", self.url)
+        server_form.addRow("Device name", self.device_name)
+        remote_layout.addLayout(server_form)
+        self.how = QTabWidget()
+        code_page = QWidget()
+        code_form = QFormLayout(code_page)
+        self.join_code = QLineEdit()
+        self.join_code.setPlaceholderText("ABCD-EFGH-IJKL-MNOP")
+        code_form.addRow("Join code", self.join_code)
+        password_page = QWidget()
+        password_form = QFormLayout(password_page)
+        self.user = QLineEdit()
+        self.password = QLineEdit()
+        self.password.setEchoMode(QLineEdit.EchoMode.Password)
+        password_form.addRow("User", self.user)
+        password_form.addRow("Password", self.password)
+        self.how.addTab(code_page, "Join code")
+        self.how.addTab(password_page, "User and password")
+        remote_layout.addWidget(self.how)
+        self.error = named(QLabel(), "error")
+        self.error.setWordWrap(True)
+        self.error.hide()
+        remote_layout.addWidget(self.error)
+        self.connect_button = named(QPushButton("Connect"), "secondary")
+        self.connect_button.clicked.connect(self.start_connect)
+        quit_button = named(QPushButton("Quit"), "secondary")
+        quit_button.clicked.connect(self.reject)
+        buttons = QHBoxLayout()
+        buttons.addWidget(quit_button)
+        buttons.addStretch(1)
+        buttons.addWidget(self.connect_button)
+        remote_layout.addLayout(buttons)
+        layout.addWidget(remote)
+
+    # ------------------------------------------------------------ choices
+
+    def choose_local(self) -> None:
+        self.choice = Choice.LOCAL
+        self.accept()
+
+    def start_connect(self) -> None:
+        if self._task is not None and not self._task.done():
+            return
+        self._task = asyncio.get_running_loop().create_task(self.connect_to_server())
+
+    async def connect_to_server(self) -> bool:
+        """Enrol with the server in the form; on failure say why and stay open."""
+        url = self.url.text().strip()
+        by_code = self.how.currentIndex() == 0
+        if not url:
+            self.show_error("Enter the server's URL.")
+            return False
+        if by_code and not self.join_code.text().strip():
+            self.show_error("Enter the join code you were given.")
+            return False
+        if not by_code and not (self.user.text().strip() and self.password.text()):
+            self.show_error("Enter your user name and password.")
+            return False
+        self._busy(True)
+        try:
+            await enroll(
+                self.ctx,
+                url,
+                join_code=self.join_code.text().strip() if by_code else None,
+                username=None if by_code else self.user.text().strip(),
+                password=None if by_code else self.password.text(),
+                device_name=self.device_name.text().strip() or None,
+            )
+        except UserError as exc:
+            self.show_error(exc.message)
+            return False
+        finally:
+            self._busy(False)
+        self.choice = Choice.CONNECTED
+        self.accept()
+        return True
+
+    def show_error(self, text: str) -> None:
+        self.error.setText(text)
+        self.error.show()
+
+    def _busy(self, busy: bool) -> None:
+        self.connect_button.setEnabled(not busy)
+        self.local_button.setEnabled(not busy)
+        self.connect_button.setText("Connecting…" if busy else "Connect")
+
+    def done(self, result: int) -> None:
+        if self._task is not None and not self._task.done() and self.choice is None:
+            self._task.cancel()
+        super().done(result)
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        self.reject()
+        event.accept()
+
+
+async def ask_first_run(ctx: Context, parent: QWidget | None = None) -> Choice | None:
+    """Show the dialog and wait (without blocking the loop) for the user's choice."""
+    dialog = FirstRunDialog(ctx, parent)
+    finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def done(_: int) -> None:
+        if not finished.done():
+            finished.set_result(None)
+
+    dialog.finished.connect(done)
+    dialog.show()
+    dialog.raise_()
+    dialog.activateWindow()
+    try:
+        await finished
+    finally:
+        with contextlib.suppress(RuntimeError):
+            dialog.hide()
+            dialog.deleteLater()
+    return dialog.choice

@@ -1,0 +1,506 @@
+"""The main window: devices, transfers, a drop zone, the local mesh's join code, offers."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from PySide6.QtCore import QPoint, Qt, QUrl, Signal
+from PySide6.QtGui import (
+    QCloseEvent,
+    QDesktopServices,
+    QDragEnterEvent,
+    QDragLeaveEvent,
+    QDragMoveEvent,
+    QDropEvent,
+    QGuiApplication,
+)
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QDialog,
+    QDialogButtonBox,
+    QFileDialog,
+    QFrame,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QMainWindow,
+    QMenu,
+    QPushButton,
+    QSizePolicy,
+    QSplitter,
+    QTableView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from meshagent_gui.core.events import TransferOffered
+from meshagent_gui.core.notify.router import human_size
+from meshagent_gui.core.onboarding import JoinCode
+
+from .bridge import AgentBridge
+from .devices import DeviceEntry, DeviceListView, local_paths
+from .resources import app_icon
+from .transfers import Column, ProgressDelegate, TransferRow
+
+log = logging.getLogger(__name__)
+
+
+W = TypeVar("W", bound=QWidget)
+
+
+def named(widget: W, name: str) -> W:
+    """Give a widget the object name the style sheet addresses."""
+    widget.setObjectName(name)
+    return widget
+
+
+STYLE = """
+QMainWindow, #central { background: palette(window); }
+#title { font-size: 17pt; font-weight: 600; }
+#subtitle { color: palette(mid); }
+#sectionTitle { font-size: 11pt; font-weight: 600; padding: 2px 2px 4px 2px; }
+#pill { border-radius: 10px; padding: 3px 10px; color: white; font-weight: 600; }
+#pill[state="online"] { background: #2e9d6a; }
+#pill[state="connecting"] { background: #d08a1d; }
+#pill[state="offline"] { background: #8b95a1; }
+#banner { background: #fff4d6; color: #5c4400; border: 1px solid #f0d58a; border-radius: 8px;
+          padding: 8px 12px; }
+#card { background: #eef6f5; border: 1px solid #bfdcd8; border-radius: 10px; }
+#joinCode { font-family: monospace; font-size: 14pt; font-weight: 600; color: #1d4e89; }
+#dropZone { border: 2px dashed #9fb8c8; border-radius: 12px; color: #5d7180; background: #f7fafc; }
+#dropZone[active="true"] { border-color: #2a9d8f; background: #e6f4f1; color: #1f6f65; }
+QTableView { border: 1px solid #d6dde3; border-radius: 8px; gridline-color: transparent;
+             selection-background-color: #d7ebf7; selection-color: black; }
+QListView { border: 1px solid #d6dde3; border-radius: 8px; padding: 4px; }
+QHeaderView::section { background: transparent; border: none; border-bottom: 1px solid #d6dde3;
+                       padding: 6px 4px; font-weight: 600; color: #4a5560; }
+QPushButton { padding: 5px 14px; }
+"""
+
+
+class DropZone(QLabel):
+    """The visible target; the whole window takes drops, this says so."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("dropZone")
+        self.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.setMinimumHeight(72)
+        self.setWordWrap(True)
+        self.set_target(None)
+
+    def set_target(self, device: DeviceEntry | None) -> None:
+        where = f"<b>{device.name}</b>" if device else "a device (select one, or drop on it)"
+        self.setText(f"Drop files or folders here to send them to {where}")
+
+    def set_active(self, active: bool) -> None:
+        self.setProperty("active", "true" if active else "false")
+        self.style().unpolish(self)
+        self.style().polish(self)
+
+
+class OfferDialog(QDialog):
+    """Accept or decline an incoming offer; not modal, so offers never block the window."""
+
+    answered = Signal(str, bool, bool)  # transfer id, accept, always from this device
+
+    def __init__(self, offer: TransferOffered, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.offer = offer
+        self.setWindowTitle("Incoming files")
+        self.setWindowIcon(app_icon())
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(20, 18, 20, 16)
+        layout.setSpacing(10)
+        title = QLabel(f"<b>{_escape(offer.peer_name)}</b> wants to send you")
+        title.setObjectName("offerTitle")
+        names = ", ".join(offer.names[:3]) + (" …" if len(offer.names) > 3 else "")
+        what = QLabel(
+            f"{_escape(names)}<br><span style='color:#66727d'>{offer.files} file"
+            f"{'s' if offer.files != 1 else ''}, {human_size(offer.total)}</span>"
+        )
+        what.setWordWrap(True)
+        self.always = QCheckBox("Always accept from this device")
+        buttons = QDialogButtonBox()
+        self.accept_button = buttons.addButton("Accept", QDialogButtonBox.ButtonRole.AcceptRole)
+        self.decline_button = buttons.addButton("Decline", QDialogButtonBox.ButtonRole.RejectRole)
+        self.accept_button.setDefault(True)
+        buttons.accepted.connect(self.accept)
+        buttons.rejected.connect(self.reject)
+        for widget in (title, what, self.always, buttons):
+            layout.addWidget(widget)
+        self.finished.connect(self._finished)
+
+    def _finished(self, result: int) -> None:
+        accepted = result == QDialog.DialogCode.Accepted
+        self.answered.emit(self.offer.transfer_id, accepted, accepted and self.always.isChecked())
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+class MainWindow(QMainWindow):
+    """Everything the tray does, in a window; also the drop target."""
+
+    settings_requested = Signal()
+
+    def __init__(self, bridge: AgentBridge, *, keep_running_on_close: bool = True) -> None:
+        super().__init__()
+        self.bridge = bridge
+        self.keep_running_on_close = keep_running_on_close
+        self.offers: dict[str, OfferDialog] = {}
+        self.drop_zone = DropZone()
+        self.open_terminal: Callable[[DeviceEntry], None] | None = None
+        self.choose_paths: Callable[[bool], list[str]] = self._choose_paths
+        self.setWindowTitle("Mesh Agent")
+        self.setWindowIcon(app_icon())
+        self.setAcceptDrops(True)
+        self.setStyleSheet(STYLE)
+        self.resize(980, 620)
+        self._build()
+        bridge.link_changed.connect(self._show_link)
+        bridge.join_code_changed.connect(self.show_join_code)
+        bridge.offer_received.connect(self.ask_offer)
+        bridge.error.connect(self.show_notice)
+        bridge.ready.connect(self._ready)
+        bridge.devices.modelReset.connect(self._devices_changed)
+        bridge.devices.dataChanged.connect(self._devices_changed)
+        self._show_link(bridge.link_state)
+
+    # ------------------------------------------------------------ layout
+
+    def _build(self) -> None:
+        central = named(QWidget(), "central")
+        outer = QVBoxLayout(central)
+        outer.setContentsMargins(18, 14, 18, 14)
+        outer.setSpacing(12)
+
+        header = QHBoxLayout()
+        logo = QLabel()
+        logo.setPixmap(app_icon().pixmap(40, 40))
+        titles = QVBoxLayout()
+        titles.setSpacing(0)
+        title = named(QLabel("Mesh Agent"), "title")
+        self.subtitle = named(QLabel(), "subtitle")
+        titles.addWidget(title)
+        titles.addWidget(self.subtitle)
+        self.pill = named(QLabel(), "pill")
+        self.settings_button = QPushButton("Settings")
+        self.settings_button.clicked.connect(self.settings_requested.emit)
+        header.addWidget(logo)
+        header.addSpacing(6)
+        header.addLayout(titles)
+        header.addStretch(1)
+        header.addWidget(self.pill)
+        header.addSpacing(8)
+        header.addWidget(self.settings_button)
+        outer.addLayout(header)
+
+        self.banner = named(QLabel(), "banner")
+        self.banner.setWordWrap(True)
+        self.banner.hide()
+        outer.addWidget(self.banner)
+
+        self.card = named(QFrame(), "card")
+        card_layout = QHBoxLayout(self.card)
+        card_layout.setContentsMargins(14, 10, 14, 10)
+        card_text = QVBoxLayout()
+        card_text.setSpacing(2)
+        self.card_heading = QLabel("<b>Local mesh on this computer</b>")
+        self.card_detail = QLabel()
+        self.card_detail.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        card_text.addWidget(self.card_heading)
+        card_text.addWidget(self.card_detail)
+        self.join_code_label = named(QLabel(), "joinCode")
+        self.join_code_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.copy_button = QPushButton("Copy")
+        self.copy_button.clicked.connect(self._copy_join)
+        self.new_code_button = QPushButton("New code")
+        self.new_code_button.clicked.connect(
+            lambda: self.bridge.spawn(self.bridge.new_join_code(), "ui-join-code")
+        )
+        card_layout.addLayout(card_text, 1)
+        card_layout.addWidget(self.join_code_label)
+        card_layout.addWidget(self.copy_button)
+        card_layout.addWidget(self.new_code_button)
+        self.card.hide()
+        outer.addWidget(self.card)
+
+        splitter = QSplitter(Qt.Orientation.Horizontal)
+        splitter.setChildrenCollapsible(False)
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(0, 0, 6, 0)
+        left_layout.addWidget(named(QLabel("Devices"), "sectionTitle"))
+        self.device_list = DeviceListView()
+        self.device_list.setModel(self.bridge.devices)
+        self.device_list.files_dropped.connect(self.send_to)
+        self.device_list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.device_list.customContextMenuRequested.connect(self._device_menu)
+        self.device_list.selectionModel().currentChanged.connect(self._devices_changed)
+        self.no_devices = QLabel(
+            "No other device yet.\nAdd one with a join code\n"
+            "(meshagent login URL --join-code CODE)."
+        )
+        self.no_devices.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.no_devices.setObjectName("subtitle")
+        left_layout.addWidget(self.device_list, 1)
+        left_layout.addWidget(self.no_devices)
+        left.setMinimumWidth(240)
+
+        right = QWidget()
+        right_layout = QVBoxLayout(right)
+        right_layout.setContentsMargins(6, 0, 0, 0)
+        right_layout.addWidget(named(QLabel("Transfers"), "sectionTitle"))
+        self.table = QTableView()
+        self.table.setModel(self.bridge.transfers)
+        self.table.setItemDelegateForColumn(Column.PROGRESS, ProgressDelegate(self.table))
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setShowGrid(False)
+        self.table.setAlternatingRowColors(False)
+        self.table.verticalHeader().hide()
+        self.table.verticalHeader().setDefaultSectionSize(34)
+        self.table.setWordWrap(False)
+        header_view = self.table.horizontalHeader()
+        header_view.setHighlightSections(False)
+        header_view.setDefaultAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+        header_view.setSectionResizeMode(Column.NAME, QHeaderView.ResizeMode.Stretch)
+        for column, width in (
+            (Column.PEER, 110),
+            (Column.SIZE, 80),
+            (Column.PROGRESS, 150),
+            (Column.SPEED, 90),
+            (Column.ETA, 80),
+            (Column.STATE, 110),
+        ):
+            header_view.setSectionResizeMode(column, QHeaderView.ResizeMode.Interactive)
+            self.table.setColumnWidth(column, width)
+        self.table.selectionModel().selectionChanged.connect(self._update_buttons)
+        self.bridge.transfers.dataChanged.connect(self._update_buttons)
+        self.bridge.transfers.rowsInserted.connect(self._update_buttons)
+        right_layout.addWidget(self.table, 1)
+
+        buttons = QHBoxLayout()
+        self.send_button = QPushButton("Send files…")
+        self.send_button.clicked.connect(lambda: self.pick_and_send(folder=False))
+        self.send_folder_button = QPushButton("Send folder…")
+        self.send_folder_button.clicked.connect(lambda: self.pick_and_send(folder=True))
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.clicked.connect(self._cancel_selected)
+        self.resume_button = QPushButton("Resume")
+        self.resume_button.clicked.connect(self._resume_selected)
+        self.open_button = QPushButton("Open folder")
+        self.open_button.clicked.connect(self._open_selected)
+        self.clear_button = QPushButton("Clear finished")
+        self.clear_button.clicked.connect(self.bridge.transfers.clear_finished)
+        for button in (self.send_button, self.send_folder_button):
+            buttons.addWidget(button)
+        buttons.addStretch(1)
+        for button in (self.cancel_button, self.resume_button, self.open_button, self.clear_button):
+            buttons.addWidget(button)
+        right_layout.addLayout(buttons)
+        self.drop_zone.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        right_layout.addWidget(self.drop_zone)
+
+        splitter.addWidget(left)
+        splitter.addWidget(right)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([270, 690])
+        outer.addWidget(splitter, 1)
+        self.setCentralWidget(central)
+        self.statusBar().setSizeGripEnabled(False)
+        self._update_buttons()
+        self._devices_changed()
+
+    # ------------------------------------------------------------ state shown
+
+    def _ready(self) -> None:
+        agent = self.bridge.agent
+        if agent is not None:
+            self.subtitle.setText(
+                f"{agent.ctx.device_name} · {agent.enrollment.user} on {agent.enrollment.url}"
+            )
+
+    def _show_link(self, state: str) -> None:
+        self.pill.setText({"online": "Online", "connecting": "Connecting…"}.get(state, "Offline"))
+        self.pill.setProperty("state", state if state in ("online", "connecting") else "offline")
+        self.pill.style().unpolish(self.pill)
+        self.pill.style().polish(self.pill)
+
+    def show_notice(self, text: str) -> None:
+        """A one-line message in the banner (no tray, an error); stays until the next one."""
+        self.banner.setText(text)
+        self.banner.show()
+
+    def show_join_code(self, join: JoinCode) -> None:
+        self.card_detail.setText(
+            f"Other devices join with: <code>meshagent login {join.url} --join-code CODE</code>"
+            "<br><span style='color:#66727d'>One-time code, valid for 10 minutes.</span>"
+        )
+        self.join_code_label.setText(join.code)
+        self.card.show()
+
+    def _copy_join(self) -> None:
+        join = self.bridge.join_code
+        clipboard = QGuiApplication.clipboard()
+        if join is not None and clipboard is not None:
+            clipboard.setText(f"meshagent login {join.url} --join-code {join.code}")
+            self.statusBar().showMessage("Copied the login command", 3000)
+
+    def _devices_changed(self, *_: Any) -> None:
+        has_devices = self.bridge.devices.rowCount() > 0
+        self.no_devices.setVisible(not has_devices)
+        self.drop_zone.set_target(self.target_device())
+
+    # ------------------------------------------------------------ sending
+
+    def target_device(self) -> DeviceEntry | None:
+        """Where a drop on the window goes: the selected device, else the only online one."""
+        selected = self.device_list.selected_device()
+        if selected is not None:
+            return selected
+        online = self.bridge.online_devices()
+        return online[0] if len(online) == 1 else None
+
+    def send_to(self, paths: list[str], device_id: str) -> TransferRow | None:
+        if not paths:
+            return None
+        row = self.bridge.send(paths, device_id)
+        self.statusBar().showMessage(f"Sending {row.name} to {row.peer_name}", 4000)
+        return row
+
+    def pick_and_send(self, folder: bool, device: DeviceEntry | None = None) -> None:
+        target = device or self.target_device()
+        if target is None:
+            self.show_notice("Choose a device first: select it in the list, then send.")
+            return
+        paths = self.choose_paths(folder)
+        if paths:
+            self.send_to(paths, target.id)
+
+    def _choose_paths(self, folder: bool) -> list[str]:
+        if folder:
+            chosen = QFileDialog.getExistingDirectory(self, "Send folder")
+            return [chosen] if chosen else []
+        files, _ = QFileDialog.getOpenFileNames(self, "Send files")
+        return list(files)
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if local_paths(event):
+            event.acceptProposedAction()
+            self.drop_zone.set_active(True)
+        else:
+            event.ignore()
+
+    def dragMoveEvent(self, event: QDragMoveEvent) -> None:
+        if local_paths(event):
+            event.acceptProposedAction()
+        else:
+            event.ignore()
+
+    def dragLeaveEvent(self, event: QDragLeaveEvent) -> None:
+        self.drop_zone.set_active(False)
+        super().dragLeaveEvent(event)
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        self.drop_zone.set_active(False)
+        paths = local_paths(event)
+        if not paths:
+            event.ignore()
+            return
+        target = self.target_device()
+        if target is None:
+            self.show_notice("Drop onto a device in the list, or select one first.")
+            event.ignore()
+            return
+        event.acceptProposedAction()
+        self.send_to(paths, target.id)
+
+    def _device_menu(self, position: QPoint) -> None:
+        device = self.device_list.device_at(position)
+        if device is None:
+            return
+        menu = QMenu(self)
+        menu.addAction("Send files…", lambda: self.pick_and_send(False, device))
+        menu.addAction("Send folder…", lambda: self.pick_and_send(True, device))
+        terminal = menu.addAction("View terminal…")
+        terminal.setEnabled(device.online and self.open_terminal is not None)
+        if self.open_terminal is not None:
+            opener = self.open_terminal
+            terminal.triggered.connect(lambda: opener(device))
+        menu.exec(self.device_list.viewport().mapToGlobal(position))
+
+    # ------------------------------------------------------------ transfer buttons
+
+    def selected_row(self) -> TransferRow | None:
+        rows = self.table.selectionModel().selectedRows()
+        return self.bridge.transfers.row_at(rows[0].row()) if rows else None
+
+    def _update_buttons(self, *_: Any) -> None:
+        row = self.selected_row()
+        self.cancel_button.setEnabled(row is not None and row.can_cancel)
+        self.resume_button.setEnabled(row is not None and row.can_resume)
+        self.open_button.setEnabled(row is not None)
+
+    def _cancel_selected(self) -> None:
+        if (row := self.selected_row()) is not None:
+            self.bridge.cancel(row)
+
+    def _resume_selected(self) -> None:
+        if (row := self.selected_row()) is not None:
+            self.bridge.resume(row)
+
+    def folder_of(self, row: TransferRow) -> Path | None:
+        if row.direction == "send" and row.paths:
+            first = Path(row.paths[0])
+            return first if first.is_dir() else first.parent
+        agent = self.bridge.agent
+        return agent.downloads_dir() if agent is not None else None
+
+    def _open_selected(self) -> None:
+        row = self.selected_row()
+        folder = self.folder_of(row) if row is not None else None
+        if folder is not None and not os.environ.get("MESHAGENT_NO_OPEN"):
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+
+    # ------------------------------------------------------------ offers
+
+    def ask_offer(self, offer: TransferOffered) -> OfferDialog:
+        dialog = OfferDialog(offer, self)
+        dialog.answered.connect(self._answered)
+        self.offers[offer.transfer_id] = dialog
+        dialog.show()
+        dialog.raise_()
+        return dialog
+
+    def _answered(self, transfer_id: str, accept: bool, always: bool) -> None:
+        dialog = self.offers.pop(transfer_id, None)
+        if dialog is not None:
+            dialog.deleteLater()
+        self.bridge.spawn(
+            self.bridge.answer_offer(transfer_id, accept, always=always), "ui-answer-offer"
+        )
+
+    # ------------------------------------------------------------ window
+
+    def bring_to_front(self) -> None:
+        self.show()
+        self.setWindowState(
+            (self.windowState() & ~Qt.WindowState.WindowMinimized) | Qt.WindowState.WindowActive
+        )
+        self.raise_()
+        self.activateWindow()
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        if self.keep_running_on_close:
+            event.ignore()  # the tray keeps the agent running
+            self.hide()
+        else:
+            event.accept()

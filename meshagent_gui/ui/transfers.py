@@ -1,0 +1,448 @@
+"""The transfer list: a table model fed by core events at full speed, and its progress delegate.
+
+Progress arrives once per verified chunk (hundreds per second on a fast link). The model keeps
+the newest figures per row and tells the views about them at most every ``flush_interval``
+seconds, for the changed cells only; an idle list runs no timer at all.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from PySide6.QtCore import (
+    QAbstractTableModel,
+    QModelIndex,
+    QObject,
+    QPersistentModelIndex,
+    QRect,
+    QSize,
+    Qt,
+    QTimer,
+)
+from PySide6.QtGui import QColor, QPainter, QPalette
+from PySide6.QtWidgets import QStyle, QStyledItemDelegate, QStyleOptionViewItem
+
+from meshagent_gui.core.events import (
+    TransferAccepted,
+    TransferCompleted,
+    TransferFailed,
+    TransferOffered,
+    TransferProgressed,
+)
+from meshagent_gui.core.notify.router import human_size
+
+AnyIndex = QModelIndex | QPersistentModelIndex
+
+
+class State(enum.Enum):
+    STARTING = "Starting"
+    WAITING = "Waiting for answer"
+    ASKING = "Needs your answer"
+    RUNNING = "Transferring"
+    DONE = "Done"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+    DECLINED = "Declined"
+
+
+# What each happening does to a row, as data: (state, happening) -> new state. A happening not in
+# the table leaves the row alone (a late progress report after a cancel, a duplicate end).
+TRANSITIONS: Final[dict[tuple[State, str], State]] = {
+    **{(s, "offered"): State.ASKING for s in (State.STARTING, State.WAITING)},
+    **{(s, "offered_auto"): State.RUNNING for s in (State.STARTING, State.WAITING)},
+    **{(s, "accepted"): State.RUNNING for s in (State.STARTING, State.WAITING, State.ASKING)},
+    **{
+        (s, "progressed"): State.RUNNING
+        for s in (State.STARTING, State.WAITING, State.ASKING, State.RUNNING)
+    },
+    **{
+        (s, "completed"): State.DONE
+        for s in (State.STARTING, State.WAITING, State.ASKING, State.RUNNING)
+    },
+    **{
+        (s, "failed"): State.FAILED
+        for s in (State.STARTING, State.WAITING, State.ASKING, State.RUNNING)
+    },
+    **{
+        (s, "cancelled"): State.CANCELLED
+        for s in (State.STARTING, State.WAITING, State.ASKING, State.RUNNING)
+    },
+    (State.ASKING, "declined"): State.DECLINED,
+    (State.STARTING, "declined"): State.DECLINED,
+    (State.WAITING, "declined"): State.DECLINED,
+    **{(s, "restarted"): State.STARTING for s in (State.FAILED, State.CANCELLED)},
+}
+FINISHED: Final = frozenset({State.DONE, State.FAILED, State.CANCELLED, State.DECLINED})
+
+
+class Column(enum.IntEnum):
+    NAME = 0
+    PEER = 1
+    SIZE = 2
+    PROGRESS = 3
+    SPEED = 4
+    ETA = 5
+    STATE = 6
+
+
+HEADERS: Final = ("Name", "Device", "Size", "Progress", "Speed", "ETA", "State")
+ProgressRole: Final = int(Qt.ItemDataRole.UserRole) + 1
+RowRole: Final = int(Qt.ItemDataRole.UserRole) + 2
+
+
+@dataclass
+class TransferRow:
+    key: str
+    direction: str  # "send" or "receive"
+    name: str
+    peer_id: str
+    peer_name: str
+    total: int = 0
+    done: int = 0
+    rate: float = 0.0
+    eta: float | None = None
+    state: State = State.STARTING
+    error: str = ""
+    transfer_id: str | None = None
+    paths: tuple[str, ...] = ()  # what a resume sends again (sends only)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def fraction(self) -> float:
+        if self.state is State.DONE:
+            return 1.0
+        return min(1.0, self.done / self.total) if self.total > 0 else 0.0
+
+    @property
+    def can_cancel(self) -> bool:
+        return self.state not in FINISHED
+
+    @property
+    def can_resume(self) -> bool:
+        # The sender resumes; a receiver keeps its partials and waits for the sender to retry.
+        return self.direction == "send" and self.state in (State.FAILED, State.CANCELLED)
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return ""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+class TransferTableModel(QAbstractTableModel):
+    """Rows by key (a transfer id once known); coalesced repaints of the changed cells."""
+
+    def __init__(self, parent: QObject | None = None, *, flush_interval: float = 0.1) -> None:
+        super().__init__(parent)
+        self._rows: list[TransferRow] = []
+        self._by_key: dict[str, TransferRow] = {}
+        self._by_transfer: dict[str, TransferRow] = {}
+        self._dirty: dict[str, tuple[int, int]] = {}  # key -> (first column, last column)
+        self._keys = itertools.count(1)
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(round(flush_interval * 1000))
+        self._timer.timeout.connect(self.flush)
+        self.flushes = 0  # how often views were told (the benchmark counts them)
+
+    # ------------------------------------------------------------ Qt model API
+
+    def rowCount(self, parent: AnyIndex = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self._rows)
+
+    def columnCount(self, parent: AnyIndex = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(HEADERS)
+
+    def headerData(
+        self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole
+    ) -> Any:
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return HEADERS[section]
+        return None
+
+    def data(self, index: AnyIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid():
+            return None
+        row = self._rows[index.row()]
+        column = Column(index.column())
+        if role == RowRole:
+            return row
+        if role == ProgressRole:
+            return row.fraction
+        if role == Qt.ItemDataRole.DisplayRole:
+            return self._text(row, column)
+        if role == Qt.ItemDataRole.ToolTipRole:
+            if column is Column.STATE and row.error:
+                return row.error
+            if column is Column.NAME:
+                arrow = "to" if row.direction == "send" else "from"
+                return f"{row.name} {arrow} {row.peer_name}"
+        if role == Qt.ItemDataRole.ForegroundRole and column is Column.STATE:
+            return _STATE_COLOURS.get(row.state)
+        if role == Qt.ItemDataRole.TextAlignmentRole and column in (
+            Column.SIZE,
+            Column.SPEED,
+            Column.ETA,
+        ):
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    @staticmethod
+    def _text(row: TransferRow, column: Column) -> str:
+        running = row.state is State.RUNNING
+        match column:
+            case Column.NAME:
+                return ("↑ " if row.direction == "send" else "↓ ") + row.name
+            case Column.PEER:
+                return row.peer_name
+            case Column.SIZE:
+                return human_size(row.total) if row.total else ""
+            case Column.PROGRESS:
+                return f"{row.fraction * 100:.0f} %"
+            case Column.SPEED:
+                return f"{human_size(round(row.rate))}/s" if running and row.rate > 0 else ""
+            case Column.ETA:
+                return format_eta(row.eta) if running else ""
+            case Column.STATE:
+                return f"{row.state.value}: {row.error}" if row.error else row.state.value
+        raise AssertionError(column)  # pragma: no cover
+
+    # ------------------------------------------------------------ rows
+
+    def rows(self) -> list[TransferRow]:
+        return list(self._rows)
+
+    def row_at(self, index: int) -> TransferRow:
+        return self._rows[index]
+
+    def find(self, transfer_id: str) -> TransferRow | None:
+        return self._by_transfer.get(transfer_id)
+
+    def by_key(self, key: str) -> TransferRow | None:
+        return self._by_key.get(key)
+
+    def add(self, row: TransferRow) -> TransferRow:
+        position = len(self._rows)
+        self.beginInsertRows(QModelIndex(), position, position)
+        self._rows.append(row)
+        self._by_key[row.key] = row
+        if row.transfer_id:
+            self._by_transfer[row.transfer_id] = row
+        self.endInsertRows()
+        return row
+
+    def add_send(self, paths: list[str], peer_id: str, peer_name: str) -> TransferRow:
+        """A send the user started here; its transfer id is learned from the first event."""
+        names = [Path(p).name or p for p in paths]
+        name = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+        return self.add(
+            TransferRow(
+                f"local-{next(self._keys)}", "send", name, peer_id, peer_name, paths=tuple(paths)
+            )
+        )
+
+    def claim(self, row: TransferRow, transfer_id: str) -> None:
+        row.transfer_id = transfer_id
+        self._by_transfer[transfer_id] = row
+
+    def unclaimed_send_to(self, peer_id: str) -> TransferRow | None:
+        for row in self._rows:
+            if (
+                row.direction == "send"
+                and row.transfer_id is None
+                and row.peer_id == peer_id
+                and row.state not in FINISHED
+            ):
+                return row
+        return None
+
+    def clear_finished(self) -> None:
+        self.beginResetModel()
+        self._rows = [r for r in self._rows if r.state not in FINISHED]
+        self._by_key = {r.key: r for r in self._rows}
+        self._by_transfer = {r.transfer_id: r for r in self._rows if r.transfer_id}
+        self._dirty.clear()
+        self.endResetModel()
+
+    def active_count(self) -> int:
+        return sum(1 for r in self._rows if r.state not in FINISHED)
+
+    # ------------------------------------------------------------ changes
+
+    def happen(self, row: TransferRow, happening: str, *, error: str = "") -> bool:
+        """Apply ``happening`` through TRANSITIONS; False when it does not apply."""
+        new = TRANSITIONS.get((row.state, happening))
+        if new is None:
+            return False
+        row.state = new
+        row.error = error
+        if new is State.DONE:
+            row.done = row.total
+        if happening == "restarted":
+            row.done, row.rate, row.eta, row.transfer_id = 0, 0.0, None, None
+        self._changed(row, Column.NAME, Column.STATE, now=True)
+        return True
+
+    def progress(
+        self, row: TransferRow, done: int, total: int, rate: float, eta: float | None
+    ) -> None:
+        first, last = Column.PROGRESS, Column.ETA
+        if total != row.total:
+            first = Column.SIZE
+        if row.state is not State.RUNNING:
+            last = Column.STATE
+            new = TRANSITIONS.get((row.state, "progressed"))
+            if new is None:
+                return
+            row.state = new
+        row.done, row.total, row.rate, row.eta = done, total, rate, eta
+        self._changed(row, first, last)
+
+    def apply(self, event: object) -> TransferRow | None:
+        """Fold one core event into the rows; the row it touched, if any."""
+        match event:
+            case TransferProgressed():
+                row = self._row_for(event.transfer_id, event.direction, event.peer, event.name)
+                if row.name == "" and event.name:
+                    row.name = event.name
+                self.progress(row, event.done, event.total, event.rate, event.eta)
+                return row
+            case TransferOffered():
+                row = self._row_for(event.transfer_id, "receive", event.peer, _offer_title(event))
+                row.peer_name, row.total = event.peer_name, event.total
+                self.happen(row, "offered_auto" if event.auto_accepted else "offered")
+                return row
+            case TransferAccepted():
+                found = self.find(event.transfer_id)
+                if found is not None:
+                    self.happen(found, "accepted")
+                return found
+            case TransferCompleted():
+                found = self.find(event.transfer_id)
+                if found is not None:
+                    self.happen(found, "completed")
+                return found
+            case TransferFailed():
+                found = self.find(event.transfer_id)
+                if found is not None:
+                    cancelled = "cancelled" in event.reason
+                    self.happen(found, "cancelled" if cancelled else "failed", error=event.reason)
+                return found
+        return None
+
+    def _row_for(self, transfer_id: str, direction: str, peer: str, name: str) -> TransferRow:
+        row = self.find(transfer_id)
+        if row is not None:
+            return row
+        if direction == "send" and (pending := self.unclaimed_send_to(peer)) is not None:
+            self.claim(pending, transfer_id)
+            return pending
+        # A transfer this window did not start: a receive, or a send asked for over IPC.
+        row = TransferRow(
+            f"t-{transfer_id}", direction, name, peer, peer[:12], transfer_id=transfer_id
+        )
+        return self.add(row)
+
+    def set_peer_names(self, names: dict[str, str]) -> None:
+        for position, row in enumerate(self._rows):
+            name = names.get(row.peer_id)
+            if name and name != row.peer_name:
+                row.peer_name = name
+                self.dataChanged.emit(
+                    self.index(position, Column.PEER), self.index(position, Column.PEER)
+                )
+
+    def _changed(self, row: TransferRow, first: Column, last: Column, *, now: bool = False) -> None:
+        old = self._dirty.get(row.key)
+        span = (first, last) if old is None else (min(old[0], first), max(old[1], last))
+        self._dirty[row.key] = span
+        if now:
+            self.flush()
+        elif not self._timer.isActive():
+            self._timer.start()
+
+    def flush(self) -> None:
+        """Tell the views about every changed row, once each."""
+        self._timer.stop()
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        self.flushes += 1
+        positions = {row.key: n for n, row in enumerate(self._rows)}
+        for key, (first, last) in dirty.items():
+            position = positions.get(key)
+            if position is not None:
+                self.dataChanged.emit(self.index(position, first), self.index(position, last))
+
+
+def _offer_title(event: TransferOffered) -> str:
+    if not event.names:
+        return f"{event.files} files"
+    first = event.names[0]
+    return first if len(event.names) == 1 else f"{first} and {len(event.names) - 1} more"
+
+
+_STATE_COLOURS: Final = {
+    State.DONE: QColor("#2e7d32"),
+    State.FAILED: QColor("#c62828"),
+    State.DECLINED: QColor("#c62828"),
+    State.CANCELLED: QColor("#757575"),
+    State.ASKING: QColor("#e65100"),
+}
+
+
+class ProgressDelegate(QStyledItemDelegate):
+    """A rounded progress bar with the percentage, drawn (no widget per row)."""
+
+    def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: AnyIndex) -> None:
+        if index.column() != Column.PROGRESS:
+            super().paint(painter, option, index)
+            return
+        fraction = float(index.data(ProgressRole) or 0.0)
+        row: TransferRow = index.data(RowRole)
+        if option.state & QStyle.StateFlag.State_Selected:
+            painter.fillRect(option.rect, option.palette.highlight())
+        bar = QRect(option.rect).adjusted(6, 0, -6, 0)
+        height = min(14, bar.height() - 8)
+        bar.setTop(option.rect.center().y() - height // 2)
+        bar.setHeight(height)
+        painter.save()
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
+        painter.setPen(Qt.PenStyle.NoPen)
+        painter.setBrush(option.palette.color(QPalette.ColorRole.Mid).lighter(150))
+        painter.drawRoundedRect(bar, height / 2, height / 2)
+        if fraction > 0:
+            filled = QRect(bar)
+            filled.setWidth(max(height, round(bar.width() * fraction)))
+            colour = {
+                State.DONE: QColor("#2e7d32"),
+                State.FAILED: QColor("#c62828"),
+                State.CANCELLED: QColor("#9e9e9e"),
+            }.get(row.state, QColor("#2a9d8f"))
+            painter.setBrush(colour)
+            painter.drawRoundedRect(filled, height / 2, height / 2)
+        painter.setPen(option.palette.color(QPalette.ColorRole.Text))
+        font = painter.font()
+        font.setPointSizeF(max(7.0, font.pointSizeF() * 0.85))
+        painter.setFont(font)
+        text_rect = QRect(bar)
+        painter.drawText(text_rect, Qt.AlignmentFlag.AlignCenter, f"{fraction * 100:.0f} %")
+        painter.restore()
+
+    def sizeHint(self, option: QStyleOptionViewItem, index: AnyIndex) -> QSize:
+        hint = super().sizeHint(option, index)
+        if index.column() == Column.PROGRESS:
+            hint.setWidth(max(hint.width(), 140))
+        return hint

@@ -1,0 +1,282 @@
+"""The app against a real core: first run into a local mesh, a real transfer by drag and drop,
+the tray menu, autostart, single instance, error reporting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
+from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent
+from PySide6.QtWidgets import QApplication, QMessageBox
+
+from meshagent_gui.context import Context
+from meshagent_gui.core.events import TransferCompleted
+from meshagent_gui.core.notify.router import NotificationRouter
+from meshagent_gui.ui.app import ErrorReporter, GuiApp, _bring_forward_running
+from meshagent_gui.ui.first_run import FirstRunDialog
+from meshagent_gui.ui.resources import TrayState
+from meshagent_gui.ui.transfers import State
+from tests.integration.harness import AgentHome, Server, wait_until
+
+from .support import free_port, run
+
+
+@pytest.fixture
+def gui_home(tmp_path: Path) -> Context:
+    ctx = Context.open(tmp_path / "gui")
+    ctx.config.set("server.reconnect_max", 1.0)
+    ctx.config.set("device.name", "desk")
+    ctx.config.set("local.port", free_port())
+    ctx.config.save()
+    return ctx
+
+
+def start(gui: GuiApp) -> asyncio.Task[int]:
+    return asyncio.ensure_future(gui.run())
+
+
+def stop(qtbot: Any, gui: GuiApp, task: asyncio.Task[int]) -> None:
+    gui.quit()
+    qtbot.waitUntil(task.done, timeout=15_000)
+    assert task.result() == 0
+
+
+def first_run_dialog() -> FirstRunDialog | None:
+    for widget in QApplication.topLevelWidgets():
+        if isinstance(widget, FirstRunDialog) and widget.isVisible():
+            return widget
+    return None
+
+
+def test_first_run_starts_a_local_mesh_and_shows_a_join_code(
+    qtbot: Any, qloop: asyncio.AbstractEventLoop, gui_home: Context
+) -> None:
+    gui = GuiApp(gui_home, use_tray=False)
+    task = start(gui)
+    qtbot.waitUntil(lambda: first_run_dialog() is not None, timeout=5000)
+    # A second launch meanwhile finds this one and brings it forward.
+    assert run(qtbot, _bring_forward_running(Context.open(gui_home.paths.home)))
+    dialog = first_run_dialog()
+    assert dialog is not None
+    qtbot.mouseClick(dialog.local_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(gui.agent_ready.is_set, timeout=20_000)
+    window = gui.window
+    qtbot.waitUntil(window.card.isVisible, timeout=5000)
+    code = window.join_code_label.text()
+    assert len(code) >= 8 and gui.bridge.join_code is not None
+    assert gui.bridge.join_code.url.startswith("http://127.0.0.1:")
+    assert gui_home.paths.home is not None
+    assert Context.open(gui_home.paths.home).enrollment is not None  # enrolled as the owner
+    qtbot.waitUntil(lambda: window.pill.text() == "Online", timeout=10_000)
+    assert gui.bridge.tray_state is TrayState.ONLINE
+    # No tray here: the window stands in, and says so once.
+    assert window.isVisible() and "no system tray" in window.banner.text()
+    stop(qtbot, gui, task)
+    assert not gui.ctx.paths.ipc_path.exists()  # the agent shut down cleanly
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, gui_home: Context) -> Iterator[tuple[Server, AgentHome]]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = Server(tmp_path / "server", logs).start()
+    receiver = AgentHome(
+        tmp_path / "receiver",
+        logs,
+        "laptop",
+        config={"server.reconnect_max": "1", "device.name": "laptop"},
+    )
+    try:
+        server.add_user("ann")
+        receiver.login(server, server.join_code("ann"))
+        receiver.up()
+        assert gui_home.paths.home is not None
+        home = AgentHome(gui_home.paths.home, logs, "desk")
+        home.ok("login", server.url, "--join-code", server.join_code("ann"), "--name", "desk")
+        gui_home.config = Context.open(gui_home.paths.home).config
+        yield server, receiver
+    finally:
+        receiver.stop()
+        server.stop()
+
+
+def drop(widget: Any, paths: list[Path], at: QPoint) -> None:
+    """What a file manager's drag does: enter, move, drop (Qt delivers no drop without them)."""
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
+    args = (
+        Qt.DropAction.CopyAction,
+        mime,
+        Qt.MouseButton.LeftButton,
+        Qt.KeyboardModifier.NoModifier,
+    )
+    assert QApplication.sendEvent(widget, QDragEnterEvent(at, *args))
+    assert QApplication.sendEvent(widget, QDragMoveEvent(at, *args))
+    assert QApplication.sendEvent(widget, QDropEvent(QPointF(at), *args))
+
+
+def test_dropping_files_on_the_window_sends_them_for_real(
+    qtbot: Any,
+    qloop: asyncio.AbstractEventLoop,
+    gui_home: Context,
+    mesh: tuple[Server, AgentHome],
+    tmp_path: Path,
+) -> None:
+    _, receiver = mesh
+    source = tmp_path / "outbox"
+    source.mkdir()
+    payload = source / "video.bin"
+    payload.write_bytes(os.urandom(24 * 1024 * 1024))
+    (source / "notes").mkdir()
+    (source / "notes" / "a.txt").write_text("hello")
+    gui = GuiApp(Context.open(gui_home.paths.home), use_tray=False)
+    task = start(gui)
+    qtbot.waitUntil(lambda: gui.agent_ready.is_set() or task.done(), timeout=20_000)
+    assert not task.done(), task.result()
+    window = gui.window
+    qtbot.waitUntil(lambda: bool(gui.bridge.online_devices()), timeout=10_000)
+    assert [d.name for d in gui.bridge.online_devices()] == ["laptop"]
+
+    seen: set[State] = set()
+    fractions: list[float] = []
+
+    def watch(*_: Any) -> None:
+        for row in gui.bridge.transfers.rows():
+            seen.add(row.state)
+            fractions.append(row.fraction)
+
+    gui.bridge.transfers.dataChanged.connect(watch)
+    # Drop on the window (not on a device): the only online device is the target.
+    drop(window, [payload, source / "notes"], QPoint(20, 20))
+    qtbot.waitUntil(lambda: gui.bridge.transfers.rowCount() == 1, timeout=5000)
+    row = gui.bridge.transfers.row_at(0)
+    qtbot.waitUntil(lambda: row.state is State.DONE, timeout=30_000)
+    assert row.peer_name == "laptop" and row.transfer_id is not None
+    assert row.total == payload.stat().st_size + 5 and row.fraction == 1.0
+    assert State.RUNNING in seen and any(0 < f < 1 for f in fractions)
+    assert window.table.model().data(window.table.model().index(0, 6)) == "Done"
+    received = receiver.home / "downloads"
+    assert (received / "video.bin").read_bytes() == payload.read_bytes()
+    assert (received / "notes" / "a.txt").read_text() == "hello"
+
+    # Dropping onto the device row sends to that device too.
+    second = tmp_path / "second.txt"
+    second.write_text("again")
+    rect = window.device_list.visualRect(gui.bridge.devices.index(0))
+    drop(window.device_list.viewport(), [second], rect.center())
+    qtbot.waitUntil(lambda: gui.bridge.transfers.rowCount() == 2, timeout=5000)
+    qtbot.waitUntil(lambda: gui.bridge.transfers.row_at(1).state is State.DONE, timeout=20_000)
+    wait_until((received / "second.txt").exists, 5, "second file")
+    stop(qtbot, gui, task)
+
+
+def test_tray_menu_actions(
+    qtbot: Any,
+    qloop: asyncio.AbstractEventLoop,
+    gui_home: Context,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    shared: list[str] = []
+
+    async def share_terminal() -> None:
+        shared.append("shared")
+
+    gui = GuiApp(gui_home, use_tray=False, share_terminal=share_terminal)
+    tray = gui.tray
+    sent: list[tuple[list[str], str]] = []
+    monkeypatch.setattr(gui.bridge, "send", lambda paths, device: sent.append((paths, device)))
+    from meshagent_gui.ui.devices import DeviceEntry
+
+    laptop = DeviceEntry("id-laptop", "laptop", "ann", "linux", True, "direct")
+    gui.bridge.devices.set_devices(
+        [laptop, DeviceEntry("id-old", "old", "ann", "linux", False, "")]
+    )
+    labels = [a.text() for a in tray.devices_menu.actions()]
+    assert labels == ["laptop — online (direct)", "old — offline"]
+    assert not tray.devices_menu.actions()[1].isEnabled()
+
+    tray.choose_paths = lambda folder: [str(tmp_path / ("dir" if folder else "file.txt"))]
+    tray.send_file_action.trigger()  # the only online device needs no question
+    tray.send_folder_action.trigger()
+    tray.devices_menu.actions()[0].trigger()
+    assert sent == [
+        ([str(tmp_path / "file.txt")], "id-laptop"),
+        ([str(tmp_path / "dir")], "id-laptop"),
+        ([str(tmp_path / "file.txt")], "id-laptop"),
+    ]
+
+    tray.share_terminal_action.trigger()
+    qtbot.waitUntil(lambda: shared == ["shared"], timeout=2000)
+
+    tray.open_action.trigger()
+    assert gui.window.isVisible()
+
+    entry = tmp_path / "xdg" / "autostart"
+    assert tray.autostart_action.isEnabled() and not tray.autostart_action.isChecked()
+    tray.autostart_action.trigger()
+    files = list(entry.glob("meshagent*.desktop"))
+    assert len(files) == 1 and "--home" in files[0].read_text()
+    assert tray.autostart_action.isChecked()
+    tray.autostart_action.trigger()
+    assert list(entry.glob("meshagent*.desktop")) == []
+    assert not tray.autostart_action.isChecked()
+
+    tray.set_state(TrayState.TRANSFERRING)
+    assert tray.icon.toolTip() == "Mesh Agent: transferring" and not tray.icon.icon().isNull()
+
+    quit_seen: list[bool] = []
+    gui._quit = asyncio.Event()
+    tray.quit_action.trigger()
+    quit_seen.append(gui._quit.is_set())
+    assert quit_seen == [True]
+    gui.window.close()
+
+
+def test_toasts_follow_the_notification_router(
+    qtbot: Any, qloop: asyncio.AbstractEventLoop, gui_home: Context
+) -> None:
+    gui = GuiApp(gui_home, use_tray=False)
+    gui_home.config.set("notify.transfer_failed", -1)
+    router = NotificationRouter(gui_home.config, [gui.toasts])
+    run(qtbot, router.handle(TransferCompleted("t", "a.txt", "laptop", 2000, 1.0)))
+    assert [n.title for n in gui.toasts.shown] == ["Transfer complete"]
+    from meshagent_gui.core.events import TransferFailed
+
+    run(qtbot, router.handle(TransferFailed("t", "a.txt", "laptop", "disk full")))
+    assert len(gui.toasts.shown) == 1  # switched off for Gotify, so for toasts too
+    gui.window.close()
+
+
+def test_errors_are_reported_but_cancellation_is_not(
+    qtbot: Any, qloop: asyncio.AbstractEventLoop
+) -> None:
+    reporter = ErrorReporter()
+    reporter.loop_handler(qloop, {"message": "x", "exception": asyncio.CancelledError()})
+    reporter.excepthook(asyncio.CancelledError, asyncio.CancelledError(), None)
+    assert reporter.reported == [] and reporter.dialogs == []
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        reporter.loop_handler(qloop, {"message": "task failed", "exception": exc})
+    assert len(reporter.reported) == 1
+    box = reporter.dialogs[0]
+    assert isinstance(box, QMessageBox) and box.isVisible()
+    assert "ValueError: boom" in box.informativeText()
+    box.close()
+    qtbot.waitUntil(lambda: reporter.dialogs == [], timeout=2000)
+
+
+def test_the_icons_are_found() -> None:
+    from meshagent_gui.ui.resources import app_icon, icons_dir, tray_icon
+
+    assert (icons_dir() / "meshagent.svg").is_file()
+    assert not app_icon().isNull()
+    for state in TrayState:
+        assert not tray_icon(state).isNull()
