@@ -40,6 +40,7 @@ class HostTerminalWindow(QMainWindow):
         self._viewers: list[str] = []
         self._controller: str | None = None
         self._task: asyncio.Task[ExitStatus] | None = None
+        self._ended = False
         self.setWindowTitle(f"{shared.title} — shared")
         cols, rows = shared.host.size
         self.terminal = TerminalWidget(cols, rows)
@@ -123,6 +124,8 @@ class HostTerminalWindow(QMainWindow):
         self._show_state()
 
     def _show_state(self) -> None:
+        if self._ended:
+            return  # the last word is how the session ended
         controller = self._controller
         self.control_label.setText(f"In control: {controller or 'you'}")
         self.revoke_action.setEnabled(controller is not None)
@@ -138,6 +141,7 @@ class HostTerminalWindow(QMainWindow):
         else:
             status = task.result()
             text = f"Session ended (exit {status.returncode})"
+        self._ended = True
         self.status_label.setText(text)
         self.terminal.read_only = True
         self.revoke_action.setEnabled(False)

@@ -15,12 +15,18 @@ os.environ["MESHAGENT_NO_OPEN"] = "1"  # "Open folder" must not launch a file ma
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import qasync
 from PySide6.QtCore import QMessageLogContext, QtMsgType, qInstallMessageHandler
 from PySide6.QtWidgets import QApplication
+
+from meshagent_gui.context import Context
+from tests.integration.harness import AgentHome, Server
+
+from .support import free_port
 
 _FAILING = {QtMsgType.QtWarningMsg, QtMsgType.QtCriticalMsg, QtMsgType.QtFatalMsg}
 # The offscreen platform says so when asked for what only a window system can do (raise a
@@ -64,3 +70,38 @@ def qloop(qapp: QApplication, qtbot: Any) -> Iterator[asyncio.AbstractEventLoop]
         loop._after_run_forever()
         asyncio.events._set_running_loop(None)
         loop.close()
+
+
+@pytest.fixture
+def gui_home(tmp_path: Path) -> Context:
+    ctx = Context.open(tmp_path / "gui")
+    ctx.config.set("server.reconnect_max", 1.0)
+    ctx.config.set("device.name", "desk")
+    ctx.config.set("local.port", free_port())
+    ctx.config.save()
+    return ctx
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, gui_home: Context) -> Iterator[tuple[Server, AgentHome]]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = Server(tmp_path / "server", logs).start()
+    receiver = AgentHome(
+        tmp_path / "receiver",
+        logs,
+        "laptop",
+        config={"server.reconnect_max": "1", "device.name": "laptop"},
+    )
+    try:
+        server.add_user("ann")
+        receiver.login(server, server.join_code("ann"))
+        receiver.up()
+        assert gui_home.paths.home is not None
+        home = AgentHome(gui_home.paths.home, logs, "desk")
+        home.ok("login", server.url, "--join-code", server.join_code("ann"), "--name", "desk")
+        gui_home.config = Context.open(gui_home.paths.home).config
+        yield server, receiver
+    finally:
+        receiver.stop()
+        server.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,7 @@ from meshagent_gui.ui.resources import TrayState
 from meshagent_gui.ui.transfers import State
 from tests.integration.harness import AgentHome, Server, wait_until
 
-from .support import free_port, run
-
-
-@pytest.fixture
-def gui_home(tmp_path: Path) -> Context:
-    ctx = Context.open(tmp_path / "gui")
-    ctx.config.set("server.reconnect_max", 1.0)
-    ctx.config.set("device.name", "desk")
-    ctx.config.set("local.port", free_port())
-    ctx.config.save()
-    return ctx
+from .support import run
 
 
 def start(gui: GuiApp) -> asyncio.Task[int]:
@@ -78,31 +67,6 @@ def test_first_run_starts_a_local_mesh_and_shows_a_join_code(
     assert window.isVisible() and "no system tray" in window.banner.text()
     stop(qtbot, gui, task)
     assert not gui.ctx.paths.ipc_path.exists()  # the agent shut down cleanly
-
-
-@pytest.fixture
-def mesh(tmp_path: Path, gui_home: Context) -> Iterator[tuple[Server, AgentHome]]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    server = Server(tmp_path / "server", logs).start()
-    receiver = AgentHome(
-        tmp_path / "receiver",
-        logs,
-        "laptop",
-        config={"server.reconnect_max": "1", "device.name": "laptop"},
-    )
-    try:
-        server.add_user("ann")
-        receiver.login(server, server.join_code("ann"))
-        receiver.up()
-        assert gui_home.paths.home is not None
-        home = AgentHome(gui_home.paths.home, logs, "desk")
-        home.ok("login", server.url, "--join-code", server.join_code("ann"), "--name", "desk")
-        gui_home.config = Context.open(gui_home.paths.home).config
-        yield server, receiver
-    finally:
-        receiver.stop()
-        server.stop()
 
 
 def drop(widget: Any, paths: list[Path], at: QPoint) -> None:
