@@ -38,6 +38,8 @@ FRAME_HEAD: Final = struct.Struct("!BI")
 FRAME_DATA: Final = 0
 FRAME_JSON: Final = 1
 MAX_FRAME: Final = 1 << 20
+SMALL_FRAME: Final = 16 * 1024
+"""Up to this size a frame's head and payload are joined into one write."""
 USE_TCP: Final = sys.platform == "win32" or os.environ.get("MESHAGENT_IPC") == "tcp"
 
 
@@ -61,6 +63,9 @@ class IpcStream:
         if self._writer.is_closing():
             return
         view = memoryview(data)
+        if len(view) <= SMALL_FRAME:  # a keystroke, an echo: one write, one wake-up
+            self._writer.write(FRAME_HEAD.pack(FRAME_DATA, len(view)) + view)
+            return
         for start in range(0, len(view), MAX_FRAME):
             part = view[start : start + MAX_FRAME]
             self._writer.write(FRAME_HEAD.pack(FRAME_DATA, len(part)))
