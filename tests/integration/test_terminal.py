@@ -163,6 +163,7 @@ def test_another_users_device_needs_the_hosts_consent(
     tmux.wait_for("host", "bob left")
 
 
+@pytest.mark.skipif(shutil.which("vim") is None, reason="needs vim")
 def test_late_joiner_sees_vim_at_once_and_a_recording_is_written(
     tmux: Tmux, team: dict[str, AgentHome], tmp_path: Path
 ) -> None:
