@@ -153,7 +153,14 @@ class GuiApp:
         """Until Quit (or the agent fails); 0, or 1 when the agent could not run."""
         local = False
         if needs_onboarding(self.ctx):
-            choice = await self._first_run()
+            asking = asyncio.ensure_future(self._first_run())
+            quitting = asyncio.ensure_future(self._quit.wait())
+            await asyncio.wait({asking, quitting}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (asking, quitting):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # Quit (or SIGTERM) while the dialog is open: it closes
+            choice = None if asking.cancelled() else asking.result()
             if choice is None:
                 return 0
             local = choice is Choice.LOCAL

@@ -244,3 +244,16 @@ def test_the_icons_are_found() -> None:
     assert not app_icon().isNull()
     for state in TrayState:
         assert not tray_icon(state).isNull()
+
+
+def test_quit_while_the_first_run_dialog_is_open_closes_it(
+    qtbot: Any, qloop: asyncio.AbstractEventLoop, gui_home: Context
+) -> None:
+    gui = GuiApp(Context.open(gui_home.paths.home), use_tray=False)
+    task = start(gui)
+    qtbot.waitUntil(lambda: first_run_dialog() is not None, timeout=5000)
+    gui.quit()  # what SIGTERM and the tray's Quit do
+    qtbot.waitUntil(task.done, timeout=10_000)
+    assert task.result() == 0
+    assert first_run_dialog() is None
+    assert not gui_home.paths.ipc_path.exists()
