@@ -1,8 +1,10 @@
-"""A terminal widget: an avt emulator painted with QPainter, keyboard to xterm bytes.
+"""A terminal widget: the host's screen model painted with QPainter, keyboard to xterm bytes.
 
-Painting: each screen line is drawn into a backing image only when avt reports it changed
-(``Vt.feed_str`` returns the changed line numbers), and changes are presented at most once per
-frame (:data:`FRAME_INTERVAL_MS`, stretched when drawing is slow), so a ``cat`` flood costs one
+The emulator is :class:`~meshagent_gui.core.terminal.screen.Screen` (avt, UTF-8 decoding and the
+input modes avt does not keep), the same one the host shares. Painting: each screen line is
+drawn into a backing image only when avt reports it changed (:meth:`Screen.feed` returns the
+changed line numbers), and changes are presented at most once per frame
+(:data:`FRAME_INTERVAL_MS`, stretched when drawing is slow), so a ``cat`` flood costs one
 redraw of the screen per frame rather than one per chunk. The cursor and the selection are drawn
 over the backing image in ``paintEvent`` so that moving them repaints nothing else. Nothing
 runs while the screen is idle: the cursor does not blink (an idle app polls nothing).
@@ -17,16 +19,14 @@ from a shared stream) and emits input only while not :attr:`~TerminalWidget.read
 
 from __future__ import annotations
 
-import codecs
 import math
-import re
 import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from avt._avt import Color, Line, Pen, Vt
+from avt._avt import Color, Line, Pen
 from PySide6.QtCore import QEvent, QPoint, QPointF, QRect, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import (
     QClipboard,
@@ -47,7 +47,8 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import QWidget
 
-from meshagent_gui.core.protocol.terminal import MAX_COLS, MAX_ROWS, check_size
+from meshagent_gui.core.protocol.terminal import MAX_COLS, MAX_ROWS
+from meshagent_gui.core.terminal.screen import Screen
 
 FRAME_INTERVAL_MS: Final = 16
 """Changes are presented at most this often (about 60 frames per second)."""
@@ -236,40 +237,6 @@ def paste_bytes(text: str, *, bracketed: bool) -> bytes:
     return BRACKETED_PASTE_START + data + BRACKETED_PASTE_END
 
 
-# ---------------------------------------------------------------- emulator
-
-_BRACKETED_PASTE_MODE: Final = 2004
-_MODE_CHANGE: Final = re.compile(rb"\x1b\[\?([0-9;]+)([hl])|\x1bc")
-_MODE_TAIL: Final = 32  # a mode change split between two feeds is still seen
-
-
-class _Emulator:
-    """avt, UTF-8 decoded incrementally, plus the one input mode avt does not keep."""
-
-    def __init__(self, cols: int, rows: int) -> None:
-        check_size(cols, rows)
-        self.vt = Vt(cols, rows, scrollback_limit=0)
-        self.vt.feed_str("")  # avt reports every line changed once: not on the first output
-        self.bracketed_paste = False
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._tail = b""
-
-    def feed(self, data: bytes) -> list[int]:
-        """Parse ``data``; the numbers of the lines that changed."""
-        text = self._decoder.decode(data)
-        changed = self.vt.feed_str(text)[0] if text else []
-        scan = self._tail + data
-        self._tail = data[-_MODE_TAIL:]
-        if b"\x1b" in scan:
-            for match in _MODE_CHANGE.finditer(scan):
-                params, action = match.groups()
-                if params is None:  # RIS
-                    self.bracketed_paste = False
-                elif str(_BRACKETED_PASTE_MODE).encode() in params.split(b";"):
-                    self.bracketed_paste = action == b"h"
-        return changed
-
-
 # ---------------------------------------------------------------- painting
 
 
@@ -318,7 +285,7 @@ class TerminalWidget(QWidget):
         font: QFont | None = None,
     ) -> None:
         super().__init__(parent)
-        self._emulator = _Emulator(cols, rows)
+        self._emulator = Screen(cols, rows)
         self._read_only = False
         self._dirty: set[int] = set(range(rows))
         self._backing = QImage()
@@ -357,14 +324,13 @@ class TerminalWidget(QWidget):
 
     @property
     def screen_size(self) -> tuple[int, int]:
-        cols, rows = self._emulator.vt.size
-        return cols, rows
+        size = self._emulator.size
+        return size.cols, size.rows
 
     @property
     def cursor_position(self) -> tuple[int, int]:
         """(col, row) of the cursor."""
-        cursor = self._emulator.vt.cursor
-        return cursor.col, cursor.row
+        return self._emulator.cursor
 
     @property
     def cell_size(self) -> QSize:
@@ -376,7 +342,7 @@ class TerminalWidget(QWidget):
 
     def text(self) -> list[str]:
         """The visible lines as text (a wide character once)."""
-        return [line.text for line in self._emulator.vt.view()]
+        return self._emulator.text()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Parse program output; the screen is repainted at the next frame."""
@@ -389,14 +355,13 @@ class TerminalWidget(QWidget):
 
     def reset(self, cols: int, rows: int) -> None:
         """A blank terminal of this size (a snapshot follows)."""
-        self._emulator = _Emulator(cols, rows)
+        self._emulator = Screen(cols, rows)
         self._screen_changed()
 
     def resize_screen(self, cols: int, rows: int) -> None:
         """The program's terminal changed size: reflow as a terminal would."""
-        check_size(cols, rows)
         if (cols, rows) != self.screen_size:
-            self._emulator.vt.resize(cols, rows)
+            self._emulator.resize(cols, rows)  # checks the size
             self._screen_changed()
 
     def cells_fitting(self, size: QSize) -> tuple[int, int]:
@@ -446,7 +411,7 @@ class TerminalWidget(QWidget):
         if self._selection is None:
             return ""
         (start_col, start_row), (end_col, end_row) = self._selection
-        lines = self._emulator.vt.view()
+        lines = self._emulator.lines()
         out = []
         for row in range(start_row, end_row + 1):
             first = start_col if row == start_row else 0
@@ -513,7 +478,7 @@ class TerminalWidget(QWidget):
             event.key(),
             event.modifiers(),
             event.text(),
-            application_cursor=self._emulator.vt.cursor_key_app_mode,
+            application_cursor=self._emulator.application_cursor_keys,
         )
         if data:
             self.clear_selection()
@@ -663,7 +628,7 @@ class TerminalWidget(QWidget):
         if not self._dirty:
             return
         started = time.perf_counter()
-        lines = self._emulator.vt.view()
+        lines = self._emulator.lines()
         painter = QPainter(self._backing)
         try:
             painter.setRenderHint(QPainter.RenderHint.TextAntialiasing)
@@ -778,14 +743,13 @@ class TerminalWidget(QWidget):
             painter.fillRect(rect, SELECTION_COLOR)
 
     def _paint_cursor(self, painter: QPainter) -> None:
-        cursor = self._emulator.vt.cursor
+        col, row = self._emulator.cursor
         cols, rows = self.screen_size
-        if not cursor.visible or not (0 <= cursor.col < cols and 0 <= cursor.row < rows):
+        if not self._emulator.cursor_visible or not (0 <= col < cols and 0 <= row < rows):
             self._shown_cursor = None
             return
-        line = self._emulator.vt.view()[cursor.row]
-        cell = line[cursor.col]
-        rect = self.cell_rect(cursor.col, cursor.row)
+        cell = self._emulator.lines()[row][col]
+        rect = self.cell_rect(col, row)
         if cell.width == 2:
             rect.setWidth(2 * self._cell.width())
         self._shown_cursor = rect

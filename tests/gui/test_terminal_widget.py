@@ -321,6 +321,10 @@ def test_paste_is_bracketed_only_when_the_program_asked(widget: TerminalWidget, 
         b"\x1b[200~echo one\recho two\x1b[201~",
         b"echo one\recho two",
     ]
+    widget.feed(b"\x1b[?2004h")
+    assert widget.bracketed_paste
+    widget.reset(40, 10)  # a new program's screen (a snapshot follows): not bracketed yet
+    assert not widget.bracketed_paste
 
 
 @given(st.text())

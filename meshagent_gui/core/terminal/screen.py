@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
-from avt._avt import Vt  # the typed home of avt.Vt
+from avt._avt import Line, Vt  # the typed home of avt's classes
 
 from meshagent_gui.core.protocol.terminal import check_size
 
@@ -46,8 +46,17 @@ SNAPSHOT_PREAMBLE: Final = (
 
 # Input modes a program sets that avt does not keep (mouse reporting, focus events, bracketed
 # paste, application keypad): tracked here so a snapshot turns them back on in the viewer.
-TRACKED_MODES: Final = frozenset({1000, 1002, 1003, 1004, 1005, 1006, 1015, 2004})
-_MODE_CHANGE: Final = re.compile(rb"\x1b\[\?([0-9;]+)([hl])|\x1b([=>c])")
+BRACKETED_PASTE_MODE: Final = 2004
+TRACKED_MODES: Final = frozenset({1000, 1002, 1003, 1004, 1005, 1006, 1015, BRACKETED_PASTE_MODE})
+# Only the DEC mode changes that name a tracked mode match (programs such as vim hide and show
+# the cursor around every redraw), and the literal ``ESC [ ?`` prefix lets the regex engine skip
+# the colour sequences in between: escape-dense output costs a third of a match-every-escape
+# pattern. A false match (``?12004h``) is harmless: its parameters are checked one by one.
+_TRACKED_ALTERNATIVES: Final = b"|".join(str(mode).encode() for mode in sorted(TRACKED_MODES))
+_TRACKED_MODE_CHANGE: Final = re.compile(
+    rb"\x1b\[\?([0-9;]*(?:" + _TRACKED_ALTERNATIVES + rb")[0-9;]*)([hl])"
+)
+_KEYPAD_OR_RESET: Final = re.compile(rb"\x1b([=>c])")  # DECKPAM, DECKPNM, RIS
 _MODE_TAIL: Final = 32  # a mode change split between two slices is still seen
 
 CANCEL: Final = "\x18"  # CAN: aborts a sequence the emulator was in the middle of
@@ -74,11 +83,15 @@ class ScreenSnapshot:
 
 
 class Screen:
-    """One avt terminal, fed bytes (UTF-8 decoded incrementally, split anywhere)."""
+    """One avt terminal, fed bytes (UTF-8 decoded incrementally, split anywhere), plus the input
+    modes avt does not keep. The host's model of the shared screen and the widget's emulator."""
 
     def __init__(self, cols: int, rows: int) -> None:
         check_size(cols, rows)
         self._vt = Vt(cols, rows, scrollback_limit=0)
+        # A fresh avt reports every line changed on its first feed: take that report now, so
+        # that feed's changed lines are only the ones the output touched.
+        self._vt.feed_str("")
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._modes: dict[int, bool] = {}
         self._keypad_application = False
@@ -91,14 +104,40 @@ class Screen:
 
     @property
     def cursor(self) -> tuple[int, int]:
+        """(col, row) of the cursor."""
         cursor = self._vt.cursor
         return cursor.col, cursor.row
 
-    def feed(self, data: bytes) -> None:
+    @property
+    def cursor_visible(self) -> bool:
+        return self._vt.cursor.visible
+
+    @property
+    def application_cursor_keys(self) -> bool:
+        """The program asked for SS3 arrow keys (DECCKM), as vim and less do."""
+        return self._vt.cursor_key_app_mode
+
+    @property
+    def bracketed_paste(self) -> bool:
+        """The program asked for pastes wrapped in ``ESC [200~`` ... ``ESC [201~``."""
+        return self._modes.get(BRACKETED_PASTE_MODE, False)
+
+    @property
+    def input_modes(self) -> frozenset[int]:
+        """The :data:`TRACKED_MODES` the program has set."""
+        return frozenset(mode for mode, on in self._modes.items() if on)
+
+    @property
+    def keypad_application(self) -> bool:
+        """The program asked for application keypad keys (DECKPAM)."""
+        return self._keypad_application
+
+    def feed(self, data: bytes) -> list[int]:
+        """Parse ``data``; the indexes of the visible lines it changed."""
         text = self._decoder.decode(data)
-        if text:
-            self._vt.feed_str(text)
+        changed = self._vt.feed_str(text)[0] if text else []
         self._track_modes(data)
+        return changed
 
     def resize(self, cols: int, rows: int) -> None:
         check_size(cols, rows)
@@ -109,6 +148,10 @@ class Screen:
         self._decoder.reset()
         self._vt.feed_str(CANCEL)
         self._tail = b""
+
+    def lines(self) -> list[Line]:
+        """The visible rows, as avt's lines of cells (for painting)."""
+        return self._vt.view()
 
     def text(self) -> list[str]:
         """The visible rows as text (wide characters once, trailing blanks kept)."""
@@ -125,25 +168,26 @@ class Screen:
         return SNAPSHOT_PREAMBLE + dump + modes + keypad
 
     def _track_modes(self, data: bytes) -> None:
-        # Matches in the tail were applied with the previous slice: applying them again, before
-        # the newer ones, leaves the same end state (set and reset are idempotent).
+        # Changes in the tail were applied with the previous slice: applying them again, before
+        # the newer ones, leaves the same end state (set, reset and RIS are idempotent).
         scan = self._tail + data if self._tail else data
-        self._tail = data[-_MODE_TAIL:]
+        self._tail = scan[-_MODE_TAIL:]  # not data's: slices of a byte or two happen
         if b"\x1b" not in scan:
             return
-        for match in _MODE_CHANGE.finditer(scan):
-            params, action, single = match.groups()
-            if single == b"=":
-                self._keypad_application = True
-            elif single == b">":
-                self._keypad_application = False
-            elif single == b"c":  # RIS: a full reset
-                self._modes.clear()
-                self._keypad_application = False
-            else:
-                for param in params.split(b";"):
-                    if param.isdigit() and int(param) in TRACKED_MODES:
-                        self._modes[int(param)] = action == b"h"
+        singles = _KEYPAD_OR_RESET.findall(scan)
+        if b"c" in singles:  # RIS, a full reset: what came before it no longer matters
+            self._modes.clear()
+            self._keypad_application = False
+            scan = scan[scan.rfind(b"\x1bc") + 2 :]
+            singles = _KEYPAD_OR_RESET.findall(scan)
+        # Keypad and DEC modes are independent: for each, the last change wins.
+        if singles:
+            self._keypad_application = singles[-1] == b"="
+        for params, action in _TRACKED_MODE_CHANGE.findall(scan):
+            on = action == b"h"
+            for param in params.split(b";"):
+                if param.isdigit() and int(param) in TRACKED_MODES:
+                    self._modes[int(param)] = on
 
 
 class ScreenTracker:

@@ -5,7 +5,12 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshagent_gui.core.terminal.screen import SNAPSHOT_PREAMBLE, Screen, ScreenTracker
+from meshagent_gui.core.terminal.screen import (
+    SNAPSHOT_PREAMBLE,
+    TRACKED_MODES,
+    Screen,
+    ScreenTracker,
+)
 
 CSI = "\x1b["
 
@@ -25,7 +30,7 @@ def replayed(screen: Screen) -> Screen:
 def cells(screen: Screen) -> list[list[tuple[str, object, object, bool, bool, bool]]]:
     """Every cell as it looks: character, colours, bold, inverse, underline."""
     rows = []
-    for line in screen._vt.view():
+    for line in screen.lines():
         row = []
         for cell in line.cells:
             pen = cell.pen
@@ -121,6 +126,100 @@ def test_resize_and_eight_bit_csi_in_avt_dumps_become_seven_bit() -> None:
     assert "\x9b".encode() not in snapshot and b"\x9b" not in snapshot
 
 
+def test_feed_reports_the_lines_it_changed() -> None:
+    screen = Screen(20, 5)
+    assert screen.feed(b"hello") == [0]  # not every line, though the terminal is fresh
+    assert sorted(screen.feed(b"\r\nworld\r\n\r\nlast")) == [1, 3]
+    assert screen.feed(b"\xe6\xbc") == []  # half a character: nothing drawn yet
+    assert screen.feed(b"\xa2") == [3]
+    assert screen.feed(b"") == []
+    assert screen.text()[3].rstrip() == "last漢"
+
+
+def test_bracketed_paste_follows_the_program_split_or_combined_and_resets() -> None:
+    screen = Screen(40, 10)
+    assert not screen.bracketed_paste
+    screen.feed(b"prompt \x1b[?20")
+    assert not screen.bracketed_paste
+    screen.feed(b"04h$ ")
+    assert screen.bracketed_paste
+    screen.feed(b"\x1b[?1;2004l")
+    assert not screen.bracketed_paste
+    screen.feed(b"\x1b[?1000;2004h")
+    assert screen.bracketed_paste
+    screen.feed(b"\x1bc")
+    assert not screen.bracketed_paste
+
+
+def test_cursor_visibility_cursor_keys_and_cells_for_painting() -> None:
+    screen = screen_of(f"{CSI}?25l{CSI}?1h{CSI}1m漢x", cols=8, rows=2)
+    assert not screen.cursor_visible and screen.application_cursor_keys
+    assert screen.cursor == (3, 0)
+    lines = screen.lines()
+    assert [len(line) for line in lines] == [8, 8]
+    wide, right_half, x = lines[0].cells[:3]
+    assert (wide.char, wide.width, right_half.width, x.char, x.pen.bold) == ("漢", 2, 0, "x", True)
+    screen.feed(f"{CSI}?25h{CSI}?1l".encode())
+    assert screen.cursor_visible and not screen.application_cursor_keys
+
+
+# Input mode changes among other output, applied in order by a plain model of a terminal.
+_ModeChange = tuple[str, tuple[int, ...], bool]
+_mode_changes: st.SearchStrategy[_ModeChange] = st.one_of(
+    st.tuples(
+        st.just("dec"),
+        st.lists(
+            st.sampled_from([*TRACKED_MODES, 1, 25, 1049, 12004, 200]), min_size=1, max_size=3
+        ).map(tuple),
+        st.booleans(),
+    ),
+    st.tuples(st.just("keypad"), st.just(()), st.booleans()),
+    st.tuples(st.just("reset"), st.just(()), st.just(False)),
+    st.tuples(
+        st.sampled_from(["text", f"{CSI}31m", f"{CSI}?25l", "\x1b[2J"]), st.just(()), st.just(False)
+    ),
+)
+
+
+def _mode_stream(changes: list[_ModeChange]) -> tuple[bytes, frozenset[int], bool]:
+    """The bytes, then the modes left on and the keypad mode, applying changes in order."""
+    out, modes, keypad = [], dict[int, bool](), False
+    for kind, params, on in changes:
+        if kind == "dec":
+            out.append(f"{CSI}?{';'.join(map(str, params))}{'h' if on else 'l'}")
+            modes.update((mode, on) for mode in params if mode in TRACKED_MODES)
+        elif kind == "keypad":
+            out.append("\x1b=" if on else "\x1b>")
+            keypad = on
+        elif kind == "reset":
+            out.append("\x1bc")
+            modes, keypad = {}, False
+        else:
+            out.append(kind)
+    return "".join(out).encode(), frozenset(m for m, on in modes.items() if on), keypad
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_mode_changes, max_size=30), st.data())
+def test_input_modes_end_as_applied_in_order_however_the_output_is_split(
+    changes: list[_ModeChange], data: st.DataObject
+) -> None:
+    stream, modes, keypad = _mode_stream(changes)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    screen = Screen(40, 10)
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        screen.feed(stream[start:end])
+    assert (screen.input_modes, screen.keypad_application) == (modes, keypad)
+    assert screen.bracketed_paste == (2004 in modes)
+
+
+def test_a_mode_change_fed_a_byte_at_a_time_is_seen() -> None:
+    screen = Screen(40, 10)
+    for byte in b"\x1b[?1000;2004h":
+        screen.feed(bytes([byte]))
+    assert screen.input_modes == {1000, 2004}
+
+
 # A grammar of what full-screen programs write.
 _pieces = st.one_of(
     st.text(alphabet="abcXYZ 漢字🙂é-", min_size=1, max_size=12),
@@ -155,6 +254,17 @@ def test_a_snapshot_reproduces_the_screen_and_what_comes_after(
     screen.feed(tail)
     copy.feed(tail)
     assert_same_screen(screen, copy)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_pieces, max_size=40), st.lists(_pieces, min_size=1, max_size=10))
+def test_lines_feed_does_not_report_are_unchanged(before: list[str], after: list[str]) -> None:
+    """The widget repaints only the reported lines: any other line must look the same."""
+    screen = screen_of("".join(before))
+    old = cells(screen)
+    changed = screen.feed("".join(after).encode())
+    new = cells(screen)
+    assert [row for row in range(len(new)) if new[row] != old[row] and row not in changed] == []
 
 
 # ---------------------------------------------------------------- tracker
