@@ -655,6 +655,9 @@ class TerminalHost:
         """While the output floods, viewers see the screen a few times a second: one snapshot,
         made once for all of them (a viewer still busy with the last one skips this one)."""
         idle = [v for v in self._viewers if v._needs_snapshot and not v._items and not v.closed]
+        self._frame_for(idle)
+
+    def _frame_for(self, idle: list[Viewer]) -> None:
         if not idle:
             return
         snap = self._tracker.snapshot(tail=FLOOD_FRAME_TAIL)
@@ -740,6 +743,8 @@ class TerminalHost:
             viewer._push(self._control_state(viewer))
         if self._ended is not None:
             viewer._end(self._ended)
+        elif self._flooding and viewer._needs_snapshot:
+            self._frame_for([viewer])  # a late joiner sees the screen now, not at the next frame
         self._viewers.append(viewer)
         self._emit(ViewerJoined(party, resumed=not viewer._needs_snapshot))
         return viewer
