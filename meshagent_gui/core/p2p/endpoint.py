@@ -115,6 +115,28 @@ class EndpointSettings:
     udp_io: str | None = None  # "quinn" or "python"; default: env MESHAGENT_UDP_IO, else quinn
 
 
+def stays_on_this_host(host: str) -> bool:
+    """Whether datagrams to ``host`` never leave this machine: a loopback address, or one of our
+    own (the kernel then picks that very address as the source, as for loopback)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return True
+    if ip.is_unspecified or ip.is_multicast:
+        return False
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((str(ip), 9))  # no packet is sent: this only picks a route
+            return ipaddress.ip_address(probe.getsockname()[0].split("%", 1)[0]) == ip
+    except (OSError, ValueError):
+        return False
+
+
 def is_stun(datagram: bytes) -> bool:
     """A STUN message (RFC 8489): type starting 0b00 (first byte 0x00/0x01), magic cookie."""
     return len(datagram) >= 20 and datagram[0] < 0x02 and datagram[4:8] == STUN_MAGIC_COOKIE
@@ -288,7 +310,7 @@ class Endpoint:
         """
         loop, _ = self._running()
         addr = self._normalize(addr)
-        engine_connection = self._engine.create_client()
+        engine_connection = self._engine.create_client(self.datagram_size(addr))
         conn = PeerConnection(
             self,
             engine_connection,
@@ -476,7 +498,7 @@ class Endpoint:
             or len(self._pending) >= self.settings.max_pending
         ):
             return None
-        engine_connection = self._engine.create_server(dcid)
+        engine_connection = self._engine.create_server(dcid, self.datagram_size(addr))
         conn = PeerConnection(
             self,
             engine_connection,
@@ -489,6 +511,13 @@ class Endpoint:
         self._pending.add(conn)
         self._spawn(self._admit(conn), name=f"p2p-admit-{addr}")
         return conn
+
+    def datagram_size(self, addr: Address) -> int:
+        """The largest datagram to send to ``addr``: jumbo on paths that stay on this machine."""
+        transport = self.settings.transport
+        if relay_peer(addr) is None and stays_on_this_host(str(addr[0])):
+            return max(transport.max_datagram_size, transport.local_datagram_size)
+        return transport.max_datagram_size
 
     # ------------------------------------------------------------------ transmitting
 

@@ -75,6 +75,11 @@ class TransportSettings:
 
     idle_timeout: float = 30.0
     max_datagram_size: int = 1452
+    # Paths that never leave this machine (loopback, our own addresses: the loopback device's
+    # MTU is 64 KiB) carry jumbo datagrams: a sixth of the packets to build, encrypt, send, ack
+    # and receive per byte, about half of QUIC's CPU per GiB (tests/benchmarks/test_bench_quic.py).
+    # Other paths keep max_datagram_size, which fits any Internet path.
+    local_datagram_size: int = 8952
     stream_window: int = 8 * 1024 * 1024
     connection_window: int = 32 * 1024 * 1024
     # aioquic only (qh3 has one built-in controller): "reno" or "cubic".
@@ -379,11 +384,15 @@ class QuicEngine(ABC):
         self.settings = settings
 
     @abstractmethod
-    def create_client(self) -> EngineConnection:
-        """A dialer connection (the caller pins the listener's certificate, see module doc)."""
+    def create_client(self, max_datagram_size: int | None = None) -> EngineConnection:
+        """A dialer connection (the caller pins the listener's certificate, see module doc).
+
+        ``max_datagram_size`` overrides the settings' size for this connection's path."""
 
     @abstractmethod
-    def create_server(self, original_destination_cid: bytes) -> EngineConnection:
+    def create_server(
+        self, original_destination_cid: bytes, max_datagram_size: int | None = None
+    ) -> EngineConnection:
         """A listener connection for the Initial packet addressed to that connection id."""
 
 
@@ -417,12 +426,15 @@ class Qh3Engine(QuicEngine):
         # qh3 parses PEM only (its own Rust certificate and key types).
         self._server.load_cert_chain(credentials.certificate_pem, credentials.private_key_pem)
 
-    def create_client(self) -> EngineConnection:
-        return _Qh3Connection(self._connection_class(configuration=self._client), self._events)
+    def create_client(self, max_datagram_size: int | None = None) -> EngineConnection:
+        configuration = _sized(self._client, max_datagram_size)
+        return _Qh3Connection(self._connection_class(configuration=configuration), self._events)
 
-    def create_server(self, original_destination_cid: bytes) -> EngineConnection:
+    def create_server(
+        self, original_destination_cid: bytes, max_datagram_size: int | None = None
+    ) -> EngineConnection:
         conn = self._connection_class(
-            configuration=self._server,
+            configuration=_sized(self._server, max_datagram_size),
             original_destination_connection_id=original_destination_cid,
         )
         return _Qh3Connection(conn, self._events)
@@ -457,15 +469,26 @@ class AioquicEngine(QuicEngine):
         self._server.certificate = x509.load_pem_x509_certificate(credentials.certificate_pem)
         self._server.private_key = load_pem_private_key(credentials.private_key_pem, None)
 
-    def create_client(self) -> EngineConnection:
-        return _AioquicConnection(self._connection_class(configuration=self._client), self._events)
+    def create_client(self, max_datagram_size: int | None = None) -> EngineConnection:
+        configuration = _sized(self._client, max_datagram_size)
+        return _AioquicConnection(self._connection_class(configuration=configuration), self._events)
 
-    def create_server(self, original_destination_cid: bytes) -> EngineConnection:
+    def create_server(
+        self, original_destination_cid: bytes, max_datagram_size: int | None = None
+    ) -> EngineConnection:
         conn = self._connection_class(
-            configuration=self._server,
+            configuration=_sized(self._server, max_datagram_size),
             original_destination_connection_id=original_destination_cid,
         )
         return _AioquicConnection(conn, self._events)
+
+
+def _sized(configuration: Any, max_datagram_size: int | None) -> Any:
+    """The shared configuration, or a copy with another datagram size (both libraries' are
+    dataclasses; the copy keeps the loaded certificate)."""
+    if max_datagram_size is None or max_datagram_size == configuration.max_datagram_size:
+        return configuration
+    return replace(configuration, max_datagram_size=max_datagram_size)
 
 
 def _group(datagrams: list[tuple[bytes, Address]]) -> list[Batch]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from meshagent_gui.core.p2p import (
     TransportSettings,
     Unauthorized,
 )
+from meshagent_gui.core.p2p.endpoint import stays_on_this_host
 
 TIMEOUT = 10.0
 
@@ -435,3 +437,47 @@ async def test_opening_more_streams_than_the_peer_allows_is_a_clear_error(
                 opened.append(await conn.open_stream())
         assert len(opened) >= 100
         assert not conn.is_closed
+
+
+def test_paths_that_stay_on_this_host_are_recognised() -> None:
+    assert stays_on_this_host("127.0.0.1")
+    assert stays_on_this_host("127.5.6.7")
+    assert stays_on_this_host("::ffff:127.0.0.1")
+    assert not stays_on_this_host("0.0.0.0")
+    assert not stays_on_this_host("224.0.0.1")
+    assert not stays_on_this_host("192.0.2.200")  # TEST-NET: never one of ours
+    assert not stays_on_this_host("not an address")
+    assert not stays_on_this_host("fdfe:6d65:7368::1")  # the relay's pseudo network
+
+
+async def test_a_loopback_connection_uses_jumbo_datagrams_both_ways(
+    engine: str, alice: identity.Identity, bob: identity.Identity
+) -> None:
+    async with endpoint(alice, engine) as listener, endpoint(bob, engine) as dialer:
+        assert dialer.datagram_size(("127.0.0.1", 1)) == TransportSettings().local_datagram_size
+        assert dialer.datagram_size(("192.0.2.200", 1)) == TransportSettings().max_datagram_size
+        conn = await dialer.connect(address(listener), alice.device_id, timeout=TIMEOUT)
+        incoming = await asyncio.wait_for(listener.accept(), TIMEOUT)
+        payload = os.urandom(2 * 1024 * 1024)
+        # qh3's client announces max_udp_payload_size 1472 whatever its configuration (its
+        # tls_bridge.py), so a qh3 listener answers in 1472-byte datagrams.
+        directions = [(conn, incoming)] if engine == "qh3" else [(conn, incoming), (incoming, conn)]
+        for sending, receiving in directions:
+            before = sending.stats()
+
+            async def receive(side: PeerConnection) -> bytes:
+                back = await side.accept_stream()
+                got = bytearray()
+                while part := await back.read(1 << 20):
+                    got += part
+                return bytes(got)
+
+            reader = asyncio.create_task(receive(receiving))
+            out = await sending.open_stream()
+            await asyncio.wait_for(out.write(payload), TIMEOUT)
+            await asyncio.wait_for(out.close(), TIMEOUT)
+            assert await asyncio.wait_for(reader, TIMEOUT) == payload
+            after = sending.stats()
+            sent = after.bytes_sent - before.bytes_sent
+            datagrams = after.datagrams_sent - before.datagrams_sent
+            assert sent / datagrams > 4000  # 1452-byte datagrams would average below that
