@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 from meshagent_gui.core.protocol.errors import ErrorCode, LocalProtocolError
+from meshagent_gui.core.protocol.framing import BytesLike
 from meshagent_gui.core.protocol.handshake import (
     CloseConnection,
     HandshakeFailed,
@@ -48,7 +49,14 @@ from .streams import PeerStream
 log = logging.getLogger(__name__)
 
 READ_SIZE: Final = 256 * 1024
-INBOX_MESSAGES: Final = 64  # per channel; a service that stops reading stops the stream
+# What a channel holds for a service that has not read it yet; past either bound the stream is
+# not read, so a service that stops reading stops the peer (its credit runs out). Bytes count
+# the messages' bulk data (a transfer's chunks), so memory stays bounded whatever they carry.
+INBOX_MESSAGES: Final = 1024
+INBOX_BYTES: Final = 4 * 1024 * 1024
+# Consecutive small writes queued on one stream go to QUIC as one (many small messages, one
+# packet); larger data is handed over as it is, never copied.
+COALESCE_BELOW: Final = 64 * 1024
 
 
 class ChannelClosed(P2PError):
@@ -81,8 +89,10 @@ class Channel:
         self.role = role
         self.resource = resource
         self.grant: object = None
-        self._inbox: asyncio.Queue[object] = asyncio.Queue(INBOX_MESSAGES)
+        self._inbox: deque[object] = deque()
+        self._inbox_bytes = 0
         self._wake_reader = asyncio.Event()
+        self._room = asyncio.Event()
         self._end: ChannelClosed | None = None
         self._broken: ChannelClosed | None = None  # our direction is dead too
         self._outbox: deque[SessionCommand] = deque()
@@ -107,6 +117,12 @@ class Channel:
 
         Raises :class:`ChannelClosed` once the stream cannot carry our data any more (the
         peer reset it, the connection died): a sender never writes into the void."""
+        self.post(message)
+        await self.drain()
+
+    def post(self, message: object) -> None:
+        """Queue ``message`` without waiting: messages posted together share packets. The caller
+        bounds what it posts between two :meth:`drain` calls (that is its backpressure)."""
         if self._broken is not None:
             raise self._broken
         try:
@@ -114,6 +130,9 @@ class Channel:
         except LocalProtocolError as exc:
             raise ChannelClosed(ErrorCode.GOING_AWAY, str(exc), by_peer=False) from exc
         self._mesh.dispatch()
+
+    async def drain(self) -> None:
+        """Wait until everything queued has reached QUIC's send buffer."""
         await self._drained.wait()
         if self._broken is not None:
             raise self._broken
@@ -121,12 +140,28 @@ class Channel:
     async def receive(self) -> object:
         """The next message; raises :class:`ChannelClosed` once the stream has ended."""
         while True:
-            if not self._inbox.empty():
-                return self._inbox.get_nowait()
-            if self._end is not None:
-                raise self._end
+            message = self.poll()
+            if message is not None:
+                return message
             self._wake_reader.clear()
             await self._wake_reader.wait()
+
+    def poll(self) -> object | None:
+        """The next message if one is waiting, else None; raises :class:`ChannelClosed` once
+        the stream has ended and everything before the end was read."""
+        if self._inbox:
+            message = self._inbox.popleft()
+            self._inbox_bytes -= _bulk_size(message)
+            self._room.set()
+            return message
+        if self._end is not None:
+            raise self._end
+        return None
+
+    @property
+    def inbox_bytes(self) -> int:
+        """Bulk bytes received and not read yet (at most about :data:`INBOX_BYTES`)."""
+        return self._inbox_bytes
 
     async def close(self, code: ErrorCode = ErrorCode.NO_ERROR, message: str = "") -> None:
         with contextlib.suppress(Exception):
@@ -142,7 +177,14 @@ class Channel:
     # ------------------------------------------------------------ used by MeshSession
 
     async def deliver(self, message: object) -> None:
-        await self._inbox.put(message)  # blocks the stream's reader: backpressure to the peer
+        # Waiting here blocks the stream's reader: backpressure to the peer.
+        while self._inbox and (
+            len(self._inbox) >= INBOX_MESSAGES or self._inbox_bytes >= INBOX_BYTES
+        ):
+            self._room.clear()
+            await self._room.wait()
+        self._inbox.append(message)
+        self._inbox_bytes += _bulk_size(message)
         self._wake_reader.set()
 
     def ended(self, error: ChannelClosed, *, broken: bool) -> None:
@@ -179,6 +221,8 @@ class Channel:
             try:
                 match command:
                     case WriteStream(data=data, end_stream=end):
+                        if not end and len(data) < COALESCE_BELOW:
+                            data, end = self._coalesce(data)
                         if len(data):
                             await self.stream.write(data)
                         if end:
@@ -191,6 +235,30 @@ class Channel:
                 log.debug("stream %d write failed: %s", self.stream_id, exc)
                 self.kill(ChannelClosed(ErrorCode.GOING_AWAY, str(exc), by_peer=True))
                 return
+
+    def _coalesce(self, first: BytesLike) -> tuple[BytesLike, bool]:
+        """``first`` joined with the small writes queued right behind it: (data, then FIN)."""
+        outbox = self._outbox
+        parts: list[BytesLike] = [first]
+        size = len(first)
+        end = False
+        while outbox and size < COALESCE_BELOW:
+            following = outbox[0]
+            if not isinstance(following, WriteStream) or len(following.data) >= COALESCE_BELOW:
+                break
+            outbox.popleft()
+            parts.append(following.data)
+            size += len(following.data)
+            if following.end_stream:
+                end = True
+                break
+        return (first if len(parts) == 1 else b"".join(parts)), end
+
+
+def _bulk_size(message: object) -> int:
+    """The bulk payload a message holds (a chunk's data); small messages count as nothing."""
+    data = getattr(message, "data", None)
+    return len(data) if isinstance(data, bytes | bytearray | memoryview) else 0
 
 
 class MeshSession:

@@ -12,6 +12,7 @@ import pytest
 
 from meshagent_gui import identity
 from meshagent_gui.core.p2p import Endpoint, PeerConnection, PeerStream
+from meshagent_gui.core.p2p import session as session_module
 from meshagent_gui.core.p2p.session import (
     ChannelClosed,
     ChannelRefused,
@@ -140,3 +141,55 @@ async def test_a_refused_channel_leaves_the_connection_usable(
         assert await asyncio.wait_for(incoming.receive(), TIMEOUT) == Note("still fine")
         await ours.aclose()
         await asyncio.wait_for(theirs.closed.wait(), TIMEOUT)
+
+
+async def test_posted_messages_arrive_in_order_and_share_writes(
+    engine: str, alice: identity.Identity, bob: identity.Identity
+) -> None:
+    validator = RecordingValidator(good=frozenset({"good", "transfer-ok"}))
+    async with pair(engine, alice, bob, validator) as (dialer, listener, accepted):
+        ours = await asyncio.wait_for(dial(dialer, listener, bob, "good"), TIMEOUT)
+        theirs = await asyncio.wait_for(accepted.get(), TIMEOUT)
+        channel = await ours.open_channel(StreamRole.TRANSFER, tokens=("transfer-ok",))
+        incoming = await asyncio.wait_for(theirs.accept_channel(), TIMEOUT)
+        writes: list[int] = []
+        real_write = channel.stream.write
+
+        async def counting_write(data: bytes | bytearray | memoryview) -> None:
+            writes.append(len(data))
+            await real_write(data)
+
+        channel.stream.write = counting_write  # type: ignore[method-assign]
+        notes = [Note(f"note {n}") for n in range(200)]
+        for note in notes:
+            channel.post(note)
+        await asyncio.wait_for(channel.drain(), TIMEOUT)
+        got = [await asyncio.wait_for(incoming.receive(), TIMEOUT) for _ in notes]
+        assert got == notes
+        assert len(writes) < len(notes) // 10  # small messages go to QUIC together
+        assert incoming.poll() is None
+
+
+async def test_unread_bulk_data_is_bounded_in_bytes_not_messages(
+    engine: str, alice: identity.Identity, bob: identity.Identity
+) -> None:
+    validator = RecordingValidator(good=frozenset({"good", "transfer-ok"}))
+    async with pair(engine, alice, bob, validator) as (dialer, listener, accepted):
+        ours = await asyncio.wait_for(dial(dialer, listener, bob, "good"), TIMEOUT)
+        theirs = await asyncio.wait_for(accepted.get(), TIMEOUT)
+        channel = await ours.open_channel(StreamRole.TRANSFER, tokens=("transfer-ok",))
+        incoming = await asyncio.wait_for(theirs.accept_channel(), TIMEOUT)
+        piece = os.urandom(512 * 1024)
+
+        async def send_all() -> None:
+            for offset in range(40):  # 20 MiB, more than the inbox and the stream window
+                await channel.send(Chunk(offset, b"abcd", False, piece))
+
+        sender = asyncio.create_task(send_all())
+        await asyncio.sleep(1.0)  # the reader reads nothing meanwhile
+        assert incoming.inbox_bytes <= session_module.INBOX_BYTES
+        assert not sender.done()  # held back: the peer's credit ran out
+        for offset in range(40):
+            message = await asyncio.wait_for(incoming.receive(), TIMEOUT)
+            assert isinstance(message, Chunk) and message.offset == offset
+        await asyncio.wait_for(sender, TIMEOUT)
