@@ -103,12 +103,14 @@ def test_disk_full_on_the_receiver(pair, tmp_path: Path) -> None:  # type: ignor
 @pytest.mark.parametrize(
     "name", ["../escape.txt", "/etc/evil", "C:/win.txt", "\\\\host\\share\\x", "a/../../b"]
 )
-def test_a_hostile_sender_writes_nothing_outside(pair, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_hostile_sender_writes_nothing_outside(  # type: ignore[no-untyped-def]
+    pair, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sender, receiver = pair
     sender.stop()  # we play the sender ourselves, with its identity, speaking raw protocol
+    monkeypatch.setenv("MESHAGENT_SECRET_STORE", "file")
 
     async def hostile() -> str:
-        os.environ["MESHAGENT_SECRET_STORE"] = "file"
         ctx = Context.open(sender.home)
         agent = Agent.from_context(ctx)
         running = asyncio.create_task(agent.run())

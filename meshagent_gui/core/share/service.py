@@ -23,11 +23,12 @@ import logging
 import os
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Final
+from typing import Any, Final, NoReturn, TypeVar
 
 from blake3 import blake3
 
@@ -55,11 +56,19 @@ from .partial import (
     PartialFile,
     partial_exists,
     state_files_in,
-    sync_directory,
 )
-from .paths import UnsafePath, ensure_directory_inside, resolve_inside, safe_relative_path
+from .paths import UnsafePath, ensure_directory_inside, resolve_many, safe_relative_path
 from .ratelimit import TokenBucket, take_all
-from .source import ChunkReader, SourceChanged, SourceEntry, read_one_chunk, walk
+from .source import (
+    ChunkReader,
+    SourceChanged,
+    SourceChunk,
+    SourceEntry,
+    read_one_chunk,
+    read_whole_files,
+    walk,
+)
+from .whole import NOT_HERE, Outcome, WholeFile, store_whole_files
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,13 @@ ASK_TIMEOUT: Final = 90.0  # how long an offer waits for an answer from the UI
 SMALL_BATCH_FILES: Final = 256  # completed small files recorded on disk together
 SMALL_BATCH_BYTES: Final = 4 * 1024 * 1024
 READ_AHEAD: Final = 4
+MAX_CHUNK_WRITES: Final = 3  # per incoming transfer; chunk data held meanwhile: 3 chunks
+MAX_FINISHING: Final = 4
+MAX_BATCHES: Final = 2
+WHOLE_BATCH_FILES: Final = 128  # small files stored per trip to the disk (whole.py)
+WHOLE_BATCH_BYTES: Final = 4 * 1024 * 1024
+SEND_BATCH_FILES: Final = 64  # small files read per trip to the disk and sent together
+SEND_BATCH_BYTES: Final = 2 * 1024 * 1024
 
 
 class TransferError(UserError):
@@ -393,39 +409,117 @@ class TransferService:
         totals: _Totals,
         stop: asyncio.Event,
     ) -> None:
-        """Send every chunk the plan asks for, file by file, resends first."""
-        for index in sender.files:
-            if stop.is_set():
-                return
+        """Send every chunk the plan asks for, file by file, resends first.
+
+        Runs of small files (one chunk each, nothing of them at the receiver) are read many per
+        trip to a disk thread, the next run while this one is sent, and their messages are
+        queued together: one drain per run, not two waits per file."""
+        groups = _sending_groups(sender, entries)
+        reads: dict[int, asyncio.Future[list[SourceChunk | BaseException]]] = {}
+        loop = asyncio.get_running_loop()
+
+        def read_ahead(group: int) -> None:
+            run = groups[group] if group < len(groups) else None
+            if isinstance(run, list) and group not in reads:
+                members = [entries[i] for i in run]
+                reads[group] = loop.run_in_executor(self.executor, read_whole_files, members)
+
+        try:
+            for position, group in enumerate(groups):
+                if stop.is_set():
+                    return
+                if isinstance(group, list):
+                    read_ahead(position)
+                    read_ahead(position + 1)
+                    pieces = await reads.pop(position)
+                    for index, piece in zip(group, pieces, strict=True):
+                        if not await self._due(channel, sender, entries, buckets, totals, index):
+                            continue
+                        if isinstance(piece, BaseException):
+                            raise piece
+                        if piece.data:
+                            await take_all(buckets, len(piece.data))
+                            channel.post(tp.Chunk(index, 0, piece.digest, piece.data))
+                            sender.chunk_sent(index, 0)
+                            totals.count_sent(index, len(piece.data))
+                        totals.digests[index] = piece.digest
+                        end = sender.file_sent(index, piece.digest)
+                        if end is not None:
+                            channel.post(end)
+                    await channel.drain()
+                    continue
+                index = group
+                if not await self._due(channel, sender, entries, buckets, totals, index):
+                    continue
+                read_ahead(position + 1)
+                await self._stream_file(channel, sender, entries, index, buckets, totals, stop)
+                if stop.is_set():
+                    return
+        finally:
+            for pending in reads.values():
+                pending.add_done_callback(_consume)
+        await self._finish_stream(channel, sender, entries, buckets, totals, stop)
+
+    async def _due(
+        self,
+        channel: Channel,
+        sender: tp.TransferSender,
+        entries: tuple[SourceEntry, ...],
+        buckets: list[TokenBucket],
+        totals: _Totals,
+        index: int,
+    ) -> bool:
+        """Send the resends asked for; then whether file ``index`` is still to be sent (the
+        receiver may have confirmed or failed it meanwhile)."""
+        work = sender.next_work()
+        while isinstance(work, tp.SendChunk) and work.resend:
+            await self._resend(channel, sender, entries, buckets, totals, work)
             work = sender.next_work()
-            while isinstance(work, tp.SendChunk) and work.resend:
-                await self._resend(channel, sender, entries, buckets, totals, work)
+        return work is not None and work.index == index
+
+    async def _stream_file(
+        self,
+        channel: Channel,
+        sender: tp.TransferSender,
+        entries: tuple[SourceEntry, ...],
+        index: int,
+        buckets: list[TokenBucket],
+        totals: _Totals,
+        stop: asyncio.Event,
+    ) -> None:
+        """One file chunk by chunk (read ahead, hashed while streaming), then its FileEnd."""
+        async with ChunkReader(
+            entries[index],
+            CHUNK_SIZE,
+            have=sender.receiver_bitmap(index),
+            read_ahead=READ_AHEAD,
+            executor=self.executor,
+        ) as reader:
+            async for piece in reader:
+                if stop.is_set():
+                    return
                 work = sender.next_work()
-            if work is None or getattr(work, "index", None) != index:
-                continue  # the receiver already confirmed or failed this file
-            entry = entries[index]
-            async with ChunkReader(
-                entry,
-                CHUNK_SIZE,
-                have=sender.receiver_bitmap(index),
-                read_ahead=READ_AHEAD,
-                executor=self.executor,
-            ) as reader:
-                async for piece in reader:
-                    if stop.is_set():
-                        return
+                while isinstance(work, tp.SendChunk) and work.resend:
+                    await self._resend(channel, sender, entries, buckets, totals, work)
                     work = sender.next_work()
-                    while isinstance(work, tp.SendChunk) and work.resend:
-                        await self._resend(channel, sender, entries, buckets, totals, work)
-                        work = sender.next_work()
-                    await take_all(buckets, len(piece.data))
-                    await channel.send(tp.Chunk(index, piece.chunk, piece.digest, piece.data))
-                    sender.chunk_sent(index, piece.chunk)
-                    totals.count_sent(index, len(piece.data))
-                totals.digests[index] = reader.file_digest
-            end = sender.file_sent(index, reader.file_digest)
-            if end is not None:
-                await channel.send(end)
+                await take_all(buckets, len(piece.data))
+                await channel.send(tp.Chunk(index, piece.chunk, piece.digest, piece.data))
+                sender.chunk_sent(index, piece.chunk)
+                totals.count_sent(index, len(piece.data))
+            totals.digests[index] = reader.file_digest
+        end = sender.file_sent(index, reader.file_digest)
+        if end is not None:
+            await channel.send(end)
+
+    async def _finish_stream(
+        self,
+        channel: Channel,
+        sender: tp.TransferSender,
+        entries: tuple[SourceEntry, ...],
+        buckets: list[TokenBucket],
+        totals: _Totals,
+        stop: asyncio.Event,
+    ) -> None:
         # Resends asked for after the last file went out, until the receiver is done.
         while True:
             work = sender.next_work()
@@ -590,7 +684,13 @@ class _Interrupted(Exception):
 
 
 class _Incoming:
-    """One transfer being received."""
+    """One transfer being received.
+
+    The pump reads the sender's messages and never waits on the disk for one of them: chunk
+    writes (up to :data:`MAX_CHUNK_WRITES` at once), batches of small files and whole-file
+    finishes run as jobs in the disk executor, and their results are handled by the pump
+    between messages (so every message to the sender still goes out from one place, in order).
+    """
 
     def __init__(
         self,
@@ -606,11 +706,15 @@ class _Incoming:
         self.root = Path()
         self.destinations: dict[int, Path] = {}
         self.partials: dict[int, PartialFile] = {}
-        self.small: dict[int, bytes] = {}
-        self.unsynced_folders: set[Path] = set()
-        self.finishing: set[asyncio.Task[None]] = set()
-        self.slots = asyncio.Semaphore(32)
-        self.failure: BaseException | None = None
+        # Files of one chunk, verified, waiting for their FileEnd: (data, blake3 of data).
+        self.small: dict[int, tuple[bytes, bytes]] = {}
+        self.batch: list[tuple[int, WholeFile]] = []
+        self.batch_bytes = 0
+        self.jobs: set[asyncio.Future[Any]] = set()
+        self.results: deque[tuple[asyncio.Future[Any], _JobDone]] = deque()
+        self.result_ready: asyncio.Future[None] | None = None
+        self.running = dict.fromkeys(_JOB_LIMITS, 0)
+        self.getter: asyncio.Future[object] | None = None
         self.already: set[int] = set()
         self.title = ""
         self.completed = False
@@ -629,7 +733,7 @@ class _Incoming:
             return
         self.root = self.service._downloads()
         try:
-            self._plan_destinations(offer)
+            await self._disk(self._plan_destinations, offer)
         except UnsafePath as exc:
             await self._decline(f"unsafe name: {exc.message}")
             log.warning("refused an offer from %s: %s", self.peer_id[:12], exc.message)
@@ -656,18 +760,19 @@ class _Incoming:
         await _quietly(self.channel.close())
 
     def _plan_destinations(self, offer: tp.OfferReceived) -> None:
-        for index, entry in enumerate(offer.entries):
-            relative = safe_relative_path(entry.path)
-            if entry.kind == "file":
-                self.destinations[index] = resolve_inside(self.root, relative)
+        """(Blocking) where each file goes; UnsafePath for a name or a folder we refuse."""
+        files = [index for index, entry in enumerate(offer.entries) if entry.kind == "file"]
+        paths = resolve_many(self.root, (offer.entries[index].path for index in files))
+        self.destinations = dict(zip(files, paths, strict=True))
+
+    async def _disk(self, work: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self.service.executor, work, *args)
 
     async def _prepare(self, offer: tp.OfferReceived) -> dict[int, bytes]:
         """Folders made; files already here (done earlier) or partly here (resume) reported."""
         # One trip to a disk thread for the whole offer: thousands of small files must not cost
         # thousands of thread hops (or stat calls on the event loop).
-        done, partly = await asyncio.get_running_loop().run_in_executor(
-            self.service.executor, self._scan, offer
-        )
+        done, partly = await self._disk(self._scan, offer)
         have: dict[int, bytes] = {}
         for index in done:
             have[index] = tp.full_bitmap(
@@ -715,17 +820,32 @@ class _Incoming:
                 key=entry.key,
                 size=entry.size,
                 chunk_size=chunk_size,
+                executor=self.service.executor,
             )
             self.partials[index] = partial
         return partial
 
+    # ---------------------------------------------------------------- the pump
+
     async def _pump(self) -> None:
+        try:
+            await self._receive_all()
+        except DiskFull as exc:  # opening a partial, or a disk job
+            await self._disk_full(exc)
+
+    async def _receive_all(self) -> None:
         offer = self.receiver.offer
         assert offer is not None
         while not self.receiver.finished:
-            message = await self._next_message()
+            await self._handle_results()
+            if self.receiver.finished:
+                break
+            message = self._take()
             if message is None:
-                break  # the last small files were finished while we waited
+                await self._store_batch()  # nothing to read now: store what is batched
+                message = await self._next_message()
+                if message is None:
+                    continue  # a job finished first
             for event in self.receiver.receive(message):
                 match event:
                     case tp.ChunkReceived(index=index, chunk=chunk, digest=digest, data=data):
@@ -737,13 +857,9 @@ class _Incoming:
                         raise TransferError(f"the sender cancelled: {reason}", code="cancelled")
             progress = self.receiver.progress(time.monotonic())
             if progress is not None:
-                await self.channel.send(progress)
+                self.channel.post(progress)
                 self._report(offer)
         await self._settle()
-        if self.unsynced_folders:
-            await asyncio.get_running_loop().run_in_executor(
-                self.service.executor, _sync_folders, sorted(self.unsynced_folders)
-            )
         self.completed = True
         self._report(offer)
         self.service._bus.publish(
@@ -758,78 +874,191 @@ class _Incoming:
         with contextlib.suppress(ChannelClosed):
             await self.channel.receive()  # the sender's Close
 
+    def _take(self) -> object | None:
+        """The sender's next message if it is here already (in order), else None."""
+        getter = self.getter
+        if getter is not None:
+            if not getter.done():
+                return None
+            self.getter = None
+            return getter.result()
+        return self.channel.poll()
+
+    async def _next_message(self) -> object | None:
+        """Wait for the sender's next message; None if a job finished first."""
+        if self.getter is None and not self.jobs:
+            return await self.channel.receive()
+        if self.getter is None:  # one reader at a time, or messages could swap
+            self.getter = asyncio.ensure_future(self.channel.receive())
+        if self.results:
+            return None
+        self.result_ready = asyncio.get_running_loop().create_future()
+        waiting: set[asyncio.Future[Any]] = {self.getter, self.result_ready}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        self.result_ready = None
+        return self._take()
+
+    def _start(self, kind: str, work: Awaitable[Any], done: _JobDone) -> None:
+        job = asyncio.ensure_future(work)
+        self.jobs.add(job)
+        self.running[kind] += 1
+
+        def finished(job: asyncio.Future[Any]) -> None:
+            self.jobs.discard(job)
+            self.running[kind] -= 1
+            self.results.append((job, done))
+            if self.result_ready is not None and not self.result_ready.done():
+                self.result_ready.set_result(None)
+
+        job.add_done_callback(finished)
+
+    async def _room_for(self, kind: str) -> None:
+        """Wait until fewer than the limit of ``kind`` jobs run (handling what finished)."""
+        while self.running[kind] >= _JOB_LIMITS[kind]:
+            if not self.results:
+                self.result_ready = asyncio.get_running_loop().create_future()
+                await self.result_ready
+                self.result_ready = None
+            await self._handle_results()
+
+    async def _handle_results(self) -> None:
+        if not self.results:
+            return
+        while self.results:
+            job, done = self.results.popleft()
+            await done(job)
+        await self.channel.drain()
+
+    # ---------------------------------------------------------------- chunks and files
+
     async def _chunk(
         self, offer: tp.Offer, index: int, chunk: int, digest: bytes, data: bytes | memoryview
     ) -> None:
         entry = offer.entries[index]
-        one_chunk = entry.size <= offer.chunk_size and index not in self.partials
-        try:
-            if one_chunk:
-                # Small files skip the partial: held in memory until their FileEnd (the next
-                # message), then written, checked and renamed in one trip to the disk thread.
-                if blake3(data).digest() != digest:
-                    raise HashMismatch(self.destinations[index], chunk)
-                self.small[index] = bytes(data)
-            else:
-                partial = await self._open(index, entry, offer.chunk_size)
-                await partial.write_chunk(chunk, digest, data)
-        except HashMismatch:
-            resend = self.receiver.chunk_failed(index, chunk)
-            if resend is not None:
-                await self.channel.send(resend)
+        if entry.size <= offer.chunk_size and index not in self.partials:
+            # Small files skip the partial: held in memory until their FileEnd (the next
+            # message), then stored with others in one trip to the disk (whole.py).
+            if blake3(data).digest() != digest:
+                await self._chunk_failed(index, chunk)
+                return
+            self.small[index] = (bytes(data), bytes(digest))
+            await self._chunk_verified(offer, index, chunk)
             return
-        except DiskFull as exc:
-            await self.channel.send(
-                self.receiver.cancel(exc.message, tp.TransferErrorCode.DISK_FULL)
-            )
-            raise
+        partial = await self._open(index, entry, offer.chunk_size)
+        await self._room_for(_WRITE)
+
+        async def written(job: asyncio.Future[None]) -> None:
+            try:
+                job.result()
+            except HashMismatch:
+                await self._chunk_failed(index, chunk)
+                return
+            except DiskFull as exc:
+                await self._disk_full(exc)
+            await self._chunk_verified(offer, index, chunk)
+
+        self._start(_WRITE, partial.write_chunk(chunk, digest, data), written)
+
+    async def _chunk_failed(self, index: int, chunk: int) -> None:
+        resend = self.receiver.chunk_failed(index, chunk)
+        if resend is not None:
+            self.channel.post(resend)
+
+    async def _chunk_verified(self, offer: tp.Offer, index: int, chunk: int) -> None:
         for event in self.receiver.chunk_verified(index, chunk):
             if isinstance(event, tp.FileEnded):
                 await self._file_ended(offer, event.index, event.digest)
 
+    async def _disk_full(self, exc: DiskFull) -> NoReturn:
+        """Tell the sender (once), then give up; the partials are kept for a resume."""
+        if not self.receiver.finished:
+            self.channel.post(self.receiver.cancel(exc.message, tp.TransferErrorCode.DISK_FULL))
+            await _quietly(self.channel.drain())
+        raise exc
+
     async def _file_ended(self, offer: tp.Offer, index: int, digest: bytes) -> None:
         entry = offer.entries[index]
-        ok, reason = True, ""
         if index in self.already:
-            final = self.destinations[index]
-        elif index in self.small:
-            # Small files are finished concurrently (each is an open, a write, an fsync and a
-            # rename: latency, not CPU), so thousands of them do not queue behind each other.
-            await self.slots.acquire()
-            task = asyncio.ensure_future(self._finish_small(offer, index, digest))
-            self.finishing.add(task)
-            task.add_done_callback(self._small_finished)
+            await self._file_finished(index, entry, True, "", self.destinations[index])
             return
-        else:
-            partial = await self._open(index, entry, offer.chunk_size)
-            try:
-                final = await partial.finish(digest, mode=entry.mode, mtime_ns=entry.mtime_ns)
-            except HashMismatch as exc:
-                ok, reason, final = False, exc.message, self.destinations[index]
-                await partial.discard()  # which chunk is wrong cannot be known
-            self.partials.pop(index, None)
-        await self._file_finished(index, entry, ok, reason, final)
+        if index not in self.partials and entry.size <= offer.chunk_size:
+            data, chunk_digest = self.small.pop(index, (b"", _EMPTY_DIGEST))
+            if digest != chunk_digest:  # one chunk: the file's blake3 is the chunk's
+                message = HashMismatch(self.destinations[index], None).message
+                await self._file_finished(index, entry, False, message, self.destinations[index])
+                return
+            whole = WholeFile(self.destinations[index], data, entry.mode, entry.mtime_ns)
+            self.batch.append((index, whole))
+            self.batch_bytes += len(data)
+            if len(self.batch) >= WHOLE_BATCH_FILES or self.batch_bytes >= WHOLE_BATCH_BYTES:
+                await self._store_batch()
+            return
+        partial = await self._open(index, entry, offer.chunk_size)
+        await self._room_for(_FINISH)
 
-    async def _finish_small(self, offer: tp.Offer, index: int, digest: bytes) -> None:
+        async def finished(job: asyncio.Future[Path]) -> None:
+            try:
+                final = job.result()
+            except HashMismatch as exc:
+                await partial.discard()  # which chunk is wrong cannot be known
+                self.partials.pop(index, None)
+                await self._file_finished(index, entry, False, exc.message, partial.destination)
+                return
+            except DiskFull as exc:
+                await self._disk_full(exc)
+            self.partials.pop(index, None)
+            await self._file_finished(index, entry, True, "", final)
+
+        self._start(
+            _FINISH, partial.finish(digest, mode=entry.mode, mtime_ns=entry.mtime_ns), finished
+        )
+
+    async def _store_batch(self) -> None:
+        """Store the small files batched so far, in one job (see whole.py)."""
+        if not self.batch:
+            return
+        await self._room_for(_BATCH)
+        batch, self.batch, self.batch_bytes = self.batch, [], 0
+        offer = self.receiver.offer
+        assert offer is not None
+
+        async def stored(job: asyncio.Future[list[Outcome]]) -> None:
+            for (index, whole), stored_here in zip(batch, job.result(), strict=True):
+                entry = offer.entries[index]
+                outcome = stored_here
+                if outcome is NOT_HERE:
+                    outcome = await self._store_one(offer, index, whole)
+                if isinstance(outcome, Path):
+                    await self._file_finished(index, entry, True, "", outcome)
+                elif isinstance(outcome, DiskFull):
+                    await self._disk_full(outcome)
+                elif isinstance(outcome, UserError):
+                    reason = outcome.message
+                    await self._file_finished(index, entry, False, reason, whole.destination)
+                else:
+                    assert isinstance(outcome, BaseException)
+                    raise outcome
+
+        work = self._disk(store_whole_files, [whole for _, whole in batch])
+        self._start(_BATCH, work, stored)
+
+    async def _store_one(self, offer: tp.Offer, index: int, whole: WholeFile) -> Outcome:
+        """Where unnamed files cannot be made: the partial-file path, one trip for the file."""
         entry = offer.entries[index]
-        ok, reason = True, ""
         try:
-            final = await PartialFile.store_whole(
-                self.destinations[index],
-                self.small.pop(index),
-                digest,
+            return await PartialFile.store_whole(
+                whole.destination,
+                whole.data,
+                blake3(whole.data).digest(),
                 sender=self.peer_id,
                 key=entry.key,
                 chunk_size=offer.chunk_size,
                 mode=entry.mode,
                 mtime_ns=entry.mtime_ns,
-                sync_folder=False,  # once per folder at the end, not once per small file
                 executor=self.service.executor,
             )
-            self.unsynced_folders.add(final.parent)
-        except HashMismatch as exc:
-            ok, reason, final = False, exc.message, self.destinations[index]
-        await self._file_finished(index, entry, ok, reason, final)
+        except (DiskFull, UserError) as exc:
+            return exc
 
     async def _file_finished(
         self, index: int, entry: tp.Entry, ok: bool, reason: str, final: Path
@@ -840,46 +1069,24 @@ class _Incoming:
             # A receiver killed later must still know this file is whole (else it would come
             # again as "name (1)"): big files are recorded at once, small ones in batches.
             if entry.size > SMALL_BATCH_BYTES or index_file.unsaved >= SMALL_BATCH_FILES:
-                await asyncio.get_running_loop().run_in_executor(
-                    self.service.executor, index_file.flush
-                )
+                await self._disk(index_file.flush)
         for message in self.receiver.file_done(index, ok, reason):
-            await self.channel.send(message)
-
-    def _small_finished(self, task: asyncio.Task[None]) -> None:
-        self.finishing.discard(task)
-        self.slots.release()
-        if not task.cancelled() and task.exception() is not None and self.failure is None:
-            self.failure = task.exception()
-
-    async def _next_message(self) -> object | None:
-        """The sender's next message, or None once every file is done meanwhile."""
-        while True:
-            getter = asyncio.ensure_future(self.channel.receive())
-            if not self.finishing:
-                return await getter
-            settling = asyncio.ensure_future(asyncio.wait(set(self.finishing)))
-            await asyncio.wait({getter, settling}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                settling.cancel()
-                return getter.result()
-            getter.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ChannelClosed):
-                await getter
-            if self.failure is not None:
-                raise self.failure
-            if self.receiver.finished:
-                return None
+            self.channel.post(message)
 
     async def _settle(self) -> None:
-        """Wait for the small files still being finished; their first error is ours."""
-        if self.finishing:
-            await asyncio.wait(set(self.finishing))
-        if self.failure is not None:
-            raise self.failure
-        await asyncio.get_running_loop().run_in_executor(
-            self.service.executor, self.service._completed.flush
-        )
+        """Wait for every job still running; the first error is ours."""
+        await self._store_batch()
+        while self.jobs or self.results:
+            if not self.results:
+                self.result_ready = asyncio.get_running_loop().create_future()
+                await self.result_ready
+                self.result_ready = None
+            await self._handle_results()
+        if self.getter is not None and not self.getter.done():
+            self.getter.cancel()
+            self.getter = None
+        await self._disk(self.service._completed.flush)
+        await self.channel.drain()
 
     def _report(self, offer: tp.Offer) -> None:
         if self.rate is None:
@@ -907,14 +1114,28 @@ class _Incoming:
 
     async def abandon(self) -> None:
         """Keep every partial for a resume; close their files."""
-        for task in list(self.finishing):
-            task.cancel()
+        if self.getter is not None:
+            self.getter.cancel()
+            self.getter = None
+        # Jobs run in disk threads: let them end before the files they use are closed.
+        if self.jobs:
+            await asyncio.wait(set(self.jobs))
+        self.results.clear()
         with contextlib.suppress(OSError):
             await asyncio.to_thread(self.service._completed.flush)
         for partial in self.partials.values():
             with contextlib.suppress(Exception):
                 await partial.abandon()
         self.partials.clear()
+
+
+_T = TypeVar("_T")
+_JobDone = Callable[[asyncio.Future[Any]], Awaitable[None]]
+_WRITE, _FINISH, _BATCH = "write", "finish", "batch"
+# Disk jobs of each kind one transfer may have running: writes overlap the network (and each
+# other: hashing, copying), a few files finish at once, and small files go in batches.
+_JOB_LIMITS: Final = {_WRITE: MAX_CHUNK_WRITES, _FINISH: MAX_FINISHING, _BATCH: MAX_BATCHES}
+_EMPTY_DIGEST: Final = blake3(b"").digest()
 
 
 class CompletedIndex:
@@ -970,9 +1191,36 @@ class CompletedIndex:
                 handle.write("\n".join(lines) + "\n")
 
 
-def _sync_folders(folders: list[Path]) -> None:
-    for folder in folders:
-        sync_directory(folder)
+SendGroup = int | list[int]
+"""A file sent chunk by chunk (its index), or a run of small files sent together."""
+
+
+def _sending_groups(sender: tp.TransferSender, entries: tuple[SourceEntry, ...]) -> list[SendGroup]:
+    groups: list[SendGroup] = []
+    run: list[int] = []
+    run_bytes = 0
+    for index in sender.files:
+        entry = entries[index]
+        if entry.size <= CHUNK_SIZE and not sender.receiver_bitmap(index):
+            if len(run) >= SEND_BATCH_FILES or run_bytes + entry.size > SEND_BATCH_BYTES:
+                groups.append(run)
+                run, run_bytes = [], 0
+            run.append(index)
+            run_bytes += entry.size
+            continue
+        if run:
+            groups.append(run)
+            run, run_bytes = [], 0
+        groups.append(index)
+    if run:
+        groups.append(run)
+    return groups
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """A read nobody waits for any more: its error is moot."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _title(entries: tuple[tp.Entry, ...] | tuple[SourceEntry, ...]) -> str:

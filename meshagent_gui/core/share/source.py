@@ -529,6 +529,30 @@ async def read_one_chunk(
     return await asyncio.get_running_loop().run_in_executor(executor, read)
 
 
+def read_whole_files(entries: Sequence[SourceEntry]) -> list[SourceChunk | BaseException]:
+    """(Blocking) each file of at most one chunk, read whole and checked against the walk
+    like :class:`ChunkReader` does, in one trip to a worker for many small files. A file of one
+    chunk has one digest: the chunk's is the file's. Per file: its chunk, or why it failed."""
+    pieces: list[SourceChunk | BaseException] = []
+    for entry in entries:
+        try:
+            opened = _OpenFile(entry)
+        except (SourceChanged, UserError) as exc:
+            pieces.append(exc)
+            continue
+        try:
+            data = opened.read(0, max(entry.size, 1)) if entry.size else b""
+            opened.check_end()
+            pieces.append(SourceChunk(0, blake3(data).digest(), data))
+        except (SourceChanged, UserError) as exc:
+            pieces.append(exc)
+        except OSError as exc:
+            pieces.append(UserError(f"cannot read {entry.source}: {exc.strerror}"))
+        finally:
+            opened.close()
+    return pieces
+
+
 def describe_skipped(skipped: Iterable[SkippedPath]) -> list[str]:
     """One line per skipped item, for the CLI and the logs."""
     return [f"skipped {item.path}: {item.reason}" for item in skipped]

@@ -348,3 +348,15 @@ def test_move_to_unique_takes_the_next_name_when_raced(
     assert landed == tmp_path / "a (1).txt"
     assert landed.read_text() == "payload"
     assert (tmp_path / "a.txt").read_text() == "someone else's"
+
+
+def test_resolve_many_matches_resolve_inside_and_refuses_the_same(tmp_path: Path) -> None:
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    names = ["a/b/c.txt", "a/x.txt", "new/deep/y", "z"]
+    assert paths.resolve_many(tmp_path, names) == [resolve_inside(tmp_path, n) for n in names]
+    (tmp_path / "link").symlink_to(tmp_path / "a", target_is_directory=True)
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        paths.resolve_many(tmp_path, ["a/ok", "link/evil"])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UnsafePath, match="not a folder"):
+        paths.resolve_many(tmp_path, ["file/under"])

@@ -16,6 +16,7 @@ from meshagent_gui.core.share.source import (
     SourceChunk,
     SourceEntry,
     read_one_chunk,
+    read_whole_files,
     walk,
 )
 from meshagent_gui.errors import UserError
@@ -354,3 +355,20 @@ async def test_closing_early_releases_the_file(tmp_path: Path) -> None:
 def test_a_folder_has_no_chunks(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="folder"):
         ChunkReader(walk([tmp_path]).entries[0], MiB)
+
+
+def test_small_files_read_whole_in_one_trip_checked_like_the_reader(tmp_path: Path) -> None:
+    (tmp_path / "a").write_bytes(b"alpha")
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "changes").write_bytes(b"before")
+    entries = {e.path: e for e in walk([tmp_path]).entries if e.kind == "file"}
+    (tmp_path / "changes").write_bytes(b"after, and longer")
+    top = tmp_path.name
+    pieces = read_whole_files(
+        [entries[f"{top}/a"], entries[f"{top}/empty"], entries[f"{top}/changes"]]
+    )
+    assert isinstance(pieces[0], SourceChunk) and pieces[0].data == b"alpha"
+    assert pieces[0].digest == blake3(b"alpha").digest()
+    assert isinstance(pieces[1], SourceChunk) and pieces[1].data == b""
+    assert pieces[1].digest == blake3(b"").digest()
+    assert isinstance(pieces[2], SourceChanged)

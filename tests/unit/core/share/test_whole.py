@@ -1,0 +1,126 @@
+"""Small files stored whole through unnamed files (whole.py): never visible before complete."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from meshagent_gui.core.share import whole
+from meshagent_gui.core.share.partial import DiskFull
+from meshagent_gui.core.share.whole import (
+    NOT_HERE,
+    WholeFile,
+    link_unique,
+    store_whole_files,
+    write_unnamed,
+)
+
+MTIME_NS = 1_600_000_000_123_456_789
+
+pytestmark = pytest.mark.skipif(not whole.available(), reason="needs O_TMPFILE and linkat")
+
+
+def unnamed_supported(folder: Path) -> bool:
+    try:
+        os.close(os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    if not unnamed_supported(tmp_path):
+        pytest.skip("this filesystem cannot make unnamed files")
+    return tmp_path
+
+
+def test_a_batch_lands_under_its_names_with_content_times_and_exec_bit(folder: Path) -> None:
+    (folder / "sub").mkdir()
+    files = [
+        WholeFile(folder / "a.txt", b"alpha", 0o644, MTIME_NS),
+        WholeFile(folder / "sub" / "run.sh", b"#!/bin/sh\n", 0o755, MTIME_NS),
+        WholeFile(folder / "empty", b"", 0o644, MTIME_NS),
+    ]
+    outcomes = store_whole_files(files)
+    assert outcomes == [folder / "a.txt", folder / "sub" / "run.sh", folder / "empty"]
+    assert (folder / "a.txt").read_bytes() == b"alpha"
+    assert (folder / "empty").read_bytes() == b""
+    assert (folder / "a.txt").stat().st_mtime_ns == MTIME_NS
+    assert os.access(folder / "sub" / "run.sh", os.X_OK)
+    assert not os.access(folder / "a.txt", os.X_OK)
+    assert stat.S_ISREG((folder / "a.txt").lstat().st_mode)
+
+
+def test_nothing_is_ever_replaced_a_clash_gets_the_next_name(folder: Path) -> None:
+    (folder / "photo.jpg").write_bytes(b"theirs")
+    (folder / "photo (1).jpg").write_bytes(b"theirs too")
+    [outcome] = store_whole_files([WholeFile(folder / "photo.jpg", b"ours", 0o644, MTIME_NS)])
+    assert outcome == folder / "photo (2).jpg"
+    assert (folder / "photo.jpg").read_bytes() == b"theirs"
+    assert (folder / "photo (1).jpg").read_bytes() == b"theirs too"
+    assert (folder / "photo (2).jpg").read_bytes() == b"ours"
+
+
+def test_a_crash_between_write_and_link_leaves_no_file_at_all(folder: Path) -> None:
+    # A real process writes the unnamed file and dies by SIGKILL before linking it.
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from pathlib import Path
+        from meshagent_gui.core.share.whole import WholeFile, make_durable, write_unnamed
+        fd = write_unnamed(WholeFile(Path({str(folder / "doc.txt")!r}), b"x" * 4096, 0o644, 1))
+        make_durable([fd])
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    assert done.returncode == -9
+    assert list(folder.iterdir()) == []  # nothing under the final name, nothing to clean up
+
+
+def test_an_unlinked_unnamed_file_is_invisible_until_it_is_linked(folder: Path) -> None:
+    fd = write_unnamed(WholeFile(folder / "late.bin", b"data", 0o644, MTIME_NS))
+    try:
+        assert list(folder.iterdir()) == []
+        assert link_unique(fd, folder / "late.bin") == folder / "late.bin"
+    finally:
+        os.close(fd)
+    assert (folder / "late.bin").read_bytes() == b"data"
+
+
+def test_a_missing_folder_fails_that_file_only(folder: Path) -> None:
+    outcomes = store_whole_files(
+        [
+            WholeFile(folder / "gone" / "x", b"1", 0o644, MTIME_NS),
+            WholeFile(folder / "ok", b"2", 0o644, MTIME_NS),
+        ]
+    )
+    assert isinstance(outcomes[0], OSError)
+    assert outcomes[1] == folder / "ok"
+
+
+def test_a_full_disk_is_reported_as_disk_full(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(fd: int, data: object, offset: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(whole, "pwrite_all", no_space)
+    [outcome] = store_whole_files([WholeFile(folder / "big", b"x" * 10, 0o644, MTIME_NS)])
+    assert isinstance(outcome, DiskFull)
+    assert list(folder.iterdir()) == []
+
+
+def test_without_unnamed_files_every_file_goes_to_the_partial_path(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(whole, "available", lambda: False)
+    assert store_whole_files([WholeFile(folder / "x", b"1", 0o644, MTIME_NS)]) == [NOT_HERE]
+    assert list(folder.iterdir()) == []
