@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")  # before any Qt import
-os.environ["MESHAGENT_SECRET_STORE"] = "file"
-os.environ["MESHAGENT_NO_OPEN"] = "1"  # "Open folder" must not launch a file manager
 
 import asyncio
 from collections.abc import Iterator
@@ -32,6 +30,13 @@ _FAILING = {QtMsgType.QtWarningMsg, QtMsgType.QtCriticalMsg, QtMsgType.QtFatalMs
 # The offscreen platform says so when asked for what only a window system can do (raise a
 # window, pass size hints to a window manager); those are facts about the platform, not bugs.
 _OFFSCREEN_NOTICE = "This plugin does not support "
+
+
+@pytest.fixture(autouse=True)
+def gui_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Per test, not at import: the rest of the suite must not inherit these.
+    monkeypatch.setenv("MESHAGENT_SECRET_STORE", "file")
+    monkeypatch.setenv("MESHAGENT_NO_OPEN", "1")  # "Open folder" must not launch a file manager
 
 
 @pytest.fixture(autouse=True)
