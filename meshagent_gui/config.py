@@ -100,6 +100,12 @@ KEYS: Final[dict[str, Key]] = {
         Key("downloads.dir", str, "", help="where received files land"),
         Key("transfer.rate_limit", str, "", help="global send rate, e.g. 20M (bytes/s)"),
         Key("transfer.auto_accept", str, "own", help="own | all | none"),
+        Key(
+            "transfer.always_accept",
+            str,
+            "",
+            help="device ids whose offers are accepted without asking (comma-separated)",
+        ),
         Key("p2p.engine", str, "qh3", help="QUIC engine: qh3 | aioquic"),
         Key("p2p.port", int, 0, help="UDP port of the QUIC endpoint (0: any)"),
         Key("p2p.direct_timeout", float, 3.0, help="seconds to find a direct path before relay"),

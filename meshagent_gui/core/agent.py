@@ -130,6 +130,11 @@ class Agent:
             peer_user=self._peer_user,
             peer_name=lambda device_id: self._names.get(device_id, device_id[:12]),
             auto_accept=lambda: str(config["transfer.auto_accept"]),
+            always_accept=lambda: frozenset(
+                part.strip()
+                for part in str(config["transfer.always_accept"]).split(",")
+                if part.strip()
+            ),
             global_rate=lambda: parse_rate(str(config["transfer.rate_limit"])),
         )
         self.terminals = TerminalService(
@@ -465,6 +470,11 @@ AGENT_REGISTRY = TRANSFER_REGISTRY.extended(
     spec for spec in TERMINAL_REGISTRY.specs if spec.code not in BASE_REGISTRY.codes
 )
 """Every message an agent speaks on its peer streams: transfers and terminals."""
+
+
+def _id_list(text: str) -> frozenset[str]:
+    """A comma-separated list of device ids (a config value)."""
+    return frozenset(part.strip() for part in text.split(",") if part.strip())
 
 
 def _verifying_keys(keys: list[PublicKey]) -> dict[str, Ed25519PublicKey]:

@@ -185,10 +185,7 @@ class AgentBridge(QObject):
         self._update_tray_state()
 
     def _offered(self, event: TransferOffered) -> None:
-        if event.peer in always_accepted(self.ctx):
-            self.spawn(self.answer_offer(event.transfer_id, True), "answer-offer")
-            return
-        self.offer_received.emit(event)
+        self.offer_received.emit(event)  # devices in transfer.always_accept never get here
 
     def _set_link(self, state: str) -> None:
         if state != self.link_state:
@@ -263,6 +260,9 @@ class AgentBridge(QObject):
             return
         try:
             async for update in agent.send(list(row.paths), row.peer_id):
+                transfer_id = update.get("transfer_id")
+                if row.transfer_id is None and isinstance(transfer_id, str):
+                    self.transfers.claim(row, transfer_id)
                 if "items" in update:
                     self.transfers.happen(row, "completed")
                 elif row.transfer_id is None:  # bus events carry it once known

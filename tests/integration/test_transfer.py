@@ -163,3 +163,30 @@ def test_bad_input_is_one_clear_line(pair, tmp_path: Path) -> None:  # type: ign
     (tmp_path / "x.txt").write_text("x")
     done = sender.cli("send", str(tmp_path / "x.txt"), "--to", "receiver")
     assert done.returncode != 0 and "offline" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_another_users_offer_is_declined_unless_that_device_is_always_accepted(  # type: ignore[no-untyped-def]
+    server, make_agent, tmp_path: Path
+) -> None:
+    server.add_user("ann")
+    server.add_user("bob")
+    ann: AgentHome = make_agent("ann-pc")
+    bob: AgentHome = make_agent("bob-pc", **{"transfer.auto_accept": "none"})
+    ann.login(server, server.join_code("ann", room="team"))
+    bob.login(server, server.join_code("bob", room="team"))
+    ann.up()
+    bob.up()
+    wait_until(lambda: "bob-pc" in ann.online(), 10, "bob online")
+    note = tmp_path / "note.txt"
+    note.write_text("for bob")
+    refused = ann.cli("send", str(note), "--to", "bob-pc")
+    assert refused.returncode != 0 and "declined" in refused.stderr
+    assert not (downloads(bob) / "note.txt").exists()
+
+    [ann_id] = [d["id"] for d in bob.devices() if d["name"] == "ann-pc"]
+    bob.stop()
+    bob.ok("config", "set", "transfer.always_accept", f"someone-else, {ann_id}")
+    bob.up()
+    wait_until(lambda: "bob-pc" in ann.online(), 10, "bob online again")
+    ann.ok("send", str(note), "--to", "bob-pc")
+    assert (downloads(bob) / "note.txt").read_text() == "for bob"

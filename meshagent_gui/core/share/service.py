@@ -166,6 +166,7 @@ class TransferService:
         peer_user: PeerUser,
         peer_name: PeerName,
         auto_accept: Callable[[], str],
+        always_accept: Callable[[], frozenset[str]] = frozenset,
         global_rate: Callable[[], float | None],
         reconnect_window: float = 600.0,
     ) -> None:
@@ -177,6 +178,7 @@ class TransferService:
         self._peer_user = peer_user
         self._peer_name = peer_name
         self._auto_accept = auto_accept
+        self._always_accept = always_accept
         self._global_rate = global_rate
         self._global_bucket: tuple[float, TokenBucket] | None = None
         self.reconnect_window = reconnect_window
@@ -569,7 +571,15 @@ class TransferService:
         )
         self._bus.publish(event)
         if on_progress is not None:
-            on_progress({"done": verified, "total": sender.total_bytes, "rate": rate, "eta": eta})
+            on_progress(
+                {
+                    "transfer_id": sender.transfer_id,
+                    "done": verified,
+                    "total": sender.total_bytes,
+                    "rate": rate,
+                    "eta": eta,
+                }
+            )
 
     # ================================================================ receiving
 
@@ -636,7 +646,7 @@ class TransferService:
     async def decide(self, peer_id: str, offer: tp.OfferReceived, names: tuple[str, ...]) -> bool:
         policy = self._auto_accept()
         own = policy in ("own", "") and await self._peer_user(peer_id) == self._own_user
-        auto = policy == "all" or own
+        auto = policy == "all" or own or peer_id in self._always_accept()
         event = TransferOffered(
             offer.transfer_id,
             peer_id,
