@@ -98,7 +98,9 @@ def test_dropping_files_on_the_window_sends_them_for_real(
     payload.write_bytes(os.urandom(24 * 1024 * 1024))
     (source / "notes").mkdir()
     (source / "notes" / "a.txt").write_text("hello")
-    gui = GuiApp(Context.open(gui_home.paths.home), use_tray=False)
+    ctx = Context.open(gui_home.paths.home)
+    ctx.config.set("transfer.rate_limit", "12M")  # ~2 s: the row is seen mid-way, every time
+    gui = GuiApp(ctx, use_tray=False)
     task = start(gui)
     qtbot.waitUntil(lambda: gui.agent_ready.is_set() or task.done(), timeout=20_000)
     assert not task.done(), task.result()
