@@ -97,6 +97,13 @@ KEYS: Final[dict[str, Key]] = {
         Key("device.name", str, "", help="this device's name (default: host name)"),
         Key("local.server", bool, False, help="run the embedded Mesh Server with the agent"),
         Key("local.port", int, 0, help="port of the embedded Mesh Server"),
+        Key(
+            "local.listen",
+            str,
+            "127.0.0.1",
+            help="address the embedded Mesh Server listens on; 0.0.0.0 lets other computers on"
+            " this network join (plain HTTP: trusted networks only)",
+        ),
         Key("downloads.dir", str, "", help="where received files land"),
         Key("transfer.rate_limit", str, "", help="global send rate, e.g. 20M (bytes/s)"),
         Key("transfer.auto_accept", str, "own", help="own | all | none"),

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import logging
 import re
 import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
@@ -23,7 +25,10 @@ from .mesh.client import MeshClient
 from .mesh.enroll import enroll
 
 DEFAULT_PORT: Final = 8765
+LOOPBACK: Final = "127.0.0.1"
 OWNER_PASSWORD_SECRET: Final = "local.owner_password"
+
+log = logging.getLogger(__name__)
 
 
 def owner_name() -> str:
@@ -37,14 +42,25 @@ def owner_name() -> str:
 
 @contextlib.asynccontextmanager
 async def local_server(ctx: Context) -> AsyncIterator[str]:
-    """Run the embedded server for the duration of the block; yields its URL."""
+    """Run the embedded server for the duration of the block; yields the URL this device uses
+    (always loopback; :func:`shared_url` is the one to give other devices)."""
     # Imported here: the server's stack (FastAPI, uvicorn) costs ~0.4 s and ~14 MB at start-up,
     # and only a local mesh needs it.
     from meshagent_gui.server import runner
 
     port = int(ctx.config["local.port"] or 0) or DEFAULT_PORT
+    listen = str(ctx.config["local.listen"]) or LOOPBACK
+    if listen != LOOPBACK:
+        log.warning(
+            "the local mesh listens on %s in plain HTTP: other computers on this network can"
+            " join it; use it on networks you trust",
+            listen,
+        )
     settings = runner.ServerSettings(
-        host="127.0.0.1", port=port, data_dir=ctx.paths.data_dir / "server"
+        host=listen,
+        port=port,
+        data_dir=ctx.paths.data_dir / "server",
+        insecure=listen != LOOPBACK,
     )
     try:
         server = await runner.start_server(settings)
@@ -56,9 +72,34 @@ async def local_server(ctx: Context) -> AsyncIterator[str]:
             code="bind_failed",
         ) from exc
     try:
-        yield server.url
+        yield f"http://{LOOPBACK}:{server.url.rsplit(':', 1)[1]}"
     finally:
         await server.stop()
+
+
+def shared_url(ctx: Context, url: str) -> str:
+    """The local mesh's URL for other devices: this computer's network address when the mesh
+    listens beyond loopback (``local.listen``), else ``url`` itself (this computer only)."""
+    listen = str(ctx.config["local.listen"]) or LOOPBACK
+    if listen == LOOPBACK:
+        return url
+    host = lan_address() if listen in ("0.0.0.0", "::") else listen
+    port = url.rsplit(":", 1)[1]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def lan_address() -> str:
+    """The address other computers reach this one at: the source of the default route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1: connecting a UDP socket sends nothing
+            return str(probe.getsockname()[0])
+        except OSError:
+            pass
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return LOOPBACK
 
 
 async def ensure_owner_enrolled(ctx: Context, url: str) -> None:
@@ -88,4 +129,4 @@ async def run_local_mesh(ctx: Context, on_ready: Callable[[str, str], None]) -> 
         agent = Agent.from_context(ctx)
         async with MeshClient(url, secrets=ctx.secrets) as client:
             grant = await client.create_join_code()
-        await agent.run(on_ready=lambda: on_ready(url, str(grant["code"])))
+        await agent.run(on_ready=lambda: on_ready(shared_url(ctx, url), str(grant["code"])))

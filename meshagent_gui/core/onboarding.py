@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from meshagent_gui.context import Context
 
 from .agent import Agent
-from .local_mesh import ensure_owner_enrolled, local_server
+from .local_mesh import ensure_owner_enrolled, local_server, shared_url
 from .mesh.client import MeshClient
 
 AgentFactory = Callable[[Context], Agent]
@@ -66,6 +66,7 @@ async def run_agent(
             await ensure_owner_enrolled(ctx, url)
             agent = factory(ctx)
             join = await new_join_code(ctx, url)
+            join = JoinCode(shared_url(ctx, url), join.code, join.expires_at)
             await agent.run(on_ready=lambda: ready(agent, join))
         return
     agent = factory(ctx)

@@ -15,6 +15,7 @@ import logging
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QCloseEvent
 from PySide6.QtWidgets import (
+    QCheckBox,
     QDialog,
     QFormLayout,
     QFrame,
@@ -104,7 +105,13 @@ class FirstRunDialog(QDialog):
         local_layout.addWidget(local_hint)
         self.local_button = named(QPushButton("Start a local mesh"), "primary")
         self.local_button.clicked.connect(self.choose_local)
+        self.on_network = QCheckBox("Let other computers on this network join")
+        self.on_network.setToolTip(
+            "The Mesh Server answers on this computer's network address, in plain HTTP:"
+            " use it on networks you trust (files and terminals stay end-to-end encrypted)."
+        )
         row = QHBoxLayout()
+        row.addWidget(self.on_network)
         row.addStretch(1)
         row.addWidget(self.local_button)
         local_layout.addLayout(row)
@@ -156,6 +163,9 @@ class FirstRunDialog(QDialog):
     # ------------------------------------------------------------ choices
 
     def choose_local(self) -> None:
+        if self.on_network.isChecked():
+            self.ctx.config.set("local.listen", "0.0.0.0")
+            self.ctx.config.save()
         self.choice = Choice.LOCAL
         self.accept()
 

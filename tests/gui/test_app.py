@@ -15,6 +15,7 @@ from PySide6.QtWidgets import QApplication, QMessageBox
 
 from meshagent_gui.context import Context
 from meshagent_gui.core.events import TransferCompleted
+from meshagent_gui.core.local_mesh import lan_address
 from meshagent_gui.core.notify.router import NotificationRouter
 from meshagent_gui.ui.app import ErrorReporter, GuiApp, _bring_forward_running
 from meshagent_gui.ui.first_run import FirstRunDialog
@@ -52,13 +53,14 @@ def test_first_run_starts_a_local_mesh_and_shows_a_join_code(
     assert run(qtbot, _bring_forward_running(Context.open(gui_home.paths.home)))
     dialog = first_run_dialog()
     assert dialog is not None
+    dialog.on_network.setChecked(True)  # other computers on this network may join
     qtbot.mouseClick(dialog.local_button, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(gui.agent_ready.is_set, timeout=20_000)
     window = gui.window
     qtbot.waitUntil(window.card.isVisible, timeout=5000)
     code = window.join_code_label.text()
     assert len(code) >= 8 and gui.bridge.join_code is not None
-    assert gui.bridge.join_code.url.startswith("http://127.0.0.1:")
+    assert gui.bridge.join_code.url.startswith(f"http://{lan_address()}:")
     assert gui_home.paths.home is not None
     assert Context.open(gui_home.paths.home).enrollment is not None  # enrolled as the owner
     qtbot.waitUntil(lambda: window.pill.text() == "Online", timeout=10_000)

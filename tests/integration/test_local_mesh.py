@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import socket
 
+import pytest
+
+from meshagent_gui.core.local_mesh import lan_address
+
 from .harness import AgentHome, wait_until
 
 
@@ -34,3 +38,24 @@ def test_local_mesh_enrols_others_and_restarts(make_agent) -> None:  # type: ign
     owner.process = owner.up_process()
     owner.process.read_line(r'"event": "up"')
     wait_until(lambda: "owner" in guest.online(), 15, "guest reconnected to the restarted mesh")
+
+
+def test_a_local_mesh_listening_on_the_network_gives_others_its_network_url(  # type: ignore[no-untyped-def]
+    make_agent,
+) -> None:
+    if lan_address() == "127.0.0.1":
+        pytest.skip("this machine has no network address besides loopback")
+    owner: AgentHome = make_agent("owner", **{"local.port": str(free_port())})
+    for key, value in owner.config.items():
+        owner.ok("config", "set", key, value)
+    owner.ok("config", "set", "local.listen", "0.0.0.0")
+    owner.process = owner.up_process("--local")
+    started = owner.process.read_line(r'"server": "(\S+)", "join_code": "(\S+)"')
+    url, code = started.group(1), started.group(2)
+    assert url.startswith(f"http://{lan_address()}:")  # what another computer can reach
+
+    guest: AgentHome = make_agent("guest")
+    guest.ok("config", "set", "server.reconnect_max", "1")
+    guest.ok("login", url, "--join-code", code, "--name", "guest")
+    guest.up()
+    wait_until(lambda: "guest" in owner.online(), 5, "guest online for the owner")
