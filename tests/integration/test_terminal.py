@@ -31,23 +31,41 @@ def tmux(tmp_path: Path) -> Iterator[Tmux]:
         consoles.kill()
 
 
-@pytest.fixture
-def team(server: Server, make_agent) -> dict[str, AgentHome]:  # type: ignore[no-untyped-def]
-    """ann's host and two of her viewers, and bob's laptop, all in room `team`, all up."""
-    server.add_user("ann")
-    server.add_user("bob")
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentHome]]:
+    """ann's host and two of her viewers, and bob's laptop, all in room `team`, all up; shared by
+    the module's tests (each test's consoles and sessions end with its tmux server)."""
+    root = tmp_path_factory.mktemp("terminal")
+    logs = root / "logs"
+    logs.mkdir()
+    server = Server(root / "server", logs).start()
     users = {"host": "ann", "v1": "ann", "v2": "ann", "bob": "bob"}
-    agents: dict[str, AgentHome] = {name: make_agent(name) for name in users}
-    codes = {name: server.join_code(user, room="team") for name, user in users.items()}
+    agents = {
+        name: AgentHome(
+            root / name,
+            logs,
+            name,
+            config={"server.reconnect_max": "1", "device.name": name},
+        )
+        for name in users
+    }
+    try:
+        server.add_user("ann")
+        server.add_user("bob")
+        codes = {name: server.join_code(user, room="team") for name, user in users.items()}
 
-    def start(name: str) -> None:
-        agents[name].login(server, codes[name])
-        agents[name].up()
+        def start(name: str) -> None:
+            agents[name].login(server, codes[name])
+            agents[name].up()
 
-    with ThreadPoolExecutor(len(agents)) as pool:  # each step is a Python start-up: overlap them
-        list(pool.map(start, agents))
-    wait_until(lambda: agents["host"].online() >= {"v1", "v2", "bob"}, 10, "everyone online")
-    return agents
+        with ThreadPoolExecutor(len(agents)) as pool:  # each is a Python start-up: overlap them
+            list(pool.map(start, agents))
+        wait_until(lambda: agents["host"].online() >= {"v1", "v2", "bob"}, 10, "everyone online")
+        yield agents
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        server.stop()
 
 
 def share(tmux: Tmux, host: AgentHome, *args: str, command: list[str] = SHELL) -> None:
@@ -60,6 +78,16 @@ def view(tmux: Tmux, viewer: AgentHome, *args: str, console: str | None = None) 
     name = console or viewer.name
     tmux.start(name, meshagent_cmd("--home", str(viewer.home), "terminal", "view", "host", *args))
     return name
+
+
+def wait_said(tmux: Tmux, console: str, text: str, timeout: float = 15) -> None:
+    """Until the console's latest status line says ``text`` (earlier ones may say it too)."""
+
+    def latest() -> str:
+        said = [line for line in tmux.screen(console).splitlines() if "[meshagent]" in line]
+        return said[-1] if said else ""
+
+    wait_until(lambda: text in latest(), timeout, f"{console}: {text!r}")
 
 
 def escape(tmux: Tmux, console: str, key: str) -> None:
@@ -96,17 +124,17 @@ def test_controller_types_view_only_cannot_and_control_moves(
     tmux.wait_for("v2", "control refused: v1 is in control")
     # v1 gives it back; now v2 gets it, and v1 sees who has it.
     escape(tmux, "v1", "r")
-    tmux.wait_for("v2", "the host is in control")
+    wait_said(tmux, "v2", "the host is in control")
     escape(tmux, "v2", "c")
-    tmux.wait_for("v2", "you are in control")
-    tmux.wait_for("v1", "v2 is in control")
+    wait_said(tmux, "v2", "you are in control")
+    wait_said(tmux, "v1", "v2 is in control")
     word2 = f"v2-{secrets.token_hex(4)}"
     tmux.type("v2", f"echo {word2}", enter=True)
     tmux.wait_for("host", f"\n{word2}")
 
     # The host takes control back at any moment; its own console always types.
     escape(tmux, "host", "r")
-    tmux.wait_for("v2", "the host is in control")
+    wait_said(tmux, "v2", "the host is in control")
     blocked = f"blocked-{secrets.token_hex(4)}"
     tmux.type("v2", f"echo {blocked}", enter=True)
     word3 = f"host-{secrets.token_hex(4)}"
@@ -152,7 +180,9 @@ def test_another_users_device_needs_the_hosts_consent(
     tmux.type("host", "n")
     tmux.wait_for("bob", "control refused: the host declined")
     escape(tmux, "bob", "c")
-    tmux.wait_for("host", "bob asks to take control. Allow? [y/n]")
+    wait_until(
+        lambda: tmux.screen("host").count("bob asks to take control") == 2, 15, "a second ask"
+    )
     tmux.type("host", "y")
     tmux.wait_for("bob", "you are in control")
     word = f"bob-{secrets.token_hex(4)}"
