@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from meshagent_gui.core.ipc import IpcStream, StreamClosed
 
@@ -29,11 +29,63 @@ HELP: Final = {
 }
 
 
+# Windows console modes (wincon.h): what raw mode turns off on input, and on for both sides.
+ENABLE_PROCESSED_INPUT: Final = 0x0001
+ENABLE_LINE_INPUT: Final = 0x0002
+ENABLE_ECHO_INPUT: Final = 0x0004
+ENABLE_VIRTUAL_TERMINAL_INPUT: Final = 0x0200
+ENABLE_VIRTUAL_TERMINAL_PROCESSING: Final = 0x0004
+STD_INPUT_HANDLE: Final = -10
+STD_OUTPUT_HANDLE: Final = -11
+
+
+class ConsoleApi(Protocol):
+    """The three kernel32 calls raw mode needs (a fake in tests)."""
+
+    def GetStdHandle(self, which: int) -> Any: ...
+    def GetConsoleMode(self, handle: Any, mode: Any) -> int: ...
+    def SetConsoleMode(self, handle: Any, mode: int) -> int: ...
+
+
+def windows_raw_modes(input_mode: int, output_mode: int) -> tuple[int, int]:
+    """Console modes for raw mode: keys as typed (Ctrl-C included) arrive as VT sequences, and
+    VT output is interpreted."""
+    raw_in = input_mode & ~(ENABLE_PROCESSED_INPUT | ENABLE_LINE_INPUT | ENABLE_ECHO_INPUT)
+    return raw_in | ENABLE_VIRTUAL_TERMINAL_INPUT, output_mode | ENABLE_VIRTUAL_TERMINAL_PROCESSING
+
+
+@contextlib.contextmanager
+def windows_raw_mode(api: ConsoleApi) -> Iterator[None]:
+    import ctypes
+
+    handles = api.GetStdHandle(STD_INPUT_HANDLE), api.GetStdHandle(STD_OUTPUT_HANDLE)
+    saved: list[int] = []
+    for handle in handles:
+        current = ctypes.c_uint32()
+        if not api.GetConsoleMode(handle, ctypes.byref(current)):
+            yield  # not a console (redirected): nothing to change
+            return
+        saved.append(current.value)
+    for handle, raw in zip(handles, windows_raw_modes(saved[0], saved[1]), strict=True):
+        api.SetConsoleMode(handle, raw)
+    try:
+        yield
+    finally:
+        for handle, original in zip(handles, saved, strict=True):
+            api.SetConsoleMode(handle, original)
+
+
 @contextlib.contextmanager
 def raw_mode(fd: int) -> Iterator[None]:
     """The console in raw mode (keys as typed, no echo), restored however we leave."""
     if not os.isatty(fd):
         yield
+        return
+    if sys.platform == "win32":
+        import ctypes
+
+        with windows_raw_mode(ctypes.windll.kernel32):
+            yield
         return
     import termios
     import tty
@@ -54,14 +106,16 @@ def console_size() -> tuple[int, int]:
 class Console:
     """Pumps keys to the agent and the agent's frames to the screen until the session ends."""
 
-    def __init__(self, stream: IpcStream, role: Role) -> None:
+    def __init__(
+        self, stream: IpcStream, role: Role, *, keys: int | None = None, screen: int | None = None
+    ) -> None:
         self.stream = stream
         self.role = role
         self.exit_code = 0
         self._escaped = False
         self._asking: int | None = None  # a control request waiting for y/n (host)
-        self._in = sys.stdin.fileno()
-        self._out = sys.stdout.fileno()
+        self._in = sys.stdin.fileno() if keys is None else keys
+        self._out = sys.stdout.fileno() if screen is None else screen
         self._leaving = False
 
     def say(self, text: str) -> None:
