@@ -1,0 +1,110 @@
+"""An offer from another user's device asks first; "always accept from this device" is kept and
+later offers from it land without asking."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QApplication
+
+from meshagent_gui.context import Context
+from meshagent_gui.ui.app import GuiApp
+from meshagent_gui.ui.main_window import OfferDialog
+from tests.integration.harness import BASE_ENV, AgentHome, Server, meshagent_cmd
+
+from .support import free_port
+
+
+@pytest.fixture
+def bob_and_desk(tmp_path: Path, gui_home: Context) -> Iterator[AgentHome]:
+    """bob's laptop (a real `meshagent up`) and ann's desk (the app) share the room `team`."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = Server(tmp_path / "server", logs).start()
+    bob = AgentHome(
+        tmp_path / "bob",
+        logs,
+        "bobs-laptop",
+        config={"server.reconnect_max": "1", "device.name": "bobs-laptop"},
+    )
+    try:
+        server.add_user("ann")
+        server.add_user("bob")
+        bob.login(server, server.join_code("bob", room="team"))
+        bob.up()
+        assert gui_home.paths.home is not None
+        desk = AgentHome(gui_home.paths.home, logs, "desk")
+        desk.ok("login", server.url, "--join-code", server.join_code("ann", room="team"))
+        yield bob
+    finally:
+        bob.stop()
+        server.stop()
+
+
+def offer_dialog() -> OfferDialog | None:
+    for widget in QApplication.topLevelWidgets():
+        if isinstance(widget, OfferDialog) and widget.isVisible():
+            return widget
+    return None
+
+
+def send_from(bob: AgentHome, path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        meshagent_cmd("--home", str(bob.home), "send", str(path), "--to", "desk"),
+        env=BASE_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_another_users_offer_asks_and_always_accept_sticks(
+    qtbot: Any,
+    qloop: asyncio.AbstractEventLoop,
+    gui_home: Context,
+    bob_and_desk: AgentHome,
+    tmp_path: Path,
+) -> None:
+    bob = bob_and_desk
+    ctx = Context.open(gui_home.paths.home)
+    ctx.config.set("local.port", free_port())
+    downloads = tmp_path / "desk-downloads"
+    ctx.config.set("downloads.dir", str(downloads))
+    gui = GuiApp(ctx, use_tray=False)
+    task = asyncio.ensure_future(gui.run())
+    qtbot.waitUntil(lambda: gui.agent_ready.is_set() or task.done(), timeout=20_000)
+    assert not task.done(), task.result()
+    qtbot.waitUntil(lambda: bool(gui.bridge.online_devices()), timeout=10_000)
+
+    first = tmp_path / "first.txt"
+    first.write_text("one")
+    sending = send_from(bob, first)
+    qtbot.waitUntil(lambda: offer_dialog() is not None, timeout=20_000)
+    dialog = offer_dialog()
+    assert dialog is not None and dialog.offer.peer_name == "bobs-laptop"
+    dialog.always.setChecked(True)
+    qtbot.mouseClick(dialog.accept_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: sending.poll() is not None, timeout=30_000)
+    _, errors = sending.communicate()
+    assert sending.returncode == 0, errors
+    assert (downloads / "first.txt").read_text() == "one"
+    [bob_id] = [d.id for d in gui.bridge.online_devices() if d.name == "bobs-laptop"]
+    assert bob_id in str(Context.open(gui_home.paths.home).config["transfer.always_accept"])
+
+    second = tmp_path / "second.txt"
+    second.write_text("two")
+    sending = send_from(bob, second)
+    qtbot.waitUntil(lambda: sending.poll() is not None, timeout=30_000)
+    _, errors = sending.communicate()
+    assert sending.returncode == 0, errors
+    assert offer_dialog() is None  # accepted without asking
+    assert (downloads / "second.txt").read_text() == "two"
+
+    gui.quit()
+    qtbot.waitUntil(task.done, timeout=15_000)
