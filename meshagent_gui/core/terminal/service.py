@@ -142,7 +142,6 @@ class SharedTerminal:
             on_event=self._event,
         )
         self._asking = asyncio.Lock()  # one prompt at a time: the user answers them in turn
-        self._parties: dict[str, int] = {}
 
     async def run(self) -> ExitStatus:
         """Announce the session and share it until the command exits (or cancellation)."""
@@ -189,10 +188,14 @@ class SharedTerminal:
             self.on_event(event)
 
     def _party(self, name: str) -> str:
-        """A name everyone can read in "X is in control": the device's, made unique."""
-        count = self._parties.get(name, 0) + 1
-        self._parties[name] = count
-        return name if count == 1 else f"{name} ({count})"
+        """A name everyone can read in "X is in control": the device's, made unique among the
+        viewers attached now (a viewer that reconnects gets its plain name back)."""
+        taken = {viewer.party for viewer in self.host.viewers}
+        party, number = name, 1
+        while party in taken:
+            number += 1
+            party = f"{name} ({number})"
+        return party
 
     # ------------------------------------------------------------ one viewer's stream
 

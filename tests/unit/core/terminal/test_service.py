@@ -353,3 +353,24 @@ async def test_a_session_gone_from_the_host_ends_the_view() -> None:
     channel.inbox.put_nowait(ChannelClosed(ErrorCode.REFUSED, "no session", by_peer=True))
     events = await asyncio.wait_for(collect(view.events()), TIMEOUT)
     assert events == [SessionEnded(None, None, "the host stopped sharing")]
+
+
+async def test_two_viewers_of_one_device_get_distinct_names_and_a_returning_one_its_own() -> None:
+    service, _, _ = make_service()
+    shared = service.share(["cat"])
+    task = await running(shared)
+    channels = [FakeChannel(resource=shared.session_id) for _ in range(3)]
+    serving = []
+    for channel in channels[:2]:
+        serving.append(asyncio.create_task(shared.serve(channel, grant(VIEW_SCOPE))))  # type: ignore[arg-type]
+        channel.inbox.put_nowait(Join())
+        await channel.wait_sent(ControlState)
+    assert [v.party for v in shared.host.viewers] == ["name-of-peer-1", "name-of-peer-1 (2)"]
+    channels[0].inbox.put_nowait(ChannelClosed(ErrorCode.NO_ERROR, "bye", by_peer=True))
+    await asyncio.wait_for(serving[0], TIMEOUT)
+    serving.append(asyncio.create_task(shared.serve(channels[2], grant(VIEW_SCOPE))))  # type: ignore[arg-type]
+    channels[2].inbox.put_nowait(Join())
+    await channels[2].wait_sent(ControlState)
+    assert sorted(v.party for v in shared.host.viewers) == ["name-of-peer-1", "name-of-peer-1 (2)"]
+    await stop(shared, task)
+    await asyncio.wait_for(asyncio.gather(*serving[1:]), TIMEOUT)
