@@ -4,6 +4,7 @@ the tray menu, autostart, single instance, error reporting."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -261,3 +262,36 @@ def test_quit_while_the_first_run_dialog_is_open_closes_it(
     assert task.result() == 0
     assert first_run_dialog() is None
     assert not gui_home.paths.ipc_path.exists()
+
+
+def test_quitting_mid_transfer_leaves_it_resumable(
+    qtbot: Any,
+    qloop: asyncio.AbstractEventLoop,
+    gui_home: Context,
+    mesh: tuple[Server, AgentHome],
+    tmp_path: Path,
+) -> None:
+    _, receiver = mesh
+    payload = tmp_path / "big.bin"
+    payload.write_bytes(os.urandom(16 * 1024 * 1024))
+    ctx = Context.open(gui_home.paths.home)
+    ctx.config.set("transfer.rate_limit", "2M")  # 8 s: quit lands in the middle
+    gui = GuiApp(ctx, use_tray=False)
+    task = start(gui)
+    qtbot.waitUntil(lambda: gui.agent_ready.is_set() or task.done(), timeout=20_000)
+    qtbot.waitUntil(lambda: bool(gui.bridge.online_devices()), timeout=10_000)
+    row = gui.bridge.send([str(payload)], gui.bridge.online_devices()[0].id)
+    qtbot.waitUntil(lambda: 0.1 < row.fraction < 0.6, timeout=20_000)
+    stop(qtbot, gui, task)  # Quit: the agent's tasks are cancelled, nothing hangs
+    downloads = receiver.home / "downloads"
+    # What the receiver verified stays, and the same send later resumes from it.
+    wait_until(lambda: list(downloads.glob("big.bin*.meshpart")), 10, "the partial file")
+    assert not (downloads / "big.bin").exists()
+    desk = AgentHome(gui_home.paths.home, receiver.logs, "desk")
+    desk.ok("config", "unset", "transfer.rate_limit")
+    [item] = [
+        json.loads(line)
+        for line in desk.ok("send", str(payload), "--to", "laptop", "--json").splitlines()
+    ]
+    assert item["resumed_from"] > 0
+    assert (downloads / "big.bin").read_bytes() == payload.read_bytes()
