@@ -262,3 +262,25 @@ def test_host_agent_restart_tells_the_viewer_and_nothing_hangs(
     tmux.wait_for("v1", "session ended: the host stopped sharing", timeout=60)
     tmux.wait_for("v1", "[exited", timeout=10)
     print(f"viewer told after {time.monotonic() - started:.1f} s")
+
+
+def test_bad_input_is_one_clear_line(team: dict[str, AgentHome], tmp_path: Path) -> None:
+    cases = [
+        (team["v1"], ("terminal", "view", "v2"), "v2 is not sharing a terminal"),
+        (team["v1"], ("terminal", "view", "nobody"), "no device 'nobody'"),
+        (
+            team["host"],
+            ("terminal", "share", "--", "no-such-program-here"),
+            "cannot start no-such-program-here",
+        ),
+        (
+            team["host"],
+            ("terminal", "share", "--record", str(tmp_path / "no" / "dir" / "x.cast")),
+            "cannot record to",
+        ),
+    ]
+    for agent, args, message in cases:
+        done = agent.cli(*args)
+        assert done.returncode != 0
+        assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
