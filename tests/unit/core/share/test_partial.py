@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from blake3 import blake3
 
+from meshagent_gui.core.protocol.transfer import chunk_count
 from meshagent_gui.core.share import partial as partial_module
 from meshagent_gui.core.share.partial import (
     DEFAULT_SYNC_EVERY,
@@ -27,7 +28,6 @@ from meshagent_gui.core.share.partial import (
     PartialCorrupt,
     PartialFile,
     StateHeader,
-    chunk_count,
     partial_exists,
     slot_names,
 )
@@ -359,6 +359,26 @@ async def test_periodic_sync_is_data_then_state(
         await partial.write_chunk(number, digest(pieces[number]), pieces[number])
     assert synced == [partial._fds.data, partial._fds.state] * 2  # after 2 and 4 chunks
     await partial.discard()
+
+
+async def test_synced_data_the_hash_has_seen_leaves_the_page_cache(
+    tmp_path: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dropped: list[tuple[int, int]] = []
+    monkeypatch.setattr(
+        partial_module,
+        "_FADVISE",
+        lambda fd, offset, length, advice: dropped.append((offset, length)),
+    )
+    partial = await open_partial(tmp_path / "f", len(payload), sync_every=2 * CHUNK)
+    pieces = chunks_of(payload)
+    for number in (0, 2, 1, 4, 5, 3):  # syncs after chunks 2 and 4 (2 chunks' bytes each)
+        await partial.write_chunk(number, digest(pieces[number]), pieces[number])
+    # At the first sync only chunk 0 is hashed (2 waits for 1); at the second, chunks 0-2;
+    # chunk 3 is missing then, so 4 stays cached, and so does the tail (never synced).
+    assert dropped == [(0, CHUNK), (CHUNK, 2 * CHUNK)]
+    assert await partial.finish(digest(payload), mtime_ns=MTIME_NS) == tmp_path / "f"
+    assert (tmp_path / "f").read_bytes() == payload
 
 
 async def test_disk_full_keeps_the_partial(
