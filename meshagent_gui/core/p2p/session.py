@@ -19,7 +19,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
 
 from meshagent_gui.core.protocol.errors import ErrorCode, LocalProtocolError
-from meshagent_gui.core.protocol.framing import BytesLike
+from meshagent_gui.core.protocol.framing import (
+    DEFAULT_MAX_BULK_PAYLOAD,
+    HEADER,
+    HEADER_SIZE,
+    BytesLike,
+)
 from meshagent_gui.core.protocol.handshake import (
     CloseConnection,
     HandshakeFailed,
@@ -57,6 +62,10 @@ INBOX_BYTES: Final = 4 * 1024 * 1024
 # Consecutive small writes queued on one stream go to QUIC as one (many small messages, one
 # packet); larger data is handed over as it is, never copied.
 COALESCE_BELOW: Final = 64 * 1024
+# Frames at least this big are read whole into one buffer, up to the largest frame allowed.
+WHOLE_FRAME_MIN: Final = 64 * 1024
+WHOLE_FRAME_MAX: Final = HEADER_SIZE + DEFAULT_MAX_BULK_PAYLOAD
+_SCAN_FRAMES: Final = 64  # frame headers looked at per read
 
 
 class ChannelClosed(P2PError):
@@ -99,6 +108,8 @@ class Channel:
         self._wake_writer = asyncio.Event()
         self._drained = asyncio.Event()
         self._drained.set()
+        # Both sides accepted the stream: its large frames may be read whole (_FrameCursor).
+        self.opened = False
 
     @property
     def stream_id(self) -> int:
@@ -253,6 +264,66 @@ class Channel:
                 end = True
                 break
         return (first if len(parts) == 1 else b"".join(parts)), end
+
+
+class _FrameCursor:
+    """Reads a stream along its frame boundaries, so that a large frame arrives in one buffer.
+
+    A frame read in :data:`READ_SIZE` pieces is copied twice: each piece is joined from the
+    received packets, then the frame decoder joins the pieces (growing its buffer as they
+    come). Read whole, it is copied once and stays a zero-copy slice all the way to the
+    service (a transfer's chunks). Only the headers are looked at here; the decoder still
+    checks every frame.
+
+    Reads never run past a large frame's start, so a large frame is always read from its
+    header. Frames up to :data:`WHOLE_FRAME_MAX` are read whole, and only on an opened stream
+    (before that the decoder refuses a big frame at its header, as soon as it is here).
+    """
+
+    __slots__ = ("owed",)
+
+    def __init__(self) -> None:
+        self.owed = 0  # bytes still to read before the next frame boundary
+
+    async def read(self, stream: PeerStream, *, whole: bool) -> bytes:
+        while True:
+            if self.owed:
+                data = await stream.read(min(self.owed, READ_SIZE))
+                self.owed -= len(data)
+                return data
+            if stream.buffered < HEADER_SIZE and not stream.fin_received:
+                await stream.wait_more()
+                continue
+            size, frame_end = self._plan(stream, whole=whole)
+            if size is None:
+                return await stream.read(READ_SIZE)  # the end of the stream: what is left
+            if size < 0:
+                data = await stream.read_whole(-size)
+            else:
+                data = await stream.read(size)
+            self.owed = frame_end - len(data)
+            return data
+
+    @staticmethod
+    def _plan(stream: PeerStream, *, whole: bool) -> tuple[int | None, int]:
+        """(how much to read, the boundary it aims at): a negative size is one large frame to
+        read whole; None when no header is complete (the stream has ended)."""
+        sizes = stream.scan(HEADER_SIZE, _frame_size, max_records=_SCAN_FRAMES, max_bytes=READ_SIZE)
+        if not sizes:
+            return None, 0
+        first = sizes[0]
+        if whole and WHOLE_FRAME_MIN <= first <= WHOLE_FRAME_MAX:
+            return -first, first
+        offset = first
+        for size in sizes[1:]:
+            if size >= WHOLE_FRAME_MIN:
+                break  # the frames before it first
+            offset += size
+        return min(offset, READ_SIZE), offset
+
+
+def _frame_size(header: bytes) -> int:
+    return HEADER_SIZE + int(HEADER.unpack(header)[3])
 
 
 def _bulk_size(message: object) -> int:
@@ -414,10 +485,11 @@ class MeshSession:
 
     async def _read_loop(self, channel: Channel) -> None:
         stream = channel.stream
+        frames = _FrameCursor()
         try:
             while True:
                 try:
-                    data = await stream.read(READ_SIZE)
+                    data = await frames.read(stream, whole=channel.opened)
                 except StreamResetError as exc:
                     await self._handle(
                         self.session.stream_reset(stream.stream_id, exc.error_code, self.now)
@@ -466,6 +538,7 @@ class MeshSession:
                 case StreamAccepted(stream_id=sid, role=role, resource=resource):
                     channel = self._channels[sid]
                     channel.role, channel.resource, channel.grant = role, resource, event.grant
+                    channel.opened = True
                     if event.opened_by_peer:
                         self._incoming.put_nowait(channel)
                     elif (opened := self._opening.pop(sid, None)) is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Final, Protocol
 
 from meshagent_gui.core.p2p.errors import (
@@ -138,6 +139,91 @@ class PeerStream:
         self._consumed += len(data)
         self._maybe_grant()
         return data
+
+    async def read_whole(self, n: int) -> bytes:
+        """Exactly ``n`` bytes (fewer only at end of stream) in one buffer, copied once.
+
+        :meth:`read` joins what is buffered into each piece it returns, so a large message
+        read in pieces and joined again above is copied twice; this gathers the received
+        pieces as they are and joins them once. Credit flows as the pieces are taken, so ``n``
+        may exceed the window.
+        """
+        if n <= 0:
+            raise ValueError("read_whole() needs a positive size")
+        parts: list[bytes | memoryview] = []
+        size = 0
+        chunks = self._chunks
+        while size < n:
+            if not self._buffered:
+                if self._fin_received:
+                    break
+                self._raise_if_unreadable()
+                await self._wait_readable()
+                continue
+            taken = 0
+            while chunks and size + taken < n:
+                part = chunks[0]
+                left = n - size - taken
+                if len(part) <= left:
+                    parts.append(chunks.popleft())
+                    taken += len(part)
+                else:
+                    parts.append(memoryview(part)[:left])
+                    chunks[0] = part[left:]
+                    taken += left
+            size += taken
+            self._buffered -= taken
+            self._consumed += taken
+            self._maybe_grant()
+        if not size:
+            return await self.read(1)  # the end of the stream: b"", counted as read
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
+
+    def scan(
+        self,
+        header_size: int,
+        record_size: Callable[[bytes], int],
+        *,
+        max_records: int,
+        max_bytes: int,
+    ) -> list[int]:
+        """The sizes of the length-prefixed records buffered from the read position on, as far
+        as their headers are here (``record_size`` gives a whole record's size from its
+        header). Nothing is consumed; one pass over the buffer; stops after ``max_records``
+        records or past ``max_bytes``."""
+        sizes: list[int] = []
+        target = 0  # where the next header starts
+        partial = b""  # the part of it seen so far
+        base = 0  # where the current buffered piece starts
+        for chunk in self._chunks:
+            length = len(chunk)
+            while (start := target + len(partial) - base) < length:
+                piece = chunk[start : start + header_size - len(partial)]
+                partial = partial + piece if partial else piece
+                if len(partial) < header_size:
+                    break  # the header goes on in the next piece
+                size = record_size(partial)
+                sizes.append(size)
+                target += size
+                partial = b""
+                if len(sizes) >= max_records or target >= max_bytes:
+                    return sizes
+            base += length
+        return sizes
+
+    async def wait_more(self) -> None:
+        """Wait until more bytes (or the end of the stream) arrive; raises like :meth:`read`."""
+        if self._fin_received:
+            return
+        self._raise_if_unreadable()
+        await self._wait_readable()
+
+    @property
+    def fin_received(self) -> bool:
+        """The peer finished its side (the bytes before the end may still be buffered)."""
+        return self._fin_received
 
     async def readexactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes; :class:`asyncio.IncompleteReadError` if the stream ends first."""

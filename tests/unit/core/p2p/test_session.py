@@ -20,6 +20,7 @@ from meshagent_gui.core.p2p.session import (
     MeshSession,
 )
 from meshagent_gui.core.protocol.errors import ErrorCode
+from meshagent_gui.core.protocol.framing import encode_header
 from meshagent_gui.core.protocol.handshake import Refusal
 from meshagent_gui.core.protocol.messages import Hello, StreamRole
 from tests.unit.core.protocol.pair import TEST_REGISTRY, Chunk, Note, RecordingValidator
@@ -193,3 +194,53 @@ async def test_unread_bulk_data_is_bounded_in_bytes_not_messages(
             message = await asyncio.wait_for(incoming.receive(), TIMEOUT)
             assert isinstance(message, Chunk) and message.offset == offset
         await asyncio.wait_for(sender, TIMEOUT)
+
+
+class _Owner:
+    """Just enough of a connection for a PeerStream that is only read."""
+
+    def stream_grant(self, stream_id: int, limit: int) -> None:
+        pass
+
+    def closed_error(self) -> None:
+        return None
+
+    def stream_finished(self, stream_id: int) -> None:
+        pass
+
+
+def _frame(type_code: int, size: int) -> bytes:
+    return encode_header(type_code, 0, size) + os.urandom(size)
+
+
+async def test_reads_follow_frame_boundaries_and_take_large_frames_whole() -> None:
+    stream = PeerStream(_Owner(), 1, window=16 << 20, max_unsent=1 << 20, local=True)  # type: ignore[arg-type]
+    small, big, tail = _frame(0x10, 30), _frame(0x11, 1 << 20), _frame(0x10, 5)
+    wire = small + small + big + tail
+    for start in range(0, 20_000, 7000):  # the small frames and the big one's start
+        stream.on_data(wire[start : start + 7000], False)
+    cursor = session_module._FrameCursor()
+    assert await cursor.read(stream, whole=True) == small + small  # not into the big frame
+    reading = asyncio.create_task(cursor.read(stream, whole=True))
+    for start in range(21_000, len(wire), 9000):
+        await asyncio.sleep(0)
+        assert not reading.done()  # a large frame is read whole
+        stream.on_data(wire[start : start + 9000], False)
+    stream.on_data(b"", True)
+    assert await reading == big
+    assert await cursor.read(stream, whole=True) == tail
+    assert await cursor.read(stream, whole=True) == b""
+
+
+async def test_large_frames_of_a_stream_not_yet_opened_are_read_in_pieces() -> None:
+    stream = PeerStream(_Owner(), 1, window=16 << 20, max_unsent=1 << 20, local=True)  # type: ignore[arg-type]
+    big, tail = _frame(0x11, 1 << 20), _frame(0x10, 5)
+    stream.on_data(big[:1000], False)  # the first bytes open the window
+    stream.on_data(big[1000:] + tail, True)
+    cursor = session_module._FrameCursor()
+    pieces = []
+    while data := await cursor.read(stream, whole=False):
+        pieces.append(data)
+    assert b"".join(pieces) == big + tail
+    assert len(pieces) > 2 and pieces[-1] == tail  # in pieces, yet never across a boundary
+    assert all(len(piece) <= session_module.READ_SIZE for piece in pieces)

@@ -84,6 +84,55 @@ async def test_readexactly_reports_a_short_stream() -> None:
     assert caught.value.partial == b"abc"
 
 
+async def test_read_whole_gathers_pieces_into_one_buffer() -> None:
+    stream = make(FakeOwner())
+    for part in (b"abc", b"defg", b"hi"):
+        stream.on_data(part, False)
+    assert await stream.read_whole(5) == b"abcde"  # splits the second piece
+    assert stream.buffered == 4
+    stream.on_data(b"jk", True)
+    assert await stream.read_whole(10) == b"fghijk"  # fewer only at the end
+    assert await stream.read_whole(1) == b""
+    assert stream.at_eof()
+
+
+async def test_read_whole_waits_for_the_rest_and_grants_credit_meanwhile() -> None:
+    owner = FakeOwner()
+    stream = make(owner)
+    stream.on_accepted()
+    size = 3 * WINDOW  # more than the peer may send before we read
+    reading = asyncio.create_task(stream.read_whole(size))
+    sent = 0
+    while sent < size:
+        await asyncio.sleep(0)
+        assert not reading.done()
+        piece = min(INITIAL_CREDIT, size - sent)
+        stream.on_data(bytes([sent // piece % 251]) * piece, False)  # within the credit
+        sent += piece
+    data = await reading
+    assert len(data) == size and isinstance(data, bytes)
+    assert owner.grants[-1] >= size  # credit flowed while the pieces were gathered
+
+
+async def test_scan_finds_record_sizes_across_pieces_without_consuming() -> None:
+    stream = make(FakeOwner())
+
+    def record_size(header: bytes) -> int:
+        return 2 + int.from_bytes(header, "big")
+
+    # Records: [len 3] [len 0] [len 5], headers of 2 bytes split across pieces.
+    wire = b"\x00\x03abc" + b"\x00\x00" + b"\x00\x05hello"
+    for cut in (1, 4, 6, 7, len(wire)):
+        stream.on_data(wire[:cut][stream.buffered :], False)
+    assert stream.scan(2, record_size, max_records=10, max_bytes=100) == [5, 2, 7]
+    assert stream.scan(2, record_size, max_records=2, max_bytes=100) == [5, 2]
+    assert stream.scan(2, record_size, max_records=10, max_bytes=6) == [5, 2]
+    assert stream.buffered == len(wire)
+    assert await stream.read(100) == wire
+    stream.on_data(b"\x00", False)
+    assert stream.scan(2, record_size, max_records=10, max_bytes=100) == []  # half a header
+
+
 async def test_an_unaccepted_stream_only_gets_the_initial_credit() -> None:
     owner = FakeOwner()
     stream = make(owner)
