@@ -277,7 +277,7 @@ class _Qh3Connection(EngineConnection):
 
     def receive_datagrams(self, datagrams: list[bytes], addr: Address, now: float) -> None:
         core = self._fast_core()
-        if core is not None and len(datagrams) > 1:
+        if core is not None and datagrams:  # one datagram too: a sender's ACKs come one by one
             try:
                 core.receive_many_datagrams(datagrams, addr, now)
             except RuntimeError as exc:
