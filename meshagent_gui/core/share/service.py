@@ -330,12 +330,14 @@ class TransferService:
         totals.attempts += 1
         totals.last_skipped, totals.last_sent = had, {}
         done = asyncio.Event()
+        out = _Outgoing(channel, sender, entries, buckets, totals, stop=done)
         failure: list[BaseException] = []
 
         async def listen() -> None:
             try:
                 while not sender.finished:
                     message = await channel.receive()
+                    out.heard.set()
                     for event in sender.receive(message):
                         match event:
                             case tp.ProgressReported(bytes_verified=verified):
@@ -365,7 +367,7 @@ class TransferService:
 
         listener = asyncio.create_task(listen())
         try:
-            await self._stream(channel, sender, entries, buckets, totals, done)
+            await self._stream(out)
             await done.wait()
         except SourceChanged as exc:
             await _tell_cancel(channel, sender, str(exc), tp.TransferErrorCode.SOURCE_CHANGED)
@@ -402,20 +404,13 @@ class TransferService:
                             f"the receiver cancelled: {event.reason}", code="cancelled"
                         )
 
-    async def _stream(
-        self,
-        channel: Channel,
-        sender: tp.TransferSender,
-        entries: tuple[SourceEntry, ...],
-        buckets: list[TokenBucket],
-        totals: _Totals,
-        stop: asyncio.Event,
-    ) -> None:
+    async def _stream(self, out: _Outgoing) -> None:
         """Send every chunk the plan asks for, file by file, resends first.
 
         Runs of small files (one chunk each, nothing of them at the receiver) are read many per
         trip to a disk thread, the next run while this one is sent, and their messages are
         queued together: one drain per run, not two waits per file."""
+        channel, sender, entries = out.channel, out.sender, out.entries
         groups = _sending_groups(sender, entries)
         reads: dict[int, asyncio.Future[list[SourceChunk | BaseException]]] = {}
         loop = asyncio.get_running_loop()
@@ -428,127 +423,100 @@ class TransferService:
 
         try:
             for position, group in enumerate(groups):
-                if stop.is_set():
+                if out.stop.is_set():
                     return
                 if isinstance(group, list):
                     read_ahead(position)
                     read_ahead(position + 1)
                     pieces = await reads.pop(position)
                     for index, piece in zip(group, pieces, strict=True):
-                        if not await self._due(channel, sender, entries, buckets, totals, index):
+                        if not await self._due(out, index):
                             continue
                         if isinstance(piece, BaseException):
                             raise piece
                         if piece.data:
-                            await take_all(buckets, len(piece.data))
+                            await take_all(out.buckets, len(piece.data))
                             channel.post(tp.Chunk(index, 0, piece.digest, piece.data))
                             sender.chunk_sent(index, 0)
-                            totals.count_sent(index, len(piece.data))
-                        totals.digests[index] = piece.digest
+                            out.totals.count_sent(index, len(piece.data))
+                        out.totals.digests[index] = piece.digest
                         end = sender.file_sent(index, piece.digest)
                         if end is not None:
                             channel.post(end)
                     await channel.drain()
                     continue
                 index = group
-                if not await self._due(channel, sender, entries, buckets, totals, index):
+                if not await self._due(out, index):
                     continue
                 read_ahead(position + 1)
-                await self._stream_file(channel, sender, entries, index, buckets, totals, stop)
-                if stop.is_set():
+                await self._stream_file(out, index)
+                if out.stop.is_set():
                     return
         finally:
             for pending in reads.values():
                 pending.add_done_callback(_consume)
-        await self._finish_stream(channel, sender, entries, buckets, totals, stop)
+        await self._finish_stream(out)
 
-    async def _due(
-        self,
-        channel: Channel,
-        sender: tp.TransferSender,
-        entries: tuple[SourceEntry, ...],
-        buckets: list[TokenBucket],
-        totals: _Totals,
-        index: int,
-    ) -> bool:
-        """Send the resends asked for; then whether file ``index`` is still to be sent (the
-        receiver may have confirmed or failed it meanwhile)."""
-        work = sender.next_work()
+    async def _resends_then_next(self, out: _Outgoing) -> tp.SendChunk | tp.EndFile | None:
+        """Send every resend the receiver asked for; then the plan's next work."""
+        work = out.sender.next_work()
         while isinstance(work, tp.SendChunk) and work.resend:
-            await self._resend(channel, sender, entries, buckets, totals, work)
-            work = sender.next_work()
+            await self._resend(out, work)
+            work = out.sender.next_work()
+        return work
+
+    async def _due(self, out: _Outgoing, index: int) -> bool:
+        """Resends first; then whether file ``index`` is still to be sent (the receiver may
+        have confirmed or failed it meanwhile)."""
+        work = await self._resends_then_next(out)
         return work is not None and work.index == index
 
-    async def _stream_file(
-        self,
-        channel: Channel,
-        sender: tp.TransferSender,
-        entries: tuple[SourceEntry, ...],
-        index: int,
-        buckets: list[TokenBucket],
-        totals: _Totals,
-        stop: asyncio.Event,
-    ) -> None:
+    async def _stream_file(self, out: _Outgoing, index: int) -> None:
         """One file chunk by chunk (read ahead, hashed while streaming), then its FileEnd."""
         async with ChunkReader(
-            entries[index],
+            out.entries[index],
             CHUNK_SIZE,
-            have=sender.receiver_bitmap(index),
+            have=out.sender.receiver_bitmap(index),
             read_ahead=READ_AHEAD,
             executor=self.executor,
         ) as reader:
             async for piece in reader:
-                if stop.is_set():
+                if out.stop.is_set():
                     return
-                work = sender.next_work()
-                while isinstance(work, tp.SendChunk) and work.resend:
-                    await self._resend(channel, sender, entries, buckets, totals, work)
-                    work = sender.next_work()
-                await take_all(buckets, len(piece.data))
-                await channel.send(tp.Chunk(index, piece.chunk, piece.digest, piece.data))
-                sender.chunk_sent(index, piece.chunk)
-                totals.count_sent(index, len(piece.data))
-            totals.digests[index] = reader.file_digest
-        end = sender.file_sent(index, reader.file_digest)
+                await self._resends_then_next(out)
+                await self._send_chunk(out, index, piece)
+            out.totals.digests[index] = reader.file_digest
+        end = out.sender.file_sent(index, reader.file_digest)
         if end is not None:
-            await channel.send(end)
+            await out.channel.send(end)
 
-    async def _finish_stream(
-        self,
-        channel: Channel,
-        sender: tp.TransferSender,
-        entries: tuple[SourceEntry, ...],
-        buckets: list[TokenBucket],
-        totals: _Totals,
-        stop: asyncio.Event,
-    ) -> None:
-        # Resends asked for after the last file went out, until the receiver is done.
+    async def _finish_stream(self, out: _Outgoing) -> None:
+        """Resends asked for after the last file went out, until the receiver is done: woken
+        by each message from the receiver, not by a timer."""
         while True:
-            work = sender.next_work()
-            if isinstance(work, tp.SendChunk) and work.resend:
-                await self._resend(channel, sender, entries, buckets, totals, work)
-                continue
-            if stop.is_set():
+            out.heard.clear()
+            await self._resends_then_next(out)
+            if out.stop.is_set():
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.05)
+            heard = asyncio.ensure_future(out.heard.wait())
+            stopped = asyncio.ensure_future(out.stop.wait())
+            try:
+                await asyncio.wait({heard, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                heard.cancel()
+                stopped.cancel()
 
-    async def _resend(
-        self,
-        channel: Channel,
-        sender: tp.TransferSender,
-        entries: tuple[SourceEntry, ...],
-        buckets: list[TokenBucket],
-        totals: _Totals,
-        work: tp.SendChunk,
-    ) -> None:
+    async def _resend(self, out: _Outgoing, work: tp.SendChunk) -> None:
         piece = await read_one_chunk(
-            entries[work.index], CHUNK_SIZE, work.chunk, executor=self.executor
+            out.entries[work.index], CHUNK_SIZE, work.chunk, executor=self.executor
         )
-        await take_all(buckets, len(piece.data))
-        await channel.send(tp.Chunk(work.index, work.chunk, piece.digest, piece.data))
-        sender.chunk_sent(work.index, work.chunk)
-        totals.count_sent(work.index, len(piece.data))
+        await self._send_chunk(out, work.index, piece)
+
+    async def _send_chunk(self, out: _Outgoing, index: int, piece: SourceChunk) -> None:
+        await take_all(out.buckets, len(piece.data))
+        await out.channel.send(tp.Chunk(index, piece.chunk, piece.digest, piece.data))
+        out.sender.chunk_sent(index, piece.chunk)
+        out.totals.count_sent(index, len(piece.data))
 
     def _report(
         self,
@@ -669,6 +637,20 @@ class TransferService:
             return False
         finally:
             self._pending_answers.pop(offer.transfer_id, None)
+
+
+@dataclass
+class _Outgoing:
+    """One attempt of a send: what every step of streaming needs."""
+
+    channel: Channel
+    sender: tp.TransferSender
+    entries: tuple[SourceEntry, ...]
+    buckets: list[TokenBucket]
+    totals: _Totals
+    stop: asyncio.Event
+    heard: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by each message from the receiver (a Resend may have come)."""
 
 
 @dataclass
