@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import ssl
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
@@ -280,22 +282,57 @@ def best_of(repeat: int, name: str, kind: str, args: dict[str, Any]) -> Result:
     )
 
 
-def _table(results: list[Result], baseline: Result) -> str:
+def table(results: Sequence[Result], baseline: Result, name_width: int = 24) -> str:
+    """The results beside the baseline; NaN (not measured, e.g. scp's RTT) shows as ``-``."""
+
+    def num(value: float, width: int, digits: int = 0) -> str:
+        return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{digits}f}"
+
     rows = [
-        f"{'transport':<24}{'MB/s':>8}{'xTLS':>6}{'CPU-bound':>10}{'CPU-s/GiB':>10}{'xTLS':>6}"
+        f"{'transport':<{name_width}}{'MB/s':>8}{'xTLS':>6}{'CPU-bound':>10}{'CPU-s/GiB':>10}{'xTLS':>6}"
         f"{'snd+rcv':>12}{'p50 us':>8}{'p99 us':>8}{'xTLS':>6}  I/O"
     ]
     for r in results:
         split = f"{r.sender_cpu_s_per_gib:.1f}+{r.receiver_cpu_s_per_gib:.1f}"
         rows.append(
-            f"{r.name:<24}{r.megabytes_per_s:>8.0f}"
-            f"{r.megabytes_per_s / baseline.megabytes_per_s:>6.2f}"
-            f"{r.cpu_bound_megabytes_per_s:>10.0f}{r.cpu_s_per_gib:>10.2f}"
-            f"{r.cpu_s_per_gib / baseline.cpu_s_per_gib:>6.2f}{split:>12}"
-            f"{r.rtt_p50_us:>8.0f}{r.rtt_p99_us:>8.0f}{r.rtt_p99_us / baseline.rtt_p99_us:>6.2f}"
-            f"  {r.io}"
+            f"{r.name:<{name_width}}{num(r.megabytes_per_s, 8)}"
+            f"{num(r.megabytes_per_s / baseline.megabytes_per_s, 6, 2)}"
+            f"{num(r.cpu_bound_megabytes_per_s, 10)}{num(r.cpu_s_per_gib, 10, 2)}"
+            f"{num(r.cpu_s_per_gib / baseline.cpu_s_per_gib, 6, 2)}{split:>12}"
+            f"{num(r.rtt_p50_us, 8)}{num(r.rtt_p99_us, 8)}"
+            f"{num(r.rtt_p99_us / baseline.rtt_p99_us, 6, 2)}  {r.io}"
         )
     return "\n".join(rows)
+
+
+def as_json(r: Result, baseline: Result) -> dict[str, Any]:
+    def clean(value: float) -> float | None:
+        return None if math.isnan(value) else value
+
+    return {
+        **{k: clean(v) if isinstance(v, float) else v for k, v in asdict(r).items()},
+        "cpu_bound_megabytes_per_s": r.cpu_bound_megabytes_per_s,
+        "throughput_ratio": r.megabytes_per_s / baseline.megabytes_per_s,
+        "cpu_ratio": r.cpu_s_per_gib / baseline.cpu_s_per_gib,
+        "rtt_p99_ratio": clean(r.rtt_p99_us / baseline.rtt_p99_us),
+    }
+
+
+def tls_files(directory: Path) -> dict[str, str]:
+    """A throwaway certificate and key for the TLS baseline, as worker args."""
+    from cryptography.hazmat.primitives import serialization
+
+    ident = _identity("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    cert.write_bytes(ident.certificate_pem)
+    key.write_bytes(
+        ident.private_key().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return {"cert": str(cert), "key": str(key)}
 
 
 if __name__ == "__main__":

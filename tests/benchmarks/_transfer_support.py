@@ -63,6 +63,66 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
 # ---------------------------------------------------------------------------- sshd
 
 
+def sftp_server() -> str:
+    return next((p for p in SFTP_SERVER_PATHS if Path(p).exists()), SFTP_SERVER_PATHS[0])
+
+
+def write_sshd_config(workdir: Path, port: int, listen: Sequence[str]) -> tuple[Path, Path]:
+    """A host key, one authorized client key and an ``sshd_config`` in ``workdir`` for a
+    throwaway ``sshd -D``: returns the config and the client's private key."""
+    host_key, key = workdir / "host_ed25519", workdir / "id_ed25519"
+    for path in (host_key, key):
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
+            check=True,
+            capture_output=True,
+        )
+    (workdir / "authorized_keys").write_bytes(key.with_suffix(".pub").read_bytes())
+    config = workdir / "sshd_config"
+    config.write_text(
+        "\n".join(
+            [
+                f"Port {port}",
+                *(f"ListenAddress {address}" for address in listen),
+                f"HostKey {host_key}",
+                f"AuthorizedKeysFile {workdir / 'authorized_keys'}",
+                "PidFile none",
+                "UsePAM no",
+                "StrictModes no",
+                "PermitRootLogin prohibit-password",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                f"Subsystem sftp {sftp_server()}",
+                "LogLevel ERROR",
+            ]
+        )
+        + "\n"
+    )
+    # Debian's privilege separation directory, made by the service unit we do not run.
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    return config, key
+
+
+def ssh_options(key: Path) -> list[str]:
+    """ssh/scp options for a throwaway sshd: no user config, no host key checks, one cipher."""
+    return [
+        "-F",
+        "/dev/null",
+        "-c",
+        SSH_CIPHER,
+        "-i",
+        str(key),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+    ]
+
+
 @dataclass
 class Sshd:
     process: subprocess.Popen[bytes]
@@ -73,39 +133,9 @@ class Sshd:
     @contextlib.contextmanager
     def run(cls, workdir: Path) -> Iterator[Sshd]:
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
-        sftp = next((p for p in SFTP_SERVER_PATHS if Path(p).exists()), SFTP_SERVER_PATHS[0])
         workdir.mkdir(parents=True)
-        host_key, key = workdir / "host_ed25519", workdir / "id_ed25519"
-        for path in (host_key, key):
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
-                check=True,
-                capture_output=True,
-            )
-        (workdir / "authorized_keys").write_bytes(key.with_suffix(".pub").read_bytes())
         port = free_port()
-        config = workdir / "sshd_config"
-        config.write_text(
-            "\n".join(
-                [
-                    f"Port {port}",
-                    f"ListenAddress {LOOPBACK}",
-                    f"HostKey {host_key}",
-                    f"AuthorizedKeysFile {workdir / 'authorized_keys'}",
-                    "PidFile none",
-                    "UsePAM no",
-                    "StrictModes no",
-                    "PermitRootLogin prohibit-password",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    f"Subsystem sftp {sftp}",
-                    "LogLevel ERROR",
-                ]
-            )
-            + "\n"
-        )
-        # Debian's privilege separation directory, made by the service unit we do not run.
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        config, key = write_sshd_config(workdir, port, [LOOPBACK])
         with (workdir / "sshd.log").open("wb") as log:
             process = subprocess.Popen(
                 [sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=log
@@ -117,22 +147,7 @@ class Sshd:
                 stop_process(process)
 
     def ssh_options(self) -> list[str]:
-        return [
-            "-F",
-            "/dev/null",
-            "-c",
-            SSH_CIPHER,
-            "-i",
-            str(self.key),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-        ]
+        return ssh_options(self.key)
 
     def scp(self, source: Path, destination: Path) -> list[str]:
         user = os.environ.get("USER") or "root"

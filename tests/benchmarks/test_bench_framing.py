@@ -25,12 +25,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import struct
-import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +35,7 @@ from meshagent_gui.core.protocol.errors import ErrorCode
 from meshagent_gui.core.protocol.framing import HEADER, MiB
 from meshagent_gui.core.protocol.messages import BASE_REGISTRY, Close, Hello, StreamRole
 from meshagent_gui.core.protocol.registry import MessageStream, struct_message
+from tests.benchmarks._measure import against_baselines, timed, write_report
 
 pytestmark = pytest.mark.benchmark
 
@@ -73,27 +70,6 @@ REGISTRY = BASE_REGISTRY.extended(
 )
 CHUNK_HEAD = struct.Struct("!BBHIQ32s")
 ACK_FRAME = struct.Struct("!BBHIQQ")
-
-
-@pytest.fixture
-def one_core() -> Iterator[str]:
-    """Pin the process to one CPU for the measurement (Linux), then restore the affinity."""
-    if not hasattr(os, "sched_getaffinity"):
-        yield "not pinned"
-        return
-    original = os.sched_getaffinity(0)
-    cpu = min(original)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield f"cpu {cpu}"
-    finally:
-        os.sched_setaffinity(0, original)
-
-
-def timed(work: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    work()
-    return time.perf_counter() - started
 
 
 def pieces(data: bytes, size: int) -> list[bytes]:
@@ -212,7 +188,6 @@ def test_framing_throughput_against_baselines(
 ) -> None:
     data = os.urandom(MiB)
     rounds = [measure_round(data) for _ in range(ROUNDS)]
-    median = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
 
     # label: (ours, baseline, unit, floor). Below the floor the layer is broken, not slow:
     # the copy-free rows and the small messages measure per-frame Python overhead against a
@@ -226,16 +201,7 @@ def test_framing_throughput_against_baselines(
         "Close (msgpack) enc+dec": ("close_roundtrip", "base_small_roundtrip", "msg/s", 0.03),
         "Hello (msgpack) vs json": ("hello_roundtrip", "base_hello_json", "msg/s", 0.5),
     }
-    results: dict[str, dict[str, float | str]] = {
-        label: {
-            "unit": unit,
-            "value": median[ours],
-            "baseline": median[base],
-            "ratio": median[ours] / median[base],
-            "floor": floor,
-        }
-        for label, (ours, base, unit, floor) in pairs.items()
-    }
+    results = against_baselines(rounds, pairs)
     report: dict[str, Any] = {
         "benchmark": "framing",
         "unit": "median of rounds; MB/s of data, or messages/s encoded and decoded",
@@ -255,12 +221,7 @@ def test_framing_throughput_against_baselines(
                 f"{figures['unit']:>7}{figures['ratio']:>8.2f}"
             )
 
-    destination = os.environ.get("MESHAGENT_BENCH_OUT")
-    if destination:
-        path = Path(destination)
-        if path.is_dir():
-            path = path / "framing.json"
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, "framing.json")
 
     for label, figures in results.items():
         assert float(figures["ratio"]) > float(figures["floor"]), f"{label} too slow: {figures}"

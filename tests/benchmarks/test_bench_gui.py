@@ -58,6 +58,7 @@ import pytest
 
 from meshagent_gui.context import Context
 from meshagent_gui.core import ipc
+from tests.benchmarks._measure import write_report
 from tests.integration.harness import BASE_ENV, AgentHome, Process, Server, meshagent_cmd
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(600)]
@@ -258,12 +259,7 @@ def report() -> Iterator[None]:
     print("\n\n| what | result | baseline (same run) | ratio | target |\n|---|---|---|---|---|")
     for row in TABLE:
         print("| " + " | ".join(row) + " |")
-    destination = os.environ.get("MESHAGENT_BENCH_OUT")
-    if destination:
-        out = Path(destination)
-        if out.is_dir():
-            out = out / "gui.json"
-        out.write_text(json.dumps(REPORT, indent=2) + "\n", encoding="utf-8")
+    write_report(REPORT, "gui.json")
 
 
 def _met(ok: bool) -> str:

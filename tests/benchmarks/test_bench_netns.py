@@ -19,7 +19,6 @@ Needs root and iproute2 (skipped otherwise); scp rows need openssh-server and op
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import resource
@@ -27,20 +26,20 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import pytest
 
 from tests.integration.netns import Link, unavailable
 
-from ._quic_support import CHUNK, GIB, Result, _identity, best_of
+from ._measure import write_report
+from ._quic_support import CHUNK, GIB, Result, as_json, best_of, table, tls_files
+from ._transfer_support import SSH_CIPHER, ssh_options, stop_process, write_sshd_config
 
 MTU: Final = 1500
 SSH_PORT: Final = 2222  # inside a namespace of our own: nothing else listens there
-SCP_CIPHER: Final = "aes128-gcm@openssh.com"
-SFTP_SERVER_PATHS: Final = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
 
 
 # ---------------------------------------------------------------------------- scp
@@ -57,38 +56,9 @@ class Sshd:
     @classmethod
     @contextlib.contextmanager
     def run(cls, workdir: Path, prefix: Sequence[str], listen: Sequence[str]) -> Iterator[Sshd]:
-        sshd, sftp = shutil.which("sshd") or "/usr/sbin/sshd", _sftp_server()
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         workdir.mkdir()
-        host_key, key = workdir / "host_ed25519", workdir / "id_ed25519"
-        for path in (host_key, key):
-            subprocess.run(
-                ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)],
-                check=True,
-                capture_output=True,
-            )
-        (workdir / "authorized_keys").write_bytes(key.with_suffix(".pub").read_bytes())
-        config = workdir / "sshd_config"
-        config.write_text(
-            "\n".join(
-                [
-                    f"Port {SSH_PORT}",
-                    *(f"ListenAddress {address}" for address in listen),
-                    f"HostKey {host_key}",
-                    f"AuthorizedKeysFile {workdir / 'authorized_keys'}",
-                    "PidFile none",
-                    "UsePAM no",
-                    "StrictModes no",
-                    "PermitRootLogin prohibit-password",
-                    "PasswordAuthentication no",
-                    "KbdInteractiveAuthentication no",
-                    f"Subsystem sftp {sftp}",
-                    "LogLevel ERROR",
-                ]
-            )
-            + "\n"
-        )
-        # Debian's privilege separation directory, made by the service unit we do not run.
-        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        config, key = write_sshd_config(workdir, SSH_PORT, listen)
         log = (workdir / "sshd.log").open("wb")
         process = subprocess.Popen(
             [*prefix, sshd, "-D", "-e", "-f", str(config)], stdout=log, stderr=log
@@ -96,12 +66,7 @@ class Sshd:
         try:
             yield cls(process, key, SSH_PORT)
         finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
             log.close()
 
     def children_cpu(self) -> float:
@@ -123,10 +88,6 @@ class Copy:
     server_cpu: float
 
 
-def _sftp_server() -> str:
-    return next((p for p in SFTP_SERVER_PATHS if Path(p).exists()), SFTP_SERVER_PATHS[0])
-
-
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -139,22 +100,9 @@ def scp_once(sshd: Sshd, prefix: Sequence[str], host: str, source: Path) -> Copy
         *prefix,
         "scp",
         "-q",
-        "-F",
-        "/dev/null",
-        "-c",
-        SCP_CIPHER,
-        "-i",
-        str(sshd.key),
+        *ssh_options(sshd.key),
         "-P",
         str(sshd.port),
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "LogLevel=ERROR",
         str(source),
         f"root@{host}:/dev/null",
     ]
@@ -199,61 +147,11 @@ def scp_result(
         rtt_p50_us=math.nan,
         rtt_p99_us=math.nan,
         bytes=size,
-        io=f"openssh {SCP_CIPHER}",
+        io=f"openssh {SSH_CIPHER}",
     )
 
 
 # ---------------------------------------------------------------------------- report
-
-
-def _table(results: Sequence[Result], baseline: Result) -> str:
-    def num(value: float, width: int, digits: int = 0) -> str:
-        return f"{'-':>{width}}" if math.isnan(value) else f"{value:>{width}.{digits}f}"
-
-    rows = [
-        f"{'transport':<26}{'MB/s':>8}{'xTLS':>6}{'CPU-bound':>10}{'CPU-s/GiB':>10}{'xTLS':>6}"
-        f"{'snd+rcv':>12}{'p50 us':>8}{'p99 us':>8}{'xTLS':>6}  I/O"
-    ]
-    for r in results:
-        split = f"{r.sender_cpu_s_per_gib:.1f}+{r.receiver_cpu_s_per_gib:.1f}"
-        rows.append(
-            f"{r.name:<26}{num(r.megabytes_per_s, 8)}"
-            f"{num(r.megabytes_per_s / baseline.megabytes_per_s, 6, 2)}"
-            f"{num(r.cpu_bound_megabytes_per_s, 10)}{num(r.cpu_s_per_gib, 10, 2)}"
-            f"{num(r.cpu_s_per_gib / baseline.cpu_s_per_gib, 6, 2)}{split:>12}"
-            f"{num(r.rtt_p50_us, 8)}{num(r.rtt_p99_us, 8)}"
-            f"{num(r.rtt_p99_us / baseline.rtt_p99_us, 6, 2)}  {r.io}"
-        )
-    return "\n".join(rows)
-
-
-def _as_json(r: Result, baseline: Result) -> dict[str, Any]:
-    def clean(value: float) -> float | None:
-        return None if math.isnan(value) else value
-
-    return {
-        **{k: clean(v) if isinstance(v, float) else v for k, v in asdict(r).items()},
-        "cpu_bound_megabytes_per_s": r.cpu_bound_megabytes_per_s,
-        "throughput_ratio": r.megabytes_per_s / baseline.megabytes_per_s,
-        "cpu_ratio": r.cpu_s_per_gib / baseline.cpu_s_per_gib,
-        "rtt_p99_ratio": clean(r.rtt_p99_us / baseline.rtt_p99_us),
-    }
-
-
-def _tls_files(directory: Path) -> dict[str, str]:
-    from cryptography.hazmat.primitives import serialization
-
-    ident = _identity("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    cert.write_bytes(ident.certificate_pem)
-    key.write_bytes(
-        ident.private_key().private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return {"cert": str(cert), "key": str(key)}
 
 
 def _random_file(path: Path, size: int) -> Path:
@@ -275,7 +173,7 @@ def test_quic_across_a_veth_pair_against_tls_and_scp(tmp_path: Path) -> None:
     size = int(os.environ.get("MESHAGENT_BENCH_BYTES", 512 * CHUNK)) // CHUNK * CHUNK
     repeat = int(os.environ.get("MESHAGENT_BENCH_REPEAT", "3"))
     missing_ssh = [tool for tool in ("sshd", "scp", "ssh-keygen") if shutil.which(tool) is None]
-    tls = _tls_files(tmp_path)
+    tls = tls_files(tmp_path)
 
     with Link.build(mtu=MTU) as link:
         assert f"mtu {MTU} " in link.left.ip("link", "show", "eth0")
@@ -313,7 +211,7 @@ def test_quic_across_a_veth_pair_against_tls_and_scp(tmp_path: Path) -> None:
         f"veth pair, MTU {MTU}, two namespaces; {size >> 20} MiB per run (aioquic 1/8,"
         f" scp 1/2), best of {repeat}; each end in its own process"
     )
-    print(_table([*results, *([loopback] if loopback else [])], baseline))
+    print(table([*results, *([loopback] if loopback else [])], baseline, name_width=26))
     if missing_ssh:
         print(f"scp: not measured ({', '.join(missing_ssh)} missing: install openssh)")
     else:
@@ -323,21 +221,13 @@ def test_quic_across_a_veth_pair_against_tls_and_scp(tmp_path: Path) -> None:
             f"qh3 vs scp on the veth: throughput x{qh3.megabytes_per_s / scp.megabytes_per_s:.2f},"
             f" CPU per GiB x{qh3.cpu_s_per_gib / scp.cpu_s_per_gib:.2f}"
         )
-    out = os.environ.get("MESHAGENT_BENCH_OUT")
-    if out:
-        path = Path(out) / "netns.json" if Path(out).is_dir() else Path(out)
-        path.write_text(
-            json.dumps(
-                {
-                    "benchmark": "netns",
-                    "link": {"kind": "veth", "mtu": MTU},
-                    "baseline": baseline.name,
-                    "repeat": repeat,
-                    "results": [_as_json(r, baseline) for r in results],
-                    "loopback_scp": _as_json(loopback, baseline) if loopback else None,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    report = {
+        "benchmark": "netns",
+        "link": {"kind": "veth", "mtu": MTU},
+        "baseline": baseline.name,
+        "repeat": repeat,
+        "results": [as_json(r, baseline) for r in results],
+        "loopback_scp": as_json(loopback, baseline) if loopback else None,
+    }
+    write_report(report, "netns.json")
     assert all(r.megabytes_per_s > 0 for r in results)

@@ -51,6 +51,7 @@ from websockets.asyncio.client import connect
 
 from meshagent_gui.core.mesh.types import API_PREFIX
 from meshagent_gui.server.store import NewDevice, Store
+from tests.benchmarks._measure import write_report
 from tests.benchmarks._support import AGENT_CLIENT_OPTIONS, Json, percentile
 
 pytestmark = pytest.mark.benchmark
@@ -533,15 +534,6 @@ def print_table(rows: Sequence[tuple[str, ...]]) -> None:
         print("  ".join(cells))
 
 
-def write_report(report: Json) -> None:
-    destination = os.environ.get("MESHAGENT_BENCH_OUT")
-    if destination:
-        path = Path(destination)
-        if path.is_dir():
-            path = path / "server.json"
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-
-
 @pytest.mark.timeout(900)
 async def test_websockets_held_and_presence_fanout(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -574,4 +566,4 @@ async def test_websockets_held_and_presence_fanout(
     with capsys.disabled():
         print(f"\ncontrol plane: {connections:,} agent WebSockets, {WORKERS} load processes")
         print_table(results_table(reference, baseline, plan))
-    write_report(report)
+    write_report(report, "server.json")

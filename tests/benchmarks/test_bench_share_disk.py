@@ -33,25 +33,27 @@ path, or an existing directory that gets ``share_disk.json``).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from blake3 import blake3
 
 from meshagent_gui.core.share.partial import DEFAULT_SYNC_EVERY, PartialFile, sync_directory
 from meshagent_gui.core.share.source import ChunkReader, SourceEntry, walk
+from tests.benchmarks._measure import timed, write_report
 
 # Several GiB go through the disk: minutes on a busy machine, beyond the suite's 120 s.
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(900)]
+
+T = TypeVar("T")
 
 MiB = 1024 * 1024
 FILE_SIZE = 512 * MiB
@@ -80,10 +82,22 @@ def whole_digest(pool: bytes) -> bytes:
     return hasher.digest()
 
 
-def timed(work: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    work()
-    return time.perf_counter() - started
+async def each_in_flight(
+    items: Iterable[T], in_flight: int, work: Callable[[T], Awaitable[None]]
+) -> None:
+    """``work`` on every item, at most ``in_flight`` at a time, as the service bounds its work."""
+    gate = asyncio.Semaphore(in_flight)
+
+    async def gated(item: T) -> None:
+        try:
+            await work(item)
+        finally:
+            gate.release()
+
+    async with asyncio.TaskGroup() as group:
+        for item in items:
+            await gate.acquire()
+            group.create_task(gated(item))
 
 
 def drop_cache(path: Path) -> None:
@@ -136,18 +150,13 @@ async def partial_write(
         chunk_size=chunk_size,
         sync_every=sync_every,
     )
-    gate = asyncio.Semaphore(in_flight)
 
-    async def write(number: int, data: bytes) -> None:
-        try:
-            await partial.write_chunk(number, digests[(number * chunk_size) % POOL_SIZE], data)
-        finally:
-            gate.release()
+    async def write(chunk: tuple[int, bytes]) -> None:
+        number, data = chunk
+        await partial.write_chunk(number, digests[(number * chunk_size) % POOL_SIZE], data)
 
-    async with asyncio.TaskGroup() as group:
-        for number, data in enumerate(stream(pool, chunk_size)):
-            await gate.acquire()  # at most in_flight chunks in memory, as in the service
-            group.create_task(write(number, data))
+    # at most in_flight chunks in memory, as in the service
+    await each_in_flight(enumerate(stream(pool, chunk_size)), in_flight, write)
     written = time.perf_counter()
     landed = await partial.finish(whole_digest(pool), mtime_ns=0, full_read_back=full_read_back)
     finished = time.perf_counter()
@@ -289,41 +298,34 @@ async def receive_small(
 ) -> float:
     data = os.urandom(SMALL_FILE)
     data_digest = blake3(data).digest()
-    gate = asyncio.Semaphore(in_flight)
 
     async def one(number: int) -> None:
-        try:
-            if one_step:
-                await PartialFile.store_whole(
-                    directory / f"r{number}.txt",
-                    data,
-                    data_digest,
-                    sender=SENDER,
-                    key=KEY,
-                    chunk_size=MiB,
-                    mtime_ns=0,
-                    sync_folder=sync_folder,
-                    executor=executor,
-                )
-                return
-            partial = await PartialFile.open(
+        if one_step:
+            await PartialFile.store_whole(
                 directory / f"r{number}.txt",
+                data,
+                data_digest,
                 sender=SENDER,
                 key=KEY,
-                size=SMALL_FILE,
                 chunk_size=MiB,
+                mtime_ns=0,
+                sync_folder=sync_folder,
                 executor=executor,
             )
-            await partial.write_chunk(0, data_digest, data)
-            await partial.finish(data_digest, mtime_ns=0, sync_folder=sync_folder)
-        finally:
-            gate.release()
+            return
+        partial = await PartialFile.open(
+            directory / f"r{number}.txt",
+            sender=SENDER,
+            key=KEY,
+            size=SMALL_FILE,
+            chunk_size=MiB,
+            executor=executor,
+        )
+        await partial.write_chunk(0, data_digest, data)
+        await partial.finish(data_digest, mtime_ns=0, sync_folder=sync_folder)
 
     started = time.perf_counter()
-    async with asyncio.TaskGroup() as group:
-        for number in range(SMALL_FILES):
-            await gate.acquire()
-            group.create_task(one(number))
+    await each_in_flight(range(SMALL_FILES), in_flight, one)
     if not sync_folder:
         await asyncio.get_running_loop().run_in_executor(executor, sync_directory, directory)
     return time.perf_counter() - started
@@ -349,19 +351,12 @@ def plain_durable_write(directory: Path, number: int, data: bytes) -> None:
 async def plain_small(directory: Path, in_flight: int, executor: ThreadPoolExecutor) -> float:
     data = os.urandom(SMALL_FILE)
     loop = asyncio.get_running_loop()
-    gate = asyncio.Semaphore(in_flight)
 
     async def one(number: int) -> None:
-        try:
-            await loop.run_in_executor(executor, plain_durable_write, directory, number, data)
-        finally:
-            gate.release()
+        await loop.run_in_executor(executor, plain_durable_write, directory, number, data)
 
     started = time.perf_counter()
-    async with asyncio.TaskGroup() as group:
-        for number in range(SMALL_FILES):
-            await gate.acquire()
-            group.create_task(one(number))
+    await each_in_flight(range(SMALL_FILES), in_flight, one)
     return time.perf_counter() - started
 
 
@@ -518,12 +513,7 @@ def test_share_disk_throughput_against_plain_io(
         for label, rate in hashing.items():
             print(f"blake3 {label:<30}{rate:>11,.0f} MB/s")
 
-    destination = os.environ.get("MESHAGENT_BENCH_OUT")
-    if destination:
-        path = Path(destination)
-        if path.is_dir():
-            path = path / "share_disk.json"
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, "share_disk.json")
 
     for label, figures in {**results, **small_results}.items():
         assert figures["ratio"] > figures["floor"], f"{label} too slow: {figures}"

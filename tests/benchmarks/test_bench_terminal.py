@@ -20,7 +20,6 @@ an existing directory that gets ``terminal.json``).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
 import random
@@ -37,6 +36,7 @@ from meshagent_gui.core.protocol.terminal import Snapshot
 from meshagent_gui.core.terminal.host import HostLimits, TerminalHost, Viewer
 from meshagent_gui.core.terminal.pty import spawn_pty
 from meshagent_gui.core.terminal.pty_unix import UnixPty
+from tests.benchmarks._measure import write_report
 
 pytestmark = [
     pytest.mark.benchmark,
@@ -243,12 +243,7 @@ def test_host_throughput_and_late_join(tmp_path: Path, capsys: pytest.CaptureFix
         for label, row in measured["late_join"].items():
             print(f"{label:<20}{row['median_ms']:>10.2f}{row['max_ms']:>10.2f}")
 
-    destination = os.environ.get("MESHAGENT_BENCH_OUT")
-    if destination:
-        out = Path(destination)
-        if out.is_dir():
-            out = out / "terminal.json"
-        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, "terminal.json")
 
     # Every byte went through the host, and fast viewers kept up (no resyncs).
     for label, rounds in measured["rounds"].items():

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import resource
@@ -47,6 +46,7 @@ import psutil
 import pytest
 
 from meshagent_gui.core.ipc import IpcStream
+from tests.benchmarks._measure import print_uncaptured, write_report
 from tests.benchmarks._support import percentile
 from tests.benchmarks._terminal_support import (
     RAW_ECHO,
@@ -152,15 +152,8 @@ def report(pytestconfig: pytest.Config) -> Iterator[Figures]:
     }
     yield figures
     figures["load_average_at_end"] = os.getloadavg()
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print("\n" + table(figures), flush=True)
-    destination = os.environ.get("MESHAGENT_BENCH_OUT")
-    if destination:
-        out = Path(destination)
-        if out.is_dir():
-            out = out / "terminal_share.json"
-        out.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+    print_uncaptured(pytestconfig, "\n" + table(figures))
+    write_report(figures, "terminal_share.json")
 
 
 def table(figures: Figures) -> str:

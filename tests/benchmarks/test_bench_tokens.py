@@ -11,12 +11,10 @@ path, or an existing directory that gets ``tokens.json``).
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from meshagent_gui.core.protocol.captoken import (
     public_key_from_jwk_x,
 )
 from meshagent_gui.server.tokens import SigningKeys
+from tests.benchmarks._measure import write_report
 
 pytestmark = pytest.mark.benchmark
 
@@ -39,21 +38,6 @@ TARGET = "b" * 64
 NOW = 1_700_000_000.0
 # The token path should cost a small multiple of the bare signature; far below this is a bug.
 MIN_RATIO = 0.1
-
-
-@pytest.fixture
-def one_core() -> Iterator[str]:
-    """Pin the process to one CPU for the measurement (Linux), then restore the affinity."""
-    if not hasattr(os, "sched_getaffinity"):
-        yield "not pinned"
-        return
-    original = os.sched_getaffinity(0)
-    cpu = min(original)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield f"cpu {cpu}"
-    finally:
-        os.sched_setaffinity(0, original)
 
 
 def per_second(count: int, work: Callable[[], None]) -> float:
@@ -160,12 +144,7 @@ def test_tokens_issued_and_verified_per_second(
                 f"{figures['baseline_per_second']:>16,.0f}{figures['ratio']:>8.2f}"
             )
 
-    destination = os.environ.get("MESHAGENT_BENCH_OUT")
-    if destination:
-        path = Path(destination)
-        if path.is_dir():
-            path = path / "tokens.json"
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, "tokens.json")
 
     for name, figures in results.items():
         assert figures["ratio"] > MIN_RATIO, f"{name} is far slower than raw Ed25519: {figures}"

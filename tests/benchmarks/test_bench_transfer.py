@@ -27,7 +27,6 @@ need openssh-server and openssh-client.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -45,6 +44,7 @@ from typing import Any
 import pytest
 from blake3 import blake3
 
+from tests.benchmarks._measure import print_uncaptured, write_report
 from tests.benchmarks._transfer_support import (
     Sampler,
     Sshd,
@@ -123,17 +123,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def report(pytestconfig: pytest.Config) -> Iterator[Report]:
     made = Report([], [], {"machine": platform.platform(), "cpus": os.cpu_count()})
     yield made
-    text = made.table()
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print("\n\nTransfer benchmark (loopback, same run)\n" + text, flush=True)
-    destination = os.environ.get("MESHAGENT_BENCH_OUT")
-    if destination:
-        path = Path(destination)
-        if path.is_dir():
-            path = path / "transfer.json"
-        payload = {"rows": [asdict(r) for r in made.rows], "notes": made.notes, **made.extra}
-        path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    print_uncaptured(pytestconfig, "\n\nTransfer benchmark (loopback, same run)\n" + made.table())
+    payload = {"rows": [asdict(r) for r in made.rows], "notes": made.notes, **made.extra}
+    write_report(payload, "transfer.json")
 
 
 @pytest.fixture(scope="module")

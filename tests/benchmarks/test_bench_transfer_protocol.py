@@ -22,11 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import struct
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,6 +48,7 @@ from meshagent_gui.core.protocol.transfer import (
     TransferReceiver,
     TransferSender,
 )
+from tests.benchmarks._measure import against_baselines, timed, write_report
 
 pytestmark = pytest.mark.benchmark
 
@@ -63,27 +60,6 @@ SMALL_FILE = 4096
 DIGEST = bytes(range(32))
 KEY = bytes(16)
 CHUNK_HEAD = struct.Struct("!BBHIII32s")
-
-
-@pytest.fixture
-def one_core() -> Iterator[str]:
-    """Pin the process to one CPU for the measurement (Linux), then restore the affinity."""
-    if not hasattr(os, "sched_getaffinity"):
-        yield "not pinned"
-        return
-    original = os.sched_getaffinity(0)
-    cpu = min(original)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield f"cpu {cpu}"
-    finally:
-        os.sched_setaffinity(0, original)
-
-
-def timed(work: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    work()
-    return time.perf_counter() - started
 
 
 def entries() -> tuple[Entry, ...]:
@@ -248,7 +224,6 @@ def test_transfer_protocol_against_baselines(
     offer = Offer("bench", files, SMALL_FILE * ENTRIES, MiB)
     offer_bytes = len(MessageStream(TRANSFER_REGISTRY).send(offer))
     rounds = [measure_round(data, small, offer) for _ in range(ROUNDS)]
-    median = {name: statistics.median(r[name] for r in rounds) for name in rounds[0]}
 
     # label: (ours, baseline, unit, floor). Below the floor the layer is broken, not slow.
     pairs = {
@@ -256,16 +231,7 @@ def test_transfer_protocol_against_baselines(
         "Offer 10k entries enc+dec": ("offer", "base_offer", "msg/s", 0.5),
         "4 KiB file, both machines": ("files", "base_files", "file/s", 0.1),
     }
-    results: dict[str, dict[str, float | str]] = {
-        label: {
-            "unit": unit,
-            "value": median[ours],
-            "baseline": median[base],
-            "ratio": median[ours] / median[base],
-            "floor": floor,
-        }
-        for label, (ours, base, unit, floor) in pairs.items()
-    }
+    results = against_baselines(rounds, pairs)
     report: dict[str, Any] = {
         "benchmark": "transfer_protocol",
         "unit": "median of rounds; messages or files per second",
@@ -287,12 +253,7 @@ def test_transfer_protocol_against_baselines(
             )
         print(f"(a 10,000-entry Offer is {offer_bytes:,} bytes on the wire)")
 
-    destination = os.environ.get("MESHAGENT_BENCH_OUT")
-    if destination:
-        path = Path(destination)
-        if path.is_dir():
-            path = path / "transfer_protocol.json"
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_report(report, "transfer_protocol.json")
 
     for label, figures in results.items():
         assert float(figures["ratio"]) > float(figures["floor"]), f"{label} too slow: {figures}"
