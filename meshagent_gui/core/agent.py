@@ -19,6 +19,7 @@ from typing import Any
 import platformdirs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from meshagent_gui.config import Config
 from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
 from meshagent_gui.identity import short_id
@@ -472,9 +473,16 @@ AGENT_REGISTRY = TRANSFER_REGISTRY.extended(
 """Every message an agent speaks on its peer streams: transfers and terminals."""
 
 
-def _id_list(text: str) -> frozenset[str]:
-    """A comma-separated list of device ids (a config value)."""
+def always_accepted(config: Config) -> frozenset[str]:
+    """Devices whose offers are accepted without asking (``transfer.always_accept``)."""
+    text = str(config["transfer.always_accept"])
     return frozenset(part.strip() for part in text.split(",") if part.strip())
+
+
+def allow_always(config: Config, device_id: str) -> None:
+    """Add ``device_id`` to ``transfer.always_accept`` and save the config."""
+    config.set("transfer.always_accept", ",".join(sorted(always_accepted(config) | {device_id})))
+    config.save()
 
 
 def _verifying_keys(keys: list[PublicKey]) -> dict[str, Ed25519PublicKey]:

@@ -16,7 +16,7 @@ from typing import Any, Final
 from PySide6.QtCore import QObject, Signal
 
 from meshagent_gui.context import Context
-from meshagent_gui.core.agent import Agent
+from meshagent_gui.core.agent import Agent, allow_always
 from meshagent_gui.core.events import (
     AnnouncementReceived,
     PathChanged,
@@ -41,7 +41,6 @@ from .transfers import State, TransferRow, TransferTableModel
 log = logging.getLogger(__name__)
 
 # Device ids whose offers are accepted without asking ("Always accept from this device").
-ALWAYS_ACCEPT_KEY: Final = "transfer.always_accept"
 _TRANSFER_EVENTS: Final = (
     TransferProgressed,
     TransferOffered,
@@ -73,18 +72,6 @@ class GuiAgent(Agent):
 
         handlers["show"] = show
         return handlers
-
-
-def always_accepted(ctx: Context) -> set[str]:
-    raw = ctx.config.get(ALWAYS_ACCEPT_KEY, "")
-    items = raw if isinstance(raw, list) else str(raw or "").split(",")
-    return {str(item).strip() for item in items if str(item).strip()}
-
-
-def allow_device(ctx: Context, device_id: str) -> None:
-    allowed = always_accepted(ctx) | {device_id}
-    ctx.config.set(ALWAYS_ACCEPT_KEY, ",".join(sorted(allowed)))
-    ctx.config.save()
 
 
 class AgentBridge(QObject):
@@ -305,7 +292,7 @@ class AgentBridge(QObject):
             return
         row = self.transfers.find(transfer_id)
         if always and accept and row is not None:
-            allow_device(self.ctx, row.peer_id)
+            allow_always(self.ctx.config, row.peer_id)
         try:
             await agent.transfers.answer_offer(transfer_id, accept)
         except UserError as exc:
