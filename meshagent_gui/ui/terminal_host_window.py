@@ -37,8 +37,6 @@ class HostTerminalWindow(QMainWindow):
     def __init__(self, shared: SharedTerminal, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.shared = shared
-        self._viewers: list[str] = []
-        self._controller: str | None = None
         self._task: asyncio.Task[ExitStatus] | None = None
         self._ended = False
         self.setWindowTitle(f"{shared.title} — shared")
@@ -109,27 +107,21 @@ class HostTerminalWindow(QMainWindow):
         return await ask_control(self, ask.device_name, self.shared.title, CONSENT_TIMEOUT)
 
     def _event(self, event: h.HostEvent) -> None:
-        match event:
-            case h.ViewerJoined(party=party):
-                self._viewers.append(party)
-            case h.ViewerLeft(party=party) if party in self._viewers:
-                self._viewers.remove(party)
-            case h.ControlChanged(controller=controller):
-                self._controller = controller
-                cols, rows = self.shared.host.size
-                if (cols, rows) != self.terminal.screen_size:
-                    self.terminal.resize_screen(cols, rows)  # the controller's size rules
-            case _:
-                return
-        self._show_state()
+        if isinstance(event, h.ControlChanged):
+            size = self.shared.host.size
+            if size != self.terminal.screen_size:
+                self.terminal.resize_screen(*size)  # the controller's size rules
+        if isinstance(event, h.ViewerJoined | h.ViewerLeft | h.ControlChanged):
+            self._show_state()
 
     def _show_state(self) -> None:
         if self._ended:
             return  # the last word is how the session ended
-        controller = self._controller
+        host = self.shared.host
+        controller = host.controller
         self.control_label.setText(f"In control: {controller or 'you'}")
         self.revoke_action.setEnabled(controller is not None)
-        watching = ", ".join(self._viewers) if self._viewers else "nobody yet"
+        watching = ", ".join(v.party for v in host.viewers) or "nobody yet"
         self.status_label.setText(f"Shared as {self.shared.session_id} · watching: {watching}")
 
     def _finished(self, task: asyncio.Task[ExitStatus]) -> None:
