@@ -454,9 +454,8 @@ class TerminalService:
                 raise UserError(f"{name} is not sharing a terminal", code="no_session")
             session_id = found[0].session_id
         view = TerminalView(
-            self, device_id, self._peer_name(device_id), session_id, control=control
+            self, device_id, self._peer_name(device_id), session_id, control, (cols, rows)
         )
-        view._console = (cols, rows)
         await view.connect()
         return view
 
@@ -470,10 +469,11 @@ class TerminalView:
     device_name: str
     session_id: str
     control: bool = False
+    console: tuple[int, int] = (0, 0)
+    """Our console's size (0: unknown); it drives the PTY while we control."""
     _stream: ViewerStream = field(default_factory=ViewerStream)
     _filter: OutputSanitizer = field(default_factory=OutputSanitizer)
     _channel: Channel | None = None
-    _console: tuple[int, int] = (0, 0)
     _closed: bool = False
 
     @property
@@ -499,7 +499,7 @@ class TerminalView:
             channel = await session.open_channel(
                 StreamRole.TERMINAL, tokens=(grant.token,), resource=self.session_id
             )
-            await channel.send(self._stream.join(*self._console))
+            await channel.send(self._stream.join(*self.console))
         except MeshError as exc:
             if exc.code == "not_allowed":
                 raise UserError(
@@ -587,7 +587,7 @@ class TerminalView:
 
     async def resize(self, cols: int, rows: int) -> None:
         """Our console's size: it drives the PTY while we control."""
-        self._console = (cols, rows)
+        self.console = (cols, rows)
         channel = self._channel
         if channel is not None:
             with contextlib.suppress(ChannelClosed, ValueError):
