@@ -264,10 +264,18 @@ def test_host_agent_restart_tells_the_viewer_and_nothing_hangs(
     print(f"viewer told after {time.monotonic() - started:.1f} s")
 
 
-def test_bad_input_is_one_clear_line(team: dict[str, AgentHome], tmp_path: Path) -> None:
+def test_bad_input_is_one_clear_line(
+    tmux: Tmux, team: dict[str, AgentHome], tmp_path: Path
+) -> None:
+    share(tmux, team["host"])  # one real session, so that a wrong --session is about the id
     cases = [
         (team["v1"], ("terminal", "view", "v2"), "v2 is not sharing a terminal"),
         (team["v1"], ("terminal", "view", "nobody"), "no device 'nobody'"),
+        (
+            team["v1"],
+            ("terminal", "view", "host", "--session", "nope"),
+            "no terminal session 'nope'",
+        ),
         (
             team["host"],
             ("terminal", "share", "--", "no-such-program-here"),

@@ -446,13 +446,19 @@ class TerminalService:
         rows: int = 0,
     ) -> TerminalView:
         """Connect to a session of ``device_id`` (its only or newest one when not named)."""
+        await self.wait_sessions(device_id)
+        found = [s.session_id for s in self.sessions(device_id)]
+        name = self._peer_name(device_id)
+        if not found:
+            raise UserError(f"{name} is not sharing a terminal", code="no_session")
         if session_id is None:
-            await self.wait_sessions(device_id)
-            found = self.sessions(device_id)
-            name = self._peer_name(device_id)
-            if not found:
-                raise UserError(f"{name} is not sharing a terminal", code="no_session")
-            session_id = found[0].session_id
+            session_id = found[0]
+        elif session_id not in found:
+            raise UserError(
+                f"{name} shares no terminal session {session_id!r}"
+                f" (its sessions: {', '.join(found)})",
+                code="no_session",
+            )
         view = TerminalView(
             self, device_id, self._peer_name(device_id), session_id, control, (cols, rows)
         )
