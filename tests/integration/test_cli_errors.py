@@ -102,3 +102,10 @@ def test_notify_reaches_gotify(tmp_path: Path) -> None:
         assert gotify.messages[-1]["priority"] == 6
         log = (tmp_path / "h" / "state" / "meshagent.log").read_text()
         assert gotify.app_token not in log
+
+
+def test_the_app_without_a_display_is_one_line(tmp_path: Path) -> None:
+    headless = {"DISPLAY": "", "WAYLAND_DISPLAY": "", "QT_QPA_PLATFORM": ""}
+    for command in ((), ("gui",)):  # `meshagent` alone is the app
+        done = run("--home", str(tmp_path), *command, env=headless)
+        assert_one_clear_line(done, "no display for the desktop app")
