@@ -16,7 +16,8 @@ import pytest
 
 from meshagent_gui.context import Context
 from meshagent_gui.core.agent import Agent
-from meshagent_gui.core.p2p.session import ChannelClosed
+from meshagent_gui.core.p2p.peers import Service
+from meshagent_gui.core.p2p.session import Channel, ChannelClosed
 from meshagent_gui.core.protocol import transfer as tp
 from meshagent_gui.core.protocol.messages import StreamRole
 
@@ -98,6 +99,57 @@ def test_disk_full_on_the_receiver(pair, tmp_path: Path) -> None:  # type: ignor
     finally:
         receiver.stop()
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_a_receiver_that_cancels_and_stops_reading_does_not_hang_the_sender(  # type: ignore[no-untyped-def]
+    pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender is blocked on flow control (the receiver reads nothing) when the receiver's
+    Cancel comes, and the receiver never reads again: the Cancel alone must end the send.
+    (What a receiver whose disk fills late in a fast transfer does.)"""
+    sender, receiver = pair
+    receiver.stop()  # we play the receiver ourselves, with its identity
+    monkeypatch.setenv("MESHAGENT_SECRET_STORE", "file")
+    source = random_file(tmp_path / "big.bin", 64 * CHUNK)
+
+    async def cancel_then_stop_reading(channel: Channel) -> None:
+        receiver_side = tp.TransferReceiver(transfer_id=channel.resource)
+        while not any(
+            isinstance(event, tp.OfferReceived)
+            for event in receiver_side.receive(await channel.receive())
+        ):
+            pass
+        for message in receiver_side.accept():
+            await channel.send(message)
+        await asyncio.sleep(1.5)  # read nothing: the sender fills the windows, then blocks
+        await channel.send(receiver_side.cancel("no room left", tp.TransferErrorCode.DISK_FULL))
+        await asyncio.Event().wait()  # and never read again
+
+    async def play_receiver() -> subprocess.CompletedProcess[str]:
+        agent = Agent.from_context(Context.open(receiver.home))
+        agent.peers.register(
+            Service(StreamRole.TRANSFER, ("share:file", "share:folder"), cancel_then_stop_reading)
+        )
+        running = asyncio.create_task(agent.run())
+        try:
+            await agent.link.wait_connected(15)
+            await asyncio.to_thread(
+                wait_until, lambda: "receiver" in sender.online(), 10, "receiver back"
+            )
+            return await asyncio.to_thread(sender.cli, "send", str(source), "--to", "receiver")
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+
+    env_before = dict(os.environ)
+    try:
+        done = asyncio.run(play_receiver())
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    assert done.returncode != 0
+    assert "the receiver cancelled: no room left" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize(

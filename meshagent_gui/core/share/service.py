@@ -366,24 +366,36 @@ class TransferService:
                 done.set()
 
         listener = asyncio.create_task(listen())
+        streaming = asyncio.create_task(self._stream(out))
         try:
-            await self._stream(out)
+            await asyncio.wait({listener, streaming}, return_when=asyncio.FIRST_COMPLETED)
+            if not streaming.done() and failure:
+                # The receiver ended it (cancel, disk full) while we may be blocked on flow
+                # control of a stream it no longer reads: stop writing, or wait forever.
+                streaming.cancel()
+            await asyncio.wait({streaming})
+            if not streaming.cancelled():
+                streaming.result()  # SourceChanged, a read error: raised here
             await done.wait()
         except SourceChanged as exc:
             await _tell_cancel(channel, sender, str(exc), tp.TransferErrorCode.SOURCE_CHANGED)
             raise
         except asyncio.CancelledError:
-            # Cancelled here (Ctrl-C, the UI): tell the receiver, who keeps its partials.
-            await asyncio.shield(
-                _tell_cancel(
+            # Cancelled here (Ctrl-C, the UI): no chunk after the Cancel, which tells the
+            # receiver (who keeps its partials).
+            async def stop_then_tell() -> None:
+                streaming.cancel()
+                await asyncio.wait({streaming})
+                await _tell_cancel(
                     channel, sender, "cancelled by the sender", tp.TransferErrorCode.CANCELLED
                 )
-            )
+
+            await asyncio.shield(stop_then_tell())
             raise
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            for task in (streaming, listener):
+                task.cancel()
+            await asyncio.gather(streaming, listener, return_exceptions=True)
         real_failures = [f for f in failure if isinstance(f, TransferError)]
         if real_failures:
             raise real_failures[0]
