@@ -688,12 +688,12 @@ class TerminalHost:
         self._offset += len(data)
         self._replay.append(offset, data)
         self._tracker.append(data)
-        self._screen_work.set()
         if not self._flooding:
             for viewer in self._viewers:
                 viewer._push_output(offset, data)
         if self._console_output is not None:
             self._console_output(data)
+        self._screen_work.set()  # after the viewers': an echo is not kept waiting by the parse
         recorder = self._recorder
         if recorder is not None:
             recorder.output(data)
