@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -258,3 +259,61 @@ class SshSession:
         seen = bytearray()
         while text not in seen:
             seen += await self.read()
+
+
+# ---------------------------------------------------------------------------- the Python floor
+
+
+@dataclass
+class RelayFloor:
+    """One or two plain asyncio relays (``_relay_floor.py``) between this process and a raw
+    ``cat`` on a PTY: what Python processes that only forward bytes cost an echo, with no
+    encryption, framing, tasks or anything else an agent does."""
+
+    processes: list[asyncio.subprocess.Process]
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, workdir: Path, *, relays: int) -> AsyncIterator[RelayFloor]:
+        script = str(Path(__file__).with_name("_relay_floor.py"))
+        socket = str(workdir / f"floor-{relays}.sock")
+        processes: list[asyncio.subprocess.Process] = []
+
+        async def start(*args: str) -> list[str]:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, script, *args, stdout=asyncio.subprocess.PIPE, env=child_env()
+            )
+            processes.append(process)
+            assert process.stdout is not None
+            async with asyncio.timeout(WAIT):
+                words = (await process.stdout.readline()).decode().split()
+            if words[:1] != ["READY"]:
+                raise RuntimeError(f"_relay_floor.py {' '.join(args)} did not start")
+            return words[1:]
+
+        try:
+            if relays == 1:
+                await start("pty", socket)
+            else:
+                [port] = await start("udp-pty")
+                await start("socket-udp", socket, port)
+            reader, writer = await asyncio.open_unix_connection(socket)
+            yield cls(processes, reader, writer)
+            writer.close()
+        finally:
+            for process in processes:
+                if process.returncode is None:
+                    process.kill()
+                await process.wait()
+
+    def write(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def read(self) -> bytes:
+        async with asyncio.timeout(WAIT):
+            data = await self.reader.read(1 << 16)
+        if not data:
+            raise StreamClosed("the relay closed")
+        return data

@@ -53,6 +53,7 @@ from tests.benchmarks._terminal_support import (
     WAIT,
     BarePty,
     MarkerWatch,
+    RelayFloor,
     SshSession,
     absorb,
     attach_viewer,
@@ -77,7 +78,7 @@ pytestmark = [
 ]
 
 FILE_BYTES = int(os.environ.get("MESHAGENT_BENCH_TERMINAL_MB", "100")) * 1024 * 1024
-ECHO_BLOCKS = 6
+ECHO_BLOCKS = 20
 ECHO_PER_BLOCK = 100
 ECHO_WARMUP = 20
 LATE_JOINS = 12
@@ -172,6 +173,8 @@ def table(figures: Figures) -> str:
         if "p99_ratio_vs_ssh" in echo:
             p50, p99 = echo["p50_ratio_vs_ssh"], echo["p99_ratio_vs_ssh"]
             lines.append(f"{'viewer / ssh':<28}{p50:>9.2f}{p99:>9.2f}")
+            p50, p99 = echo["floor_p50_ratio_vs_ssh"], echo["floor_p99_ratio_vs_ssh"]
+            lines.append(f"{'2-relay floor / ssh':<28}{p50:>9.2f}{p99:>9.2f}")
     if late := figures.get("late_join"):
         lines.append(
             f"{'late join (vim)':<28}{'to screen':>11}{'to last byte':>14}{'max':>9}"
@@ -209,11 +212,16 @@ def _summary_ms(samples: list[float]) -> dict[str, float]:
 # ---------------------------------------------------------------------------- 1. echo
 
 
-Echoer = IpcStream | SshSession | BarePty
+Echoer = IpcStream | SshSession | BarePty | RelayFloor
 VIEWER_ROW = "meshagent: viewer in control"
 HOST_ROW = "meshagent: host's own console"
 SSH_ROW = "ssh -tt localhost"
 PTY_ROW = "bare PTY (in-process reader)"
+FLOOR_ONE_ROW = "floor: 1 bare Python relay"
+FLOOR_TWO_ROW = "floor: 2 bare relays, UDP"
+"""What Python processes that only forward bytes cost (no QUIC, no framing, no tasks): one
+like the host's own console, two like the viewer's path. Both are in the same shape as the
+rows above them, so they show how much of each is Python itself and how much is the agent."""
 
 
 async def _echoes(echoer: Echoer, count: int, first: int) -> list[float]:
@@ -249,8 +257,16 @@ async def _echo_block(
             await seeing
 
 
-async def measure_echo(host: Path, viewer: Path, sshd: Sshd | None) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {VIEWER_ROW: [], HOST_ROW: [], PTY_ROW: []}
+async def measure_echo(
+    host: Path, viewer: Path, sshd: Sshd | None, workdir: Path
+) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {
+        VIEWER_ROW: [],
+        HOST_ROW: [],
+        PTY_ROW: [],
+        FLOOR_ONE_ROW: [],
+        FLOOR_TWO_ROW: [],
+    }
     if sshd is not None:
         samples[SSH_ROW] = []
     async with (
@@ -264,8 +280,12 @@ async def measure_echo(host: Path, viewer: Path, sshd: Sshd | None) -> dict[str,
         bare = BarePty(["sh", "-c", RAW_ECHO])
         stack.push_async_callback(bare.aclose)
         await bare.until_output(b"READY")
+        one = await stack.enter_async_context(RelayFloor.open(workdir, relays=1))
+        two = await stack.enter_async_context(RelayFloor.open(workdir, relays=2))
         echoers: dict[str, tuple[Echoer, IpcStream | None]] = {
             PTY_ROW: (bare, None),
+            FLOOR_ONE_ROW: (one, None),
+            FLOOR_TWO_ROW: (two, None),
             HOST_ROW: (console, stream),
             VIEWER_ROW: (stream, console),
         }
@@ -283,15 +303,18 @@ async def measure_echo(host: Path, viewer: Path, sshd: Sshd | None) -> dict[str,
 
 
 def test_keystroke_echo_latency_against_ssh(
-    mesh: dict[str, AgentHome], sshd: Sshd | None, report: Figures
+    mesh: dict[str, AgentHome], sshd: Sshd | None, report: Figures, workdir: Path
 ) -> None:
-    samples = asyncio.run(measure_echo(mesh["host"].home, mesh["v1"].home, sshd))
+    samples = asyncio.run(measure_echo(mesh["host"].home, mesh["v1"].home, sshd, workdir))
     rows = {label: _summary_ms(values) for label, values in samples.items()}
     echo: Figures = {"rows": rows}
     ours = rows[VIEWER_ROW]
     if (ssh := rows.get(SSH_ROW)) is not None:
         echo["p50_ratio_vs_ssh"] = ours["p50_ms"] / ssh["p50_ms"]
         echo["p99_ratio_vs_ssh"] = ours["p99_ms"] / ssh["p99_ms"]
+        floor = rows[FLOOR_TWO_ROW]
+        echo["floor_p50_ratio_vs_ssh"] = floor["p50_ms"] / ssh["p50_ms"]
+        echo["floor_p99_ratio_vs_ssh"] = floor["p99_ms"] / ssh["p99_ms"]
     else:
         echo["note"] = "ssh baseline skipped: openssh-server/openssh-client not installed"
     report["echo"] = echo
