@@ -6,9 +6,11 @@ IPC exactly as ``meshagent terminal share|view`` drives them (without a terminal
    sends one byte and waits for it to come back (viewer agent -> P2P -> host agent -> PTY ->
    cat -> back), ``ECHO_BLOCKS`` x ``ECHO_PER_BLOCK`` times, interleaved block by block with the
    same round trips through ``ssh -tt`` to a throwaway sshd on loopback running the same
-   program. p50 / p99 and the ratios (targets: p99 <= 5 ms and <= 1.0x ssh). Two rows split
-   the cost: the host's own console (IPC and the host agent, with the viewer still attached)
-   and the same program on a PTY read by this process (the floor).
+   program. p50 / p99 and the ratios (targets: p99 <= 5 ms and <= 1.0x ssh). Rows that split
+   the cost: the host's own console (IPC and the host agent, with the viewer still attached);
+   the same program on a PTY read by this process; and the Python floor, one and two plain
+   asyncio processes that only forward bytes (``_relay_floor.py``: the shapes of the host's
+   console and of the viewer's path with nothing else an agent does).
 2. **Late joiner.** The host shares ``vim`` on a file (80x24 and 200x50); a new viewer attaches:
    the time from the attach call to the ``screen`` event and to the snapshot's last byte (the
    control state follows it). Target <= 200 ms.
