@@ -133,9 +133,16 @@ class Screen:
         return self._keypad_application
 
     def feed(self, data: bytes) -> list[int]:
-        """Parse ``data``; the indexes of the visible lines it changed."""
+        """Parse ``data``; the indexes of the visible lines it may have changed (every line
+        it changed; with non-ASCII text, also the line above each)."""
         text = self._decoder.decode(data)
-        changed = self._vt.feed_str(text)[0] if text else []
+        changed: list[int] = self._vt.feed_str(text)[0] if text else []
+        if changed and not text.isascii():
+            # A wide character that does not fit at the end of a line wraps, and avt blanks
+            # that last cell (in the current pen) without reporting its line: the line above
+            # each reported one may have changed too. (Finding out which would mean reading
+            # the lines back, ~100 us; repainting one more line costs less.)
+            changed = sorted({*changed, *(row - 1 for row in changed if row > 0)})
         self._track_modes(data)
         return changed
 

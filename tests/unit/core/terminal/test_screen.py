@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshagent_gui.core.terminal.screen import (
@@ -131,7 +131,9 @@ def test_feed_reports_the_lines_it_changed() -> None:
     assert screen.feed(b"hello") == [0]  # not every line, though the terminal is fresh
     assert sorted(screen.feed(b"\r\nworld\r\n\r\nlast")) == [1, 3]
     assert screen.feed(b"\xe6\xbc") == []  # half a character: nothing drawn yet
-    assert screen.feed(b"\xa2") == [3]
+    # Non-ASCII text: the line above is reported too (a wide character may have wrapped from
+    # it, blanking its last cell, which avt does not report).
+    assert screen.feed(b"\xa2") == [2, 3]
     assert screen.feed(b"") == []
     assert screen.text()[3].rstrip() == "last漢"
 
@@ -258,6 +260,7 @@ def test_a_snapshot_reproduces_the_screen_and_what_comes_after(
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(_pieces, max_size=40), st.lists(_pieces, min_size=1, max_size=10))
+@example(before=[], after=["\x1b[1m", "\x1b[1;40H", "字"])  # found by CI: a wide char wraps
 def test_lines_feed_does_not_report_are_unchanged(before: list[str], after: list[str]) -> None:
     """The widget repaints only the reported lines: any other line must look the same."""
     screen = screen_of("".join(before))
