@@ -10,7 +10,9 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -24,6 +26,8 @@ from meshagent_gui.core.protocol.messages import StreamRole
 from .harness import AgentHome, Process, wait_until
 from .test_transfer import CHUNK, _progress_of, downloads, random_file
 
+T = TypeVar("T")
+
 
 def _sending(sender: AgentHome, source: Path, tmp_path: Path, rate: str = "20M") -> Process:
     return Process(
@@ -31,6 +35,32 @@ def _sending(sender: AgentHome, source: Path, tmp_path: Path, rate: str = "20M")
         tmp_path / "logs" / f"send-{time.monotonic_ns()}.log",
         env=sender.env,
     )
+
+
+def _in_process(
+    home: Path, play: Callable[[Agent], Awaitable[T]], *, services: Sequence[Service] = ()
+) -> T:
+    """Run ``play`` against an agent of ``home`` started in this process (with its identity,
+    and ``services`` in place of its own), so the test can speak for it."""
+
+    async def run() -> T:
+        agent = Agent.from_context(Context.open(home))
+        for service in services:
+            agent.peers.register(service)
+        running = asyncio.create_task(agent.run())
+        try:
+            await agent.link.wait_connected(15)
+            return await play(agent)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+
+    env_before = dict(os.environ)
+    try:
+        return asyncio.run(run())
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
 
 
 def _stderr(process: Process) -> str:
@@ -125,28 +155,14 @@ def test_a_receiver_that_cancels_and_stops_reading_does_not_hang_the_sender(  # 
         await channel.send(receiver_side.cancel("no room left", tp.TransferErrorCode.DISK_FULL))
         await asyncio.Event().wait()  # and never read again
 
-    async def play_receiver() -> subprocess.CompletedProcess[str]:
-        agent = Agent.from_context(Context.open(receiver.home))
-        agent.peers.register(
-            Service(StreamRole.TRANSFER, ("share:file", "share:folder"), cancel_then_stop_reading)
+    async def send_to_it(agent: Agent) -> subprocess.CompletedProcess[str]:
+        await asyncio.to_thread(
+            wait_until, lambda: "receiver" in sender.online(), 10, "receiver back"
         )
-        running = asyncio.create_task(agent.run())
-        try:
-            await agent.link.wait_connected(15)
-            await asyncio.to_thread(
-                wait_until, lambda: "receiver" in sender.online(), 10, "receiver back"
-            )
-            return await asyncio.to_thread(sender.cli, "send", str(source), "--to", "receiver")
-        finally:
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
+        return await asyncio.to_thread(sender.cli, "send", str(source), "--to", "receiver")
 
-    env_before = dict(os.environ)
-    try:
-        done = asyncio.run(play_receiver())
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
+    playing = Service(StreamRole.TRANSFER, ("share:file", "share:folder"), cancel_then_stop_reading)
+    done = _in_process(receiver.home, send_to_it, services=(playing,))
     assert done.returncode != 0
     assert "the receiver cancelled: no room left" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
@@ -162,42 +178,28 @@ def test_a_hostile_sender_writes_nothing_outside(  # type: ignore[no-untyped-def
     sender.stop()  # we play the sender ourselves, with its identity, speaking raw protocol
     monkeypatch.setenv("MESHAGENT_SECRET_STORE", "file")
 
-    async def hostile() -> str:
-        ctx = Context.open(sender.home)
-        agent = Agent.from_context(ctx)
-        running = asyncio.create_task(agent.run())
+    async def hostile(agent: Agent) -> str:
+        device = await agent.resolve_device("receiver")
+        session = await agent.peers.session(device.id)
+        transfer_id = uuid.uuid4().hex
+        token = await agent.request_capability(device.id, "share:folder", transfer_id)
+        channel = await session.open_channel(
+            StreamRole.TRANSFER, tokens=(token,), resource=transfer_id
+        )
+        entry = tp.Entry(name, "file", 5, 0o644, 0, bytes(16))
+        await channel.send(tp.Offer(transfer_id, (entry,), 5, CHUNK))
         try:
-            await agent.link.wait_connected(15)
-            device = await agent.resolve_device("receiver")
-            session = await agent.peers.session(device.id)
-            transfer_id = uuid.uuid4().hex
-            token = await agent.request_capability(device.id, "share:folder", transfer_id)
-            channel = await session.open_channel(
-                StreamRole.TRANSFER, tokens=(token,), resource=transfer_id
-            )
-            entry = tp.Entry(name, "file", 5, 0o644, 0, bytes(16))
-            await channel.send(tp.Offer(transfer_id, (entry,), 5, CHUNK))
-            try:
-                answer = await asyncio.wait_for(channel.receive(), 15)
-            except ChannelClosed as refused:  # refused already by the protocol's path syntax
-                return f"{refused.code.name}: {refused.message}"
-            assert isinstance(answer, tp.Answer)
-            if answer.accepted:  # never: but if it were, try to write
-                await channel.send(tp.Chunk(0, 0, bytes(32), b"evil!"))
-            with_reason = answer.reason
-            with contextlib.suppress(ChannelClosed, TimeoutError):
-                await asyncio.wait_for(channel.receive(), 5)
-            return with_reason
-        finally:
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
+            answer = await asyncio.wait_for(channel.receive(), 15)
+        except ChannelClosed as refused:  # refused already by the protocol's path syntax
+            return f"{refused.code.name}: {refused.message}"
+        assert isinstance(answer, tp.Answer)
+        if answer.accepted:  # never: but if it were, try to write
+            await channel.send(tp.Chunk(0, 0, bytes(32), b"evil!"))
+        with contextlib.suppress(ChannelClosed, TimeoutError):
+            await asyncio.wait_for(channel.receive(), 5)
+        return answer.reason
 
-    env_before = dict(os.environ)
-    try:
-        reason = asyncio.run(hostile())
-    finally:
-        os.environ.clear()
-        os.environ.update(env_before)
+    reason = _in_process(sender.home, hostile)
     assert "unsafe name" in reason or "BAD_PATH" in reason, reason
     outside = [p for p in tmp_path.rglob("*") if p.name in {"escape.txt", "evil", "win.txt", "b"}]
     assert outside == []
