@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from html import escape
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,7 +96,10 @@ class DropZone(QLabel):
         self.set_target(None)
 
     def set_target(self, device: DeviceEntry | None) -> None:
-        where = f"<b>{device.name}</b>" if device else "a device (select one, or drop on it)"
+        # Device names come from peers: escaped, or a name could inject markup into the label.
+        where = "a device (select one, or drop on it)"
+        if device is not None:
+            where = f"<b>{escape(device.name)}</b>"
         self.setText(f"Drop files or folders here to send them to {where}")
 
     def set_active(self, active: bool) -> None:
@@ -117,11 +121,11 @@ class OfferDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(20, 18, 20, 16)
         layout.setSpacing(10)
-        title = QLabel(f"<b>{_escape(offer.peer_name)}</b> wants to send you")
+        title = QLabel(f"<b>{escape(offer.peer_name)}</b> wants to send you")
         title.setObjectName("offerTitle")
         names = ", ".join(offer.names[:3]) + (" …" if len(offer.names) > 3 else "")
         what = QLabel(
-            f"{_escape(names)}<br><span style='color:#66727d'>{offer.files} file"
+            f"{escape(names)}<br><span style='color:#66727d'>{offer.files} file"
             f"{'s' if offer.files != 1 else ''}, {human_size(offer.total)}</span>"
         )
         what.setWordWrap(True)
@@ -139,10 +143,6 @@ class OfferDialog(QDialog):
     def _finished(self, result: int) -> None:
         accepted = result == QDialog.DialogCode.Accepted
         self.answered.emit(self.offer.transfer_id, accepted, accepted and self.always.isChecked())
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 class MainWindow(QMainWindow):

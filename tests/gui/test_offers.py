@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections.abc import Iterator
+from html import escape
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QLabel
 
 from meshagent_gui.context import Context
+from meshagent_gui.core.events import TransferOffered
 from meshagent_gui.ui.app import GuiApp
-from meshagent_gui.ui.main_window import OfferDialog
+from meshagent_gui.ui.devices import DeviceEntry
+from meshagent_gui.ui.main_window import DropZone, OfferDialog
 from tests.integration.harness import BASE_ENV, AgentHome, Server, meshagent_cmd
 
 from .support import free_port
@@ -108,3 +111,18 @@ def test_another_users_offer_asks_and_always_accept_sticks(
 
     gui.quit()
     qtbot.waitUntil(task.done, timeout=15_000)
+
+
+def test_names_from_peers_are_shown_as_text_not_markup(qtbot: Any) -> None:
+    """A device or its user names itself; the drop zone and the offer dialog show the name as
+    written, never as markup."""
+    evil = "<img src=x><b>x</b>"
+    zone = DropZone()
+    qtbot.addWidget(zone)
+    zone.set_target(DeviceEntry("id", evil, "bob", "linux", True, "direct"))
+    assert escape(evil) in zone.text() and "<img" not in zone.text()
+    offer = TransferOffered("t", "peer", evil, ("a.txt",), 1, 5, False)
+    dialog = OfferDialog(offer)
+    qtbot.addWidget(dialog)
+    shown = "".join(label.text() for label in dialog.findChildren(QLabel))
+    assert escape(evil) in shown and "<img" not in shown
