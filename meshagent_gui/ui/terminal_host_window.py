@@ -14,15 +14,15 @@ import asyncio
 import logging
 from typing import Final
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Signal
 from PySide6.QtGui import QAction, QCloseEvent, QShowEvent
-from PySide6.QtWidgets import QLabel, QMainWindow, QToolBar, QWidget
+from PySide6.QtWidgets import QMainWindow, QToolBar, QWidget
 
 from meshagent_gui.core.terminal import host as h
 from meshagent_gui.core.terminal.pty import ExitStatus
 from meshagent_gui.core.terminal.service import ControlAsk, SharedTerminal
 from meshagent_gui.ui.control_prompt import ask_control
-from meshagent_gui.ui.terminal_widget import TerminalWidget
+from meshagent_gui.ui.terminal_widget import TerminalWidget, add_session_labels
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ class HostTerminalWindow(QMainWindow):
         super().__init__(parent)
         self.shared = shared
         self._task: asyncio.Task[ExitStatus] | None = None
-        self._ended = False
         self.setWindowTitle(f"{shared.title} — shared")
         cols, rows = shared.host.size
         self.terminal = TerminalWidget(cols, rows)
@@ -55,14 +54,7 @@ class HostTerminalWindow(QMainWindow):
         toolbar.addAction(self.revoke_action)
         toolbar.addAction(self.stop_action)
         toolbar.addSeparator()
-        self.control_label = QLabel()
-        self.control_label.setTextFormat(Qt.TextFormat.PlainText)  # names come from peers
-        self.control_label.setContentsMargins(8, 0, 8, 0)
-        toolbar.addWidget(self.control_label)
-        self.addToolBar(toolbar)
-        self.status_label = QLabel()
-        self.status_label.setTextFormat(Qt.TextFormat.PlainText)
-        self.statusBar().addWidget(self.status_label, 1)
+        self.control_label, self.status_label = add_session_labels(self, toolbar)
 
         shared.console_output = self.terminal.feed
         shared.on_event = self._event
@@ -100,22 +92,19 @@ class HostTerminalWindow(QMainWindow):
 
     def _fitting(self, cols: int, rows: int) -> None:
         self.shared.host.set_console_size(cols, rows)
-        if self.shared.host.size != self.terminal.screen_size:
-            self.terminal.resize_screen(*self.shared.host.size)
+        self.terminal.resize_screen(*self.shared.host.size)
 
     async def _consent(self, ask: ControlAsk) -> bool:
         return await ask_control(self, ask.device_name, self.shared.title, CONSENT_TIMEOUT)
 
     def _event(self, event: h.HostEvent) -> None:
         if isinstance(event, h.ControlChanged):
-            size = self.shared.host.size
-            if size != self.terminal.screen_size:
-                self.terminal.resize_screen(*size)  # the controller's size rules
+            self.terminal.resize_screen(*self.shared.host.size)  # the controller's size rules
         if isinstance(event, h.ViewerJoined | h.ViewerLeft | h.ControlChanged):
             self._show_state()
 
     def _show_state(self) -> None:
-        if self._ended:
+        if self._task is not None and self._task.done():
             return  # the last word is how the session ended
         host = self.shared.host
         controller = host.controller
@@ -133,7 +122,6 @@ class HostTerminalWindow(QMainWindow):
         else:
             status = task.result()
             text = f"Session ended (exit {status.returncode})"
-        self._ended = True
         self.status_label.setText(text)
         self.terminal.read_only = True
         self.revoke_action.setEnabled(False)

@@ -45,7 +45,7 @@ from PySide6.QtGui import (
     QPaintEvent,
     QResizeEvent,
 )
-from PySide6.QtWidgets import QWidget
+from PySide6.QtWidgets import QLabel, QMainWindow, QToolBar, QWidget
 
 from meshagent_gui.core.protocol.terminal import MAX_COLS, MAX_ROWS
 from meshagent_gui.core.terminal.screen import Screen
@@ -791,3 +791,18 @@ def _cells_text(line: Line, first: int, last: int) -> str:
 def _ordered(a: tuple[int, int], b: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """Selection ends in reading order (row first)."""
     return (a, b) if (a[1], a[0]) <= (b[1], b[0]) else (b, a)
+
+
+def add_session_labels(window: QMainWindow, toolbar: QToolBar) -> tuple[QLabel, QLabel]:
+    """A terminal window's two lines of words: who is in control (on ``toolbar``, which is
+    added to ``window``) and the session's status (in the status bar). Plain text: the names
+    in them come from peers."""
+    control = QLabel()
+    control.setTextFormat(Qt.TextFormat.PlainText)
+    control.setContentsMargins(8, 0, 8, 0)
+    toolbar.addWidget(control)
+    window.addToolBar(toolbar)
+    status = QLabel()
+    status.setTextFormat(Qt.TextFormat.PlainText)
+    window.statusBar().addWidget(status, 1)
+    return control, status

@@ -24,7 +24,7 @@ from typing import Final, Protocol
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QColor, QPalette, QShowEvent
-from PySide6.QtWidgets import QFrame, QLabel, QMainWindow, QScrollArea, QToolBar, QWidget
+from PySide6.QtWidgets import QFrame, QMainWindow, QScrollArea, QToolBar, QWidget
 
 from meshagent_gui.core.protocol.terminal import (
     ControlChanged,
@@ -36,7 +36,7 @@ from meshagent_gui.core.protocol.terminal import (
     ViewerEvent,
 )
 from meshagent_gui.errors import UserError
-from meshagent_gui.ui.terminal_widget import TerminalWidget
+from meshagent_gui.ui.terminal_widget import TerminalWidget, add_session_labels
 
 log = logging.getLogger(__name__)
 
@@ -183,15 +183,7 @@ class TerminalWindow(QMainWindow):
         self.control_action.triggered.connect(self._control_clicked)
         toolbar.addAction(self.control_action)
         toolbar.addSeparator()
-        self.controller_label = QLabel()
-        self.controller_label.setTextFormat(Qt.TextFormat.PlainText)  # names come from peers
-        self.controller_label.setContentsMargins(8, 0, 8, 0)
-        toolbar.addWidget(self.controller_label)
-        self.addToolBar(toolbar)
-
-        self.status_label = QLabel()
-        self.status_label.setTextFormat(Qt.TextFormat.PlainText)
-        self.statusBar().addWidget(self.status_label, 1)
+        self.controller_label, self.status_label = add_session_labels(self, toolbar)
 
         self._show_controller(None, you=False)
         self._set_status("Connecting…")
