@@ -12,7 +12,6 @@ import contextlib
 import logging
 import signal
 import sys
-import time
 import traceback
 from types import TracebackType
 from typing import Any, Final
@@ -141,8 +140,6 @@ class GuiApp:
         self.toasts = ToastSink(self.tray.icon if self.has_tray else None)
         self.bridge.show_requested.connect(self.window.bring_to_front)
         self.agent_ready = asyncio.Event()
-        self.started = time.perf_counter()
-        self.ready_after: float | None = None  # seconds from construction to agent ready
         self._quit = asyncio.Event()
         self._settings: SettingsDialog | None = None
         self.terminal_windows: list[QWidget] = []
@@ -218,7 +215,6 @@ class GuiApp:
         self.bridge.attach(agent, join)
         if join is not None:
             self.window.bring_to_front()
-        self.ready_after = time.perf_counter() - self.started
         self.agent_ready.set()
 
     def quit(self) -> None:

@@ -77,9 +77,6 @@ class DeviceListModel(QAbstractListModel):
     def devices(self) -> list[DeviceEntry]:
         return list(self._devices)
 
-    def device_at(self, row: int) -> DeviceEntry:
-        return self._devices[row]
-
     def set_devices(self, devices: list[DeviceEntry]) -> None:
         ordered = sorted(devices, key=lambda d: (not d.online, d.name.lower(), d.id))
         if [d.id for d in ordered] == [d.id for d in self._devices]:

@@ -35,10 +35,6 @@ def icons_dir() -> Path:
     return candidates[-1]  # missing icons show as blank, never as a crash
 
 
-def icon_path(name: str) -> Path:
-    return icons_dir() / name
-
-
 @cache
 def app_icon() -> QIcon:
     icon = QIcon()

@@ -147,7 +147,6 @@ class TransferTableModel(QAbstractTableModel):
     def __init__(self, parent: QObject | None = None, *, flush_interval: float = 0.1) -> None:
         super().__init__(parent)
         self._rows: list[TransferRow] = []
-        self._by_key: dict[str, TransferRow] = {}
         self._by_transfer: dict[str, TransferRow] = {}
         self._dirty: dict[str, tuple[int, int]] = {}  # key -> (first column, last column)
         self._keys = itertools.count(1)
@@ -230,14 +229,10 @@ class TransferTableModel(QAbstractTableModel):
     def find(self, transfer_id: str) -> TransferRow | None:
         return self._by_transfer.get(transfer_id)
 
-    def by_key(self, key: str) -> TransferRow | None:
-        return self._by_key.get(key)
-
     def add(self, row: TransferRow) -> TransferRow:
         position = len(self._rows)
         self.beginInsertRows(QModelIndex(), position, position)
         self._rows.append(row)
-        self._by_key[row.key] = row
         if row.transfer_id:
             self._by_transfer[row.transfer_id] = row
         self.endInsertRows()
@@ -271,13 +266,9 @@ class TransferTableModel(QAbstractTableModel):
     def clear_finished(self) -> None:
         self.beginResetModel()
         self._rows = [r for r in self._rows if r.state not in FINISHED]
-        self._by_key = {r.key: r for r in self._rows}
         self._by_transfer = {r.transfer_id: r for r in self._rows if r.transfer_id}
         self._dirty.clear()
         self.endResetModel()
-
-    def active_count(self) -> int:
-        return sum(1 for r in self._rows if r.state not in FINISHED)
 
     # ------------------------------------------------------------ changes
 

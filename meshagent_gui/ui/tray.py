@@ -110,7 +110,7 @@ class Tray(QObject):
             empty.setEnabled(False)
             return
         for device in devices:
-            label = f"{device.name} — {device.subtitle.split(' · ')[0]}"
+            label = f"{device.name} — {'online' if device.online else 'offline'}"
             if device.online and device.path:
                 label += f" ({device.path})"
             action: QAction = self.devices_menu.addAction(label)
