@@ -131,11 +131,7 @@ class Agent:
             peer_user=self._peer_user,
             peer_name=lambda device_id: self._names.get(device_id, device_id[:12]),
             auto_accept=lambda: str(config["transfer.auto_accept"]),
-            always_accept=lambda: frozenset(
-                part.strip()
-                for part in str(config["transfer.always_accept"]).split(",")
-                if part.strip()
-            ),
+            always_accept=lambda: always_accepted(config),
             global_rate=lambda: parse_rate(str(config["transfer.rate_limit"])),
         )
         self.terminals = TerminalService(
