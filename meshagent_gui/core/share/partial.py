@@ -66,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import stat
@@ -432,24 +433,51 @@ class PartialFile:
         (``len(data) <= chunk_size``), in one trip to the executor: for many small files, the
         hops cost as much as the disk. Same checks, same files, same errors.
         """
+        store = functools.partial(
+            cls.store_whole_blocking,
+            destination,
+            data,
+            digest,
+            sender=sender,
+            key=key,
+            chunk_size=chunk_size,
+            mode=mode,
+            mtime_ns=mtime_ns,
+            sync_folder=sync_folder,
+            executor=executor,
+        )
+        return await asyncio.get_running_loop().run_in_executor(executor, store)
+
+    @classmethod
+    def store_whole_blocking(
+        cls,
+        destination: Path,
+        data: bytes | memoryview,
+        digest: bytes,
+        *,
+        sender: str,
+        key: bytes,
+        chunk_size: int,
+        mode: int = 0o644,
+        mtime_ns: int,
+        sync_folder: bool = True,
+        executor: Executor | None = None,
+    ) -> Path:
+        """(Blocking) :meth:`store_whole`, for a caller already in a disk thread."""
         if len(data) > chunk_size:
             raise ValueError(f"{len(data)} bytes is more than one chunk of {chunk_size}")
         header = cls._header(sender, key, len(data), chunk_size)
-
-        def store() -> Path:
-            partial = cls._open_blocking(destination, header, DEFAULT_SYNC_EVERY, executor)
-            try:
-                if partial.chunk_count:
-                    partial._write_blocking(0, bytes(digest), data)
-                return partial._finish_blocking(bytes(digest), mode, mtime_ns, False, sync_folder)
-            except HashMismatch:
-                partial._discard_blocking()
-                raise
-            except BaseException:
-                partial._abandon_blocking()
-                raise
-
-        return await asyncio.get_running_loop().run_in_executor(executor, store)
+        partial = cls._open_blocking(destination, header, DEFAULT_SYNC_EVERY, executor)
+        try:
+            if partial.chunk_count:
+                partial._write_blocking(0, bytes(digest), data)
+            return partial._finish_blocking(bytes(digest), mode, mtime_ns, False, sync_folder)
+        except HashMismatch:
+            partial._discard_blocking()
+            raise
+        except BaseException:
+            partial._abandon_blocking()
+            raise
 
     @staticmethod
     def _header(sender: str, key: bytes, size: int, chunk_size: int) -> StateHeader:

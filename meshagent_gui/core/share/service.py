@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -56,6 +56,7 @@ from .partial import (
     PartialFile,
     partial_exists,
     state_files_in,
+    sync_directory,
 )
 from .paths import UnsafePath, ensure_directory_inside, resolve_many, safe_relative_path
 from .ratelimit import TokenBucket, take_all
@@ -712,7 +713,7 @@ class _Incoming:
         self.partials: dict[int, PartialFile] = {}
         # Files of one chunk, verified, waiting for their FileEnd: (data, blake3 of data).
         self.small: dict[int, tuple[bytes, bytes]] = {}
-        self.batch: list[tuple[int, WholeFile]] = []
+        self.batch: list[tuple[int, WholeFile, bytes]] = []  # index, file, its blake3
         self.batch_bytes = 0
         self.jobs: set[asyncio.Future[Any]] = set()
         self.results: deque[tuple[asyncio.Future[Any], _JobDone]] = deque()
@@ -992,7 +993,7 @@ class _Incoming:
                 await self._file_finished(index, entry, False, message, self.destinations[index])
                 return
             whole = WholeFile(self.destinations[index], data, entry.mode, entry.mtime_ns)
-            self.batch.append((index, whole))
+            self.batch.append((index, whole, digest))
             self.batch_bytes += len(data)
             if len(self.batch) >= WHOLE_BATCH_FILES or self.batch_bytes >= WHOLE_BATCH_BYTES:
                 await self._store_batch()
@@ -1027,11 +1028,8 @@ class _Incoming:
         assert offer is not None
 
         async def stored(job: asyncio.Future[list[Outcome]]) -> None:
-            for (index, whole), stored_here in zip(batch, job.result(), strict=True):
+            for (index, whole, _), outcome in zip(batch, job.result(), strict=True):
                 entry = offer.entries[index]
-                outcome = stored_here
-                if outcome is NOT_HERE:
-                    outcome = await self._store_one(offer, index, whole)
                 if isinstance(outcome, Path):
                     await self._file_finished(index, entry, True, "", outcome)
                 elif isinstance(outcome, DiskFull):
@@ -1043,26 +1041,9 @@ class _Incoming:
                     assert isinstance(outcome, BaseException)
                     raise outcome
 
-        work = self._disk(store_whole_files, [whole for _, whole in batch])
+        files = [(whole, digest, offer.entries[index].key) for index, whole, digest in batch]
+        work = self._disk(_store_small_files, files, self.peer_id, offer.chunk_size)
         self._start(_BATCH, work, stored)
-
-    async def _store_one(self, offer: tp.Offer, index: int, whole: WholeFile) -> Outcome:
-        """Where unnamed files cannot be made: the partial-file path, one trip for the file."""
-        entry = offer.entries[index]
-        try:
-            return await PartialFile.store_whole(
-                whole.destination,
-                whole.data,
-                blake3(whole.data).digest(),
-                sender=self.peer_id,
-                key=entry.key,
-                chunk_size=offer.chunk_size,
-                mode=entry.mode,
-                mtime_ns=entry.mtime_ns,
-                executor=self.service.executor,
-            )
-        except (DiskFull, UserError) as exc:
-            return exc
 
     async def _file_finished(
         self, index: int, entry: tp.Entry, ok: bool, reason: str, final: Path
@@ -1264,6 +1245,40 @@ async def _tell_cancel(
     """Best effort: the transfer is over for us either way."""
     with contextlib.suppress(ProtocolError):
         await _quietly(channel.send(sender.cancel(reason, code)))
+
+
+def _store_small_files(
+    files: Sequence[tuple[WholeFile, bytes, bytes]], sender: str, chunk_size: int
+) -> list[Outcome]:
+    """(Blocking) store small files (whole, digest, entry key) in one trip to a disk thread:
+    as unnamed files linked into place where the filesystem can (whole.py), by the partial-file
+    path where it cannot (macOS, Windows, some Linux filesystems), each folder synced once."""
+    outcomes = store_whole_files([whole for whole, _, _ in files])
+    folders: set[Path] = set()
+    for position, (whole, digest, key) in enumerate(files):
+        if outcomes[position] is not NOT_HERE:
+            continue
+        try:
+            final = PartialFile.store_whole_blocking(
+                whole.destination,
+                whole.data,
+                digest,
+                sender=sender,
+                key=key,
+                chunk_size=chunk_size,
+                mode=whole.mode,
+                mtime_ns=whole.mtime_ns,
+                sync_folder=False,  # once per folder below, not once per file
+            )
+        except (DiskFull, UserError) as exc:
+            outcomes[position] = exc
+            continue
+        outcomes[position] = final
+        folders.add(final.parent)
+    for folder in sorted(folders):
+        with contextlib.suppress(OSError):
+            sync_directory(folder)
+    return outcomes
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

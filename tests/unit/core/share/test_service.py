@@ -1,0 +1,63 @@
+"""The receiver's batch of small files where unnamed files cannot be made (macOS, Windows,
+vfat): the partial-file path, in the same trip to the disk thread, each folder synced once."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from blake3 import blake3
+
+from meshagent_gui.core.share import service, whole
+from meshagent_gui.core.share.partial import state_files_in
+from meshagent_gui.core.share.whole import WholeFile
+
+MTIME_NS = 1_600_000_000_123_456_789
+
+
+def test_small_files_without_unnamed_files_land_whole_and_each_folder_syncs_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(whole, "available", lambda: False)
+    synced: list[Path] = []
+    monkeypatch.setattr(service, "sync_directory", synced.append)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    wanted = {
+        tmp_path / "a" / "one.txt": (b"one", 0o644),
+        tmp_path / "a" / "run.sh": (b"#!/bin/sh\n", 0o755),
+        tmp_path / "b" / "empty": (b"", 0o644),
+    }
+    files = [
+        (WholeFile(path, data, mode, MTIME_NS), blake3(data).digest(), os.urandom(16))
+        for path, (data, mode) in wanted.items()
+    ]
+    outcomes = service._store_small_files(files, "sender-id", 1024 * 1024)
+    assert outcomes == list(wanted)
+    for path, (data, mode) in wanted.items():
+        assert path.read_bytes() == data
+        assert bool(stat.S_IMODE(path.stat().st_mode) & 0o100) == bool(mode & 0o100)
+        assert path.stat().st_mtime_ns == MTIME_NS
+    assert sorted(synced) == [tmp_path / "a", tmp_path / "b"]
+    assert not state_files_in(tmp_path / "a") and not state_files_in(tmp_path / "b")
+
+
+def test_a_clash_gets_a_new_name_and_a_wrong_digest_is_that_files_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(whole, "available", lambda: False)
+    (tmp_path / "taken.txt").write_bytes(b"mine")
+    files = [
+        (
+            WholeFile(tmp_path / "taken.txt", b"theirs", 0o644, MTIME_NS),
+            blake3(b"theirs").digest(),
+            os.urandom(16),
+        ),
+        (WholeFile(tmp_path / "bad.txt", b"data", 0o644, MTIME_NS), bytes(32), os.urandom(16)),
+    ]
+    clash, bad = service._store_small_files(files, "sender-id", 1024 * 1024)
+    assert clash == tmp_path / "taken (1).txt" and clash.read_bytes() == b"theirs"
+    assert (tmp_path / "taken.txt").read_bytes() == b"mine"
+    assert isinstance(bad, Exception) and not (tmp_path / "bad.txt").exists()
