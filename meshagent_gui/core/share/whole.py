@@ -37,11 +37,10 @@ from typing import Final
 
 from meshagent_gui.errors import UserError
 
-from .partial import DiskFull, _disk_errors, pwrite_all, sync_directory
-from .paths import _libc, clash_names
+from .partial import _DISK_FULL, DiskFull, _disk_errors, pwrite_all, sync_directory
+from .paths import _AT_FDCWD, _libc, clash_names
 
 _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
-_AT_FDCWD: Final = -100
 _AT_SYMLINK_FOLLOW: Final = 0x400
 _AT_EMPTY_PATH: Final = 0x1000
 # The filesystem or system cannot make unnamed files: use the partial-file path.
@@ -126,7 +125,7 @@ def write_unnamed(whole: WholeFile) -> int:
     except OSError as exc:
         if exc.errno in _NO_TMPFILE:
             raise _Unsupported(str(exc)) from exc
-        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if exc.errno in _DISK_FULL:
             raise DiskFull(whole.destination, len(whole.data)) from exc
         raise
     try:
@@ -179,7 +178,7 @@ def link_unique(fd: int, wanted: Path) -> Path:
             continue
         if code in _NO_TMPFILE or code in (errno.ENOENT, errno.EXDEV):
             raise _Unsupported(os.strerror(code))
-        if code in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if code in _DISK_FULL:
             raise DiskFull(wanted)
         raise OSError(code, os.strerror(code), str(wanted))
     raise UserError(
