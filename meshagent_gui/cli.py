@@ -293,18 +293,19 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 async def _up_local(args: argparse.Namespace, ctx: Context) -> int:
-    from meshagent_gui.core.local_mesh import run_local_mesh
+    from meshagent_gui.core.onboarding import JoinCode, run_agent
 
-    def ready(url: str, code: str) -> None:
+    def ready(_agent: Agent, join: JoinCode | None) -> None:
+        assert join is not None  # a local mesh always has one
         emit(
             args,
-            {"event": "up", "server": url, "join_code": code},
-            f"Local mesh on {url}; this device is enrolled as its owner.\n"
-            f"Add another device: meshagent login {url} --join-code {code}",
+            {"event": "up", "server": join.url, "join_code": join.code},
+            f"Local mesh on {join.url}; this device is enrolled as its owner.\n"
+            f"Add another device: meshagent login {join.url} --join-code {join.code}",
         )
 
     with contextlib.suppress(asyncio.CancelledError):
-        await run_local_mesh(ctx, ready)
+        await run_agent(ctx, local=True, on_ready=ready)
     return 0
 
 

@@ -14,14 +14,12 @@ import logging
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Final
 
 from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
 
-from .agent import Agent
-from .mesh.client import MeshClient
 from .mesh.enroll import enroll
 
 DEFAULT_PORT: Final = 8765
@@ -120,13 +118,3 @@ async def ensure_owner_enrolled(ctx: Context, url: str) -> None:
     ctx.config.set("local.server", True)
     ctx.config.set("local.port", int(url.rsplit(":", 1)[1]))
     ctx.config.save()
-
-
-async def run_local_mesh(ctx: Context, on_ready: Callable[[str, str], None]) -> None:
-    """Start (or restart) the local mesh and run the agent on it until cancelled."""
-    async with local_server(ctx) as url:
-        await ensure_owner_enrolled(ctx, url)
-        agent = Agent.from_context(ctx)
-        async with MeshClient(url, secrets=ctx.secrets) as client:
-            grant = await client.create_join_code()
-        await agent.run(on_ready=lambda: on_ready(shared_url(ctx, url), str(grant["code"])))
