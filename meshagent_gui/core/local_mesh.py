@@ -24,6 +24,7 @@ from .mesh.enroll import enroll
 
 DEFAULT_PORT: Final = 8765
 LOOPBACK: Final = "127.0.0.1"
+ANY_ADDRESS: Final = frozenset({"0.0.0.0", "::"})
 OWNER_PASSWORD_SECRET: Final = "local.owner_password"
 
 log = logging.getLogger(__name__)
@@ -41,14 +42,16 @@ def owner_name() -> str:
 @contextlib.asynccontextmanager
 async def local_server(ctx: Context) -> AsyncIterator[str]:
     """Run the embedded server for the duration of the block; yields the URL this device uses
-    (always loopback; :func:`shared_url` is the one to give other devices)."""
+    (loopback, unless it listens on one network address only; :func:`shared_url` is the one to
+    give other devices)."""
     # Imported here: the server's stack (FastAPI, uvicorn) costs ~0.4 s and ~14 MB at start-up,
     # and only a local mesh needs it.
     from meshagent_gui.server import runner
 
     port = int(ctx.config["local.port"] or 0) or DEFAULT_PORT
     listen = str(ctx.config["local.listen"]) or LOOPBACK
-    if listen != LOOPBACK:
+    only_here = runner.is_loopback(listen)
+    if not only_here:
         log.warning(
             "the local mesh listens on %s in plain HTTP: other computers on this network can"
             " join it; use it on networks you trust",
@@ -58,7 +61,7 @@ async def local_server(ctx: Context) -> AsyncIterator[str]:
         host=listen,
         port=port,
         data_dir=ctx.paths.data_dir / "server",
-        insecure=listen != LOOPBACK,
+        insecure=not only_here,
     )
     try:
         server = await runner.start_server(settings)
@@ -70,7 +73,9 @@ async def local_server(ctx: Context) -> AsyncIterator[str]:
             code="bind_failed",
         ) from exc
     try:
-        yield f"http://{LOOPBACK}:{server.url.rsplit(':', 1)[1]}"
+        # Where it listens; over loopback where it listens on every address.
+        here = LOOPBACK if listen in ANY_ADDRESS else listen
+        yield _http_url(here, int(server.url.rsplit(":", 1)[1]))
     finally:
         await server.stop()
 
@@ -79,10 +84,12 @@ def shared_url(ctx: Context, url: str) -> str:
     """The local mesh's URL for other devices: this computer's network address when the mesh
     listens beyond loopback (``local.listen``), else ``url`` itself (this computer only)."""
     listen = str(ctx.config["local.listen"]) or LOOPBACK
-    if listen == LOOPBACK:
-        return url
-    host = lan_address() if listen in ("0.0.0.0", "::") else listen
-    port = url.rsplit(":", 1)[1]
+    if listen not in ANY_ADDRESS:
+        return url  # loopback (this computer only), or the one address it listens on
+    return _http_url(lan_address(), int(url.rsplit(":", 1)[1]))
+
+
+def _http_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 

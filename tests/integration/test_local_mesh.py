@@ -40,15 +40,18 @@ def test_local_mesh_enrols_others_and_restarts(make_agent) -> None:  # type: ign
     wait_until(lambda: "owner" in guest.online(), 15, "guest reconnected to the restarted mesh")
 
 
+@pytest.mark.parametrize("listen", ["0.0.0.0", "lan"])
 def test_a_local_mesh_listening_on_the_network_gives_others_its_network_url(  # type: ignore[no-untyped-def]
-    make_agent,
+    make_agent, listen: str
 ) -> None:
+    """On every address, or on the network address alone (where loopback does not answer:
+    the owner's own agent must use that address too)."""
     if lan_address() == "127.0.0.1":
         pytest.skip("this machine has no network address besides loopback")
     owner: AgentHome = make_agent("owner", **{"local.port": str(free_port())})
     for key, value in owner.config.items():
         owner.ok("config", "set", key, value)
-    owner.ok("config", "set", "local.listen", "0.0.0.0")
+    owner.ok("config", "set", "local.listen", lan_address() if listen == "lan" else listen)
     owner.process = owner.up_process("--local")
     started = owner.process.read_line(r'"server": "(\S+)", "join_code": "(\S+)"')
     url, code = started.group(1), started.group(2)
