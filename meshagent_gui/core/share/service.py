@@ -920,11 +920,15 @@ class _Incoming:
     async def _room_for(self, kind: str) -> None:
         """Wait until fewer than the limit of ``kind`` jobs run (handling what finished)."""
         while self.running[kind] >= _JOB_LIMITS[kind]:
-            if not self.results:
-                self.result_ready = asyncio.get_running_loop().create_future()
-                await self.result_ready
-                self.result_ready = None
+            await self._wait_result()
             await self._handle_results()
+
+    async def _wait_result(self) -> None:
+        """Wait until a job has finished (at once if one has and is not handled yet)."""
+        if not self.results:
+            self.result_ready = asyncio.get_running_loop().create_future()
+            await self.result_ready
+            self.result_ready = None
 
     async def _handle_results(self) -> None:
         if not self.results:
@@ -1062,10 +1066,7 @@ class _Incoming:
         """Wait for every job still running; the first error is ours."""
         await self._store_batch()
         while self.jobs or self.results:
-            if not self.results:
-                self.result_ready = asyncio.get_running_loop().create_future()
-                await self.result_ready
-                self.result_ready = None
+            await self._wait_result()
             await self._handle_results()
         if self.getter is not None and not self.getter.done():
             self.getter.cancel()
@@ -1107,6 +1108,7 @@ class _Incoming:
             await asyncio.wait(set(self.jobs))
         self.results.clear()
         with contextlib.suppress(OSError):
+            # Not the service's executor: abandoning also happens while it shuts down.
             await asyncio.to_thread(self.service._completed.flush)
         for partial in self.partials.values():
             with contextlib.suppress(Exception):
