@@ -119,24 +119,7 @@ def resolve_inside(root: Path, rel: str | PurePosixPath) -> Path:
     existing non-directory where a folder is needed. Missing components are fine (the caller
     creates them with :func:`ensure_directory_inside`). Blocking: call it off the event loop.
     """
-    safe = safe_relative_path(str(rel))
-    base = _resolved_root(root)
-    current = base
-    last = len(safe.parts) - 1
-    for position, part in enumerate(safe.parts):
-        current = current / part
-        try:
-            info = os.lstat(current)
-        except FileNotFoundError:
-            break  # nothing below a missing component exists yet
-        if is_link(info):
-            raise UnsafePath(str(rel), f"{current} is a symbolic link; links are never followed")
-        if position < last and not stat.S_ISDIR(info.st_mode):
-            raise UnsafePath(str(rel), f"{current} is not a folder")
-    target = base.joinpath(*safe.parts)
-    if os.path.commonpath([base, target]) != str(base):  # belt and braces: cannot happen
-        raise UnsafePath(str(rel), "the path leaves the receiving folder")
-    return target
+    return resolve_many(root, [rel])[0]
 
 
 def resolve_many(root: Path, rels: Iterable[str | PurePosixPath]) -> list[Path]:
@@ -167,7 +150,10 @@ def resolve_many(root: Path, rels: Iterable[str | PurePosixPath]) -> list[Path]:
                 )
             if position < last and not stat.S_ISDIR(info.st_mode):
                 raise UnsafePath(str(rel), f"{current} is not a folder")
-        resolved.append(base.joinpath(*safe.parts))
+        target = base.joinpath(*safe.parts)
+        if os.path.commonpath([base, target]) != str(base):  # belt and braces: cannot happen
+            raise UnsafePath(str(rel), "the path leaves the receiving folder")
+        resolved.append(target)
     return resolved
 
 
