@@ -84,16 +84,17 @@ async def scene(work: Path) -> None:
         desk.ok("config", "set", "device.name", "desk")
         desk.ok("config", "set", "transfer.rate_limit", "12M")  # keeps a transfer in view
         desk.ok("login", server.url, "--join-code", server.join_code("ann"), "--name", "desk")
-        gui = GuiApp(Context.open(desk.home), use_tray=False)
-        task = asyncio.ensure_future(gui.run())
-        await wait_for(gui.agent_ready.is_set)
-        await wait_for(lambda: bool(gui.bridge.online_devices()))
+        # The files first: writing 160 MB on the loop would stall the running app.
         done = work / "holiday-photos"
         done.mkdir()
         for n in range(12):
             (done / f"IMG_{n:04d}.jpg").write_bytes(os.urandom(150_000))
         movie = work / "family-video.mp4"
         movie.write_bytes(os.urandom(160 * 1024 * 1024))
+        gui = GuiApp(Context.open(desk.home), use_tray=False)
+        task = asyncio.ensure_future(gui.run())
+        await wait_for(gui.agent_ready.is_set)
+        await wait_for(lambda: bool(gui.bridge.online_devices()))
         laptop_id = gui.bridge.online_devices()[0].id
         gui.bridge.send([str(done)], laptop_id)
         await wait_for(lambda: gui.bridge.transfers.rows()[0].state.value == "Done")
