@@ -26,16 +26,12 @@ from typing import Final
 
 import psutil
 
+from tests.integration.harness import free_port
+
 LOOPBACK: Final = "127.0.0.1"
 SSH_CIPHER: Final = "aes128-gcm@openssh.com"
 BLOCK: Final = 1 << 20
 SFTP_SERVER_PATHS: Final = ("/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for_port(port: int, timeout: float) -> None:

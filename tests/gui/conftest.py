@@ -22,9 +22,7 @@ from PySide6.QtCore import QMessageLogContext, QtMsgType, qInstallMessageHandler
 from PySide6.QtWidgets import QApplication
 
 from meshagent_gui.context import Context
-from tests.integration.harness import AgentHome, Server
-
-from .support import free_port
+from tests.integration.harness import AgentHome, Server, free_port
 
 _FAILING = {QtMsgType.QtWarningMsg, QtMsgType.QtCriticalMsg, QtMsgType.QtFatalMsg}
 # The offscreen platform says so when asked for what only a window system can do (raise a

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -15,9 +14,3 @@ def run(qtbot: Any, coro: Coroutine[Any, Any, T], timeout: float = 20) -> T:
     task = asyncio.ensure_future(coro)
     qtbot.waitUntil(task.done, timeout=round(timeout * 1000))
     return task.result()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

@@ -19,9 +19,7 @@ from meshagent_gui.core.events import TransferOffered
 from meshagent_gui.ui.app import GuiApp
 from meshagent_gui.ui.devices import DeviceEntry
 from meshagent_gui.ui.main_window import DropZone, OfferDialog
-from tests.integration.harness import BASE_ENV, AgentHome, Server, meshagent_cmd
-
-from .support import free_port
+from tests.integration.harness import BASE_ENV, AgentHome, Server, free_port, meshagent_cmd
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +54,13 @@ def ok(*args: str, stdin: str | None = None) -> str:
     done = run(*args, stdin=stdin)
     assert done.returncode == 0, f"meshagent {' '.join(args)} failed: {done.stderr}"
     return done.stdout
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (right now)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def wait_until(probe: Callable[[], T], timeout: float, what: str, every: float = 0.1) -> T:

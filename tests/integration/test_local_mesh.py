@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from meshagent_gui.core.local_mesh import lan_address
 
-from .harness import AgentHome, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from .harness import AgentHome, free_port, wait_until
 
 
 def test_local_mesh_enrols_others_and_restarts(make_agent) -> None:  # type: ignore[no-untyped-def]
