@@ -58,7 +58,8 @@ import pytest
 
 from meshagent_gui.context import Context
 from meshagent_gui.core import ipc
-from tests.benchmarks._measure import write_report
+from tests.benchmarks._measure import print_uncaptured, write_report
+from tests.benchmarks._terminal_support import own_cpu_seconds
 from tests.integration.harness import BASE_ENV, AgentHome, Process, Server, meshagent_cmd
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.timeout(600)]
@@ -190,11 +191,6 @@ def wakeups(pid: int) -> dict[str, int]:
     return counts
 
 
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
-
-
 @dataclass
 class Homes:
     server: DeployedServer
@@ -252,13 +248,13 @@ def _row(what: str, result: str, baseline: str, ratio: str, target: str) -> None
 
 
 @pytest.fixture(scope="module", autouse=True)
-def report() -> Iterator[None]:
+def report(pytestconfig: pytest.Config) -> Iterator[None]:
     yield
     if not TABLE:
         return
-    print("\n\n| what | result | baseline (same run) | ratio | target |\n|---|---|---|---|---|")
-    for row in TABLE:
-        print("| " + " | ".join(row) + " |")
+    lines = ["\n| what | result | baseline (same run) | ratio | target |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in TABLE]
+    print_uncaptured(pytestconfig, "\n".join(lines))  # module teardown: past pytest's capture
     write_report(REPORT, "gui.json")
 
 
@@ -316,9 +312,9 @@ def test_idle_rss_and_cpu(homes: Homes) -> None:
     ]
     try:
         time.sleep(SETTLE_SECONDS)
-        before = {p.name: (cpu_seconds(p.pid), wakeups(p.pid)) for p in processes}
+        before = {p.name: (own_cpu_seconds(p.pid), wakeups(p.pid)) for p in processes}
         time.sleep(IDLE_SECONDS)
-        after = {p.name: (cpu_seconds(p.pid), wakeups(p.pid)) for p in processes}
+        after = {p.name: (own_cpu_seconds(p.pid), wakeups(p.pid)) for p in processes}
         memory = {p.name: psutil.Process(p.pid).memory_full_info() for p in processes}
         threads = {p.name: psutil.Process(p.pid).num_threads() for p in processes}
     finally:
@@ -377,12 +373,12 @@ def _headless_send(homes: Homes, path: Path) -> dict[str, float]:
     )
     try:
         ipc_path = Context.open(homes.cli.home).paths.ipc_path
-        cpu, began = cpu_seconds(agent.pid), time.perf_counter()
+        cpu, began = own_cpu_seconds(agent.pid), time.perf_counter()
         result = asyncio.run(
             ipc.call(ipc_path, "send", {"paths": [str(path)], "device": homes.laptop.name})
         )
         seconds = time.perf_counter() - began
-        used = cpu_seconds(agent.pid) - cpu
+        used = own_cpu_seconds(agent.pid) - cpu
     finally:
         agent.stop()
     assert sum(item["bytes"] for item in result["items"]) == path.stat().st_size
