@@ -86,25 +86,15 @@ def gui_home(tmp_path: Path) -> Context:
 
 
 @pytest.fixture
-def mesh(tmp_path: Path, gui_home: Context) -> Iterator[tuple[Server, AgentHome]]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    server = Server(tmp_path / "server", logs).start()
-    receiver = AgentHome(
-        tmp_path / "receiver",
-        logs,
-        "laptop",
-        config={"server.reconnect_max": "1", "device.name": "laptop"},
-    )
-    try:
-        server.add_user("ann")
-        receiver.login(server, server.join_code("ann"))
-        receiver.up()
-        assert gui_home.paths.home is not None
-        home = AgentHome(gui_home.paths.home, logs, "desk")
-        home.ok("login", server.url, "--join-code", server.join_code("ann"), "--name", "desk")
-        gui_home.config = Context.open(gui_home.paths.home).config
-        yield server, receiver
-    finally:
-        receiver.stop()
-        server.stop()
+def mesh(gui_home: Context, server: Server, make_agent) -> tuple[Server, AgentHome]:  # type: ignore[no-untyped-def]
+    """The reference server, ann's laptop (a real `meshagent up`) and the app's home (desk),
+    enrolled as ann's."""
+    server.add_user("ann")
+    receiver: AgentHome = make_agent("laptop")
+    receiver.login(server, server.join_code("ann"))
+    receiver.up()
+    assert gui_home.paths.home is not None
+    home = AgentHome(gui_home.paths.home, receiver.logs, "desk")
+    home.ok("login", server.url, "--join-code", server.join_code("ann"), "--name", "desk")
+    gui_home.config = Context.open(gui_home.paths.home).config
+    return server, receiver

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Iterator
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -23,29 +22,17 @@ from tests.integration.harness import BASE_ENV, AgentHome, Server, free_port, me
 
 
 @pytest.fixture
-def bob_and_desk(tmp_path: Path, gui_home: Context) -> Iterator[AgentHome]:
+def bob_and_desk(gui_home: Context, server: Server, make_agent) -> AgentHome:  # type: ignore[no-untyped-def]
     """bob's laptop (a real `meshagent up`) and ann's desk (the app) share the room `team`."""
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    server = Server(tmp_path / "server", logs).start()
-    bob = AgentHome(
-        tmp_path / "bob",
-        logs,
-        "bobs-laptop",
-        config={"server.reconnect_max": "1", "device.name": "bobs-laptop"},
-    )
-    try:
-        server.add_user("ann")
-        server.add_user("bob")
-        bob.login(server, server.join_code("bob", room="team"))
-        bob.up()
-        assert gui_home.paths.home is not None
-        desk = AgentHome(gui_home.paths.home, logs, "desk")
-        desk.ok("login", server.url, "--join-code", server.join_code("ann", room="team"))
-        yield bob
-    finally:
-        bob.stop()
-        server.stop()
+    server.add_user("ann")
+    server.add_user("bob")
+    bob: AgentHome = make_agent("bobs-laptop")
+    bob.login(server, server.join_code("bob", room="team"))
+    bob.up()
+    assert gui_home.paths.home is not None
+    desk = AgentHome(gui_home.paths.home, bob.logs, "desk")
+    desk.ok("login", server.url, "--join-code", server.join_code("ann", room="team"))
+    return bob
 
 
 def offer_dialog() -> OfferDialog | None:
