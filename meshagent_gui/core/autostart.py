@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import configparser
 import hashlib
+import logging
 import os
 import plistlib
 import subprocess
@@ -30,6 +31,7 @@ from meshagent_gui.config import Paths
 from meshagent_gui.errors import UserError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 APP_TITLE: Final = "Mesh Agent"
 DESKTOP_FILE_STEM: Final = "meshagent"
@@ -79,6 +81,20 @@ def autostart_status(paths: Paths, *, backend: AutostartBackend | None = None) -
     if registered is None:
         return AutostartStatus(False, chosen.location, launch_command(paths))
     return AutostartStatus(True, chosen.location, registered)
+
+
+def autostart_enabled(paths: Paths) -> bool | None:
+    """Whether Mesh Agent starts at login; None where that cannot be read or set (for the
+    app's checkboxes: shown disabled then)."""
+    try:
+        return autostart_status(paths).enabled
+    except (UserError, OSError) as exc:
+        log.info("autostart unavailable: %s", exc)
+        return None
+
+
+def set_autostart(paths: Paths, enabled: bool) -> AutostartStatus:
+    return enable_autostart(paths) if enabled else disable_autostart(paths)
 
 
 def enable_autostart(paths: Paths, *, backend: AutostartBackend | None = None) -> AutostartStatus:

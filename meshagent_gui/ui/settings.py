@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
 
 from meshagent_gui.config import KEYS
 from meshagent_gui.context import Context
+from meshagent_gui.core.autostart import autostart_enabled, set_autostart
 from meshagent_gui.core.share.ratelimit import parse_rate
 from meshagent_gui.errors import UserError
 
@@ -115,7 +116,7 @@ class SettingsDialog(QDialog):
         buttons.accepted.connect(self.save)
         buttons.rejected.connect(self.reject)
         layout.addWidget(buttons)
-        self._autostart_was = self._autostart_enabled()
+        self._autostart_was = autostart_enabled(self.ctx.paths)
         self.autostart.setChecked(bool(self._autostart_was))
         self.autostart.setEnabled(self._autostart_was is not None)
 
@@ -123,15 +124,6 @@ class SettingsDialog(QDialog):
         folder = QFileDialog.getExistingDirectory(self, "Downloads folder", self.downloads.text())
         if folder:
             self.downloads.setText(folder)
-
-    def _autostart_enabled(self) -> bool | None:
-        try:
-            from meshagent_gui.core import autostart
-
-            return autostart.autostart_status(self.ctx.paths).enabled
-        except (ImportError, UserError, OSError) as exc:
-            log.info("autostart unavailable: %s", exc)
-            return None
 
     def save(self) -> None:
         try:
@@ -162,9 +154,4 @@ class SettingsDialog(QDialog):
             self.ctx.secrets.set("gotify.token", token)
         wanted = self.autostart.isChecked()
         if self._autostart_was is not None and wanted != self._autostart_was:
-            from meshagent_gui.core import autostart
-
-            if wanted:
-                autostart.enable_autostart(self.ctx.paths)
-            else:
-                autostart.disable_autostart(self.ctx.paths)
+            set_autostart(self.ctx.paths, wanted)

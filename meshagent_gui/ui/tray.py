@@ -11,6 +11,7 @@ from PySide6.QtGui import QAction
 from PySide6.QtWidgets import QInputDialog, QMenu, QMessageBox, QSystemTrayIcon, QWidget
 
 from meshagent_gui.config import Paths
+from meshagent_gui.core.autostart import autostart_enabled, set_autostart
 from meshagent_gui.errors import UserError
 
 from .bridge import AgentBridge
@@ -156,12 +157,8 @@ class Tray(QObject):
     # ------------------------------------------------------------ autostart
 
     def refresh_autostart(self) -> None:
-        try:
-            from meshagent_gui.core import autostart
-
-            enabled = autostart.autostart_status(self.paths).enabled
-        except (ImportError, AttributeError, UserError, OSError) as exc:
-            log.info("autostart unavailable: %s", exc)
+        enabled = autostart_enabled(self.paths)
+        if enabled is None:
             self.autostart_action.setEnabled(False)
             return
         self.autostart_action.setEnabled(True)
@@ -171,12 +168,7 @@ class Tray(QObject):
 
     def _toggle_autostart(self, enabled: bool) -> None:
         try:
-            from meshagent_gui.core import autostart
-
-            if enabled:
-                autostart.enable_autostart(self.paths)
-            else:
-                autostart.disable_autostart(self.paths)
+            set_autostart(self.paths, enabled)
         except UserError as exc:
             self.message(f"Start at login: {exc.message}")
         self.refresh_autostart()
