@@ -19,7 +19,7 @@ from meshagent_gui.core.events import TransferCompleted
 from meshagent_gui.core.local_mesh import lan_address
 from meshagent_gui.core.notify.router import NotificationRouter
 from meshagent_gui.ui.app import ErrorReporter, GuiApp, _bring_forward_running
-from meshagent_gui.ui.first_run import FirstRunDialog
+from meshagent_gui.ui.first_run import Choice, FirstRunDialog
 from meshagent_gui.ui.resources import TrayState
 from meshagent_gui.ui.transfers import State
 from tests.integration.harness import AgentHome, Server, wait_until
@@ -295,3 +295,25 @@ def test_quitting_mid_transfer_leaves_it_resumable(
     ]
     assert item["resumed_from"] > 0
     assert (downloads / "big.bin").read_bytes() == payload.read_bytes()
+
+
+def test_first_run_connects_to_a_server_and_says_why_when_it_cannot(  # type: ignore[no-untyped-def]
+    qtbot: Any, qloop: asyncio.AbstractEventLoop, gui_home: Context, server
+) -> None:
+    """The other first-run choice, against the real reference server: a wrong join code is
+    one line in the dialog, which stays open; the right one enrols this device."""
+    server.add_user("ann")
+    dialog = FirstRunDialog(gui_home)
+    qtbot.addWidget(dialog)
+    dialog.url.setText(server.url)
+    dialog.join_code.setText("AAAA-BBBB-CCCC-DDDD")
+    assert not run(qtbot, dialog.connect_to_server())
+    assert dialog.error.isVisibleTo(dialog) and dialog.error.text()
+    assert "Traceback" not in dialog.error.text()
+    assert dialog.choice is not Choice.CONNECTED
+    assert Context.open(gui_home.paths.home).enrollment is None
+    dialog.join_code.setText(server.join_code("ann"))
+    assert run(qtbot, dialog.connect_to_server())
+    assert dialog.choice is Choice.CONNECTED
+    enrolled = Context.open(gui_home.paths.home).enrollment
+    assert enrolled is not None and enrolled.user == "ann"
