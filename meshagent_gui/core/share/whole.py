@@ -147,15 +147,14 @@ def make_durable(fds: Sequence[int]) -> None:
     of each file."""
     libc = _libc()
     syncfs = getattr(libc, "syncfs", None) if libc is not None else None
-    by_device: dict[int, int] = {}
+    by_device: dict[int, list[int]] = {}
     for fd in fds:
-        by_device.setdefault(os.fstat(fd).st_dev, fd)
-    for fd in by_device.values():
-        if syncfs is not None and syncfs(fd) == 0:
+        by_device.setdefault(os.fstat(fd).st_dev, []).append(fd)
+    for same_device in by_device.values():
+        if syncfs is not None and syncfs(same_device[0]) == 0:
             continue
-        for each in fds:
-            if os.fstat(each).st_dev == os.fstat(fd).st_dev:
-                os.fsync(each)
+        for fd in same_device:
+            os.fsync(fd)
 
 
 def link_unique(fd: int, wanted: Path) -> Path:
