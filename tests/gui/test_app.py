@@ -317,3 +317,41 @@ def test_first_run_connects_to_a_server_and_says_why_when_it_cannot(  # type: ig
     assert dialog.choice is Choice.CONNECTED
     enrolled = Context.open(gui_home.paths.home).enrollment
     assert enrolled is not None and enrolled.user == "ann"
+
+
+def test_cancel_and_resume_buttons_stop_a_send_keeping_the_partial_then_finish_it(
+    qtbot: Any,
+    qloop: asyncio.AbstractEventLoop,
+    gui_home: Context,
+    mesh: tuple[Server, AgentHome],
+    tmp_path: Path,
+) -> None:
+    _, receiver = mesh
+    payload = tmp_path / "big.bin"
+    payload.write_bytes(os.urandom(16 * 1024 * 1024))
+    ctx = Context.open(gui_home.paths.home)
+    ctx.config.set("transfer.rate_limit", "2M")  # 8 s: the click lands in the middle
+    gui = GuiApp(ctx, use_tray=False)
+    task = start(gui)
+    qtbot.waitUntil(lambda: gui.agent_ready.is_set() or task.done(), timeout=20_000)
+    assert not task.done(), task.result()
+    qtbot.waitUntil(lambda: bool(gui.bridge.online_devices()), timeout=10_000)
+    window = gui.window
+    row = gui.bridge.send([str(payload)], gui.bridge.online_devices()[0].id)
+    qtbot.waitUntil(lambda: 0.1 < row.fraction < 0.6, timeout=20_000)
+    window.table.selectRow(0)
+    assert window.cancel_button.isEnabled() and not window.resume_button.isEnabled()
+    qtbot.mouseClick(window.cancel_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.state is State.CANCELLED, timeout=10_000)
+    downloads = receiver.home / "downloads"
+    wait_until(lambda: list(downloads.glob("big.bin*.meshpart")), 10, "the partial file")
+    assert not (downloads / "big.bin").exists()
+
+    ctx.config.set("transfer.rate_limit", "")  # read at each send: the rest at full speed
+    qtbot.waitUntil(window.resume_button.isEnabled, timeout=5000)
+    qtbot.mouseClick(window.resume_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: row.state is State.DONE, timeout=30_000)
+    assert gui.bridge.transfers.rowCount() == 1  # the same row, resumed
+    assert (downloads / "big.bin").read_bytes() == payload.read_bytes()
+    assert not list(downloads.glob("*.meshpart"))
+    stop(qtbot, gui, task)
