@@ -26,10 +26,16 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from meshagent_gui.core.p2p import auth, control
-from meshagent_gui.core.p2p.engine import Address, EngineConnection, EngineName
+from meshagent_gui.core.p2p.engine import (
+    Address,
+    Batch,
+    EngineConnection,
+    EngineName,
+    TransportSettings,
+)
 from meshagent_gui.core.p2p.errors import (
     CloseCode,
     CloseInfo,
@@ -41,8 +47,28 @@ from meshagent_gui.core.p2p.errors import (
 from meshagent_gui.core.p2p.streams import FlowControlViolation, PeerStream
 from meshagent_gui.identity import fingerprint
 
-if TYPE_CHECKING:
-    from meshagent_gui.core.p2p.endpoint import Endpoint, EndpointSettings
+
+class ConnectionHost(Protocol):
+    """What a connection needs of the endpoint that drives it (the endpoint is one; injected so
+    this module does not import the endpoint, which imports it)."""
+
+    def transmit(self, batches: list[Batch]) -> int: ...
+    def add_connection_id(self, conn: PeerConnection, connection_id: bytes) -> None: ...
+    def remove_connection_id(self, conn: PeerConnection, connection_id: bytes) -> None: ...
+    def connection_moved(self, conn: PeerConnection, addr: Address) -> None: ...
+    def forget(self, conn: PeerConnection) -> None: ...
+
+
+class ConnectionSettings(Protocol):
+    """The endpoint settings a connection reads (EndpointSettings has them)."""
+
+    @property
+    def transport(self) -> TransportSettings: ...
+    @property
+    def max_unsent(self) -> int: ...
+    @property
+    def keepalive_interval(self) -> float | None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +116,12 @@ class PeerConnection:
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        endpoint: ConnectionHost,
         engine_connection: EngineConnection,
         *,
         is_dialer: bool,
         remote_address: Address,
-        settings: EndpointSettings,
+        settings: ConnectionSettings,
         credentials: auth.DeviceCredentials,
         expected_peer_id: str | None = None,
     ) -> None:
