@@ -307,22 +307,24 @@ async def test_stun_datagrams_go_to_the_stun_handler(engine: str, alice: identit
 
 
 async def test_an_idle_connection_times_out_and_keepalives_prevent_it(
-    engine: str, alice: identity.Identity, bob: identity.Identity
+    engine: str, alice: identity.Identity, bob: identity.Identity, mallory: identity.Identity
 ) -> None:
     quiet = EndpointSettings(transport=TransportSettings(idle_timeout=0.5), keepalive_interval=None)
     lively = EndpointSettings(transport=TransportSettings(idle_timeout=0.5), keepalive_interval=0.1)
-    async with endpoint(alice, engine, settings=quiet) as listener:
-        async with endpoint(bob, engine, settings=lively) as dialer:
-            kept = await dialer.connect(address(listener), alice.device_id, timeout=TIMEOUT)
-            await asyncio.sleep(1.2)
-            assert not kept.is_closed
-        async with endpoint(bob, engine, settings=quiet) as dialer:
-            idle = await dialer.connect(address(listener), alice.device_id, timeout=TIMEOUT)
-            info = await asyncio.wait_for(idle.wait_closed(), TIMEOUT)
-            assert not info.application
-            assert "idle" in info.reason.lower()
-            with pytest.raises(ConnectionClosedError):
-                await idle.open_stream()
+    async with (
+        endpoint(alice, engine, settings=quiet) as listener,
+        endpoint(bob, engine, settings=lively) as lively_dialer,
+        endpoint(mallory, engine, settings=quiet) as quiet_dialer,
+    ):
+        kept = await lively_dialer.connect(address(listener), alice.device_id, timeout=TIMEOUT)
+        idle = await quiet_dialer.connect(address(listener), alice.device_id, timeout=TIMEOUT)
+        # The quiet connection timing out is the clock: the lively one, older, outlived it.
+        info = await asyncio.wait_for(idle.wait_closed(), TIMEOUT)
+        assert not info.application
+        assert "idle" in info.reason.lower()
+        with pytest.raises(ConnectionClosedError):
+            await idle.open_stream()
+        assert not kept.is_closed
 
 
 async def test_shutdown_closes_connections_and_leaves_no_tasks(

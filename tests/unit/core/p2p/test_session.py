@@ -191,7 +191,9 @@ async def test_unread_bulk_data_is_bounded_in_bytes_not_messages(
                 await channel.send(Chunk(offset, b"abcd", False, piece))
 
         sender = asyncio.create_task(send_all())
-        await asyncio.sleep(1.0)  # the reader reads nothing meanwhile
+        # The reader reads nothing meanwhile: wait until the inbox has filled up to its bound.
+        while incoming.inbox_bytes + len(piece) <= session_module.INBOX_BYTES:
+            await asyncio.sleep(0.01)
         assert incoming.inbox_bytes <= session_module.INBOX_BYTES
         assert not sender.done()  # held back: the peer's credit ran out
         for offset in range(40):
