@@ -1,4 +1,4 @@
-"""The desktop app's figures (issue 6), each against a baseline measured in the same run.
+"""The desktop app's figures, each against a baseline measured in the same run.
 
 1. **Start to tray ready**: from ``Popen`` of ``python -m meshagent_gui gui --home H`` (an
    enrolled home, a running server) until the app's IPC ``status`` says the link is online (the

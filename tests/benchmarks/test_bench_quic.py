@@ -9,7 +9,7 @@ measured phase, summed for both ends.
     MESHAGENT_BENCH_BYTES=268435456   bytes per throughput run (default 512 MiB; 1/4 for aioquic)
     MESHAGENT_BENCH_OUT=results.json  also write the results as JSON (a directory gets quic.json)
 
-Targets with qh3 (issue 3): >= 300 MB/s, <= 6 CPU-s per GiB for both ends, echo p99 <= 1 ms.
+Targets with qh3: >= 300 MB/s, <= 6 CPU-s per GiB for both ends, echo p99 <= 1 ms.
 """
 
 from __future__ import annotations

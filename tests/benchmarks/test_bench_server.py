@@ -19,7 +19,7 @@ delivery is from the flapper starting to connect (or to close) to an observer ha
     MESHAGENT_BENCH_WS_N=5000         connections held (default 5000, the issue's target)
     MESHAGENT_BENCH_OUT=results.json  also write the results as JSON (a directory gets server.json)
 
-Targets (issue 2): >= 5,000 connections in one server process; presence p99 < 100 ms at that load.
+Targets: >= 5,000 connections in one server process; presence p99 < 100 ms at that load.
 Only sanity is asserted (every connection up, every presence frame delivered), never timing.
 """
 

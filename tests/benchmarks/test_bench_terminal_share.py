@@ -1,4 +1,4 @@
-"""Terminal share through real agents (issue 5): a reference server and three ``meshagent up``
+"""Terminal share through real agents: a reference server and three ``meshagent up``
 processes on loopback (``host``, ``v1``, ``v2``, one user), consoles driven over the agents'
 IPC exactly as ``meshagent terminal share|view`` drives them (without a terminal in between).
 
