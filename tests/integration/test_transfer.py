@@ -146,7 +146,10 @@ def test_rate_limit(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-de
     started = time.monotonic()
     sender.ok("send", str(source), "--to", "receiver", "--rate", "5M")
     took = time.monotonic() - started
-    assert 10 * 0.85 <= took <= 10 * 1.15, took
+    # The limit is a floor on the time: 50 MB at 5 MB/s, less the bucket's 250 KB burst. Only
+    # the floor is asserted: a loaded machine may take longer, which says nothing of the limit
+    # (its precision is the token bucket's unit test and the transfer benchmarks' business).
+    assert took >= (50_000_000 - 250_000) / 5_000_000 * 0.98, took
 
 
 def test_bad_input_is_one_clear_line(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
