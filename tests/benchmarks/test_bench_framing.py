@@ -189,17 +189,18 @@ def test_framing_throughput_against_baselines(
     data = os.urandom(MiB)
     rounds = [measure_round(data) for _ in range(ROUNDS)]
 
-    # label: (ours, baseline, unit, floor). Below the floor the layer is broken, not slow:
-    # the copy-free rows and the small messages measure per-frame Python overhead against a
-    # bare struct call, so their floors are low.
+    # label: (ours, baseline, unit, floor). Each floor is about half the ratio measured on the
+    # 2-core CI machine (9.2, 490, 0.29, 1.3, 0.10, 0.10, 2.4), so a 2x regression fails the
+    # benchmark while the noise of a loaded machine does not. The small-message rows measure
+    # per-frame Python overhead against a bare struct call, hence ratios below 1.
     pairs = {
-        "1 MiB decode, 64 KiB pieces": ("bulk_decode_64k", "base_decode_64k", "MB/s", 1.0),
-        "1 MiB decode, whole frame": ("bulk_decode_whole", "base_decode_whole", "MB/s", 1.0),
-        "1 MiB encode, parts": ("bulk_encode_parts", "base_encode_parts", "MB/s", 0.05),
-        "1 MiB encode, joined": ("bulk_encode_joined", "base_encode_joined", "MB/s", 0.5),
-        "ack (struct) enc+dec": ("ack_roundtrip", "base_small_roundtrip", "msg/s", 0.03),
-        "Close (msgpack) enc+dec": ("close_roundtrip", "base_small_roundtrip", "msg/s", 0.03),
-        "Hello (msgpack) vs json": ("hello_roundtrip", "base_hello_json", "msg/s", 0.5),
+        "1 MiB decode, 64 KiB pieces": ("bulk_decode_64k", "base_decode_64k", "MB/s", 4.0),
+        "1 MiB decode, whole frame": ("bulk_decode_whole", "base_decode_whole", "MB/s", 100.0),
+        "1 MiB encode, parts": ("bulk_encode_parts", "base_encode_parts", "MB/s", 0.12),
+        "1 MiB encode, joined": ("bulk_encode_joined", "base_encode_joined", "MB/s", 0.6),
+        "ack (struct) enc+dec": ("ack_roundtrip", "base_small_roundtrip", "msg/s", 0.05),
+        "Close (msgpack) enc+dec": ("close_roundtrip", "base_small_roundtrip", "msg/s", 0.05),
+        "Hello (msgpack) vs json": ("hello_roundtrip", "base_hello_json", "msg/s", 1.2),
     }
     results = against_baselines(rounds, pairs)
     report: dict[str, Any] = {

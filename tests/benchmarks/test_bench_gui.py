@@ -301,7 +301,7 @@ def test_start_to_ready(homes: Homes) -> None:
         " headless",
         f"<= {TARGET_START_S} s: {_met(best['app'] <= TARGET_START_S)}",
     )
-    assert all(t > 0 for v in times.values() for t in v)
+    assert best["app"] <= TARGET_START_S, f"start to tray {best['app']:.2f} s > {TARGET_START_S} s"
 
 
 def test_idle_rss_and_cpu(homes: Homes) -> None:
@@ -360,7 +360,9 @@ def test_idle_rss_and_cpu(homes: Homes) -> None:
         f"+{app['cpu_s'] - bare['cpu_s']:.2f} CPU-s vs bare Qt",
         "about 0",
     )
-    assert all(f["rss_MB"] > 0 for f in figures.values())
+    assert app["rss_MB"] <= TARGET_RSS_MB, f"idle RSS {app['rss_MB']:.0f} MB > {TARGET_RSS_MB} MB"
+    # "About 0": the idle app must not poll; 1 % of a core leaves room for keepalives.
+    assert app["cpu_percent"] <= 1.0, f"idle CPU {app['cpu_percent']:.2f} % of a core"
 
 
 # ---------------------------------------------------------------------------- 4

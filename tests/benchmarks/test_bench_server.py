@@ -20,7 +20,8 @@ delivery is from the flapper starting to connect (or to close) to an observer ha
     MESHAGENT_BENCH_OUT=results.json  also write the results as JSON (a directory gets server.json)
 
 Targets: >= 5,000 connections in one server process; presence p99 < 100 ms at that load.
-Only sanity is asserted (every connection up, every presence frame delivered), never timing.
+Both targets are asserted after the table is printed (a benchmark, not a test: timing is its
+job); the sanity checks (every connection up, every presence frame delivered) come first.
 """
 
 from __future__ import annotations
@@ -567,3 +568,11 @@ async def test_websockets_held_and_presence_fanout(
         print(f"\ncontrol plane: {connections:,} agent WebSockets, {WORKERS} load processes")
         print_table(results_table(reference, baseline, plan))
     write_report(report, "server.json")
+    if connections >= TARGET_CONNECTIONS:  # a smaller MESHAGENT_BENCH_WS_N is a quick look
+        assert reference["connections"] >= TARGET_CONNECTIONS, reference["connections"]
+    slow = {
+        label: figures["online"]["p99"]
+        for label, figures in reference["fanout_ms"].items()
+        if figures["online"]["p99"] >= TARGET_P99_MS
+    }
+    assert not slow, f"presence p99 at or over {TARGET_P99_MS} ms: {slow}"

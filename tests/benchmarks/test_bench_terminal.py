@@ -250,3 +250,11 @@ def test_host_throughput_and_late_join(tmp_path: Path, capsys: pytest.CaptureFix
         assert all(r["bytes"] >= FILE_BYTES for r in rounds), label
     for row in measured["late_join"].values():
         assert row["samples"] > 0
+    ten = results["host, 10 viewers"]["slowdown_vs_0_viewers"]
+    assert ten <= 0.20, f"10 viewers slow cat by {ten:.0%} > 20 %"
+    slow_joins = {
+        label: row["median_ms"]
+        for label, row in measured["late_join"].items()
+        if row["median_ms"] > 200
+    }
+    assert not slow_joins, f"late join over 200 ms: {slow_joins}"

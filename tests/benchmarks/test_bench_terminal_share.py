@@ -6,9 +6,10 @@ IPC exactly as ``meshagent terminal share|view`` drives them (without a terminal
    sends one byte and waits for it to come back (viewer agent -> P2P -> host agent -> PTY ->
    cat -> back), ``ECHO_BLOCKS`` x ``ECHO_PER_BLOCK`` times, interleaved block by block with the
    same round trips through ``ssh -tt`` to a throwaway sshd on loopback running the same
-   program. p50 / p99 and the ratios (targets: p99 <= 5 ms and <= 1.0x ssh). Rows that split
-   the cost: the host's own console (IPC and the host agent, with the viewer still attached);
-   the same program on a PTY read by this process; and the Python floor, one and two plain
+   program. p50 / p99 and the ratios (asserted: p99 <= 5 ms; the ratio to ssh is reported).
+   Rows that split the cost: the host's own console (IPC and the host agent, with the viewer
+   still attached); the same program on a PTY read by this process; and the Python floor, one
+   and two plain
    asyncio processes that only forward bytes (``_relay_floor.py``: the shapes of the host's
    console and of the viewer's path with nothing else an agent does).
 2. **Late joiner.** The host shares ``vim`` on a file (80x24 and 200x50); a new viewer attaches:
@@ -321,6 +322,9 @@ def test_keystroke_echo_latency_against_ssh(
         echo["note"] = "ssh baseline skipped: openssh-server/openssh-client not installed"
     report["echo"] = echo
     assert ours["samples"] >= 500
+    # The ratio to ssh is reported: two Python processes cannot reach 1.0x (README, "Why the
+    # echo cannot reach 1.0x ssh"); the bound a typist feels is asserted.
+    assert ours["p99_ms"] <= 5.0, f"echo p99 {ours['p99_ms']:.2f} ms > 5 ms"
 
 
 # ---------------------------------------------------------------------------- 2. late join
@@ -397,6 +401,8 @@ def test_late_joiner_gets_the_screen(
         }
     report["late_join"] = late
     assert all(row["samples"] == LATE_JOINS for row in late.values())
+    slow = {k: row["to_last_byte_ms"] for k, row in late.items() if row["to_last_byte_ms"] > 200}
+    assert not slow, f"late join to the last snapshot byte over 200 ms (median): {slow}"
 
 
 # ---------------------------------------------------------------------------- 3. cat
@@ -561,3 +567,5 @@ def test_host_slowdown_with_real_viewers(
     assert host_process is not None
     report["host_agent_rss_MB"] = psutil.Process(host_process.proc.pid).memory_info().rss / 1e6
     assert all(len(r) == CAT_ROUNDS for r in rounds.values())
+    ten = rows["host, 10 viewers"]["slowdown_vs_0_viewers"]
+    assert ten <= 0.20, f"10 viewers slow cat by {ten:.0%} > 20 %"
