@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import unicodedata
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -14,47 +14,68 @@ from typing import Annotated, Any, Concatenate, Final, ParamSpec, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from meshagent_gui import __version__
 from meshagent_gui.core.mesh.types import (
     API_PREFIX,
+    CLOSE_REVOKED,
+    Accepted,
     ApiError,
+    AuditEntry,
+    AuditLog,
     CapabilityGrant,
     CapabilityRequest,
+    Challenge,
     Device,
     DeviceList,
     DeviceUpdate,
     EnrollRequest,
     EnrollResponse,
+    Invitation,
+    InvitationCreate,
+    InvitationList,
     JoinCode,
     JoinCodeCreate,
     KeySet,
-    MemberAdd,
+    MemberUpdate,
+    NotifySettings,
+    NotifySettingsUpdate,
     RefreshRequest,
     Room,
     RoomCreate,
+    RoomJoin,
+    RoomJoinCodeCreate,
     RoomList,
     ServerInfo,
+    TerminalControlReport,
     TokenPair,
 )
 from meshagent_gui.server.hub import Hub, HubLimits
-from meshagent_gui.server.passwords import Passwords
+from meshagent_gui.server.limits import MAX_BODY_BYTES, BodyLimit, FailureLimiter
+from meshagent_gui.server.notify import NotifySettingsError, UserNotifier, check_target
+from meshagent_gui.server.passwords import Passwords, PasswordsBusy
+from meshagent_gui.server.proof import ChallengeCache, holds_key
 from meshagent_gui.server.relay import Relay
 from meshagent_gui.server.store import (
     JOIN_CODE_TTL,
+    PERSONAL_ROOM_PREFIX,
     AsyncStore,
+    AuditRecord,
     DeviceRecord,
     Enrolment,
     NewDevice,
     Principal,
+    RefreshReuse,
     RoomRecord,
     Store,
     StoreError,
+    personal_room,
 )
 from meshagent_gui.server.tokens import SigningKeys
 
@@ -75,6 +96,7 @@ ERROR_STATUS: Final[dict[str, int]] = {
     "join_code_expired": 401,
     "join_code_used": 401,
     "invalid_refresh_token": 401,
+    "invalid_proof": 401,
     "forbidden": 403,
     "not_allowed": 403,
     "not_found": 404,
@@ -84,11 +106,20 @@ ERROR_STATUS: Final[dict[str, int]] = {
     "method_not_allowed": 405,
     "room_exists": 409,
     "user_exists": 409,
+    "too_large": 413,
     "rate_limited": 429,
 }
 # Refusals that count toward the per-address limit of failed login / join-code attempts.
+# A wrong enrolment proof counts too: the nonce is a secret of sorts, and an honest device
+# never gets one wrong.
 GUESSING_ERRORS: Final = frozenset(
-    {"invalid_credentials", "join_code_unknown", "join_code_expired", "join_code_used"}
+    {
+        "invalid_credentials",
+        "join_code_unknown",
+        "join_code_expired",
+        "join_code_used",
+        "invalid_proof",
+    }
 )
 
 
@@ -103,35 +134,31 @@ class ApiException(Exception):
         return cls(error.code, error.message)
 
 
-class FailureLimiter:
-    """Counts failed attempts per client address in a sliding window."""
+@contextlib.contextmanager
+def guessing_attempt(limiter: FailureLimiter, key: str, now: float) -> Iterator[None]:
+    """One attempt at a secret (password, join code), counted before it runs.
 
-    def __init__(self, max_failures: int = 10, window: float = 300.0) -> None:
-        self.max_failures = max_failures
-        self.window = window
-        self._failures: dict[str, deque[float]] = {}
-
-    def blocked(self, address: str, now: float) -> bool:
-        failures = self._failures.get(address)
-        if failures is None:
-            return False
-        while failures and failures[0] <= now - self.window:
-            failures.popleft()
-        if not failures:
-            del self._failures[address]
-            return False
-        return len(failures) >= self.max_failures
-
-    def record_failure(self, address: str, now: float) -> None:
-        if len(self._failures) > 100_000:
-            self._forget_stale(now)
-        self._failures.setdefault(address, deque(maxlen=self.max_failures)).append(now)
-
-    def _forget_stale(self, now: float) -> None:
-        for address in [
-            a for a, f in self._failures.items() if not f or f[-1] <= now - self.window
-        ]:
-            del self._failures[address]
+    Refused with ``rate_limited`` when ``key`` has no attempts left. The reserved slot is given
+    back unless the attempt ends with a guessing error (:data:`GUESSING_ERRORS`) or invalid
+    proof, so concurrent guesses can never all pass a check made before any of them failed.
+    """
+    slot = limiter.reserve(key, now)
+    if slot is None:
+        raise ApiException("rate_limited", "Too many failed attempts; try again later.")
+    try:
+        yield
+    except ApiException as exc:
+        if exc.code not in GUESSING_ERRORS:
+            slot.release()
+        raise
+    except StoreError as exc:
+        if exc.code not in GUESSING_ERRORS:
+            slot.release()
+        raise
+    except BaseException:
+        slot.release()
+        raise
+    slot.release()
 
 
 @dataclass
@@ -145,12 +172,28 @@ class ServerState:
     relay: Relay
     passwords: Passwords = field(default_factory=Passwords)
     limiter: FailureLimiter = field(default_factory=FailureLimiter)
+    challenges: ChallengeCache = field(default_factory=ChallengeCache)  # enrolment nonces
     clock: Callable[[], float] = time.time
     stun_port: int | None = None  # set by the runner once its UDP socket is bound
+    notifier: UserNotifier = field(init=False)  # per-user Gotify; tests replace it
+
+    def __post_init__(self) -> None:
+        self.notifier = UserNotifier(self.db)
 
     @property
     def server_id(self) -> str:
         return self.db.store.server_id
+
+    def revoke_sockets(self, session_ids: Iterable[str]) -> None:
+        """Close the `/ws` and `/relay` sockets of revoked sessions now (close code 4403).
+
+        Call it with the ids a store method revoked (refresh-token reuse, re-enrolment, device
+        removal); the hub's sweep would find them within seconds anyway, this is at once.
+        """
+        ids = frozenset(session_ids)
+        if ids:
+            self.hub.close_sessions(ids, CLOSE_REVOKED)
+            self.relay.close_sessions(ids, CLOSE_REVOKED)
 
     @classmethod
     def open(
@@ -185,6 +228,8 @@ class ServerState:
         )
 
     def close(self) -> None:
+        self.hub.stop()
+        self.passwords.close()
         self.db.close()
 
 
@@ -204,14 +249,47 @@ def _describe_validation(exc: RequestValidationError) -> str:
     return f"Invalid request: {where}: {message}." if where else f"Invalid request: {message}."
 
 
-def _certificate_fingerprint(pem: str) -> str:
+def _load_certificate(pem: str) -> x509.Certificate:
     try:
-        certificate = x509.load_pem_x509_certificate(pem.encode("ascii"))
+        return x509.load_pem_x509_certificate(pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError) as exc:
         raise ApiException(
             "bad_certificate", "The certificate is not a PEM X.509 certificate."
         ) from exc
-    return sha256(certificate.public_bytes(Encoding.DER)).hexdigest()
+
+
+def _check_possession(
+    certificate: x509.Certificate, body: EnrollRequest, state: ServerState
+) -> None:
+    """The enrolling device must hold the certificate's key (the certificate itself is public)."""
+    fresh = state.challenges.redeem(body.nonce, state.clock())
+    if not fresh or not holds_key(
+        certificate, server_id=state.server_id, nonce=body.nonce, signature=body.signature
+    ):
+        raise ApiException(
+            "invalid_proof",
+            "The enrolment proof is missing, expired or not signed with this certificate's key;"
+            " fetch a new challenge (POST /enroll/challenge) and sign it.",
+        )
+
+
+async def _too_large(scope: Any, receive: Any, send: Any) -> None:
+    """The 413 of :class:`BodyLimit`; the connection closes so the rest is never read."""
+    message = f"The request body is larger than {MAX_BODY_BYTES} bytes."
+    response = _error_response("too_large", message)
+    response.headers["Connection"] = "close"
+    await response(scope, receive, send)
+
+
+def _allowed_methods(routes: Iterable[BaseRoute], scope: Any) -> str:
+    """The ``Allow`` header of a 405: the methods of every route on the path, not just one."""
+    methods: set[str] = set()
+    for route in routes:
+        match, _ = route.matches(scope)  # PARTIAL: the path matches, the method does not
+        route_methods = getattr(route, "methods", None)
+        if match != Match.NONE and route_methods:
+            methods |= set(route_methods)
+    return ", ".join(sorted(methods))
 
 
 def _clean_device_name(name: str) -> str:
@@ -231,14 +309,31 @@ def _room(record: RoomRecord) -> Room:
     return Room(name=record.name, role=record.role, members=list(record.members))
 
 
+def _audit_entry(record: AuditRecord) -> AuditEntry:
+    return AuditEntry(
+        id=record.id,
+        at=record.at,
+        kind=record.kind,
+        room=record.room,
+        actor_user=record.actor_user,
+        actor_device=record.actor_device,
+        subject=record.subject,
+        detail=record.detail,
+    )
+
+
 # The Authorization header is read by hand (not HTTPBearer's auto_error) so a missing or bad
 # token answers our own 401 body; the scheme is still declared for the OpenAPI document.
 _bearer = HTTPBearer(auto_error=False, description="the access token from /enroll")
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI: the error statuses a route may answer, all with the ApiError body."""
-    return {status: {"model": ApiError} for status in (*statuses, 422)}
+    """OpenAPI: the error statuses a route may answer, all with the ApiError body.
+
+    Every route may answer 413 (:class:`BodyLimit` refuses any request body over the cap) and
+    422 (validation).
+    """
+    return {status: {"model": ApiError} for status in (*statuses, 413, 422)}
 
 
 async def _authenticate(
@@ -279,13 +374,25 @@ def create_app(state: ServerState) -> FastAPI:
         return _error_response("invalid_request", _describe_validation(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # FastAPI's own "There was an error parsing the body" (e.g. JSON that is not UTF-8):
+            # the documented answer to a body that cannot be read is 422 invalid_request.
+            return _error_response("invalid_request", "The request body is not valid JSON.")
+        if exc.status_code == 413:
+            return _error_response("too_large", str(exc.detail))
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized"}.get(
             exc.status_code, "invalid_request"
         )
         response = _error_response(code, str(exc.detail))
         response.status_code = exc.status_code
+        if exc.status_code == 405:
+            routes = [*app.router.routes, *router.routes]
+            response.headers["Allow"] = _allowed_methods(routes, request.scope)
         return response
+
+    # Outermost of our middleware: a body over the cap is refused before anything reads it.
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, too_large=_too_large)
 
     async def store_call(
         method: Callable[Concatenate[Store, P], T], *args: P.args, **kwargs: P.kwargs
@@ -310,7 +417,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     # ------------------------------------------------------------ enrolment and tokens
 
-    @router.get("/info")
+    @router.get("/info", responses=_errors())
     async def info() -> ServerInfo:
         return ServerInfo(
             server_id=state.server_id,
@@ -320,36 +427,38 @@ def create_app(state: ServerState) -> FastAPI:
             stun_port=state.stun_port,
         )
 
-    @router.get("/keys")
+    @router.get("/keys", responses=_errors())
     async def keys() -> KeySet:
         state.keys.reload_if_changed()
         return KeySet(keys=state.keys.public_keys())
 
+    @router.post("/enroll/challenge", responses=_errors())
+    async def enroll_challenge() -> Challenge:
+        """A single-use nonce for the enrolment proof (see EnrollRequest)."""
+        challenges = state.challenges
+        return Challenge(nonce=challenges.issue(state.clock()), expires_in=challenges.ttl)
+
     @router.post("/enroll", responses=_errors(400, 401, 403, 429))
     async def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
-        address = _client_address(request)
-        if state.limiter.blocked(address, state.clock()):
-            raise ApiException("rate_limited", "Too many failed attempts; try again later.")
-        by_code = body.join_code is not None
-        by_password = body.username is not None or body.password is not None
-        if by_code == by_password:
-            raise ApiException(
-                "invalid_request", "Give either join_code, or username and password."
+        with guessing_attempt(state.limiter, _client_address(request), state.clock()):
+            certificate = _load_certificate(body.certificate)
+            device = NewDevice(
+                id=sha256(certificate.public_bytes(Encoding.DER)).hexdigest(),
+                name=_clean_device_name(body.device_name),
+                platform=body.platform,
+                certificate=body.certificate,
             )
-        device = NewDevice(
-            id=_certificate_fingerprint(body.certificate),
-            name=_clean_device_name(body.device_name),
-            platform=body.platform,
-            certificate=body.certificate,
-        )
-        try:
+            _check_possession(certificate, body, state)
             enrolment = await _enroll(body, device)
-        except ApiException as exc:
-            if exc.code in GUESSING_ERRORS:
-                state.limiter.record_failure(address, state.clock())
-            raise
+        state.revoke_sockets(enrolment.revoked_sessions)
         if enrolment.membership is not None:
             hub.membership_changed(enrolment.membership)
+        state.notifier.notify(
+            enrolment.device.user,
+            "Device enrolled",
+            f"The device {device.name!r} ({device.platform or 'unknown platform'}) was enrolled"
+            " on your account.",
+        )
         state.keys.reload_if_changed()
         return EnrollResponse(
             device_id=enrolment.device.id,
@@ -365,17 +474,36 @@ def create_app(state: ServerState) -> FastAPI:
         now = state.clock()
         if body.join_code is not None:
             return await store_call(Store.enroll_with_join_code, body.join_code, device, now=now)
-        if body.username is None or body.password is None:
-            raise ApiException("invalid_request", "Give both username and password.")
+        assert body.username is not None and body.password is not None  # the model's validator
         user = body.username.strip().lower()
         stored = await state.db.call(Store.password_hash, user)
-        if not await state.passwords.verify_async(stored, body.password):
+        try:
+            verified = await state.passwords.verify_async(stored, body.password)
+        except PasswordsBusy:
+            raise ApiException(
+                "rate_limited", "The server is busy checking passwords; try again in a moment."
+            ) from None
+        if not verified:
             raise ApiException("invalid_credentials", "Wrong user name or password.")
         return await store_call(Store.enroll_user_device, user, device, now=now)
 
     @router.post("/token/refresh", responses=_errors(401))
     async def refresh(body: RefreshRequest) -> TokenPair:
-        tokens = await store_call(Store.refresh, body.refresh_token, now=state.clock())
+        try:
+            tokens = await state.db.call(Store.refresh, body.refresh_token, now=state.clock())
+        except RefreshReuse as reuse:
+            # The token leaked: its session is gone, and so must be the sockets it opened.
+            state.revoke_sockets(reuse.revoked_sessions)
+            if reuse.user is not None:
+                state.notifier.notify(
+                    reuse.user,
+                    "Session revoked",
+                    "A device's refresh token was used twice, so its session was revoked; that"
+                    " device must log in again.",
+                )
+            raise ApiException.from_store(reuse) from None
+        except StoreError as exc:
+            raise ApiException.from_store(exc) from None
         return TokenPair(
             access_token=tokens.access_token,
             access_expires_in=tokens.access_expires_in,
@@ -392,10 +520,7 @@ def create_app(state: ServerState) -> FastAPI:
         if (user != caller.user) and not caller.admin:
             raise ApiException("forbidden", "Only an admin can make join codes for other users.")
         if body.room is not None and not caller.admin:
-            role = await state.db.call(Store.role, body.room, caller.user)
-            exists = role is not None or await state.db.call(Store.room_exists, body.room)
-            if exists and role != "owner":
-                raise ApiException("forbidden", f"Only an owner of {body.room!r} can invite to it.")
+            await check_join_code_room(body.room, caller.user)
         code, expires_at = await store_call(
             Store.create_join_code,
             user=user,
@@ -405,6 +530,23 @@ def create_app(state: ServerState) -> FastAPI:
             room_owner=caller.user,
         )
         return JoinCode(code=code, expires_at=expires_at)
+
+    async def check_join_code_room(room: str, user: str) -> None:
+        """An enrolment code may name a room the caller owns, or a new one (made for them).
+
+        No oracle beyond what creating a room already tells: a room the caller is not in
+        answers like a taken name at ``POST /rooms``, another user's personal room like one
+        that does not exist.
+        """
+        role = await state.db.call(Store.role, room, user)
+        if role == "owner":
+            return
+        if role is not None:
+            raise ApiException("forbidden", f"Only an owner of {room!r} can invite to it.")
+        if room.startswith(PERSONAL_ROOM_PREFIX):
+            raise ApiException("unknown_room", f"There is no room {room!r}.")
+        if await state.db.call(Store.room_exists, room):
+            raise ApiException("room_exists", f"The room {room!r} already exists.")
 
     # ------------------------------------------------------------ devices
 
@@ -421,7 +563,7 @@ def create_app(state: ServerState) -> FastAPI:
         )
         return device_model(record)
 
-    # ------------------------------------------------------------ rooms
+    # ------------------------------------------------------------ rooms (consented)
 
     @router.get("/rooms", responses=_errors(401))
     async def rooms(caller: Caller) -> RoomList:
@@ -431,16 +573,122 @@ def create_app(state: ServerState) -> FastAPI:
     @router.post("/rooms", responses=_errors(401, 409))
     async def create_room(body: RoomCreate, caller: Caller) -> Room:
         record = await store_call(Store.create_room, body.name, caller.user, now=state.clock())
+        hub.room_created(record.name, caller.user)
         return _room(record)
 
-    @router.post("/rooms/{name}/members", responses=_errors(401, 403, 404))
-    async def add_member(name: str, body: MemberAdd, caller: Caller) -> Room:
+    @router.post("/rooms/{name}/invitations", status_code=202, responses=_errors(401, 403, 404))
+    async def invite(name: str, body: InvitationCreate, caller: Caller) -> Accepted:
+        # The answer is the same whether the user exists, is a member already or was invited:
+        # this endpoint is no user-name oracle.
+        fresh = await store_call(
+            Store.invite,
+            name,
+            body.user,
+            body.role,
+            by=caller.user,
+            by_device=caller.device_id,
+            now=state.clock(),
+        )
+        if fresh:
+            data = {"room": name, "role": body.role, "invited_by": caller.user}
+            hub.user_event(body.user, "room.invited", data)
+            state.notifier.notify(
+                body.user,
+                "Room invitation",
+                f"{caller.user} invites you to the room {name!r} as {body.role}. "
+                "Accept with: meshagent rooms accept " + name,
+            )
+        return Accepted(status="invited")
+
+    @router.get("/invitations", responses=_errors(401))
+    async def invitations(caller: Caller) -> InvitationList:
+        records = await state.db.call(Store.invitations_of, caller.user, now=state.clock())
+        return InvitationList(
+            invitations=[
+                Invitation(
+                    room=r.room,
+                    role=r.role,
+                    invited_by=r.invited_by,
+                    created_at=r.created_at,
+                    expires_at=r.expires_at,
+                )
+                for r in records
+            ]
+        )
+
+    @router.post("/invitations/{room}/accept", responses=_errors(401, 404))
+    async def accept_invitation(room: str, caller: Caller) -> Room:
         change = await store_call(
-            Store.add_member, name, body.user, body.role, by=caller.user, now=state.clock()
+            Store.accept_invitation, room, caller.user, device=caller.device_id, now=state.clock()
         )
         hub.membership_changed(change)
-        record = await store_call(Store.room_for, name, caller.user)
-        return _room(record)
+        return _room(await store_call(Store.room_for, room, caller.user))
+
+    @router.post("/invitations/{room}/decline", responses=_errors(401, 404))
+    async def decline_invitation(room: str, caller: Caller) -> Accepted:
+        await store_call(Store.decline_invitation, room, caller.user, now=state.clock())
+        return Accepted(status="declined")
+
+    @router.post("/rooms/{name}/join-codes", responses=_errors(401, 403, 404))
+    async def create_room_join_code(
+        name: str, body: RoomJoinCodeCreate, caller: Caller
+    ) -> JoinCode:
+        code, expires_at = await store_call(
+            Store.create_room_join_code,
+            name,
+            by=caller.user,
+            ttl=body.ttl or JOIN_CODE_TTL,
+            now=state.clock(),
+        )
+        return JoinCode(code=code, expires_at=expires_at)
+
+    @router.post("/rooms/join", responses=_errors(401, 429))
+    async def join_room(body: RoomJoin, caller: Caller, request: Request) -> Room:
+        # The slot is reserved before the code is checked (H2-enrol): atomic under concurrency.
+        with guessing_attempt(state.limiter, _client_address(request), state.clock()):
+            change = await store_call(
+                Store.join_with_code,
+                body.code,
+                caller.user,
+                device=caller.device_id,
+                now=state.clock(),
+            )
+        hub.membership_changed(change)
+        return _room(await store_call(Store.room_for, change.room, caller.user))
+
+    @router.patch("/rooms/{name}/members/{user}", responses=_errors(401, 403, 404))
+    async def set_role(name: str, user: str, body: MemberUpdate, caller: Caller) -> Room:
+        change = await store_call(
+            Store.set_role,
+            name,
+            user,
+            body.role,
+            by=caller.user,
+            by_device=caller.device_id,
+            now=state.clock(),
+        )
+        hub.membership_changed(change)
+        return _room(await store_call(Store.room_for, name, caller.user))
+
+    @router.delete("/rooms/{name}/members/{user}", responses=_errors(401, 403, 404))
+    async def remove_member(name: str, user: str, caller: Caller) -> Accepted:
+        change = await store_call(
+            Store.remove_member,
+            name,
+            user,
+            by=caller.user,
+            by_device=caller.device_id,
+            now=state.clock(),
+        )
+        hub.membership_changed(change)
+        return Accepted(status="left" if user == caller.user else "removed")
+
+    @router.get("/rooms/{name}/audit", responses=_errors(401, 403, 404))
+    async def audit(
+        name: str, caller: Caller, limit: Annotated[int, Query(ge=1, le=500)] = 100
+    ) -> AuditLog:
+        records = await store_call(Store.audit_log, name, by=caller.user, limit=limit)
+        return AuditLog(entries=[_audit_entry(record) for record in records])
 
     # ------------------------------------------------------------ capabilities
 
@@ -449,22 +697,88 @@ def create_app(state: ServerState) -> FastAPI:
         target = await state.db.call(Store.device, body.aud)
         if target is None:
             raise ApiException("unknown_device", "There is no such device.")
-        allowed = await state.db.call(Store.allowed_scopes, caller.user, target.user)
-        if body.scope not in allowed or target.id == caller.device_id:
+        if target.id == caller.device_id:
             raise ApiException(
                 "not_allowed", f"You may not ask for {body.scope!r} toward that device."
             )
+        # One room decides (the named one, or the store's pick), never the best role overall.
+        room = await store_call(Store.grant_room, caller.user, target.user, body.scope, body.room)
         state.keys.reload_if_changed()
+        now = state.clock()
         token, expires_at = state.keys.issue(
             issuer=state.server_id,
             holder=caller.device_id,
             target=target.id,
             scope=body.scope,
             resource=body.resource,
-            now=state.clock(),
+            now=now,
             ttl=body.ttl or 300,
+            room=room,
         )
-        return CapabilityGrant(token=token, expires_at=expires_at)
+        await state.db.call(
+            Store.record,
+            "capability.granted",
+            room=room,
+            actor_user=caller.user,
+            actor_device=caller.device_id,
+            subject=target.id,
+            detail={"scope": body.scope, "resource": body.resource, "expires_at": expires_at},
+            now=now,
+        )
+        return CapabilityGrant(token=token, expires_at=expires_at, room=room)
+
+    # ------------------------------------------------------------ terminal control, notify
+
+    @router.post("/terminal/control", status_code=202, responses=_errors(401, 404))
+    async def terminal_control(body: TerminalControlReport, caller: Caller) -> Accepted:
+        """The host device reports who controls its terminal session now."""
+        rooms = sorted(set(body.rooms)) or [personal_room(caller.user)]
+        controller = await store_call(
+            Store.record_terminal_control,
+            session_id=body.session_id,
+            host_user=caller.user,
+            host_device=caller.device_id,
+            controller_device=body.controller_device,
+            rooms=rooms,
+            now=state.clock(),
+        )
+        data = {
+            "session_id": body.session_id,
+            "host_device": caller.device_id,
+            "host_user": caller.user,
+            "controller_device": body.controller_device,
+            "controller_user": None if controller is None else controller.user,
+        }
+        hub.room_event(rooms, "terminal.control", data)
+        if controller is not None and controller.id != caller.device_id:
+            state.notifier.notify(
+                caller.user,
+                "Terminal control granted",
+                f"{controller.name} ({controller.user}) now controls your terminal session "
+                f"{body.session_id}.",
+            )
+        return Accepted(status="recorded")
+
+    @router.get("/users/self/notify", responses=_errors(401))
+    async def notify_settings(caller: Caller) -> NotifySettings:
+        return await current_notify(caller.user)
+
+    @router.put("/users/self/notify", responses=_errors(401))
+    async def set_notify_settings(body: NotifySettingsUpdate, caller: Caller) -> NotifySettings:
+        url = None
+        if body.gotify_url is not None:
+            try:
+                url = await check_target(body.gotify_url, body.gotify_token)
+            except NotifySettingsError as exc:
+                raise ApiException("invalid_request", str(exc)) from None
+        await store_call(Store.set_notify, caller.user, url, body.gotify_token)
+        return await current_notify(caller.user)
+
+    async def current_notify(user: str) -> NotifySettings:
+        target = await state.db.call(Store.notify_target, user)
+        if target is None:
+            return NotifySettings()
+        return NotifySettings(gotify_url=target.url, token_set=target.token is not None)
 
     # ------------------------------------------------------------ WebSocket
 
@@ -479,6 +793,9 @@ def create_app(state: ServerState) -> FastAPI:
             await socket.close(CLOSE_UNAUTHORIZED, "unauthorized")
         return principal
 
+    # Both sockets live as long as the session: the hub's sweep closes them 4401 when the token
+    # they were opened with expires (unless /ws renewed it with an `auth` frame) and 4403 when
+    # the session is revoked (state.revoke_sockets does that at once).
     @router.websocket("/ws")
     async def websocket(socket: WebSocket) -> None:
         if (principal := await accept_device(socket)) is not None:

@@ -17,12 +17,13 @@ import json
 import re
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Concatenate, Final, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar, cast
 
+from meshagent_gui.core.mesh import types as wire
 from meshagent_gui.core.mesh.types import ROLE_SCOPES, Role
 
 DATABASE_NAME: Final = "server.sqlite3"
@@ -31,10 +32,20 @@ REFRESH_TTL: Final = 30 * 86400
 JOIN_CODE_TTL: Final = 600
 MAX_JOIN_CODE_TTL: Final = 7 * 86400
 MIN_JOIN_CODE_TTL: Final = 1  # the operator may; the REST API asks for >= 30
+INVITATION_TTL: Final = 7 * 86400
+# A flood of invitations must not bury the real ones (nor page the invitee's Gotify): beyond
+# these, new invitations are dropped without telling the inviter (who must learn nothing).
+MAX_PENDING_PER_INVITEE: Final = 64
+MAX_PENDING_PER_INVITER: Final = 8  # pending invitations from one user to one invitee
+AUDIT_RETENTION: Final = 90 * 86400
+MAX_AUDIT_PAGE: Final = 500
+
+# Defined once with the wire types (the agent needs them too); the server takes them from here.
+PERSONAL_ROOM_PREFIX: Final = wire.PERSONAL_ROOM_PREFIX
+personal_room: Final = wire.personal_room
 
 USER_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}")
 ROOM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-PERSONAL_ROOM_PREFIX: Final = "@"
 
 # Crockford base32: no I, L, O, U, so what people read aloud is what they type.
 _CODE_ALPHABET: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -98,6 +109,49 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             spent_at REAL NOT NULL
         )""",
     ),
+    # 2 (issue 11): consented rooms, the audit log, per-user notification settings.
+    (
+        # A pending invitation: nobody joins a room without accepting (or using a join code).
+        """CREATE TABLE invitations (
+            room TEXT NOT NULL REFERENCES rooms(name) ON DELETE CASCADE,
+            user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('owner', 'member', 'viewer')),
+            invited_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (room, user)
+        )""",
+        "CREATE INDEX invitations_by_user ON invitations(user)",
+        # Codes an owner hands out; the joiner's use of one is the joiner's consent.
+        """CREATE TABLE room_join_codes (
+            hash TEXT PRIMARY KEY,
+            room TEXT NOT NULL REFERENCES rooms(name) ON DELETE CASCADE,
+            created_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            used_at REAL,
+            used_by TEXT
+        )""",
+        # No foreign keys: an entry outlives the device or user it names. Entries of a room are
+        # deleted with the room, so a later room of the same name starts with an empty log.
+        """CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            room TEXT,
+            actor_user TEXT,
+            actor_device TEXT,
+            subject TEXT,
+            detail TEXT NOT NULL DEFAULT '{}'
+        )""",
+        "CREATE INDEX audit_by_room ON audit(room, id)",
+        "CREATE INDEX audit_by_time ON audit(at)",
+        """CREATE TABLE user_notify (
+            user TEXT PRIMARY KEY REFERENCES users(name) ON DELETE CASCADE,
+            gotify_url TEXT NOT NULL,
+            gotify_token TEXT
+        )""",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -154,6 +208,7 @@ class Principal:
     user: str
     admin: bool
     session_id: str
+    access_expires_at: float  # sockets opened with this token close (4401) at this time
 
 
 @dataclass(frozen=True)
@@ -165,17 +220,20 @@ class IssuedTokens:
 
 @dataclass(frozen=True)
 class MembershipChange:
-    """``user`` was added to ``room`` (or its role changed).
+    """``user`` joined ``room``, its role changed, or (``role`` None) it left or was removed.
 
-    ``newly_shared`` are the users who shared no room with ``user`` before: their devices and
-    the user's devices can see each other from now on.
+    ``members`` are the room's members afterwards. ``newly_shared`` are the users who shared no
+    room with ``user`` before: their devices and the user's devices can see each other from now
+    on. ``no_longer_shared`` are the users who shared a room with ``user`` before and share none
+    now: they must stop seeing each other.
     """
 
     room: str
     user: str
-    role: Role
+    role: Role | None
     members: frozenset[str]
     newly_shared: frozenset[str]
+    no_longer_shared: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -183,14 +241,52 @@ class Enrolment:
     device: DeviceRecord
     tokens: IssuedTokens
     membership: MembershipChange | None = None
+    revoked_sessions: tuple[str, ...] = ()  # the device's earlier sessions, now gone
+
+
+class RefreshReuse(StoreError):
+    """A spent refresh token came back: it leaked, and its session is revoked."""
+
+    def __init__(self, revoked_sessions: tuple[str, ...], user: str | None) -> None:
+        super().__init__("invalid_refresh_token", "The refresh token is not valid; enrol again.")
+        self.revoked_sessions = revoked_sessions
+        self.user = user  # whose session it was (to notify them), if it still existed
+
+
+@dataclass(frozen=True)
+class InvitationRecord:
+    room: str
+    role: Role
+    invited_by: str
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    at: float
+    kind: str
+    room: str | None
+    actor_user: str | None
+    actor_device: str | None
+    subject: str | None
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NotifyTarget:
+    """A user's own Gotify: where the server posts what they must know at once."""
+
+    url: str
+    token: str | None
+
+    def __repr__(self) -> str:  # never show the token
+        return f"NotifyTarget({self.url!r}, token_set={self.token is not None})"
 
 
 def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
-
-
-def personal_room(user: str) -> str:
-    return PERSONAL_ROOM_PREFIX + user
 
 
 def check_user_name(name: str) -> None:
@@ -397,12 +493,8 @@ class Store:
                 "SELECT hash, user, room, expires_at, used_at FROM join_codes WHERE hash = ?",
                 (secret_hash(code),),
             ).fetchone()
-        if row is None:
-            raise StoreError("join_code_unknown", "This join code is not known to the server.")
-        if row["used_at"] is not None:
-            raise StoreError("join_code_used", "This join code has already been used.")
-        if row["expires_at"] <= now:
-            raise StoreError("join_code_expired", "This join code has expired.")
+        _check_code_row(row, now)
+        assert row is not None
         db.execute("UPDATE join_codes SET used_at = ? WHERE hash = ?", (now, row["hash"]))
         return cast(sqlite3.Row, row)
 
@@ -427,8 +519,11 @@ class Store:
             membership = None
             if code["room"] is not None:
                 membership = self._join_room(db, code["room"], user, now)
-            tokens = self._new_session(db, device.id, now, replace_existing=True)
-        return Enrolment(device=record, tokens=tokens, membership=membership)
+            revoked = self._revoke_device_sessions(db, device.id, user, now, "re-enrolled")
+            tokens = self._new_session(db, device.id, now, replace_existing=False)
+        return Enrolment(
+            device=record, tokens=tokens, membership=membership, revoked_sessions=revoked
+        )
 
     def enroll_user_device(self, user: str, device: NewDevice, *, now: float) -> Enrolment:
         """Enrol a device for a user whose password the caller has already verified."""
@@ -436,8 +531,9 @@ class Store:
             if not self._user_exists(db, user):
                 raise StoreError("unknown_user", f"There is no user {user!r}.")
             record = self._register_device(db, user, device, now)
-            tokens = self._new_session(db, device.id, now, replace_existing=True)
-        return Enrolment(device=record, tokens=tokens)
+            revoked = self._revoke_device_sessions(db, device.id, user, now, "re-enrolled")
+            tokens = self._new_session(db, device.id, now, replace_existing=False)
+        return Enrolment(device=record, tokens=tokens, revoked_sessions=revoked)
 
     def _device_owner(self, db: sqlite3.Connection, device_id: str) -> str | None:
         row = db.execute("SELECT user FROM devices WHERE id = ?", (device_id,)).fetchone()
@@ -457,7 +553,37 @@ class Store:
         )
         record = self._device(db, device.id)
         assert record is not None
+        _audit(
+            db,
+            now,
+            "device.enrolled",
+            room=personal_room(user),
+            actor_user=user,
+            actor_device=device.id,
+            subject=device.id,
+            detail={"name": device.name, "platform": device.platform, "again": owner is not None},
+        )
         return record
+
+    def _revoke_device_sessions(
+        self, db: sqlite3.Connection, device_id: str, user: str, now: float, reason: str
+    ) -> tuple[str, ...]:
+        """Delete the device's sessions (a device enrols again when it lost its tokens: the old
+        ones must stop working); returns their ids, for the sockets they opened."""
+        rows = db.execute("SELECT id FROM sessions WHERE device = ?", (device_id,)).fetchall()
+        revoked = tuple(str(row["id"]) for row in rows)
+        if revoked:
+            db.execute("DELETE FROM sessions WHERE device = ?", (device_id,))
+            _audit(
+                db,
+                now,
+                "session.revoked",
+                room=personal_room(user),
+                actor_device=device_id,
+                subject=device_id,
+                detail={"reason": reason, "sessions": len(revoked)},
+            )
+        return revoked
 
     def _new_session(
         self, db: sqlite3.Connection, device_id: str, now: float, *, replace_existing: bool
@@ -495,6 +621,7 @@ class Store:
             user=row["user"],
             admin=bool(row["admin"]),
             session_id=row["id"],
+            access_expires_at=float(row["access_expires_at"]),
         )
 
     def refresh(self, refresh_token: str, *, now: float) -> IssuedTokens:
@@ -508,14 +635,10 @@ class Store:
             spent = db.execute(
                 "SELECT session FROM spent_refresh_tokens WHERE hash = ?", (token_hash,)
             ).fetchone()
-            if spent is not None:
-                db.execute("DELETE FROM sessions WHERE id = ?", (spent["session"],))
-                reuse = True
-            else:
-                reuse = False
-        if reuse:
+            reuse = None if spent is None else self._revoke_reused(db, spent["session"], now)
+        if reuse is not None:
             # Committed above: the revocation must survive the refusal.
-            raise refused
+            raise reuse
         with self._transaction() as db:
             row = db.execute(
                 "SELECT id, refresh_expires_at FROM sessions WHERE refresh_hash = ?", (token_hash,)
@@ -539,6 +662,25 @@ class Store:
                 ),
             )
         return IssuedTokens(access, ACCESS_TTL, refresh)
+
+    def _revoke_reused(self, db: sqlite3.Connection, session: str, now: float) -> RefreshReuse:
+        row = db.execute(
+            "SELECT d.id, d.user FROM sessions s JOIN devices d ON d.id = s.device WHERE s.id = ?",
+            (session,),
+        ).fetchone()
+        if row is None:
+            return RefreshReuse((), None)  # revoked already: nothing new to report
+        db.execute("DELETE FROM sessions WHERE id = ?", (session,))
+        _audit(
+            db,
+            now,
+            "session.revoked",
+            room=personal_room(row["user"]),
+            actor_device=row["id"],
+            subject=row["id"],
+            detail={"reason": "refresh token reused", "sessions": 1},
+        )
+        return RefreshReuse((session,), str(row["user"]))
 
     # ------------------------------------------------------------ devices
 
@@ -639,34 +781,22 @@ class Store:
                 return record
         raise StoreError("unknown_room", f"There is no room {room!r}.")
 
-    def add_member(
-        self, room: str, user: str, role: Role, *, by: str | None, now: float
-    ) -> MembershipChange:
-        """Add ``user`` to ``room`` with ``role`` (or change its role).
+    def add_member(self, room: str, user: str, role: Role, *, now: float) -> MembershipChange:
+        """The server operator puts ``user`` into ``room`` with ``role`` (or changes its role).
 
-        ``by`` must own the room; None means the server operator.
+        No consent is asked: only the operator's tools (and benchmarks) call this. Users go
+        through :meth:`invite` + :meth:`accept_invitation`, or :meth:`join_with_code`.
         """
-        del now  # memberships carry no timestamp yet; kept for a uniform signature
         with self._transaction() as db:
             if not self._room_exists(db, room):
                 raise StoreError("unknown_room", f"There is no room {room!r}.")
-            if by is not None:
-                by_role = self._role(db, room, by)
-                if by_role is None:
-                    # Rooms one is not in do not exist, as far as one can tell.
-                    raise StoreError("unknown_room", f"There is no room {room!r}.")
-                if by_role != "owner":
-                    raise StoreError("forbidden", f"Only an owner of {room!r} can add members.")
             if not self._user_exists(db, user):
                 raise StoreError("unknown_user", f"There is no user {user!r}.")
-            current = self._role(db, room, user)
-            if current == "owner" and role != "owner":
-                owners = db.execute(
-                    "SELECT COUNT(*) FROM room_members WHERE room = ? AND role = 'owner'", (room,)
-                ).fetchone()[0]
-                if owners == 1:
-                    raise StoreError("forbidden", f"The room {room!r} must keep an owner.")
-            return self._set_member(db, room, user, role)
+            if self._role(db, room, user) == "owner" and role != "owner":
+                self._check_keeps_owner(db, room)
+            change = self._set_member(db, room, user, role)
+            _audit(db, now, "room.joined", room=room, subject=user, detail={"role": role})
+            return change
 
     def _join_room(
         self, db: sqlite3.Connection, room: str, user: str, now: float
@@ -674,10 +804,21 @@ class Store:
         """Join-code membership: create the room (user as owner) or join as member."""
         if not self._room_exists(db, room):
             self._insert_room(db, room, user, now)
-            return MembershipChange(room, user, "owner", frozenset({user}), frozenset())
-        if self._role(db, room, user) is not None:
+            change = MembershipChange(room, user, "owner", frozenset({user}), frozenset())
+        elif self._role(db, room, user) is not None:
             return None  # already in: a join code never changes (or lowers) a role
-        return self._set_member(db, room, user, "member")
+        else:
+            change = self._set_member(db, room, user, "member")
+        _audit(
+            db,
+            now,
+            "room.joined",
+            room=room,
+            actor_user=user,
+            subject=user,
+            detail={"role": change.role, "via": "enrolment join code"},
+        )
+        return change
 
     def _set_member(
         self, db: sqlite3.Connection, room: str, user: str, role: Role
@@ -695,6 +836,258 @@ class Store:
         rows = db.execute("SELECT user FROM room_members WHERE room = ?", (room,)).fetchall()
         return frozenset(row["user"] for row in rows)
 
+    def room_members(self, room: str) -> frozenset[str]:
+        return self._members(self._db, room)
+
+    def _owner_role(self, db: sqlite3.Connection, room: str, by: str, action: str) -> None:
+        """Refuse unless ``by`` owns ``room``; a room one is not in does not exist for one."""
+        role = self._role(db, room, by)
+        if role is None:
+            raise StoreError("unknown_room", f"There is no room {room!r}.")
+        if role != "owner":
+            raise StoreError("forbidden", f"Only an owner of {room!r} can {action}.")
+
+    def _check_keeps_owner(self, db: sqlite3.Connection, room: str) -> None:
+        owners = db.execute(
+            "SELECT COUNT(*) FROM room_members WHERE room = ? AND role = 'owner'", (room,)
+        ).fetchone()[0]
+        if owners <= 1:
+            raise StoreError("forbidden", f"The room {room!r} must keep an owner.")
+
+    @staticmethod
+    def _refuse_personal(room: str, action: str) -> None:
+        if room.startswith(PERSONAL_ROOM_PREFIX):
+            raise StoreError(
+                "forbidden", f"{room!r} is a personal room: it holds only its user; {action}."
+            )
+
+    # ------------------------------------------------------------ consent: invitations
+
+    def invite(
+        self, room: str, user: str, role: Role, *, by: str, by_device: str | None, now: float
+    ) -> bool:
+        """An owner of ``room`` invites ``user``; True if a new invitation awaits the invitee.
+
+        The caller's answer must not depend on the result: an invitation to a user that does
+        not exist, or is already a member, looks exactly like one that was stored (no oracle).
+        Re-inviting replaces the pending invitation (True only the first time, so a re-invite
+        does not notify again).
+        """
+        with self._transaction() as db:
+            self._owner_role(db, room, by, "invite")
+            self._refuse_personal(room, "nobody can be invited to it")
+            # The inviter's act is recorded whatever it leads to: recording only real
+            # invitations would tell the room's owners which user names exist.
+            _audit(
+                db,
+                now,
+                "room.invited",
+                room=room,
+                actor_user=by,
+                actor_device=by_device,
+                subject=user,
+                detail={"role": role},
+            )
+            if not self._user_exists(db, user) or self._role(db, room, user) is not None:
+                return False
+            db.execute("DELETE FROM invitations WHERE user = ? AND expires_at <= ?", (user, now))
+            pending = db.execute(
+                "SELECT invited_by FROM invitations WHERE room = ? AND user = ?", (room, user)
+            ).fetchone()
+            if pending is None and self._invitations_full(db, user, by):
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO invitations "
+                "(room, user, role, invited_by, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (room, user, role, by, now, now + INVITATION_TTL),
+            )
+            return pending is None
+
+    def _invitations_full(self, db: sqlite3.Connection, user: str, by: str) -> bool:
+        row = db.execute(
+            "SELECT COUNT(*) AS total, SUM(invited_by = ?) AS mine FROM invitations WHERE user = ?",
+            (by, user),
+        ).fetchone()
+        return bool(
+            row["total"] >= MAX_PENDING_PER_INVITEE or (row["mine"] or 0) >= MAX_PENDING_PER_INVITER
+        )
+
+    def invitations_of(self, user: str, *, now: float) -> list[InvitationRecord]:
+        """``user``'s pending invitations (those whose inviter still owns the room)."""
+        rows = self._db.execute(
+            f"{_VALID_INVITATIONS} AND i.user = ? ORDER BY i.created_at, i.room", (now, user)
+        ).fetchall()
+        return [_invitation_record(row) for row in rows]
+
+    def accept_invitation(
+        self, room: str, user: str, *, device: str | None, now: float
+    ) -> MembershipChange:
+        """``user`` accepts its invitation to ``room``: its consent, so it joins."""
+        with self._transaction() as db:
+            row = db.execute(
+                f"{_VALID_INVITATIONS} AND i.user = ? AND i.room = ?", (now, user, room)
+            ).fetchone()
+            db.execute("DELETE FROM invitations WHERE room = ? AND user = ?", (room, user))
+            if row is None:
+                raise StoreError("unknown_room", f"You have no invitation to the room {room!r}.")
+            current = self._role(db, room, user)
+            if current is not None:  # joined meanwhile (a join code): the role stays
+                return MembershipChange(room, user, current, self._members(db, room), frozenset())
+            change = self._set_member(db, room, user, row["role"])
+            _audit(
+                db,
+                now,
+                "room.joined",
+                room=room,
+                actor_user=user,
+                actor_device=device,
+                subject=user,
+                detail={"role": row["role"], "via": "invitation", "invited_by": row["invited_by"]},
+            )
+            return change
+
+    def decline_invitation(self, room: str, user: str, *, now: float) -> None:
+        """Drop the invitation. The inviter is not told (only real users could decline)."""
+        with self._transaction() as db:
+            row = db.execute(
+                f"{_VALID_INVITATIONS} AND i.user = ? AND i.room = ?", (now, user, room)
+            ).fetchone()
+            db.execute("DELETE FROM invitations WHERE room = ? AND user = ?", (room, user))
+        if row is None:
+            raise StoreError("unknown_room", f"You have no invitation to the room {room!r}.")
+
+    # ------------------------------------------------------------ consent: room join codes
+
+    def create_room_join_code(
+        self, room: str, *, by: str, ttl: int = JOIN_CODE_TTL, now: float
+    ) -> tuple[str, float]:
+        """A one-time code whose user joins ``room`` as a member; returns (code, expires_at)."""
+        if not MIN_JOIN_CODE_TTL <= ttl <= MAX_JOIN_CODE_TTL:
+            raise StoreError(
+                "invalid_request",
+                f"The join code lifetime must be {MIN_JOIN_CODE_TTL} to {MAX_JOIN_CODE_TTL} s.",
+            )
+        code = new_join_code()
+        with self._transaction() as db:
+            self._owner_role(db, room, by, "make join codes for it")
+            self._refuse_personal(room, "nobody can join it")
+            db.execute(
+                "INSERT INTO room_join_codes (hash, room, created_by, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (secret_hash(code), room, by, now, now + ttl),
+            )
+        return code, now + ttl
+
+    def join_with_code(
+        self, typed: str, user: str, *, device: str | None, now: float
+    ) -> MembershipChange:
+        """``user`` joins the room of a room join code (using it is the joiner's consent)."""
+        with self._transaction() as db:
+            code = normalize_join_code(typed)
+            row = None
+            if code is not None:
+                row = db.execute(
+                    "SELECT hash, room, created_by, expires_at, used_at FROM room_join_codes "
+                    "WHERE hash = ?",
+                    (secret_hash(code),),
+                ).fetchone()
+            _check_code_row(row, now)
+            assert row is not None
+            db.execute(
+                "UPDATE room_join_codes SET used_at = ?, used_by = ? WHERE hash = ?",
+                (now, user, row["hash"]),
+            )
+            room = str(row["room"])
+            current = self._role(db, room, user)
+            if current is not None:  # already in: a join code never changes (or lowers) a role
+                return MembershipChange(room, user, current, self._members(db, room), frozenset())
+            change = self._set_member(db, room, user, "member")
+            _audit(
+                db,
+                now,
+                "room.joined",
+                room=room,
+                actor_user=user,
+                actor_device=device,
+                subject=user,
+                detail={"role": "member", "via": "room join code", "code_by": row["created_by"]},
+            )
+            return change
+
+    # ------------------------------------------------------------ members: roles, leaving
+
+    def set_role(
+        self, room: str, user: str, role: Role, *, by: str, by_device: str | None, now: float
+    ) -> MembershipChange:
+        """An owner changes the role of an existing member (never adds one)."""
+        with self._transaction() as db:
+            self._owner_role(db, room, by, "change roles")
+            self._refuse_personal(room, "its role cannot change")
+            current = self._role(db, room, user)
+            if current is None:
+                # Not a member: whether such a user exists is none of the caller's business.
+                raise StoreError("unknown_user", f"{user!r} is not a member of {room!r}.")
+            if current == "owner" and role != "owner":
+                self._check_keeps_owner(db, room)
+            change = self._set_member(db, room, user, role)
+            if current != role:
+                _audit(
+                    db,
+                    now,
+                    "room.role_changed",
+                    room=room,
+                    actor_user=by,
+                    actor_device=by_device,
+                    subject=user,
+                    detail={"from": current, "to": role},
+                )
+            return change
+
+    def remove_member(
+        self, room: str, user: str, *, by: str, by_device: str | None, now: float
+    ) -> MembershipChange:
+        """An owner removes ``user``, or a member leaves (``user == by``).
+
+        The last owner cannot leave while others remain; a room left empty is deleted (with
+        its log, so a later room of that name starts afresh).
+        """
+        with self._transaction() as db:
+            by_role = self._role(db, room, by)
+            if by_role is None:
+                raise StoreError("unknown_room", f"There is no room {room!r}.")
+            self._refuse_personal(room, "it cannot be left")
+            if user != by and by_role != "owner":
+                raise StoreError("forbidden", f"Only an owner of {room!r} can remove members.")
+            current = self._role(db, room, user)
+            if current is None:
+                raise StoreError("unknown_user", f"{user!r} is not a member of {room!r}.")
+            members = self._members(db, room)
+            if current == "owner" and len(members) > 1:
+                self._check_keeps_owner(db, room)
+            before = self._peer_users(db, user)
+            db.execute("DELETE FROM room_members WHERE room = ? AND user = ?", (room, user))
+            after = self._peer_users(db, user)
+            remaining = members - {user}
+            if remaining:
+                _audit(
+                    db,
+                    now,
+                    "room.left",
+                    room=room,
+                    actor_user=by,
+                    actor_device=by_device,
+                    subject=user,
+                    detail={"removed": user != by},
+                )
+            else:
+                db.execute("DELETE FROM rooms WHERE name = ?", (room,))
+                db.execute("DELETE FROM audit WHERE room = ?", (room,))
+            return MembershipChange(
+                room, user, None, remaining, frozenset(), before - after - {user}
+            )
+
+    # ------------------------------------------------------------ peers and capabilities
+
     def peer_users(self, user: str) -> frozenset[str]:
         """Users sharing at least one room with ``user`` (``user`` included)."""
         return self._peer_users(self._db, user) | {user}
@@ -707,18 +1100,230 @@ class Store:
         ).fetchall()
         return frozenset(row["user"] for row in rows)
 
-    def allowed_scopes(self, holder_user: str, target_user: str) -> frozenset[str]:
-        """Scopes ``holder_user`` may ask for toward ``target_user``'s devices (ROLE_SCOPES)."""
+    def grant_room(self, holder_user: str, target_user: str, scope: str, room: str | None) -> str:
+        """The room whose role lets ``holder_user`` ask for ``scope`` toward ``target_user``.
+
+        One room decides, never the best role across rooms: both users must be members of it
+        and the holder's role there must allow the scope (ROLE_SCOPES). ``room`` None: the
+        holder's personal room for its own devices, else the first shared room (by name) whose
+        role allows the scope. Raises ``unknown_device`` when the users share no room at all
+        (devices one cannot see do not exist for one), ``unknown_room`` for a room the holder
+        is not in, ``not_allowed`` otherwise.
+        """
+        shared = self._shared_rooms(holder_user, target_user)
+        if not shared:
+            raise StoreError("unknown_device", "There is no such device.")
+        refused = StoreError("not_allowed", f"You may not ask for {scope!r} toward that device.")
+        if room is not None:
+            if self._role(self._db, room, holder_user) is None:
+                raise StoreError("unknown_room", f"There is no room {room!r}.")
+            role = shared.get(room)
+            if role is None or scope not in ROLE_SCOPES[role]:
+                raise refused
+            return room
+        if holder_user == target_user:
+            return personal_room(holder_user)
+        for name in sorted(shared):
+            if scope in ROLE_SCOPES[shared[name]]:
+                return name
+        raise refused
+
+    def _shared_rooms(self, holder_user: str, target_user: str) -> dict[str, Role]:
         rows = self._db.execute(
-            "SELECT mine.role FROM room_members mine "
+            "SELECT mine.room, mine.role FROM room_members mine "
             "JOIN room_members theirs ON theirs.room = mine.room "
             "WHERE mine.user = ? AND theirs.user = ?",
             (holder_user, target_user),
         ).fetchall()
-        scopes: frozenset[str] = frozenset()
-        for row in rows:
-            scopes |= ROLE_SCOPES[row["role"]]
-        return scopes
+        return {str(row["room"]): cast(Role, row["role"]) for row in rows}
+
+    # ------------------------------------------------------------ audit log
+
+    def record(
+        self,
+        kind: str,
+        *,
+        room: str | None,
+        actor_user: str | None = None,
+        actor_device: str | None = None,
+        subject: str | None = None,
+        detail: dict[str, Any] | None = None,
+        now: float,
+    ) -> None:
+        """Add an audit entry for something that happened outside the store."""
+        with self._transaction() as db:
+            _audit(
+                db,
+                now,
+                kind,
+                room=room,
+                actor_user=actor_user,
+                actor_device=actor_device,
+                subject=subject,
+                detail=detail,
+            )
+
+    def record_terminal_control(
+        self,
+        *,
+        session_id: str,
+        host_user: str,
+        host_device: str,
+        controller_device: str | None,
+        rooms: list[str],
+        now: float,
+    ) -> DeviceRecord | None:
+        """Log a control change the host reports, in each room it shares the session in.
+
+        The host must be in every room; the controller (None: nobody) must be a device of a
+        member of one of them, since only those can hold a token for the session. Returns the
+        controller's record.
+        """
+        with self._transaction() as db:
+            for room in rooms:
+                if self._role(db, room, host_user) is None:
+                    raise StoreError("unknown_room", f"There is no room {room!r}.")
+            controller = None
+            if controller_device is not None:
+                controller = self._device(db, controller_device)
+                if controller is None or all(
+                    self._role(db, room, controller.user) is None for room in rooms
+                ):
+                    raise StoreError("unknown_device", "There is no such device.")
+            for room in rooms:
+                _audit(
+                    db,
+                    now,
+                    "terminal.control",
+                    room=room,
+                    actor_user=host_user,
+                    actor_device=host_device,
+                    subject=controller_device,
+                    detail={
+                        "session_id": session_id,
+                        "controller_user": None if controller is None else controller.user,
+                    },
+                )
+            return controller
+
+    def audit_log(self, room: str, *, by: str, limit: int = 100) -> list[AuditRecord]:
+        """The newest entries of ``room``'s log, newest first, for an owner of the room.
+
+        A personal room's log holds its user's enrolments and revocations too.
+        """
+        self._owner_role(self._db, room, by, "read its audit log")
+        rows = self._db.execute(
+            "SELECT * FROM audit WHERE room = ? ORDER BY id DESC LIMIT ?",
+            (room, max(1, min(limit, MAX_AUDIT_PAGE))),
+        ).fetchall()
+        return [_audit_record(row) for row in rows]
+
+    # ------------------------------------------------------------ per-user notifications
+
+    def set_notify(self, user: str, url: str | None, token: str | None) -> None:
+        """Set (``url`` None: clear) the user's Gotify; a None token keeps the stored one."""
+        with self._transaction() as db:
+            if url is None:
+                db.execute("DELETE FROM user_notify WHERE user = ?", (user,))
+                return
+            db.execute(
+                "INSERT INTO user_notify (user, gotify_url, gotify_token) VALUES (?, ?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET gotify_url = excluded.gotify_url, "
+                "gotify_token = COALESCE(excluded.gotify_token, user_notify.gotify_token)",
+                (user, url, token),
+            )
+
+    def notify_target(self, user: str) -> NotifyTarget | None:
+        row = self._db.execute(
+            "SELECT gotify_url, gotify_token FROM user_notify WHERE user = ?", (user,)
+        ).fetchone()
+        return None if row is None else NotifyTarget(row["gotify_url"], row["gotify_token"])
+
+    # ------------------------------------------------------------ H3-hub: socket lifetime
+    # (queries for server/hub.py and server/relay.py; added for issue 11 by H3-hub)
+
+    def live_sessions(self, session_ids: Collection[str]) -> frozenset[str]:
+        """Those of ``session_ids`` that still exist (not revoked, device not removed).
+
+        The hub sweeps its sockets with this, so a revocation that no caller reported (or that
+        raced a socket's authentication) still closes the socket within one sweep.
+        """
+        ids = list(session_ids)
+        live: set[str] = set()
+        for start in range(0, len(ids), _SESSION_CHUNK):
+            chunk = ids[start : start + _SESSION_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            # Only "?" placeholders are formatted in; the ids are bound parameters.
+            query = f"SELECT id FROM sessions WHERE id IN ({marks})"  # noqa: S608
+            rows = self._db.execute(query, chunk)
+            live.update(row["id"] for row in rows)
+        return frozenset(live)
+
+    # ------------------------------------------------------------ end of H3-hub block
+
+
+_SESSION_CHUNK: Final = 500  # well under SQLite's limit of bound parameters per statement
+
+
+# Pending invitations still valid: not expired, and their inviter still owns the room.
+_VALID_INVITATIONS: Final = (
+    "SELECT i.room, i.role, i.invited_by, i.created_at, i.expires_at FROM invitations i "
+    "JOIN room_members m ON m.room = i.room AND m.user = i.invited_by AND m.role = 'owner' "
+    "WHERE i.expires_at > ?"
+)
+
+
+def _check_code_row(row: sqlite3.Row | None, now: float) -> None:
+    """Refuse an unknown, used or expired one-time code (enrolment or room join code)."""
+    if row is None:
+        raise StoreError("join_code_unknown", "This join code is not known to the server.")
+    if row["used_at"] is not None:
+        raise StoreError("join_code_used", "This join code has already been used.")
+    if row["expires_at"] <= now:
+        raise StoreError("join_code_expired", "This join code has expired.")
+
+
+def _audit(
+    db: sqlite3.Connection,
+    now: float,
+    kind: str,
+    *,
+    room: str | None,
+    actor_user: str | None = None,
+    actor_device: str | None = None,
+    subject: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    # Pruned as it grows, so the log stays bounded without a separate job.
+    db.execute("DELETE FROM audit WHERE at < ?", (now - AUDIT_RETENTION,))
+    db.execute(
+        "INSERT INTO audit (at, kind, room, actor_user, actor_device, subject, detail) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (now, kind, room, actor_user, actor_device, subject, json.dumps(detail or {})),
+    )
+
+
+def _invitation_record(row: sqlite3.Row) -> InvitationRecord:
+    return InvitationRecord(
+        room=row["room"],
+        role=row["role"],
+        invited_by=row["invited_by"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+    )
+
+
+def _audit_record(row: sqlite3.Row) -> AuditRecord:
+    return AuditRecord(
+        id=row["id"],
+        at=row["at"],
+        kind=row["kind"],
+        room=row["room"],
+        actor_user=row["actor_user"],
+        actor_device=row["actor_device"],
+        subject=row["subject"],
+        detail=dict(json.loads(row["detail"])),
+    )
 
 
 def _device_record(row: sqlite3.Row) -> DeviceRecord:

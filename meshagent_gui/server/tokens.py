@@ -196,8 +196,13 @@ class SigningKeys:
         resource: str,
         now: float,
         ttl: int = MAX_TTL,
+        room: str | None = None,
     ) -> tuple[str, float]:
-        """Sign a capability for ``holder`` (device id) toward ``target``; returns (jwt, exp)."""
+        """Sign a capability for ``holder`` (device id) toward ``target``; returns (jwt, exp).
+
+        ``room`` is the room whose role granted it: a peer that shares a resource into some
+        rooms only (a terminal session) accepts the token only if it names one of them.
+        """
         if ttl <= 0:
             raise ValueError("ttl must be positive")
         key = self._active()
@@ -215,6 +220,8 @@ class SigningKeys:
             "jti": b64url(secrets.token_bytes(16)),
             "cnf": {"x5t#S256": certificate_binding(holder)},
         }
+        if room is not None:
+            claims["room"] = room
         token = jwt.encode(
             claims,
             key.private_key,

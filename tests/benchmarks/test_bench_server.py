@@ -164,7 +164,7 @@ def enrol_reference(data_dir: Path, plan: Plan) -> dict[str, str]:
         for room in plan.rooms:
             store.create_room(room.name, room.flapper.user, now=now)
             for observer in room.observers:
-                store.add_member(room.name, observer.user, "member", by=None, now=now)
+                store.add_member(room.name, observer.user, "member", now=now)
         tokens: dict[str, str] = {}
         for device in plan.everyone:
             new = NewDevice(device.id, device.name, "linux", device.certificate)

@@ -7,14 +7,19 @@ See docs/server-api.md for the contract any Mesh Server must offer.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 API_PREFIX: Final = "/api/v1"
 # Relay frames (/api/v1/relay): a raw device id, then one QUIC datagram.
 RELAY_ID_BYTES: Final = 32
 RELAY_MAX_DATAGRAM: Final = 1500
+# WebSocket close codes of /ws and /relay (docs/server-api.md): refresh the token and retry.
+CLOSE_UNAUTHORIZED: Final = 4401  # bad or expired access token
+CLOSE_REVOKED: Final = 4403  # the session was revoked; a refused refresh means: enrol again
 # p2p:connect admits a QUIC connection (its first stream); the others admit service streams.
 SCOPES: Final = ("p2p:connect", "share:file", "share:folder", "terminal:view", "terminal:control")
 Scope = Literal["p2p:connect", "share:file", "share:folder", "terminal:view", "terminal:control"]
@@ -26,6 +31,12 @@ ROLE_SCOPES: Final[dict[str, frozenset[str]]] = {
     "member": frozenset(SCOPES),
     "viewer": frozenset({"p2p:connect", "terminal:view"}),
 }
+PERSONAL_ROOM_PREFIX: Final = "@"
+
+
+def personal_room(user: str) -> str:
+    """A user's own room: all of their devices and nobody else (nobody can be invited)."""
+    return PERSONAL_ROOM_PREFIX + user
 
 
 class Wire(BaseModel):
@@ -64,13 +75,67 @@ class KeySet(Wire):
     keys: list[PublicKey]
 
 
+ENROLL_PROOF_CONTEXT: Final = b"mesh-enroll-v1\n"
+CHALLENGE_TTL: Final = 120
+
+
+def enroll_proof_message(server_id: str, nonce: str, certificate_der: bytes) -> bytes:
+    """What the enrolling device signs with its key: binds the server, the nonce and the cert."""
+    digest = hashlib.sha256(certificate_der).hexdigest()
+    return ENROLL_PROOF_CONTEXT + f"{server_id}\n{nonce}\n{digest}".encode()
+
+
+class Challenge(Wire):
+    """``POST /enroll/challenge``: a single-use nonce the enrolling device signs."""
+
+    nonce: str
+    expires_in: int = Field(description="seconds the nonce stays valid")
+
+
+# The two ways to enrol, as JSON Schema: exactly one of the two sets of fields.
+_ENROLL_CREDENTIALS: Final[dict[str, Any]] = {
+    "oneOf": [
+        {
+            "required": ["join_code"],
+            "not": {"anyOf": [{"required": ["username"]}, {"required": ["password"]}]},
+        },
+        {"required": ["username", "password"], "not": {"required": ["join_code"]}},
+    ]
+}
+
+
 class EnrollRequest(Wire):
-    join_code: str | None = None
-    username: str | None = None
-    password: str | None = None
+    """``POST /enroll``: either ``join_code``, or ``username`` and ``password`` (never both).
+
+    ``nonce`` comes from ``POST /enroll/challenge``; ``signature`` is the device key's signature
+    (ECDSA-SHA256, DER, base64url without padding) over :func:`enroll_proof_message`: it proves
+    the caller holds the key of ``certificate``, which is public (every P2P peer sees it).
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_ENROLL_CREDENTIALS)
+    join_code: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
+    username: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
+    password: str | SkipJsonSchema[None] = Field(default=None, max_length=1024)
     device_name: str = Field(min_length=1, max_length=64)
     platform: str = Field(default="", max_length=32)
-    certificate: str = Field(description="the device's self-signed X.509 certificate, PEM")
+    certificate: str = Field(
+        max_length=16384, description="the device's self-signed X.509 certificate, PEM"
+    )
+    nonce: str = Field(min_length=1, max_length=128, description="from POST /enroll/challenge")
+    signature: str = Field(
+        min_length=1,
+        max_length=512,
+        description="base64url (no padding) signature of the device key over the enrolment proof",
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_enroll(self) -> EnrollRequest:
+        by_code = self.join_code is not None
+        by_password = self.username is not None or self.password is not None
+        half_password = by_password and (self.username is None or self.password is None)
+        if by_code == by_password or half_password:
+            raise ValueError("give either join_code, or username and password")
+        return self
 
 
 class TokenPair(Wire):
@@ -129,9 +194,91 @@ class RoomCreate(Wire):
     name: str = Field(min_length=1, max_length=64)
 
 
-class MemberAdd(Wire):
-    user: str
+class MemberUpdate(Wire):
+    """``PATCH /rooms/{name}/members/{user}``: an owner changes an existing member's role."""
+
+    role: Role
+
+
+class InvitationCreate(Wire):
+    """``POST /rooms/{name}/invitations``: an owner invites a user, who must accept."""
+
+    user: str = Field(min_length=1, max_length=32)
     role: Role = "member"
+
+
+class Invitation(Wire):
+    """A pending invitation, as its invitee sees it (``GET /invitations``)."""
+
+    room: str
+    role: Role
+    invited_by: str
+    created_at: float
+    expires_at: float
+
+
+class InvitationList(Wire):
+    invitations: list[Invitation]
+
+
+class Accepted(Wire):
+    """An answer that says only that the request was taken (it reveals nothing else)."""
+
+    status: str
+
+
+class RoomJoinCodeCreate(Wire):
+    ttl: int | None = Field(default=None, ge=30, le=7 * 86400, description="seconds; default 600")
+
+
+class RoomJoin(Wire):
+    """``POST /rooms/join``: join a room with a code its owner gave you."""
+
+    code: str = Field(min_length=1, max_length=64)
+
+
+class AuditEntry(Wire):
+    id: int
+    at: float
+    kind: str = Field(
+        description="device.enrolled, session.revoked, capability.granted, room.invited, "
+        "room.joined, room.left, room.role_changed or terminal.control"
+    )
+    room: str | None = None
+    actor_user: str | None = None
+    actor_device: str | None = None
+    subject: str | None = None
+    detail: dict[str, Any] = {}
+
+
+class AuditLog(Wire):
+    entries: list[AuditEntry]
+
+
+class NotifySettings(Wire):
+    """The caller's own Gotify target; the token itself is never sent back."""
+
+    gotify_url: str | None = None
+    token_set: bool = False
+
+
+class NotifySettingsUpdate(Wire):
+    """``PUT /users/self/notify``; ``gotify_url`` null switches the notifications off."""
+
+    gotify_url: str | None = Field(default=None, min_length=1, max_length=512)
+    gotify_token: str | None = Field(default=None, min_length=1, max_length=256)
+
+
+class TerminalControlReport(Wire):
+    """``POST /terminal/control``: the host reports who controls its terminal session now."""
+
+    session_id: str = Field(min_length=1, max_length=128)
+    controller_device: str | None = Field(
+        default=None, max_length=64, description="null: nobody (control released or revoked)"
+    )
+    rooms: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        default=[], max_length=32, description="the rooms the session is shared in"
+    )
 
 
 class JoinCodeCreate(Wire):
@@ -159,11 +306,19 @@ class CapabilityRequest(Wire):
     scope: Scope
     resource: str = Field(default="", max_length=256)
     ttl: int | None = Field(default=None, ge=1, le=300)
+    room: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="the room whose role grants the scope; omitted: your personal room for "
+        "your own devices, else the first shared room (by name) whose role allows it",
+    )
 
 
 class CapabilityGrant(Wire):
     token: str
     expires_at: float
+    room: str | None = Field(default=None, description="the room the grant came from")
 
 
 # ---------------------------------------------------------------- WebSocket
@@ -176,6 +331,10 @@ class Hello(Wire):
     server_time: float
     heartbeat_interval: float
     online: list[str] = Field(default=[], description="reachable devices online now")
+    access_expires_at: float | None = Field(
+        default=None,
+        description="server time when this socket closes (4401) unless an `auth` frame renews it",
+    )
 
 
 class Presence(Wire):
@@ -209,6 +368,12 @@ class Announce(Wire):
     data: dict[str, Any] = {}
     to: list[str] | None = None
     key: str | None = Field(default=None, max_length=128)
+    rooms: list[Annotated[str, Field(min_length=1, max_length=65)]] | None = Field(
+        default=None,
+        max_length=32,
+        description="rooms to announce into (the announcer must be in each); "
+        "default: the announcer's personal room, i.e. its own devices",
+    )
 
 
 class Withdraw(Wire):
@@ -227,6 +392,20 @@ class Event(Wire):
     key: str | None = Field(
         default=None, description="the standing announcement's key (also on `<kind>.ended`)"
     )
+    rooms: list[str] = Field(
+        default=[], description="the announcement's rooms that the recipient is in"
+    )
+
+
+class Auth(Wire):
+    """Client -> server on `/ws`: a fresh access token for this socket (after a refresh).
+
+    The server answers nothing on success (the socket now lives until this token expires) and
+    closes 4401 when the token is not valid for this device.
+    """
+
+    type: Literal["auth"] = "auth"
+    access_token: str = Field(min_length=1, max_length=512)
 
 
 class WsError(Wire):
@@ -239,7 +418,8 @@ class WsError(Wire):
 
 
 WsMessage = Annotated[
-    Hello | Presence | Signal | Announce | Withdraw | Event | WsError, Field(discriminator="type")
+    Hello | Presence | Signal | Announce | Withdraw | Event | WsError | Auth,
+    Field(discriminator="type"),
 ]
 WS_MESSAGE: Final[TypeAdapter[WsMessage]] = TypeAdapter(WsMessage)
 

@@ -3,6 +3,7 @@ store, and the app driven in-process through httpx (test_hub.py runs real server
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import itertools
@@ -15,12 +16,13 @@ import argon2
 import httpx
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshagent_gui.core.mesh.types import API_PREFIX
-from meshagent_gui.server.app import FailureLimiter, ServerState, create_app
+from meshagent_gui.core.mesh.types import API_PREFIX, enroll_proof_message
+from meshagent_gui.server.app import ServerState, create_app
+from meshagent_gui.server.limits import FailureLimiter
 from meshagent_gui.server.passwords import Passwords
 from meshagent_gui.server.store import NewDevice, Store
 
@@ -31,14 +33,21 @@ PASSWORD = "correct horse battery"
 class DeviceCertificate:
     pem: str
     fingerprint: str  # the device id: sha256(DER), lowercase hex
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def der(self) -> bytes:
+        return x509.load_pem_x509_certificate(self.pem.encode()).public_bytes(
+            serialization.Encoding.DER
+        )
 
 
 _serial = itertools.count(1)
 
 
 def make_certificate(name: str = "device") -> DeviceCertificate:
-    """A fresh self-signed Ed25519 certificate, as an agent makes for itself."""
-    key = Ed25519PrivateKey.generate()
+    """A fresh self-signed ECDSA P-256 certificate, as an agent makes for itself."""
+    key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
@@ -49,11 +58,20 @@ def make_certificate(name: str = "device") -> DeviceCertificate:
         .serial_number(next(_serial))
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(days=365))
-        .sign(key, None)
+        .sign(key, hashes.SHA256())
     )
     der = certificate.public_bytes(serialization.Encoding.DER)
     pem = certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
-    return DeviceCertificate(pem=pem, fingerprint=hashlib.sha256(der).hexdigest())
+    return DeviceCertificate(pem=pem, fingerprint=hashlib.sha256(der).hexdigest(), key=key)
+
+
+async def proof(client: httpx.AsyncClient, cert: DeviceCertificate) -> dict[str, str]:
+    """``nonce`` and ``signature`` for enrolling ``cert``: a fresh challenge, signed."""
+    server_id = (await client.get("/info")).json()["server_id"]
+    nonce = (await client.post("/enroll/challenge")).json()["nonce"]
+    message = enroll_proof_message(server_id, nonce, cert.der)
+    signature = cert.key.sign(message, ec.ECDSA(hashes.SHA256()))
+    return {"nonce": nonce, "signature": base64.urlsafe_b64encode(signature).decode().rstrip("=")}
 
 
 def new_device(name: str = "laptop") -> NewDevice:
@@ -141,7 +159,7 @@ async def enroll(
         body["join_code"] = join_code
     else:
         body |= {"username": user, "password": PASSWORD}
-    response = await client.post("/enroll", json=body)
+    response = await client.post("/enroll", json=body | await proof(client, cert))
     assert response.status_code == 200, response.text
     answer = response.json()
     return Enrolled(

@@ -27,7 +27,20 @@ from tests.unit.server.conftest import (
     add_user,
     enroll,
     make_certificate,
+    proof,
 )
+
+
+async def join(
+    client: httpx.AsyncClient, room: str, owner: Enrolled, member: Enrolled, role: str = "member"
+) -> None:
+    """``member`` joins ``room`` the consented way: invited by ``owner``, then accepting."""
+    invited = await client.post(
+        f"/rooms/{room}/invitations", json={"user": member.user, "role": role}, headers=owner.auth
+    )
+    assert invited.status_code == 202, invited.text
+    accepted = await client.post(f"/invitations/{room}/accept", headers=member.auth)
+    assert accepted.status_code == 200, accepted.text
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> None:
@@ -51,8 +64,8 @@ async def test_enroll_with_password(client: httpx.AsyncClient, state: ServerStat
     add_user(state, "ann")
     cert = make_certificate()
     body = {"username": "Ann", "password": PASSWORD, "device_name": "laptop"}
-    response = await client.post("/enroll", json=body | {"certificate": cert.pem})
-    answer = EnrollResponse.model_validate(response.json())
+    body |= {"certificate": cert.pem} | await proof(client, cert)
+    answer = EnrollResponse.model_validate((await client.post("/enroll", json=body)).json())
     assert answer.device_id == cert.fingerprint and answer.user == "ann"
     assert answer.server_id == state.server_id and answer.access_expires_in == 3600
     assert answer.keys == state.keys.public_keys()
@@ -60,13 +73,11 @@ async def test_enroll_with_password(client: httpx.AsyncClient, state: ServerStat
 
 async def test_enroll_refusals(client: httpx.AsyncClient, state: ServerState) -> None:
     add_user(state, "ann")
-    pem = make_certificate().pem
-    base = {"device_name": "laptop", "certificate": pem}
-    assert_error(
-        await client.post("/enroll", json=base | {"username": "ann", "password": "wrong"}),
-        401,
-        "invalid_credentials",
-    )
+    cert = make_certificate()
+    base = {"device_name": "laptop", "certificate": cert.pem}
+    wrong = base | {"username": "ann", "password": "wrong"} | await proof(client, cert)
+    assert_error(await client.post("/enroll", json=wrong), 401, "invalid_credentials")
+    base |= await proof(client, cert)  # the checks below refuse the body before the proof
     assert_error(await client.post("/enroll", json=base), 422, "invalid_request")
     both = base | {"join_code": "AAAA-AAAA-AAAA-AAAA", "username": "ann", "password": "x"}
     assert_error(await client.post("/enroll", json=both), 422, "invalid_request")
@@ -92,32 +103,31 @@ async def test_join_code_errors_are_distinct(
     expiring, _ = store.create_join_code(user=None, room=None, ttl=60, now=clock())
     first = await enroll(client, join_code=used, name="Desk PC")
     assert first.user == "desk-pc"
-    pem = make_certificate().pem
-    body = {"device_name": "x", "certificate": pem}
-    assert_error(
-        await client.post("/enroll", json=body | {"join_code": used}), 401, "join_code_used"
-    )
+    cert = make_certificate()
+    body = {"device_name": "x", "certificate": cert.pem}
+    reused = body | {"join_code": used} | await proof(client, cert)
+    assert_error(await client.post("/enroll", json=reused), 401, "join_code_used")
     clock.advance(61)
-    assert_error(
-        await client.post("/enroll", json=body | {"join_code": expiring}), 401, "join_code_expired"
-    )
+    late = body | {"join_code": expiring} | await proof(client, cert)
+    assert_error(await client.post("/enroll", json=late), 401, "join_code_expired")
 
 
 async def test_failed_attempts_are_rate_limited_per_address(
     client: httpx.AsyncClient, state: ServerState, clock: FakeClock
 ) -> None:
     add_user(state, "ann")
-    body = {"device_name": "x", "certificate": make_certificate().pem}
+    cert = make_certificate()
+    body = {"device_name": "x", "certificate": cert.pem}
     for _ in range(3):
-        assert_error(
-            await client.post("/enroll", json=body | {"join_code": "0000-0000-0000-0000"}),
-            401,
-            "join_code_unknown",
-        )
+        guess = body | {"join_code": "0000-0000-0000-0000"} | await proof(client, cert)
+        assert_error(await client.post("/enroll", json=guess), 401, "join_code_unknown")
     good = body | {"username": "ann", "password": PASSWORD}
-    assert_error(await client.post("/enroll", json=good), 429, "rate_limited")
+    assert_error(
+        await client.post("/enroll", json=good | await proof(client, cert)), 429, "rate_limited"
+    )
     clock.advance(61)  # the window slides
-    assert (await client.post("/enroll", json=good)).status_code == 200
+    response = await client.post("/enroll", json=good | await proof(client, cert))
+    assert response.status_code == 200
 
 
 async def test_refresh_rotates_and_refuses_reuse(
@@ -186,9 +196,7 @@ async def test_devices_lists_those_sharing_a_room(
     ]
     response = await client.post("/rooms", json={"name": "team"}, headers=devices["ann"].auth)
     assert response.json() == {"name": "team", "role": "owner", "members": ["ann"]}
-    await client.post(
-        "/rooms/team/members", json={"user": "bob", "role": "viewer"}, headers=devices["ann"].auth
-    )
+    await join(client, "team", devices["ann"], devices["bob"], "viewer")
     listed = DeviceList.model_validate(
         (await client.get("/devices", headers=devices["bob"].auth)).json()
     )
@@ -224,17 +232,21 @@ async def test_rooms_and_membership_errors(client: httpx.AsyncClient, state: Ser
     assert_error(
         await client.post("/rooms", json={"name": "@mine"}, headers=bob), 422, "invalid_request"
     )
-    add = "/rooms/team/members"
-    assert_error(await client.post(add, json={"user": "cat"}, headers=bob), 404, "unknown_room")
-    response = await client.post(add, json={"user": "bob"}, headers=ann)
-    assert response.json() == {"name": "team", "role": "owner", "members": ["ann", "bob"]}
-    assert_error(await client.post(add, json={"user": "cat"}, headers=bob), 403, "forbidden")
-    assert_error(await client.post(add, json={"user": "zed"}, headers=ann), 404, "unknown_user")
+    invite = "/rooms/team/invitations"
+    assert_error(await client.post(invite, json={"user": "cat"}, headers=bob), 404, "unknown_room")
+    await join(client, "team", devices["ann"], devices["bob"])
+    assert_error(await client.post(invite, json={"user": "cat"}, headers=bob), 403, "forbidden")
+    for user in ("zed", "cat"):  # no user-name oracle
+        invited = await client.post(invite, json={"user": user}, headers=ann)
+        assert (invited.status_code, invited.json()) == (202, {"status": "invited"})
     assert_error(
-        await client.post("/rooms/nope/members", json={"user": "cat"}, headers=ann),
+        await client.post("/rooms/nope/invitations", json={"user": "cat"}, headers=ann),
         404,
         "unknown_room",
     )
+    # The forced add of old is gone.
+    forced = await client.post("/rooms/team/members", json={"user": "cat"}, headers=ann)
+    assert forced.status_code == 404
     rooms = RoomList.model_validate((await client.get("/rooms", headers=bob)).json())
     assert [(r.name, r.role) for r in rooms.rooms] == [("@bob", "owner"), ("team", "member")]
 
@@ -246,9 +258,7 @@ async def test_capability_acl(
     devices = await users_with_devices(client, state, "ann", "bob")
     await client.post("/rooms", json={"name": "team"}, headers=devices["bob"].auth)
     if role is not None:
-        await client.post(
-            "/rooms/team/members", json={"user": "ann", "role": role}, headers=devices["bob"].auth
-        )
+        await join(client, "team", devices["bob"], devices["ann"], role)
     allowed = {
         "owner": set(SCOPES),
         "member": set(SCOPES),
@@ -261,6 +271,8 @@ async def test_capability_acl(
         )
         if scope in allowed:
             assert response.status_code == 200, response.text
+        elif role is None:  # sharing no room: the device does not exist for ann
+            assert_error(response, 404, "unknown_device")
         else:
             assert_error(response, 403, "not_allowed")
 
@@ -342,15 +354,17 @@ async def test_join_codes_endpoint(client: httpx.AsyncClient, state: ServerState
     )
 
     # Inviting into a room: it must be the caller's own (a missing one is created for them).
+    # Another's room answers like a taken name at POST /rooms, another's personal room like
+    # one that does not exist: no oracle.
     team = await client.post("/join-codes", json={"room": "team"}, headers=ann)
     assert team.status_code == 200
     assert_error(
         await client.post("/join-codes", json={"room": "team"}, headers=devices["bob"].auth),
-        403,
-        "forbidden",
+        409,
+        "room_exists",
     )
     assert_error(
-        await client.post("/join-codes", json={"room": "@bob"}, headers=ann), 403, "forbidden"
+        await client.post("/join-codes", json={"room": "@bob"}, headers=ann), 404, "unknown_room"
     )
     assert (await enroll(client, join_code=team.json()["code"], name="ann-watch")).user == "ann"
     rooms = RoomList.model_validate((await client.get("/rooms", headers=ann)).json())

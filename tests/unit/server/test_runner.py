@@ -30,7 +30,7 @@ from meshagent_gui.server.runner import (
     serve_forever,
     start_server,
 )
-from tests.unit.server.conftest import make_certificate
+from tests.unit.server.conftest import make_certificate, proof
 
 WAIT = 10.0
 
@@ -98,8 +98,10 @@ async def test_serves_over_tls(tmp_path: Path) -> None:
 async def test_stop_closes_websockets_and_frees_the_port(tmp_path: Path) -> None:
     server = await start_server(ServerSettings(data_dir=tmp_path))
     code, _ = create_join_code(tmp_path)
-    body = {"join_code": code, "device_name": "pc", "certificate": make_certificate().pem}
+    cert = make_certificate()
+    body = {"join_code": code, "device_name": "pc", "certificate": cert.pem}
     async with httpx.AsyncClient(base_url=server.url + API_PREFIX, timeout=WAIT) as http:
+        body |= await proof(http, cert)
         token = (await http.post("/enroll", json=body)).json()["access_token"]
     ws_url = "ws" + server.url.removeprefix("http") + API_PREFIX + "/ws"
     async with connect(ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:

@@ -11,9 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshagent_gui.core.mesh.types import ROLE_SCOPES, SCOPES, Role
+from meshagent_gui.server import store as store_module
 from meshagent_gui.server.store import (
     ACCESS_TTL,
     SCHEMA_VERSION,
+    MembershipChange,
     Store,
     StoreError,
     new_join_code,
@@ -222,10 +224,18 @@ def test_visible_devices_are_those_sharing_a_room(store: Store) -> None:
     store.enroll_user_device("eve", new_device("eve"), now=NOW)
     assert [(d.id, rooms) for d, rooms in store.visible_devices(ann1.id)] == [(ann2.id, ("@ann",))]
     store.create_room("team", "ann", now=NOW)
-    store.add_member("team", "bob", "viewer", by="ann", now=NOW)
+    assert store.invite("team", "bob", "viewer", by="ann", by_device=None, now=NOW)
+    # Invited is not joined: nothing is shared until bob accepts.
+    assert [d.id for d, _ in store.visible_devices(ann1.id)] == [ann2.id]
+    store.accept_invitation("team", "bob", device=bob.id, now=NOW)
     visible = {d.id: rooms for d, rooms in store.visible_devices(ann1.id)}
     assert visible == {ann2.id: ("@ann", "team"), bob.id: ("team",)}
     assert store.peer_users("bob") == {"ann", "bob"}
+
+
+def _join(store: Store, room: str, user: str, role: Role, *, by: str) -> MembershipChange:
+    store.invite(room, user, role, by=by, by_device=None, now=NOW)
+    return store.accept_invitation(room, user, device=None, now=NOW)
 
 
 def test_room_membership_rules(store: Store) -> None:
@@ -236,22 +246,70 @@ def test_room_membership_rules(store: Store) -> None:
         store.create_room("team", "bob", now=NOW)
     with _Refusal("invalid_request"):
         store.create_room("@team", "bob", now=NOW)
-    change = store.add_member("team", "bob", "member", by="ann", now=NOW)
+    change = _join(store, "team", "bob", "member", by="ann")
     assert change.members == {"ann", "bob"} and change.newly_shared == {"ann"}
     with _Refusal("forbidden"):  # a member is not an owner
-        store.add_member("team", "cat", "member", by="bob", now=NOW)
+        store.invite("team", "cat", "member", by="bob", by_device=None, now=NOW)
     with _Refusal("unknown_room"):  # outsiders cannot tell the room exists
-        store.add_member("team", "cat", "member", by="cat", now=NOW)
+        store.invite("team", "cat", "member", by="cat", by_device=None, now=NOW)
     with _Refusal("unknown_room"):
-        store.add_member("nope", "cat", "member", by="ann", now=NOW)
-    with _Refusal("unknown_user"):
-        store.add_member("team", "nobody", "member", by="ann", now=NOW)
+        store.invite("nope", "cat", "member", by="ann", by_device=None, now=NOW)
+    # No user-name oracle: a missing user or a member is "invited" (nothing is stored).
+    assert not store.invite("team", "nobody", "member", by="ann", by_device=None, now=NOW)
+    assert not store.invite("team", "bob", "member", by="ann", by_device=None, now=NOW)
     with _Refusal("forbidden"):  # the last owner stays
-        store.add_member("team", "ann", "member", by="ann", now=NOW)
-    again = store.add_member("team", "bob", "owner", by="ann", now=NOW)
-    assert again.newly_shared == frozenset()
-    store.add_member("team", "ann", "viewer", by="bob", now=NOW)
+        store.set_role("team", "ann", "member", by="ann", by_device=None, now=NOW)
+    with _Refusal("unknown_user"):
+        store.set_role("team", "cat", "member", by="ann", by_device=None, now=NOW)
+    again = store.set_role("team", "bob", "owner", by="ann", by_device=None, now=NOW)
+    assert again.newly_shared == frozenset() and again.role == "owner"
+    store.set_role("team", "ann", "viewer", by="bob", by_device=None, now=NOW)
     assert store.role("team", "ann") == "viewer"
+
+
+def test_leaving_reports_who_no_longer_shares_a_room(store: Store) -> None:
+    for name in ("ann", "bob", "cat"):
+        store.create_user(name, "hash", now=NOW)
+    store.create_room("team", "ann", now=NOW)
+    store.create_room("other", "ann", now=NOW)
+    _join(store, "team", "bob", "member", by="ann")
+    _join(store, "team", "cat", "member", by="ann")
+    _join(store, "other", "cat", "member", by="ann")
+    with _Refusal("forbidden"):  # members do not remove others
+        store.remove_member("team", "cat", by="bob", by_device=None, now=NOW)
+    with _Refusal("forbidden"):  # the last owner cannot leave while others remain
+        store.remove_member("team", "ann", by="ann", by_device=None, now=NOW)
+    left = store.remove_member("team", "cat", by="cat", by_device=None, now=NOW)
+    assert left.role is None and left.members == {"ann", "bob"}
+    assert left.no_longer_shared == {"bob"}  # cat still shares "other" with ann
+    removed = store.remove_member("team", "bob", by="ann", by_device=None, now=NOW)
+    assert removed.no_longer_shared == {"ann"}
+    gone = store.remove_member("team", "ann", by="ann", by_device=None, now=NOW)
+    assert gone.members == frozenset() and not store.room_exists("team")
+    with _Refusal("forbidden"):
+        store.remove_member("@ann", "ann", by="ann", by_device=None, now=NOW)
+
+
+def test_room_join_codes_are_single_use_and_keep_roles(store: Store) -> None:
+    for name in ("ann", "bob"):
+        store.create_user(name, "hash", now=NOW)
+    store.create_room("team", "ann", now=NOW)
+    code, expires_at = store.create_room_join_code("team", by="ann", ttl=60, now=NOW)
+    assert expires_at == NOW + 60
+    change = store.join_with_code(code, "bob", device=None, now=NOW)
+    assert (change.room, change.role) == ("team", "member")
+    assert change.newly_shared == {"ann"}
+    with _Refusal("join_code_used"):
+        store.join_with_code(code, "bob", device=None, now=NOW)
+    late, _ = store.create_room_join_code("team", by="ann", ttl=60, now=NOW)
+    with _Refusal("join_code_expired"):
+        store.join_with_code(late, "bob", device=None, now=NOW + 60)
+    own, _ = store.create_room_join_code("team", by="ann", now=NOW)
+    assert store.join_with_code(own, "ann", device=None, now=NOW).role == "owner"
+    with _Refusal("forbidden"):
+        store.create_room_join_code("team", by="bob", now=NOW)
+    with _Refusal("unknown_room"):
+        store.create_room_join_code("@bob", by="ann", now=NOW)
 
 
 @pytest.mark.parametrize("role", ["owner", "member", "viewer"])
@@ -259,25 +317,62 @@ def test_acl_matrix(store: Store, role: str) -> None:
     for name in ("ann", "bob", "eve"):
         store.create_user(name, "hash", now=NOW)
     store.create_room("team", "bob", now=NOW)
-    store.add_member("team", "ann", cast(Role, role), by="bob", now=NOW)
+    _join(store, "team", "ann", cast(Role, role), by="bob")
     for scope in SCOPES:
-        assert (scope in store.allowed_scopes("ann", "bob")) == (scope in ROLE_SCOPES[role])
-    # Toward one's own devices (personal room, owner): everything. Toward strangers: nothing.
-    assert store.allowed_scopes("ann", "ann") == frozenset(SCOPES)
-    assert store.allowed_scopes("ann", "eve") == frozenset()
-    # Bob owns the room: his role decides what he may ask of ann.
-    assert store.allowed_scopes("bob", "ann") == frozenset(SCOPES)
+        if scope in ROLE_SCOPES[role]:
+            assert store.grant_room("ann", "bob", scope, None) == "team"
+            assert store.grant_room("ann", "bob", scope, "team") == "team"
+        else:
+            with _Refusal("not_allowed"):
+                store.grant_room("ann", "bob", scope, None)
+        # Toward one's own devices (personal room, owner): everything.
+        assert store.grant_room("ann", "ann", scope, None) == "@ann"
+        # Toward strangers: they do not exist.
+        with _Refusal("unknown_device"):
+            store.grant_room("ann", "eve", scope, None)
+        # Bob owns the room: his role decides what he may ask of ann.
+        assert store.grant_room("bob", "ann", scope, None) == "team"
+    with _Refusal("unknown_room"):
+        store.grant_room("ann", "bob", "p2p:connect", "@bob")
 
 
-def test_the_best_role_across_shared_rooms_wins(store: Store) -> None:
+def test_one_room_decides_never_the_best_role_across_rooms(store: Store) -> None:
     for name in ("ann", "bob"):
         store.create_user(name, "hash", now=NOW)
     store.create_room("view", "bob", now=NOW)
-    store.add_member("view", "ann", "viewer", by="bob", now=NOW)
-    assert store.allowed_scopes("ann", "bob") == {"p2p:connect", "terminal:view"}
+    _join(store, "view", "ann", "viewer", by="bob")
+    with _Refusal("not_allowed"):
+        store.grant_room("ann", "bob", "share:file", None)
+    # A room of ann's own that bob has not accepted gives her nothing.
+    store.create_room("mine", "ann", now=NOW)
+    store.invite("mine", "bob", "member", by="ann", by_device=None, now=NOW)
+    with _Refusal("not_allowed"):
+        store.grant_room("ann", "bob", "share:file", "mine")
+    # Both rooms shared: the grant names the room whose role allowed it.
     store.create_room("work", "bob", now=NOW)
-    store.add_member("work", "ann", "member", by="bob", now=NOW)
-    assert store.allowed_scopes("ann", "bob") == frozenset(SCOPES)
+    _join(store, "work", "ann", "member", by="bob")
+    assert store.grant_room("ann", "bob", "share:file", None) == "work"
+    assert store.grant_room("ann", "bob", "terminal:view", None) == "view"  # first by name
+    with _Refusal("not_allowed"):
+        store.grant_room("ann", "bob", "share:file", "view")
+
+
+def test_schema_2_migrates_a_version_1_database(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    legacy = sqlite3.connect(data / "server.sqlite3", isolation_level=None)
+    # A version 1 database, as the previous release left it.
+    for statement in store_module._MIGRATIONS[0]:
+        legacy.execute(statement)
+    legacy.execute("PRAGMA user_version = 1")
+    legacy.close()
+    opened = Store.open(data)
+    try:
+        opened.create_user("ann", None, now=NOW)
+        opened.record("terminal.control", room="@ann", now=NOW)
+        assert [e.kind for e in opened.audit_log("@ann", by="ann")] == ["terminal.control"]
+    finally:
+        opened.close()
 
 
 def test_device_update_and_last_seen(store: Store) -> None:

@@ -63,6 +63,14 @@ def test_token_header_and_claims(tmp_path: Path) -> None:
     assert "=" not in binding and len(claims["jti"]) >= 16
 
 
+def test_the_granting_room_is_a_claim(tmp_path: Path) -> None:
+    keys = SigningKeys.load_or_create(tmp_path / "keys.json")
+    [public] = keys.public_keys()
+    # A host sharing a session in some rooms checks it: a role in another room is no use there.
+    assert verify(issue(keys, room="team")[0], public)["room"] == "team"
+    assert "room" not in verify(issue(keys)[0], public)
+
+
 def test_ttl_is_capped_and_jti_unique(tmp_path: Path) -> None:
     keys = SigningKeys.load_or_create(tmp_path / "keys.json")
     first, expires_at = issue(keys, ttl=3600)
