@@ -67,6 +67,10 @@ class Identity:
             raise UserError("the stored device key is not an EC key", code="identity_invalid")
         return key
 
+    def sign(self, message: bytes) -> bytes:
+        """ECDSA-SHA256 over ``message`` with the device key (DER): proves we hold the key."""
+        return self.private_key().sign(message, ec.ECDSA(hashes.SHA256()))
+
 
 def generate(common_name: str, *, now: dt.datetime | None = None) -> Identity:
     key = ec.generate_private_key(_CURVE)

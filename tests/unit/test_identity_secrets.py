@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from meshagent_gui import identity
+from meshagent_gui import secrets as secrets_module
 from meshagent_gui.errors import UserError
 from meshagent_gui.secrets import FileStore, SecretStore
 
@@ -32,6 +33,17 @@ def test_mismatched_key_is_refused(tmp_path: Path, store: SecretStore) -> None:
         identity.load_or_create(tmp_path / "cert.pem", store, "a")
 
 
+def test_identity_signs_with_the_certificate_key() -> None:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    device = identity.generate("laptop")
+    signature = device.sign(b"mesh-enroll-v1\nproof")
+    key = device.certificate.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key.verify(signature, b"mesh-enroll-v1\nproof", ec.ECDSA(hashes.SHA256()))  # raises if not
+
+
 def test_incomplete_identity_is_refused(tmp_path: Path, store: SecretStore) -> None:
     identity.load_or_create(tmp_path / "cert.pem", store, "a")
     store.delete(identity.PRIVATE_KEY_SECRET)
@@ -48,6 +60,38 @@ def test_file_store_is_owner_only(tmp_path: Path, store: SecretStore) -> None:
     assert stat.S_IMODE((tmp_path / "secrets.json").stat().st_mode) == 0o600
     store.delete("gotify.token")
     assert store.get("gotify.token") is None
+
+
+def test_secret_writes_never_follow_a_symlink(
+    tmp_path: Path, store: SecretStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("not yours")
+    # The fixed temp name older versions used: a planted link there is never written through.
+    (tmp_path / "secrets.json.tmp").symlink_to(victim)
+    store.set("gotify.token", "tok-123456")
+    assert victim.read_text() == "not yours"
+    assert not (tmp_path / "secrets.json").is_symlink()
+    assert stat.S_IMODE((tmp_path / "secrets.json").stat().st_mode) == 0o600
+    # Even a link planted at the very name the next write picks is refused, not followed.
+    monkeypatch.setattr(secrets_module.os, "urandom", lambda n: b"\0" * n)
+    (tmp_path / f"secrets.json.{'00' * 8}.tmp").symlink_to(victim)
+    with pytest.raises(UserError, match="cannot store a secret"):
+        store.set("gotify.token", "tok-654321")
+    assert victim.read_text() == "not yours"
+    assert store.get("gotify.token") == "tok-123456"
+
+
+def test_a_leftover_temp_file_neither_blocks_nor_leaks(tmp_path: Path, store: SecretStore) -> None:
+    """A crash left the temp file behind, world-readable: the next write makes a fresh one."""
+    leftover = tmp_path / "secrets.json.tmp"
+    leftover.write_text('{"old": "secret"}')
+    leftover.chmod(0o644)
+    store.set("gotify.token", "tok-123456")
+    assert stat.S_IMODE((tmp_path / "secrets.json").stat().st_mode) == 0o600
+    assert not leftover.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secrets.json"]
+    assert store.get("gotify.token") == "tok-123456"
 
 
 def test_damaged_file_store_is_one_clear_error(tmp_path: Path, store: SecretStore) -> None:

@@ -1,11 +1,14 @@
-"""Enrolment: register this device's certificate with a Mesh Server and keep what it answers."""
+"""Enrolment: register this device's certificate with a Mesh Server and keep what it answers.
+
+The device proves it holds the certificate's key by signing a nonce of the server's
+(:meth:`MeshClient.enroll`); the answer must name this very certificate.
+"""
 
 from __future__ import annotations
 
 from meshagent_gui.context import Context
 
-from .client import Enrollment, MeshClient, MeshError, normalize_url
-from .types import EnrollRequest
+from .client import EnrollCredentials, Enrollment, MeshClient, MeshError, normalize_url
 
 
 async def enroll(
@@ -23,16 +26,16 @@ async def enroll(
     if device_name:
         ctx.config.set("device.name", device_name)
     identity = ctx.identity
-    request = EnrollRequest(
+    credentials = EnrollCredentials(
+        device_name=ctx.device_name,
+        platform=ctx.platform,
         join_code=join_code.strip() if join_code else None,
         username=username,
         password=password,
-        device_name=ctx.device_name,
-        platform=ctx.platform,
-        certificate=identity.certificate_pem.decode("ascii"),
     )
     async with MeshClient(url, secrets=ctx.secrets) as client:
-        answer = await client.enroll(request)
+        # The identity signs the server's nonce: the certificate alone is public.
+        answer = await client.enroll(identity, credentials)
         if answer.device_id != identity.device_id:
             raise MeshError(
                 "the server registered a different certificate fingerprint than this device's;"
