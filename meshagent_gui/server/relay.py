@@ -5,6 +5,10 @@ One WebSocket per agent at ``/api/v1/relay``, binary frames only. Agent -> serve
 The datagrams are QUIC packets, still end-to-end encrypted: the server sees only their size.
 It forwards between devices that share a room, and drops (never queues without bound) when the
 receiver is slow or the sender exceeds its rate: QUIC treats that as loss and slows down.
+
+The byte budget belongs to the device, not the socket: reconnecting buys no fresh burst. A
+socket lives as long as its session, like the hub's: closed 4403 when the session is revoked,
+4401 when the token it was opened with expires (unless ``/ws`` renewed that session in-band).
 """
 
 from __future__ import annotations
@@ -12,25 +16,28 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Final
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from meshagent_gui.core.mesh.types import CLOSE_REVOKED, CLOSE_UNAUTHORIZED
 from meshagent_gui.core.mesh.types import RELAY_ID_BYTES as ID_BYTES
 from meshagent_gui.core.mesh.types import RELAY_MAX_DATAGRAM as MAX_DATAGRAM
 
-from .hub import Hub, TokenBucket
+from .hub import BucketTable, Hub
 from .store import Principal
 
 log = logging.getLogger(__name__)
 
 CLOSE_BAD_FRAME: Final = 1003
+CLOSE_TIMEOUT: Final = 5.0
 
 
 @dataclass(frozen=True)
 class RelayLimits:
-    bytes_per_second: float = 16 * 1024 * 1024
+    bytes_per_second: float = 16 * 1024 * 1024  # per device
     burst_bytes: float = 2 * 1024 * 1024
     max_queued: int = 2048  # datagrams waiting for one receiver
 
@@ -43,13 +50,15 @@ class RelayStats:
 
 
 class _Peer:
-    def __init__(self, principal: Principal, limits: RelayLimits, now: float) -> None:
+    def __init__(self, principal: Principal, limits: RelayLimits) -> None:
         self.device_id = principal.device_id
         self.raw_id = bytes.fromhex(principal.device_id)
         self.user = principal.user
-        self.bucket = TokenBucket(limits.bytes_per_second, limits.burst_bytes, now)
+        self.session_id = principal.session_id
+        self.expires_at = principal.access_expires_at
         self.outbox: deque[bytes] = deque(maxlen=limits.max_queued)
         self.wakeup = asyncio.Event()
+        self.close_with: tuple[int, str] | None = None
 
     def push(self, frame: bytes) -> bool:
         dropped = len(self.outbox) == self.outbox.maxlen
@@ -57,25 +66,42 @@ class _Peer:
         self.wakeup.set()
         return not dropped
 
+    def close(self, code: int, reason: str) -> None:
+        if self.close_with is None:
+            self.close_with = (code, reason)
+            self.outbox.clear()
+            self.wakeup.set()
+
 
 class Relay:
     def __init__(self, hub: Hub, limits: RelayLimits | None = None) -> None:
         self._hub = hub
-        self.limits = limits or RelayLimits()
         self._peers: dict[bytes, _Peer] = {}
+        self.limits = limits or RelayLimits()
         self.stats = RelayStats()
+        hub.add_session_sockets(self)
+
+    @property
+    def limits(self) -> RelayLimits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: RelayLimits) -> None:
+        """New limits (tests tighten them); the per-device budgets start over."""
+        self._limits = limits
+        self._buckets = BucketTable(limits.bytes_per_second, limits.burst_bytes)
 
     @property
     def connection_count(self) -> int:
         return len(self._peers)
 
     async def serve(self, websocket: WebSocket, principal: Principal) -> None:
-        loop = asyncio.get_running_loop()
-        peer = _Peer(principal, self.limits, loop.time())
+        peer = _Peer(principal, self.limits)
         previous = self._peers.get(peer.raw_id)
         self._peers[peer.raw_id] = peer
         if previous is not None:
             previous.outbox.clear()
+        self._hub.ensure_sweeper()
         try:
             async with asyncio.TaskGroup() as tasks:
                 reader = tasks.create_task(self._read(websocket, peer))
@@ -88,37 +114,71 @@ class Relay:
 
     async def _read(self, websocket: WebSocket, peer: _Peer) -> None:
         loop = asyncio.get_running_loop()
+        generation = self._hub.generation
         peers_of_sender = await self._hub.peer_users(peer.user)
         try:
             while True:
                 message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     return
+                if peer.close_with is not None:
+                    continue  # closing: read on until the client's close arrives
                 frame = message.get("bytes")
                 if frame is None or not ID_BYTES < len(frame) <= ID_BYTES + MAX_DATAGRAM:
-                    await websocket.close(CLOSE_BAD_FRAME, "binary relay frames only")
-                    return
-                target = self._peers.get(frame[:ID_BYTES])
-                if target is None or target.user not in peers_of_sender:
-                    self.stats.refused += 1
+                    peer.close(CLOSE_BAD_FRAME, "binary relay frames only")
                     continue
-                if not peer.bucket.take(loop.time(), len(frame) - ID_BYTES):
-                    self.stats.dropped += 1
-                    continue
-                if target.push(peer.raw_id + frame[ID_BYTES:]):
-                    self.stats.forwarded += 1
-                else:
-                    self.stats.dropped += 1
+                if generation != self._hub.generation:  # rooms changed: who may we reach?
+                    generation = self._hub.generation
+                    peers_of_sender = await self._hub.peer_users(peer.user)
+                self._forward(peer, frame, peers_of_sender, loop.time())
         except WebSocketDisconnect:
             return
 
+    def _forward(self, peer: _Peer, frame: bytes, allowed: frozenset[str], now: float) -> None:
+        target = self._peers.get(frame[:ID_BYTES])
+        if target is None or target.user not in allowed or target.close_with is not None:
+            self.stats.refused += 1
+        elif not self._buckets.take(peer.device_id, now, len(frame) - ID_BYTES):
+            self.stats.dropped += 1
+        elif target.push(peer.raw_id + frame[ID_BYTES:]):
+            self.stats.forwarded += 1
+        else:
+            self.stats.dropped += 1
+
     async def _write(self, websocket: WebSocket, peer: _Peer) -> None:
         try:
-            while True:
+            while peer.close_with is None:
                 if not peer.outbox:
                     peer.wakeup.clear()
                     await peer.wakeup.wait()
                     continue
                 await websocket.send_bytes(peer.outbox.popleft())
-        except (WebSocketDisconnect, RuntimeError, OSError):
+            code, reason = peer.close_with
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await websocket.close(code, reason)
+        except (WebSocketDisconnect, TimeoutError, RuntimeError, OSError):
             return
+
+    # ------------------------------------------------------------ socket lifetime (the sweep)
+
+    def session_ids(self) -> set[str]:
+        return {peer.session_id for peer in self._peers.values()}
+
+    def close_sessions(self, session_ids: Collection[str], code: int = CLOSE_REVOKED) -> None:
+        """Close every relay socket of these sessions now (4403: revoked)."""
+        wanted = set(session_ids)
+        for peer in list(self._peers.values()):
+            if peer.session_id in wanted:
+                log.info("closing the relay of %s: session revoked", peer.device_id[:12])
+                peer.close(code, "session revoked")
+
+    def close_expired(self, now: float) -> None:
+        for peer in list(self._peers.values()):
+            renewed = self._hub.renewed_until(peer.session_id) or 0.0
+            if max(peer.expires_at, renewed) <= now:
+                peer.close(CLOSE_UNAUTHORIZED, "access token expired")
+
+    def prune(self, now: float) -> None:
+        del now  # the buckets run on the loop's clock (they meter bytes, not sessions)
+        loop_now = asyncio.get_running_loop().time()
+        self._buckets.prune(loop_now, {peer.device_id for peer in self._peers.values()})

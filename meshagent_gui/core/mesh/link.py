@@ -3,11 +3,18 @@
 Reconnects with capped exponential backoff and jitter; after each reconnect it rebuilds
 presence from ``hello`` and re-sends its standing announcements, so peers see the same state
 as before the break. Incoming frames become core events on the bus.
+
+The server closes the socket when the access token it was opened with expires (4401) or the
+session is revoked (4403). So the link refreshes the token before ``hello.access_expires_at``
+and hands every new token to the server in-band (an ``auth`` frame): the socket, presence and
+standing announcements live on across refreshes. A revoked session whose refresh is refused
+ends in one clear reason, :data:`~.authed_socket.ENROL_AGAIN`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,12 +34,13 @@ from meshagent_gui.core.events import (
     SignalReceived,
 )
 
-from .authed_socket import CLOSE_UNAUTHORIZED, run_authed_socket
+from .authed_socket import ENROL_AGAIN, refreshable, run_authed_socket
 from .backoff import Backoff
 from .client import MeshClient, MeshError, ws_url
 from .types import (
     WS_MESSAGE,
     Announce,
+    Auth,
     Event,
     Hello,
     Presence,
@@ -46,6 +54,8 @@ log = logging.getLogger(__name__)
 
 CLOSE_REPLACED: Final = 4409  # a newer connection of this same device took over
 OPEN_TIMEOUT: Final = 10.0
+REFRESH_AT: Final = 0.8  # of the token's remaining lifetime
+MIN_REFRESH_DELAY: Final = 1.0
 LinkState = Literal["offline", "connecting", "online"]
 
 
@@ -71,6 +81,10 @@ class MeshLink:
         self.clock_skew: float | None = None
         self.last_error: str | None = None
         self.connects = 0
+        self._token_lifetime: float | None = None  # from hello: until the server closes us
+        self._told_enrol_again = False
+        self._background: set[asyncio.Task[None]] = set()
+        client.token_listeners.append(self._on_new_token)
 
     # ------------------------------------------------------------ API for the core
 
@@ -87,8 +101,11 @@ class MeshLink:
         *,
         to: list[str] | None = None,
         key: str | None = None,
+        rooms: list[str] | None = None,
     ) -> None:
-        message = Announce(kind=kind, data=data, to=to, key=key)
+        """Tell devices about something: into ``rooms`` (None: this user's own devices only),
+        narrowed to the devices ``to``; with ``key`` it stands until withdrawn."""
+        message = Announce(kind=kind, data=data, to=to, key=key, rooms=rooms)
         if key is not None:
             self._standing[key] = message
         if self._ws is not None:
@@ -119,6 +136,12 @@ class MeshLink:
                 # Two agents with one identity would steal the connection from each other.
                 reason = "replaced by another agent running with this device's identity"
                 delay = self._backoff.cap
+            if reason == ENROL_AGAIN:
+                # Nothing changes until someone enrols this device again: say it once, loudly.
+                delay = self._backoff.cap
+                if not self._told_enrol_again:
+                    self._told_enrol_again = True
+                    log.warning("Mesh Server: %s", reason)
             self.last_error = reason
             log.info("server connection lost (%s); retrying in %.1fs", reason, delay)
             self._bus.publish(ServerDisconnected(self._client.url, reason, delay))
@@ -144,22 +167,56 @@ class MeshLink:
 
     async def _serve(self, ws: ClientConnection) -> str:
         self._ws = ws
+        renewal: asyncio.Task[None] | None = None
         try:
             async for raw in ws:
                 self._handle(raw)
                 if self.state == "connecting" and self.session_id is not None:
                     await self._resume()
+                    if self._token_lifetime is not None:
+                        renewal = asyncio.create_task(
+                            self._keep_token_fresh(self._token_lifetime), name="mesh-token"
+                        )
         except ConnectionClosed as exc:
-            if exc.rcvd and exc.rcvd.code == CLOSE_UNAUTHORIZED:
-                raise
+            if refreshable(exc):
+                raise  # run_authed_socket refreshes the token and tries again
             return f"closed ({exc.rcvd.code})" if exc.rcvd else "connection dropped"
         finally:
             self._ws = None
+            if renewal is not None:
+                renewal.cancel()
         return "closed by the server"
+
+    async def _keep_token_fresh(self, remaining: float) -> None:
+        """Refresh before the server closes this socket (4401); the new token goes in-band."""
+        while True:
+            await asyncio.sleep(max(remaining * REFRESH_AT, MIN_REFRESH_DELAY))
+            try:
+                await self._client.refresh(self._client.access_token)  # -> _on_new_token
+            except MeshError as exc:
+                # The socket closes at expiry; the reconnect then says what is wrong.
+                log.warning("cannot refresh the session: %s", exc.message)
+                self.last_error = exc.message
+                return
+            expires = self._client.access_expires_at
+            remaining = expires - time.time() if expires is not None else remaining
+
+    def _on_new_token(self, token: str) -> None:
+        """Whoever refreshed (this link, a REST call), the open socket gets the new token."""
+        if self._ws is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._send_auth(token))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_auth(self, token: str) -> None:
+        with contextlib.suppress(MeshError):  # dropped: the reconnect uses the new token
+            await self._send(dump_ws(Auth(access_token=token)))
 
     async def _resume(self) -> None:
         self.state = "online"
         self._backoff.reset()
+        self._told_enrol_again = False
         log.info("connected to %s (%d peers online)", self._client.url, len(self.online))
         for message in list(self._standing.values()):
             # Inside the session: a drop here ends it like any other (ConnectionClosed).
@@ -187,6 +244,11 @@ class MeshLink:
         match message:
             case Hello():
                 self.session_id = message.session_id
+                self._token_lifetime = (
+                    None
+                    if message.access_expires_at is None
+                    else message.access_expires_at - message.server_time
+                )
                 self.clock_skew = message.server_time - time.time()
                 self.connects += 1
                 now_online = set(message.online)
@@ -206,7 +268,11 @@ class MeshLink:
             case Signal():
                 self._bus.publish(SignalReceived(message.from_ or "", message.payload))
             case Event():
-                self._bus.publish(AnnouncementReceived(message.kind, message.from_, message.data))
+                self._bus.publish(
+                    AnnouncementReceived(
+                        message.kind, message.from_, message.data, tuple(message.rooms)
+                    )
+                )
             case WsError():
                 log.warning("the server refused a frame: %s (%s)", message.message, message.error)
             case _:

@@ -7,9 +7,11 @@ The packets stay QUIC packets, end-to-end encrypted and authenticated by both pe
 on a direct path: the server sees only their size and forwards between devices sharing a room.
 
 Wire (docs/server-api.md): binary frames; agent -> server ``target id (32 raw bytes) +
-datagram``, server -> agent ``source id + datagram``. Nothing here ever blocks the endpoint's
-transmit path or queues without bound: when the link is down or the queue is full, datagrams
-are dropped and counted, and QUIC treats that as loss.
+datagram``, server -> agent ``source id + datagram``. The server closes the socket 4401 when the
+token it was opened with expires (unless the control link renewed the session in-band) and 4403
+when the session is revoked; either way the link refreshes and reconnects. Nothing here ever
+blocks the endpoint's transmit path or queues without bound: when the link is down or the queue
+is full, datagrams are dropped and counted, and QUIC treats that as loss.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Final, Literal
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from meshagent_gui.core.mesh.authed_socket import CLOSE_UNAUTHORIZED, run_authed_socket
+from meshagent_gui.core.mesh.authed_socket import ENROL_AGAIN, refreshable, run_authed_socket
 from meshagent_gui.core.mesh.backoff import Backoff
 from meshagent_gui.core.mesh.client import MeshClient, ws_url
 from meshagent_gui.core.mesh.types import RELAY_ID_BYTES as ID_BYTES
@@ -129,6 +131,8 @@ class RelayLink:
                 reason = await self._session()
                 self._disconnected("offline")
                 delay = self._backoff.next_delay()
+                if reason == ENROL_AGAIN:
+                    delay = self._backoff.cap  # nothing changes until the device enrols again
                 self.last_error = reason
                 log.info("relay connection lost (%s); retrying in %.1fs", reason, delay)
                 await asyncio.sleep(delay)
@@ -206,8 +210,10 @@ class RelayLink:
         for task in done:
             error = task.exception()
             if isinstance(error, ConnectionClosed):
-                if error.rcvd is not None and error.rcvd.code == CLOSE_UNAUTHORIZED:
-                    raise error  # the caller refreshes the token and tries again
+                if refreshable(error):
+                    # 4401 (its token expired) or 4403 (session revoked): the caller refreshes
+                    # the token and reconnects at once, or learns the device must enrol again.
+                    raise error
                 return f"closed ({error.rcvd.code})" if error.rcvd else "connection dropped"
             if error is not None:
                 raise error

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,8 +19,8 @@ from websockets.exceptions import ConnectionClosed
 from meshagent_gui.core.mesh.types import API_PREFIX
 from meshagent_gui.server.hub import HubLimits
 from meshagent_gui.server.runner import RunningServer, ServerSettings, start_server
-from meshagent_gui.server.store import Store
-from tests.unit.server.conftest import PASSWORD, Enrolled, cheap_passwords, enroll
+from meshagent_gui.server.store import NewDevice, Store
+from tests.unit.server.conftest import PASSWORD, Enrolled, cheap_passwords, make_certificate
 
 WAIT = 10.0  # generous bound on every network wait; never a timing assertion
 
@@ -38,7 +39,31 @@ class Mesh:
         await self.server.state.db.call(Store.create_user, name, password_hash, now=0.0)
 
     async def device(self, user: str, name: str) -> Enrolled:
-        return await enroll(self.http, user=user, name=name)
+        """A device enrolled straight in the store (enrolment itself is tested in test_app)."""
+        cert = make_certificate(name)
+        device = NewDevice(id=cert.fingerprint, name=name, platform="linux", certificate=cert.pem)
+        enrolment = await self.server.state.db.call(
+            Store.enroll_user_device, user, device, now=time.time()
+        )
+        return Enrolled(
+            device_id=enrolment.device.id,
+            user=user,
+            access_token=enrolment.tokens.access_token,
+            refresh_token=enrolment.tokens.refresh_token,
+            certificate=cert,
+        )
+
+    async def join(self, owner: Enrolled, room: str, member: Enrolled, role: str) -> None:
+        """``owner`` invites ``member``'s user into ``room`` (made if new); the user accepts."""
+        await self.http.post("/rooms", json={"name": room}, headers=owner.auth)
+        invited = await self.http.post(
+            f"/rooms/{room}/invitations",
+            json={"user": member.user, "role": role},
+            headers=owner.auth,
+        )
+        assert invited.status_code == 202, invited.text
+        accepted = await self.http.post(f"/invitations/{room}/accept", headers=member.auth)
+        assert accepted.status_code == 200, accepted.text
 
     @asynccontextmanager
     async def online(self, device: Enrolled) -> AsyncIterator[Agent]:
@@ -248,19 +273,19 @@ async def test_member_added_event_introduces_the_devices(mesh: Mesh) -> None:
     ann, bob = await mesh.device("ann", "ann-pc"), await mesh.device("bob", "bob-pc")
     async with mesh.online(ann) as owner, mesh.online(bob) as newcomer:
         assert newcomer.hello["online"] == []
-        await owner.send(type="announce", kind="terminal.session", data={}, key="t")
         await mesh.http.post("/rooms", json={"name": "team"}, headers=ann.auth)
-        response = await mesh.http.post(
-            "/rooms/team/members", json={"user": "bob", "role": "viewer"}, headers=ann.auth
-        )
-        assert response.status_code == 200
+        await owner.send(type="announce", kind="private", data={}, key="p")
+        await owner.send(type="announce", kind="terminal.session", data={}, key="t", rooms=["team"])
+        await mesh.join(ann, "team", bob, "viewer")
         added = {"type": "event", "kind": "room.member_added"}
         data = {"room": "team", "user": "bob", "role": "viewer"}
         for agent in (owner, newcomer):
             event = await agent.receive_until(lambda f: f == f | added)
-            assert event["data"] == data
+            assert (event["data"], event["rooms"]) == (data, ["team"])
         await newcomer.receive_until(presence(ann, True))
-        await newcomer.receive_until(lambda f: f.get("kind") == "terminal.session")
+        # Only what was announced into the room: not ann's announcement to her own devices.
+        shared = await newcomer.receive_until(lambda f: f.get("type") == "event")
+        assert (shared["kind"], shared["rooms"]) == ("terminal.session", ["team"])
         await owner.receive_until(presence(bob, True))
         await newcomer.send(type="signal", to=ann.device_id, payload={})
         assert (await owner.receive())["from"] == bob.device_id
@@ -276,7 +301,14 @@ async def test_oversized_frame_closes_with_1009(mesh: Mesh) -> None:
 async def test_a_client_that_stops_reading_is_dropped(
     mesh: Mesh, caplog: pytest.LogCaptureFixture
 ) -> None:
-    mesh.server.state.hub.limits = HubLimits(max_queued_bytes=256 * 1024, frames_per_second=1e6)
+    mesh.server.state.hub.limits = HubLimits(
+        max_queued_bytes=256 * 1024,
+        frames_per_second=1e6,
+        announce_per_second=1e6,
+        announce_burst=1e6,
+        announce_bytes_per_second=1e9,
+        announce_burst_bytes=1e9,
+    )
     laptop, phone = await two_devices(mesh)
     caplog.set_level(logging.WARNING, logger="meshagent_gui.server.hub")
     async with mesh.online(laptop) as sender, mesh.online(phone) as stalled:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -13,8 +13,11 @@ from aioice import stun
 from hypothesis import given
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from meshagent_gui.core.mesh.types import API_PREFIX
+from meshagent_gui.server.relay import RelayLimits
+from meshagent_gui.server.store import Store
 from meshagent_gui.server.stun import binding_response, is_stun
 from tests.unit.server.test_hub import WAIT, Mesh, start_mesh
 
@@ -85,3 +88,58 @@ async def test_relay_forwards_between_room_peers_only(mesh: Mesh) -> None:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(b.recv(), 0.3)  # the stranger's packet never arrived
         assert mesh.server.state.relay.stats.refused == 1
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (bounded) for the server to get somewhere; never a timing assertion."""
+    async with asyncio.timeout(WAIT):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_the_relay_budget_belongs_to_the_device_not_the_socket(mesh: Mesh) -> None:
+    relay = mesh.server.state.relay
+    relay.limits = RelayLimits(bytes_per_second=1.0, burst_bytes=3000.0)
+    await mesh.user("ann")
+    laptop, phone = await mesh.device("ann", "laptop"), await mesh.device("ann", "phone")
+    url = mesh.ws_url.removesuffix("/ws") + "/relay"
+    packet = bytes.fromhex(phone.device_id) + b"q" * 1400
+    async with connect(url, additional_headers=phone.auth, open_timeout=WAIT) as b:
+        async with connect(url, additional_headers=laptop.auth, open_timeout=WAIT) as a:
+            await until(lambda: relay.connection_count == 2)
+            for _ in range(3):
+                await a.send(packet)
+            await until(lambda: relay.stats.forwarded + relay.stats.dropped == 3)
+            assert (relay.stats.forwarded, relay.stats.dropped) == (2, 1)
+        # A new socket of the same device: still the same, spent budget.
+        async with connect(url, additional_headers=laptop.auth, open_timeout=WAIT) as a:
+            await until(lambda: relay.connection_count == 2)
+            await a.send(packet)
+            await until(lambda: relay.stats.dropped == 2)
+        assert relay.stats.forwarded == 2
+        for _ in range(2):
+            assert len(await asyncio.wait_for(b.recv(), WAIT)) == len(packet)
+
+
+async def test_revoked_sessions_lose_ws_and_relay_at_once(mesh: Mesh) -> None:
+    await mesh.user("ann")
+    laptop, phone = await mesh.device("ann", "laptop"), await mesh.device("ann", "phone")
+    state = mesh.server.state
+    principal = await state.db.call(Store.authenticate, laptop.access_token, now=state.clock())
+    assert principal is not None
+    url = mesh.ws_url.removesuffix("/ws") + "/relay"
+    async with (
+        connect(url, additional_headers=laptop.auth, open_timeout=WAIT) as relay_socket,
+        mesh.online(laptop) as agent,
+        mesh.online(phone) as watcher,
+    ):
+        await until(lambda: state.relay.connection_count == 1)
+        assert watcher.hello["online"] == [laptop.device_id]
+        state.revoke_sockets([principal.session_id])
+        assert await agent.closed_with() == 4403
+        with pytest.raises(ConnectionClosed) as closed:
+            async with asyncio.timeout(WAIT):
+                await relay_socket.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4403
+        offline = await watcher.receive_until(lambda f: f.get("type") == "presence")
+        assert (offline["device_id"], offline["online"]) == (laptop.device_id, False)

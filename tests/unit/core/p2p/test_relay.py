@@ -15,13 +15,14 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from meshagent_gui.context import Context
-from meshagent_gui.core.mesh.client import ACCESS_SECRET, MeshClient
+from meshagent_gui.core.mesh.authed_socket import ENROL_AGAIN
+from meshagent_gui.core.mesh.client import ACCESS_SECRET, REFRESH_SECRET, MeshClient
 from meshagent_gui.core.mesh.enroll import enroll
 from meshagent_gui.core.p2p import Endpoint, PeerConnection, PeerStream
 from meshagent_gui.core.p2p.endpoint import relay_address
 from meshagent_gui.core.p2p.relay import MAX_DATAGRAM, RelayLink
 from meshagent_gui.server.runner import RunningServer, ServerSettings, start_server
-from meshagent_gui.server.store import Store
+from meshagent_gui.server.store import Store, StoreError
 from tests.unit.server.conftest import PASSWORD, cheap_passwords
 
 WAIT = 10.0
@@ -251,3 +252,20 @@ async def test_malformed_frames_are_ignored(mesh: Mesh) -> None:
             # The good frame reached the endpoint (which dropped it: no such connection).
             await eventually(lambda: a.endpoint.dropped_datagrams == 1)
             assert a.link.stats.bytes_in == 41
+
+
+async def test_the_relay_link_follows_its_session(mesh: Mesh) -> None:
+    """Re-enrolment revokes the old session: its relay socket closes 4403 and the link comes
+    back with the new tokens; a session revoked for good leaves it saying: enrol again."""
+    ctx = await mesh.home("ann")
+    async with mesh.agent(ctx) as a:
+        await enroll(ctx, mesh.url, username="ann", password=PASSWORD, device_name="dev1")
+        await eventually(lambda: a.link.stats.connects == 2 and a.link.state == "online")
+        stolen = ctx.secrets.get(REFRESH_SECRET)
+        assert stolen is not None
+        state = mesh.running.state
+        await state.db.call(Store.refresh, stolen, now=state.clock())
+        with pytest.raises(StoreError):  # reuse: the session is revoked
+            await state.db.call(Store.refresh, stolen, now=state.clock())
+        await eventually(lambda: a.link.last_error == ENROL_AGAIN)
+        assert a.link.state != "online"
