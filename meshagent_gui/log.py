@@ -5,12 +5,18 @@ one out) and anything shaped like one (JWTs, bearer tokens, Authorization / X-Go
 headers, ``token=`` / ``password=`` query and form fields) are replaced by ``[REDACTED]``.
 Redaction runs on the fully formatted record, exception text included, so no path around it
 (``%s`` args, f-strings, ``extra``, tracebacks) leaks.
+
+The log file is the owner's alone: its folder is created 0700 and the file (and every file
+rotation starts) 0600, whatever the umask; a log an older version left 0644 is tightened when
+opened. Logs name peers, paths and servers even when redaction holds.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import logging.handlers
+import os
 import re
 import sys
 import threading
@@ -83,6 +89,23 @@ class _StderrHandler(logging.StreamHandler[TextIO]):
         pass
 
 
+class OwnerOnlyFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file that only its owner can read or write."""
+
+    def _open(self) -> io.TextIOWrapper:
+        # FileHandler opens with the umask's mode (often 0644); rollover reopens through here.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0)  # Windows
+        fd = os.open(self.baseFilename, flags, 0o600)
+        try:
+            if os.name == "posix":
+                os.fchmod(fd, 0o600)  # a file created earlier keeps its mode otherwise
+            # Always append (the only mode a rotating handler uses) and the fd is O_APPEND.
+            return open(fd, "a", encoding=self.encoding, errors=self.errors)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
 class RedactingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
@@ -104,8 +127,8 @@ def setup(log_file: Path | None = None, *, verbose: bool = False, stderr: bool =
     formatter = RedactingFormatter(LOG_FORMAT)
     if log_file is not None:
         try:
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            file_handler = logging.handlers.RotatingFileHandler(
+            log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            file_handler = OwnerOnlyFileHandler(
                 log_file, maxBytes=5_000_000, backupCount=3, encoding="utf-8"
             )
         except OSError:

@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 
 SERVICE: Final = "meshagent"
 BACKEND_ENV: Final = "MESHAGENT_SECRET_STORE"
+# A new temp file every write: O_EXCL never reuses a file already at the path and O_NOFOLLOW
+# never writes through a symlink planted there; the random name keeps a crash's leftover (or a
+# planted name) from blocking the next write.
+_NEW_FILE: Final = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_BINARY", 0)  # Windows
+)
 Backend = Literal["auto", "keyring", "file"]
 
 
@@ -84,13 +94,21 @@ class FileStore:
 
     def _write(self, data: dict[str, str]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
+        tmp = self.path.with_name(f"{self.path.name}.{os.urandom(8).hex()}.tmp")
+        fd = os.open(tmp, _NEW_FILE, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=1, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        # Older versions wrote through this fixed name; a crash could leave secrets in it.
+        with contextlib.suppress(OSError):
+            self.path.with_name(self.path.name + ".tmp").unlink()
 
     def get(self, name: str) -> str | None:
         with self._lock:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import logging.handlers
+import os
+import stat
 from pathlib import Path
 
 import httpx
@@ -33,6 +36,28 @@ def logged(tmp_path: Path, capsys: pytest.CaptureFixture[str]):  # type: ignore[
 
     yield read
     logsetup.setup(None, stderr=False)
+
+
+def test_the_log_is_owner_only(tmp_path: Path) -> None:
+    previous = os.umask(0o022)  # the usual umask, which made state/ 0755 and the log 0644
+    try:
+        log_file = tmp_path / "state" / "meshagent.log"
+        logsetup.setup(log_file, stderr=False)
+        logging.getLogger("meshagent_gui.test").warning("hello")
+        assert stat.S_IMODE(log_file.parent.stat().st_mode) == 0o700
+        assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+        [handler] = logging.getLogger().handlers
+        assert isinstance(handler, logging.handlers.RotatingFileHandler)
+        handler.doRollover()  # a rotation starts a new file: owner-only too
+        assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(log_file.with_name("meshagent.log.1").stat().st_mode) == 0o600
+        # A log an older version left world-readable is tightened when it is opened.
+        log_file.chmod(0o644)
+        logsetup.setup(log_file, stderr=False)
+        assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+    finally:
+        os.umask(previous)
+        logsetup.setup(None, stderr=False)
 
 
 def test_every_log_path_is_redacted(logged, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -6,8 +6,11 @@
 - **relay**: "through the server's relay to device X" (relay.py); the address is the device id.
 
 Candidates travel between peers through signalling, so :meth:`Candidate.from_wire` treats them
-as hostile input. The STUN client shares the endpoint's socket (the endpoint demultiplexes
-STUN from QUIC), so the server-reflexive address it learns is the one of the QUIC socket itself.
+as hostile input, and :func:`peer_candidates` decides which of a peer's candidates we may send
+packets to at all: at most :data:`MAX_PEER_CANDIDATES`, never link-local, and loopback only from
+a peer on this very machine (:func:`same_host`). The STUN client shares the endpoint's socket
+(the endpoint demultiplexes STUN from QUIC), so the server-reflexive address it learns is the one
+of the QUIC socket itself.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ NatGuess = Literal["open", "cone", "symmetric", "unknown"]
 
 # A candidate list from a peer longer than this is refused outright (signalling is small).
 MAX_CANDIDATES: Final = 32
+# Of a peer's offer or answer, only this many candidates are read (the rest are ignored): ours
+# are a few interfaces and one srflx, and every candidate read may cost a few punch packets.
+MAX_PEER_CANDIDATES: Final = 16
 _MAX_ADDRESS_CHARS: Final = 64  # an IPv6 address is at most 45; a device id is 64
 _DEVICE_ID_HEX: Final = 64
 # RFC 8489 section 6.2.1 starts at 500 ms; on the short paths STUN sees here, 250 ms retries
@@ -124,6 +130,57 @@ def parse_candidates(obj: object, *, limit: int = MAX_CANDIDATES) -> list[Candid
         if candidate not in parsed:
             parsed.append(candidate)
     return parsed
+
+
+def peer_candidates(obj: object, *, own: Collection[str]) -> list[Candidate]:
+    """The candidates of a peer's offer or answer that we may send packets to.
+
+    Only the first :data:`MAX_PEER_CANDIDATES` entries are read; malformed ones and link-local
+    addresses are skipped (:meth:`Candidate.from_wire`); loopback ones are kept only when
+    :func:`same_host` says the peer runs on this machine, with ``own`` our
+    :func:`own_addresses`. Anything else would let any peer aim our packets at this machine's
+    own services. ValueError when ``obj`` is not a list.
+    """
+    if not isinstance(obj, list):
+        raise ValueError("candidates must be a list")
+    parsed = parse_candidates(obj[:MAX_PEER_CANDIDATES])
+    if same_host(parsed, own):
+        return parsed
+    return [c for c in parsed if c.kind == "relay" or not _parse_ip(c.address).is_loopback]
+
+
+def same_host(peer: Iterable[Candidate], own: Collection[str]) -> bool:
+    """Whether a peer's candidates say it runs on this machine.
+
+    The rule: it has non-loopback host candidates and every one of them is one of our own
+    interface addresses (``own``, non-loopback): two agents on one machine enumerate the same
+    interfaces. "Every", not "one": a docker or libvirt bridge has the same address (172.17.0.1,
+    192.168.122.1) on every machine that runs one, so one shared address proves nothing. Or we
+    have no non-loopback address at all: such a machine can only reach a Mesh Server on itself,
+    so every peer is local. A reflexive address shared with ours is deliberately not enough: it
+    only says the peer sits behind the same NAT, and that peer's loopback is not ours.
+
+    This is a peer's claim, not a proof: it is read only after the peer's ``p2p:connect`` token
+    for us has been checked, and it bounds what a token holder that copied our addresses gets
+    to a few STUN requests to a few local ports, once per token.
+    """
+    if not own:
+        return True
+    hosts = {c.address for c in peer if c.kind == "host" and not _parse_ip(c.address).is_loopback}
+    return bool(hosts) and hosts <= set(own)
+
+
+def own_addresses() -> frozenset[str]:
+    """This machine's usable non-loopback interface addresses, canonical (see :func:`same_host`)."""
+    found: set[str] = set()
+    for ip in _interface_addresses():
+        if ip.is_loopback:
+            continue
+        try:
+            found.add(canonical_ip(str(ip)))
+        except ValueError:
+            continue  # link-local, multicast, ...
+    return frozenset(found)
 
 
 def _is_device_id(text: str) -> bool:

@@ -3,8 +3,9 @@
 Setting up a connection to a peer (the dialer's side):
 
 1. gather our candidates (host addresses, and the server-reflexive one from the server's STUN),
-   ask the server for a ``p2p:connect`` capability token, and signal an *offer*;
-2. the peer answers with its candidates and starts punching toward ours at once;
+   ask the server for a ``p2p:connect`` capability token, and signal an *offer* carrying both;
+2. the peer checks the token offline (the sender must hold ``p2p:connect`` for it), then
+   answers with its candidates and starts punching toward ours at once;
 3. we dial every candidate of the peer at the same time (our QUIC Initials punch our NAT): the
    first that authenticates wins;
 4. if no direct path works within ``direct_timeout``, we dial through the server's relay, which
@@ -15,6 +16,13 @@ Setting up a connection to a peer (the dialer's side):
 
 Both sides may dial at once; the connection dialed by the smaller device id wins, and a direct
 connection always beats a relayed one.
+
+Signalling hygiene (the callee's side): any device sharing a room with us can send us a signal,
+so an offer is hostile input until its token checks out. Before that, nothing goes out: no
+answer, no STUN query, no punch. The offer's token is recorded in a cache of its own, so each
+token buys one offer and is still good once at the QUIC handshake that follows (where the
+verifier's own replay cache takes it). Of the offer's candidates at most 16 are read, loopback
+ones only from a peer on this machine, and punching sends a few spaced packets per candidate.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -36,14 +44,20 @@ from meshagent_gui.core.bus import EventBus
 from meshagent_gui.core.events import PathChanged, PeerWentOffline, SignalReceived
 from meshagent_gui.core.mesh.client import MeshClient, MeshError
 from meshagent_gui.core.mesh.link import MeshLink
-from meshagent_gui.core.protocol.captoken import CapabilityVerifier, TokenError, UnknownKey
+from meshagent_gui.core.mesh.types import CapabilityGrant
+from meshagent_gui.core.protocol.captoken import (
+    CapabilityVerifier,
+    ReplayCache,
+    TokenError,
+    UnknownKey,
+)
 from meshagent_gui.core.protocol.errors import ErrorCode
 from meshagent_gui.core.protocol.handshake import Refusal, Validator
 from meshagent_gui.core.protocol.messages import BASE_REGISTRY, Hello, StreamRole
 from meshagent_gui.core.protocol.registry import MessageRegistry
 from meshagent_gui.errors import UserError
 
-from .candidates import Candidate, gather, nat_type_guess
+from .candidates import Candidate, gather, nat_type_guess, own_addresses, peer_candidates
 from .connection import PeerConnection
 from .endpoint import Endpoint, relay_address, relay_peer
 from .errors import P2PError
@@ -56,7 +70,16 @@ log = logging.getLogger(__name__)
 CONNECT_SCOPE: Final = "p2p:connect"
 SIGNAL_KEY: Final = "p2p"
 ANSWER_TIMEOUT: Final = 5.0
-PUNCH_SCHEDULE: Final = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)
+# Punching: each round sends one tiny STUN request to every candidate, PUNCH_SPACING apart, so
+# an offer costs at most 16 candidates x 4 rounds = 64 datagrams, spread over two seconds. The
+# first round opens our NAT before the dialer's QUIC Initials arrive; the others cover losses.
+PUNCH_SCHEDULE: Final = (0.0, 0.25, 1.0, 2.0)
+PUNCH_SPACING: Final = 0.005
+# Offers remembered by token id (one offer per token); a full cache refuses, never forgets.
+OFFER_CACHE: Final = 4096
+# An offer signed with a key we do not know refetches the server's keys at most this often.
+OFFER_KEY_REFETCH: Final = 30.0
+MAX_ATTEMPT_CHARS: Final = 64
 DRAIN_CHECK: Final = 5.0
 PROBE_TIMEOUT: Final = 1.5
 # Test-only: while this file exists, direct candidates are not tried (the loopback stand-in for
@@ -102,6 +125,9 @@ class PeerManager:
         upgrade_interval: float = 30.0,
         include_loopback: bool = True,
         registry: MessageRegistry = BASE_REGISTRY,
+        local_addresses: Callable[[], Collection[str]] = own_addresses,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.endpoint = endpoint
         self.registry = registry  # every service's messages: one registry per connection
@@ -114,12 +140,17 @@ class PeerManager:
         self.direct_timeout = direct_timeout
         self.upgrade_interval = upgrade_interval
         self._include_loopback = include_loopback
+        self._local_addresses = local_addresses  # this machine's, for the same-host rule
+        self._clock = clock  # token times are wall-clock seconds
+        self._sleep = sleep  # paces punching; tests pass a fake
+        self._offers = ReplayCache(OFFER_CACHE)
+        self._offer_keys_fetched_at = float("-inf")
         self._sessions: dict[str, MeshSession] = {}
         self._dialed_by: dict[MeshSession, str] = {}
         self._draining: set[MeshSession] = set()
         self._dialing: dict[str, asyncio.Future[MeshSession]] = {}
         self._upgrading: set[str] = set()
-        self._answers: dict[str, asyncio.Future[list[Candidate]]] = {}
+        self._answers: dict[str, tuple[str, asyncio.Future[list[Candidate]]]] = {}
         self._services: dict[StreamRole, Service] = {}
         self._stun_server: tuple[str, int] | None = None
         self.nat: str = "unknown"  # a rough guess from STUN: open / cone / symmetric / unknown
@@ -202,7 +233,7 @@ class PeerManager:
             )
         token_task = asyncio.ensure_future(self._client.capability(peer_id, CONNECT_SCOPE))
         try:
-            conn = await self._direct(peer_id)
+            conn = await self._direct(peer_id, token_task)
             if conn is None:
                 conn = await self._relayed(peer_id)
             token = (await token_task).token
@@ -218,18 +249,28 @@ class PeerManager:
             return self._sessions[peer_id]  # the peer's own dial won the tie
         return mesh
 
-    async def _direct(self, peer_id: str) -> PeerConnection | None:
-        """Offer/answer through the server, then race every direct candidate of the peer."""
+    async def _direct(
+        self, peer_id: str, grant: asyncio.Future[CapabilityGrant]
+    ) -> PeerConnection | None:
+        """Offer/answer through the server, then race every direct candidate of the peer.
+
+        The offer carries ``grant``'s token (the one the QUIC handshake presents next): the
+        peer acts on no offer without it.
+        """
         if _direct_blocked():
             return None
         attempt = secrets.token_hex(8)
         answer: asyncio.Future[list[Candidate]] = asyncio.get_running_loop().create_future()
-        self._answers[attempt] = answer
+        self._answers[attempt] = (peer_id, answer)
         try:
-            ours = await self._candidates()
-            await self._link.signal(
-                peer_id, {SIGNAL_KEY: "offer", "attempt": attempt, "candidates": _wire(ours)}
-            )
+            ours = await self._candidates()  # the token request runs meanwhile
+            offer = {
+                SIGNAL_KEY: "offer",
+                "attempt": attempt,
+                "candidates": _wire(ours),
+                "token": (await grant).token,
+            }
+            await self._link.signal(peer_id, offer)
             theirs = await asyncio.wait_for(answer, ANSWER_TIMEOUT)
         except (TimeoutError, MeshError):
             return None
@@ -301,7 +342,7 @@ class PeerManager:
         with self._bus.subscribed() as events:
             async for event in events:
                 if isinstance(event, SignalReceived) and SIGNAL_KEY in event.payload:
-                    self._spawn(self._on_signal(event.sender, event.payload), "p2p-signal")
+                    self._spawn(self.on_signal(event.sender, event.payload), "p2p-signal")
                 elif isinstance(event, PeerWentOffline) and event.device_id in self._sessions:
                     self._spawn(self._probe(event.device_id), "p2p-probe")
 
@@ -317,20 +358,40 @@ class PeerManager:
             log.info("peer %s stopped answering; closing its connection", peer_id[:12])
             mesh.close(ErrorCode.GOING_AWAY, "peer stopped answering")
 
-    async def _on_signal(self, sender: str, payload: dict[str, Any]) -> None:
-        try:
-            kind = payload[SIGNAL_KEY]
-            attempt = str(payload["attempt"])
-            candidates = [Candidate.from_wire(c) for c in payload["candidates"][:32]]
-        except (KeyError, TypeError, ValueError):
-            log.debug("ignored a malformed p2p signal from %s", sender[:12])
-            return
+    async def on_signal(self, sender: str, payload: Mapping[str, Any]) -> None:
+        """Act on one p2p signal from ``sender`` (whom the server vouches for, nothing more).
+
+        An answer completes our pending offer to that same sender. An offer is acted on only
+        once its token shows that ``sender`` holds ``p2p:connect`` for us; until then not one
+        packet goes out because of it, not even the answer.
+        """
+        kind = payload.get(SIGNAL_KEY)
         if kind == "answer":
-            future = self._answers.get(attempt)
-            if future is not None and not future.done():
-                future.set_result(candidates)
+            self._on_answer(sender, payload)
+        elif kind == "offer":
+            await self._on_offer(sender, payload)
+
+    def _on_answer(self, sender: str, payload: Mapping[str, Any]) -> None:
+        pending = self._answers.get(str(payload.get("attempt")))
+        if pending is None or pending[0] != sender or pending[1].done():
             return
-        if kind != "offer":
+        try:
+            candidates = peer_candidates(payload.get("candidates"), own=self._local_addresses())
+        except ValueError:
+            log.debug("ignored a malformed p2p answer from %s", sender[:12])
+            return
+        pending[1].set_result(candidates)
+
+    async def _on_offer(self, sender: str, payload: Mapping[str, Any]) -> None:
+        attempt = payload.get("attempt")
+        try:
+            if not isinstance(attempt, str) or not 0 < len(attempt) <= MAX_ATTEMPT_CHARS:
+                raise ValueError("bad attempt id")
+            candidates = peer_candidates(payload.get("candidates"), own=self._local_addresses())
+        except ValueError:
+            log.debug("ignored a malformed p2p offer from %s", sender[:12])
+            return
+        if not await self._offer_admitted(sender, payload.get("token")):
             return
         ours = [] if _direct_blocked() else await self._candidates()
         with contextlib.suppress(MeshError):
@@ -340,14 +401,57 @@ class PeerManager:
         if ours:
             await self._punch(candidates)
 
+    async def _offer_admitted(self, sender: str, token: object) -> bool:
+        """Whether ``token`` is ``sender``'s live ``p2p:connect`` for us, not offered before."""
+        problem = "no capability token"
+        if isinstance(token, str):
+            try:
+                self._check_offer_token(sender, token)
+                return True
+            except UnknownKey:
+                problem = "unknown_key"
+                if await self._refetch_keys_for_offer():
+                    return await self._offer_admitted(sender, token)
+            except TokenError as exc:
+                problem = exc.code
+            except ValueError:
+                problem = "the sender is not a device id"
+        log.info("ignored a p2p offer from %s: %s", sender[:12], problem)
+        return False
+
+    def _check_offer_token(self, sender: str, token: str) -> None:
+        # Our own cache, not the verifier's: the handshake presents this same token next.
+        self._verifier.verify(
+            token,
+            now=self._clock(),
+            peer_id=sender,
+            scope=CONNECT_SCOPE,
+            replay_cache=self._offers,
+        )
+
+    async def _refetch_keys_for_offer(self) -> bool:
+        """Refetch the server's keys unless done lately; True when a retry may now succeed."""
+        now = asyncio.get_running_loop().time()
+        if now - self._offer_keys_fetched_at < OFFER_KEY_REFETCH:
+            return False
+        self._offer_keys_fetched_at = now
+        try:
+            await self._refetch_keys()
+        except (MeshError, OSError) as exc:
+            log.info("could not refetch the server's keys: %s", exc)
+            return False
+        return True
+
     async def _punch(self, candidates: list[Candidate]) -> None:
-        """Open our NAT toward the dialer: a tiny STUN request to each of its candidates."""
-        started = asyncio.get_running_loop().time()
+        """Open our NAT toward the dialer: tiny STUN requests to its candidates, paced."""
+        targets = [c for c in candidates if c.kind != "relay"]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         for at in PUNCH_SCHEDULE:
-            await asyncio.sleep(max(0.0, started + at - asyncio.get_running_loop().time()))
-            for candidate in candidates:
-                if candidate.kind == "relay":
-                    continue
+            await self._sleep(max(0.0, started + at - loop.time()))
+            for index, candidate in enumerate(targets):
+                if index:
+                    await self._sleep(PUNCH_SPACING)
                 probe = stun.Message(
                     message_method=stun.Method.BINDING,
                     message_class=stun.Class.REQUEST,
@@ -424,18 +528,26 @@ class PeerManager:
             self._upgrading.discard(peer_id)
 
     async def _try_upgrade(self, peer_id: str) -> None:
-        conn = await self._direct(peer_id)
-        if conn is None:
+        if _direct_blocked():
             return
+        grant = asyncio.ensure_future(self._client.capability(peer_id, CONNECT_SCOPE))
         try:
-            token = (await self._client.capability(peer_id, CONNECT_SCOPE)).token
-            mesh = await MeshSession.dial(
-                conn, tokens=(token,), validate=self._validator(peer_id), registry=self.registry
-            )
-        except (MeshError, HandshakeRefused, P2PError) as exc:
-            log.info("upgrade to a direct path failed: %s", exc)
-            conn.close(reason="upgrade failed")
-            return
+            conn = await self._direct(peer_id, grant)
+            if conn is None:
+                return
+            try:
+                mesh = await MeshSession.dial(
+                    conn,
+                    tokens=((await grant).token,),
+                    validate=self._validator(peer_id),
+                    registry=self.registry,
+                )
+            except (MeshError, HandshakeRefused, P2PError) as exc:
+                log.info("upgrade to a direct path failed: %s", exc)
+                conn.close(reason="upgrade failed")
+                return
+        finally:
+            grant.cancel()
         self._adopt(mesh, dialer=self.endpoint.device_id)
 
     def _spawn(self, coroutine: Awaitable[Any], name: str) -> None:

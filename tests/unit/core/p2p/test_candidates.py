@@ -21,6 +21,7 @@ from meshagent_gui import identity
 from meshagent_gui.core.mesh.client import MeshClient
 from meshagent_gui.core.p2p import Endpoint
 from meshagent_gui.core.p2p.candidates import (
+    MAX_PEER_CANDIDATES,
     Candidate,
     StunClient,
     StunError,
@@ -28,8 +29,11 @@ from meshagent_gui.core.p2p.candidates import (
     gather,
     host_candidates,
     nat_type_guess,
+    own_addresses,
     parse_candidates,
+    peer_candidates,
     probe_nat,
+    same_host,
 )
 from meshagent_gui.core.p2p.endpoint import relay_address
 from meshagent_gui.server.runner import ServerSettings, start_server
@@ -369,6 +373,67 @@ def test_parse_candidates() -> None:
         parse_candidates({"candidates": []})
     with pytest.raises(ValueError):
         parse_candidates([good.to_wire()] * 33)
+
+
+def wire(*candidates: Candidate) -> list[dict[str, Any]]:
+    return [c.to_wire() for c in candidates]
+
+
+OWN = frozenset({"192.168.1.20", "fd00::20"})
+LOOPBACK = [Candidate("host", "127.0.0.1", port) for port in range(1000, 1032)]
+
+
+def test_peer_candidates_read_at_most_sixteen() -> None:
+    public = [Candidate("srflx", "203.0.113.9", port) for port in range(2000, 2032)]
+    assert peer_candidates(wire(*public), own=OWN) == public[:MAX_PEER_CANDIDATES]
+    # Entries past the limit are not even parsed: garbage there costs nothing.
+    assert peer_candidates([*wire(public[0]), *[{"kind": "x"}] * 10_000], own=OWN) == public[:1]
+    with pytest.raises(ValueError):
+        peer_candidates({"kind": "host"}, own=OWN)
+
+
+def test_loopback_candidates_only_from_this_host() -> None:
+    lan = Candidate("host", "192.168.1.77", 4000)
+    v6_loopback = Candidate("host", "::1", 4000)
+    # Another machine: its loopback is ours, so none of it is a target.
+    assert peer_candidates(wire(*LOOPBACK), own=OWN) == []
+    assert peer_candidates(wire(lan, v6_loopback, *LOOPBACK[:2]), own=OWN) == [lan]
+    # The same machine: it advertises one of our own addresses.
+    ours = Candidate("host", "192.168.1.20", 4000)
+    assert peer_candidates(wire(ours, *LOOPBACK[:2]), own=OWN) == [ours, *LOOPBACK[:2]]
+    # Same NAT (an srflx or a host address that is not ours) is not the same host.
+    srflx = Candidate("srflx", "192.168.1.20", 4000)
+    assert peer_candidates(wire(srflx, *LOOPBACK[:1]), own=OWN) == [srflx]
+    # Link-local never, same host or not.
+    link_local = {"kind": "host", "address": "fe80::1", "port": 4000}
+    assert peer_candidates([link_local, ours.to_wire()], own=OWN) == [ours]
+
+
+def test_same_host_rule() -> None:
+    loopback = Candidate("host", "127.0.0.1", 1)
+    assert same_host([Candidate("host", "fd00::20", 1), loopback], OWN)
+    assert same_host([Candidate("host", "fd00::20", 1), Candidate("host", "192.168.1.20", 1)], OWN)
+    assert not same_host([Candidate("host", "fd00::21", 1)], OWN)
+    assert not same_host([loopback], OWN)
+    assert not same_host([], OWN)
+    # One shared address is not enough: docker's bridge is 172.17.0.1 on every docker host.
+    bridge = frozenset({*OWN, "172.17.0.1"})
+    elsewhere = [Candidate("host", "172.17.0.1", 1), Candidate("host", "192.168.1.77", 1)]
+    assert not same_host(elsewhere, bridge)
+    assert same_host([Candidate("host", "172.17.0.1", 1)], bridge)
+    # A machine with nothing but loopback can only meet peers on itself.
+    assert same_host([Candidate("host", "127.0.0.1", 1)], frozenset())
+
+
+def test_own_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    adapters = [
+        adapter("lo", "127.0.0.1", "::1"),
+        adapter("lan", "192.168.1.20", "fd00::20", "fe80::2", "169.254.3.3"),
+    ]
+    monkeypatch.setattr(ifaddr, "get_adapters", lambda: adapters)
+    assert own_addresses() == OWN
+    monkeypatch.setattr(ifaddr, "get_adapters", lambda: adapters[:1])
+    assert own_addresses() == frozenset()
 
 
 # ---------------------------------------------------------------- NAT guess
