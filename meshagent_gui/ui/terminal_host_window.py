@@ -98,9 +98,9 @@ class HostTerminalWindow(QMainWindow):
         return await ask_control(self, ask.device_name, self.shared.title, CONSENT_TIMEOUT)
 
     def _event(self, event: h.HostEvent) -> None:
-        if isinstance(event, h.ControlChanged):
+        if isinstance(event, h.HostControlChanged):
             self.terminal.resize_screen(*self.shared.host.size)  # the controller's size rules
-        if isinstance(event, h.ViewerJoined | h.ViewerLeft | h.ControlChanged):
+        if isinstance(event, h.ViewerJoined | h.ViewerLeft | h.HostControlChanged):
             self._show_state()
 
     def _show_state(self) -> None:

@@ -23,16 +23,29 @@ Hot messages (``Output``, ``Snapshot``, ``Input``, ``Resize``) use the struct co
 never copied on decode; the rare ones are MessagePack maps. :class:`ViewerStream` is what a
 viewer does with the host's messages: it checks the offsets and says what to write to the
 console (no I/O: the caller writes, after filtering with ``core.terminal.sanitize``).
+
+:class:`HostControl` is the host's side of control: who may control, who does, and the epoch,
+with the rules as one table (:data:`CONTROL_RULES`). Rules for its caller (the PTY host): give
+every attached party a seat (:meth:`HostControl.join`) with the right its stream's capability
+carries, feed it what the parties and the host's user did, with the time as ``now``, and carry
+out the past-tense events it returns (send ``ControlState`` to every party on
+:class:`ControlPassed`, ``ControlDenied`` on :class:`RequestRefused`); let a party's ``Input``
+reach the PTY only when :meth:`HostControl.typed` says so. Its own mistakes (granting control
+to a party that may only watch) raise :class:`ControlNotAllowed` and change nothing. What a
+party says is checked against the table before anything changes; a party that floods requests
+is told no a few times, then only now and then (its refusals are withheld, not queued).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Final
+from enum import Enum, auto
+from typing import Annotated, Final, NoReturn, TypeAlias
 
 import msgspec
 
-from meshagent_gui.core.protocol.errors import ErrorCode, ProtocolError
+from meshagent_gui.core.protocol.errors import ErrorCode, LocalProtocolError, ProtocolError
 from meshagent_gui.core.protocol.framing import BytesLike, KiB, MiB
 from meshagent_gui.core.protocol.messages import BASE_REGISTRY
 from meshagent_gui.core.protocol.registry import control_message, struct_message
@@ -389,3 +402,342 @@ class ViewerStream:
             self._snapshot = None
             self.offset, self.cols, self.rows = message.offset, message.cols, message.rows
         return events
+
+
+# ---------------------------------------------------------------- the host's side: control
+
+
+class Right(Enum):
+    """What a party's stream allows it (from its capability)."""
+
+    WATCH = auto()
+    """``terminal:view``: it sees the screen; it never controls and its input is dropped."""
+    CONTROL = auto()
+    """``terminal:control``: it may ask for control and be given it."""
+
+
+class Holder(Enum):
+    """Who controls the PTY, seen from the party an input is about."""
+
+    HOST = auto()
+    """Nobody: the host's own console (which can always type)."""
+    PARTY = auto()
+    """This party."""
+    OTHER = auto()
+    """Another party."""
+
+
+class ControlInput(Enum):
+    """What happened, about one party."""
+
+    REQUESTED = auto()
+    """It sent ControlRequest and the host's policy is first come, first served."""
+    GRANTED = auto()
+    """The host's decision: it gets control (whoever had it is demoted)."""
+    DENIED = auto()
+    """The host's decision: its request is refused (the user said no, a bad token, policy)."""
+    PROVED = auto()
+    """It showed a valid ``terminal:control`` capability after joining (checked by the caller)."""
+    RELEASED = auto()
+    """It sent ControlRelease."""
+    REVOKED = auto()
+    """The host takes control back from it."""
+    LEFT = auto()
+    """Its stream ended."""
+    TYPED = auto()
+    """It sent Input."""
+
+
+class Verdict(Enum):
+    TAKE = auto()
+    """The party becomes the controller, demoting any other: the epoch grows by one."""
+    RETURN = auto()
+    """Control goes back to the host's console: the epoch grows by one."""
+    KEEP = auto()
+    """Nothing changes (it already holds control, or did not hold it)."""
+    REFUSE = auto()
+    """Tell the party no (ControlDenied); nothing changes."""
+    ALLOW = auto()
+    """The party may control from now on (it does not control yet)."""
+    WRITE = auto()
+    """Its input goes to the PTY."""
+    DROP = auto()
+    """Its input is dropped (and counted by the caller)."""
+    FORBID = auto()
+    """The host's own call breaks the rules: :class:`ControlNotAllowed`, nothing changes."""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRule:
+    verdict: Verdict
+    reason: str = ""
+    """For TAKE/RETURN, the reason reported; for REFUSE/FORBID, the text (``{controller}``,
+    ``{party}`` and ``{reason}`` are filled in)."""
+
+
+_W, _C = Right.WATCH, Right.CONTROL
+_HOST, _PARTY, _OTHER = Holder.HOST, Holder.PARTY, Holder.OTHER
+_I = ControlInput
+_V = Verdict
+
+CONTROL_POSITIONS: Final = tuple(
+    (right, holder) for right in Right for holder in Holder if (right, holder) != (_W, _PARTY)
+)
+"""Every (right, holder) a party can be in: one that may only watch never holds control."""
+
+WATCH_ONLY: Final = "this viewer may only watch"
+IN_CONTROL: Final = "{controller} is in control"
+
+# The rules. Every position has a rule for every input (a test checks), so the code never
+# guesses: it looks up (the party's right, who holds control seen from it, what happened).
+CONTROL_RULES: Final[Mapping[tuple[Right, Holder, ControlInput], ControlRule]] = {
+    # Asking, when the host grants by itself: first come; a second asker is told who won.
+    (_C, _HOST, _I.REQUESTED): ControlRule(_V.TAKE, "granted"),
+    (_C, _PARTY, _I.REQUESTED): ControlRule(_V.KEEP),
+    (_C, _OTHER, _I.REQUESTED): ControlRule(_V.REFUSE, IN_CONTROL),
+    (_W, _HOST, _I.REQUESTED): ControlRule(_V.REFUSE, WATCH_ONLY),
+    (_W, _OTHER, _I.REQUESTED): ControlRule(_V.REFUSE, WATCH_ONLY),
+    # The host's decisions: a grant demotes whoever had control; a refusal changes nothing.
+    (_C, _HOST, _I.GRANTED): ControlRule(_V.TAKE, "granted"),
+    (_C, _OTHER, _I.GRANTED): ControlRule(_V.TAKE, "granted"),
+    (_C, _PARTY, _I.GRANTED): ControlRule(_V.KEEP),
+    (_W, _HOST, _I.GRANTED): ControlRule(_V.FORBID, "{party} may not control"),
+    (_W, _OTHER, _I.GRANTED): ControlRule(_V.FORBID, "{party} may not control"),
+    **{(r, h, _I.DENIED): ControlRule(_V.REFUSE, "{reason}") for r, h in CONTROL_POSITIONS},
+    # A capability shown later upgrades the right; it grants nothing by itself.
+    (_W, _HOST, _I.PROVED): ControlRule(_V.ALLOW),
+    (_W, _OTHER, _I.PROVED): ControlRule(_V.ALLOW),
+    **{(_C, h, _I.PROVED): ControlRule(_V.KEEP) for h in Holder},
+    # Giving back, taking back, leaving: only the controller's change anything.
+    (_C, _PARTY, _I.RELEASED): ControlRule(_V.RETURN, "released"),
+    (_C, _PARTY, _I.REVOKED): ControlRule(_V.RETURN, "revoked"),
+    (_C, _PARTY, _I.LEFT): ControlRule(_V.RETURN, "left"),
+    **{
+        (r, h, inp): ControlRule(_V.KEEP)
+        for r, h in CONTROL_POSITIONS
+        if h is not _PARTY
+        for inp in (_I.RELEASED, _I.REVOKED, _I.LEFT)
+    },
+    # Input: the controller's reaches the PTY, everyone else's is dropped.
+    (_C, _PARTY, _I.TYPED): ControlRule(_V.WRITE),
+    **{(r, h, _I.TYPED): ControlRule(_V.DROP) for r, h in CONTROL_POSITIONS if h is not _PARTY},
+}
+
+REFUSAL_BURST: Final = 8
+"""Refusals a party is told in a row; past them, one per REFUSAL_INTERVAL (the rest withheld)."""
+REFUSAL_INTERVAL: Final = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPassed:
+    """Control changed hands (``epoch`` grew by one): every party gets its ControlState.
+
+    ``seat``/``controller``: the new controller (None: the host's console); ``previous``: who
+    had it (demoted, released, revoked, left).
+    """
+
+    seat: int | None
+    controller: str | None
+    previous_seat: int | None
+    previous: str | None
+    reason: str
+    epoch: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRefused:
+    """Tell the party no: send it ``ControlDenied(reason)``."""
+
+    seat: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalWithheld:
+    """A refusal not sent: the party asks faster than it is answered (or has left)."""
+
+    seat: int
+
+
+@dataclass(frozen=True, slots=True)
+class ControlAllowed:
+    """The party showed a ``terminal:control`` capability: it may ask for control now."""
+
+    seat: int
+
+
+ControlEvent: TypeAlias = ControlPassed | RequestRefused | RefusalWithheld | ControlAllowed
+
+
+class ControlNotAllowed(LocalProtocolError):
+    """The host tried to give control to a party that may only watch (or has left)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.UNEXPECTED_MESSAGE, message)
+
+
+@dataclass(slots=True)
+class _Seat:
+    party: str
+    right: Right
+    refusals: float
+    """Refusals it may still be told now (refills at one per REFUSAL_INTERVAL)."""
+    refilled_at: float
+
+
+class HostControl:
+    """Who may control one shared PTY, who does, and the epoch (see :data:`CONTROL_RULES`).
+
+    Seats are small integers handed out by :meth:`join`; a seat that left (or never existed)
+    is a party that may only watch and holds nothing. Sans-IO: ``now`` is a monotonic time in
+    seconds, used only to pace refusals.
+    """
+
+    def __init__(
+        self, *, refusal_burst: int = REFUSAL_BURST, refusal_interval: float = REFUSAL_INTERVAL
+    ) -> None:
+        self._seats: dict[int, _Seat] = {}
+        self._next_seat = 0
+        self._controller: int | None = None
+        self._epoch = 0
+        self._burst = refusal_burst
+        self._interval = refusal_interval
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def controller(self) -> int | None:
+        """The controller's seat; None: the host's own console."""
+        return self._controller
+
+    @property
+    def controller_name(self) -> str | None:
+        return None if self._controller is None else self._seats[self._controller].party
+
+    @property
+    def epoch(self) -> int:
+        """Grows by one on every change of controller."""
+        return self._epoch
+
+    @property
+    def seats(self) -> int:
+        return len(self._seats)
+
+    def right(self, seat: int) -> Right:
+        known = self._seats.get(seat)
+        return known.right if known is not None else Right.WATCH
+
+    def position(self, seat: int) -> tuple[Right, Holder]:
+        """The party's right and who holds control, seen from it."""
+        if self._controller is None:
+            holder = Holder.HOST
+        else:
+            holder = Holder.PARTY if self._controller == seat else Holder.OTHER
+        return self.right(seat), holder
+
+    def state_for(self, seat: int) -> ControlState:
+        """The ControlState to send to the party at ``seat``."""
+        return ControlState(self.controller_name, self._epoch, self._controller == seat)
+
+    # ------------------------------------------------------------ inputs
+
+    def join(self, party: str, right: Right, now: float) -> int:
+        """A party attached; its seat. Joining changes nobody's control."""
+        seat = self._next_seat
+        self._next_seat += 1
+        self._seats[seat] = _Seat(party, right, float(self._burst), now)
+        return seat
+
+    def leave(self, seat: int, now: float) -> list[ControlEvent]:
+        """The party's stream ended: if it controlled, control goes back to the host."""
+        events = self._apply(seat, ControlInput.LEFT, now)
+        self._seats.pop(seat, None)
+        return events
+
+    def request(self, seat: int, now: float) -> list[ControlEvent]:
+        """The party asked, and the host grants by itself: first come, first served."""
+        return self._apply(seat, ControlInput.REQUESTED, now)
+
+    def grant(self, seat: int, now: float) -> list[ControlEvent]:
+        """The host gives the party control (demoting any other); raises
+        :class:`ControlNotAllowed` if it may only watch."""
+        return self._apply(seat, ControlInput.GRANTED, now)
+
+    def deny(self, seat: int, reason: str, now: float) -> list[ControlEvent]:
+        """The host refuses the party's request (its user, its policy, a bad token)."""
+        return self._apply(seat, ControlInput.DENIED, now, reason=reason)
+
+    def prove(self, seat: int, now: float) -> list[ControlEvent]:
+        """The party showed a valid ``terminal:control`` capability (the caller checked it)."""
+        return self._apply(seat, ControlInput.PROVED, now)
+
+    def release(self, seat: int, now: float) -> list[ControlEvent]:
+        """The party gives control back; nothing happens if it did not hold it."""
+        return self._apply(seat, ControlInput.RELEASED, now)
+
+    def revoke(self, now: float) -> list[ControlEvent]:
+        """The host takes control back to its console."""
+        if self._controller is None:
+            return []
+        return self._apply(self._controller, ControlInput.REVOKED, now)
+
+    def typed(self, seat: int) -> bool:
+        """May the party's input reach the PTY? (Only the controller's does.)"""
+        right, holder = self.position(seat)
+        return CONTROL_RULES[right, holder, ControlInput.TYPED].verdict is Verdict.WRITE
+
+    # ------------------------------------------------------------ the table, followed
+
+    def _apply(
+        self, seat: int, inp: ControlInput, now: float, *, reason: str = ""
+    ) -> list[ControlEvent]:
+        right, holder = self.position(seat)
+        rule = CONTROL_RULES[right, holder, inp]
+        known = self._seats.get(seat)
+        match rule.verdict:
+            case Verdict.TAKE:
+                assert known is not None  # only CONTROL takes, and unknown seats only watch
+                return [self._pass(seat, rule.reason, now)]
+            case Verdict.RETURN:
+                return [self._pass(None, rule.reason, now)]
+            case Verdict.REFUSE:
+                if known is None or not self._may_refuse(known, now):
+                    return [RefusalWithheld(seat)]
+                text = rule.reason.format(
+                    controller=self.controller_name, party=known.party, reason=reason
+                )
+                return [RequestRefused(seat, text[:MAX_REASON_LENGTH])]
+            case Verdict.ALLOW:
+                if known is None:
+                    return []
+                known.right = Right.CONTROL
+                return [ControlAllowed(seat)]
+            case Verdict.FORBID:
+                party = known.party if known is not None else f"seat {seat}"
+                _forbid(rule.reason.format(party=party, controller=self.controller_name))
+            case _:
+                return []
+
+    def _pass(self, seat: int | None, reason: str, now: float) -> ControlPassed:
+        previous = self._controller
+        previous_name = self.controller_name
+        self._controller = seat
+        self._epoch += 1
+        return ControlPassed(
+            seat, self.controller_name, previous, previous_name, reason, self._epoch, now
+        )
+
+    def _may_refuse(self, seat: _Seat, now: float) -> bool:
+        if self._interval > 0 and now > seat.refilled_at:
+            gained = (now - seat.refilled_at) / self._interval
+            seat.refusals = min(float(self._burst), seat.refusals + gained)
+        seat.refilled_at = max(seat.refilled_at, now)
+        if seat.refusals < 1:
+            return False
+        seat.refusals -= 1
+        return True
+
+
+def _forbid(message: str) -> NoReturn:
+    raise ControlNotAllowed(message)

@@ -28,7 +28,7 @@ from meshagent_gui.core.protocol.terminal import (
 )
 from meshagent_gui.core.terminal.host import (
     AsciicastRecorder,
-    ControlChanged,
+    HostControlChanged,
     HostEvent,
     HostLimits,
     NotAllowed,
@@ -172,8 +172,8 @@ async def test_two_requests_one_wins_the_other_is_told(sessions: Callable[..., S
     await alice.until(lambda: alice.stream.controller == "bob")
     await bob.until(lambda: bob.stream.you_control)
     assert not alice.stream.you_control
-    assert [e for e in session.events if isinstance(e, ControlChanged)] == [
-        ControlChanged("bob", None, "granted")
+    assert [e for e in session.events if isinstance(e, HostControlChanged)] == [
+        HostControlChanged("bob", None, "granted")
     ]
     with pytest.raises(NotAllowed):
         host.grant_control(carol.viewer)
@@ -198,7 +198,7 @@ async def test_grant_demotes_revoke_and_release_return_control_to_the_host(
     assert host.controller is None
     await alice.until(lambda: any(m.epoch == 5 for m in alice.of_type(ControlState)))
     assert alice.stream.controller is None and not alice.stream.you_control
-    reasons = [e.reason for e in session.events if isinstance(e, ControlChanged)]
+    reasons = [e.reason for e in session.events if isinstance(e, HostControlChanged)]
     assert reasons == ["granted", "granted", "revoked", "granted", "released"]
     epochs = [m.epoch for m in alice.of_type(ControlState)]
     assert epochs == sorted(epochs) and epochs[-1] == host.control_epoch == 5
@@ -291,7 +291,7 @@ async def test_viewers_stand_back_during_a_flood_and_see_its_end(
     viewers = [session.client(f"v{i}") for i in range(3)]
     assert await session.finish() == ExitStatus(code=0)
     for viewer in viewers:
-        streamed = sum(len(m.data) for m in viewer.of_type(Output))  # type: ignore[attr-defined]
+        streamed = sum(len(m.data) for m in viewer.of_type(Output))  # type: ignore[attr-defined,misc]
         assert streamed < host.offset // 4  # most of the flood was never sent
         assert viewer.stream.offset == host.offset
         assert "after the flood" in "\n".join(viewer.screen.text())
@@ -396,6 +396,20 @@ async def test_stopping_the_host_tells_the_viewers(sessions: Callable[..., Sessi
     assert watcher.messages[-1] == Ended(None, None, "the host stopped sharing")
 
 
+async def test_the_host_closing_the_session_says_so_not_signal_1(
+    sessions: Callable[..., Session],
+) -> None:
+    session = sessions(["sh", "-c", "echo up; sleep 30"])
+    watcher = session.client("w")
+    await watcher.until_text("up")
+    session.host.close()  # Ctrl-] q, "Stop sharing": the command is hung up
+    status = await asyncio.wait_for(session.run, TIMEOUT)
+    await asyncio.wait_for(asyncio.gather(*session.tasks), TIMEOUT)
+    assert status.signal is not None  # the command did die of the hang-up
+    ended = watcher.messages[-1]
+    assert isinstance(ended, Ended) and ended.message == "the host stopped sharing"
+
+
 async def test_protocol_misuse_from_a_viewer_is_an_error(sessions: Callable[..., Session]) -> None:
     session = sessions(ECHO)
     viewer = session.host.attach("v")
@@ -450,3 +464,53 @@ async def test_queues_stay_bounded_and_detaching_ends_iteration(
     assert [message async for message in spammer] == []
     with pytest.raises(ViewerClosed):
         await spammer.next()
+
+
+async def test_a_resume_during_a_flood_gets_a_snapshot_not_a_gap(
+    sessions: Callable[..., Session],
+) -> None:
+    script = (
+        "import sys, time\n"
+        "line = b'flood ' + b'y' * 74 + b'\\n'\n"
+        "sys.stdout.buffer.write(line * 200000); sys.stdout.flush()\n"
+        "time.sleep(0.3); print('after the flood')\n"
+    )
+    session = sessions([PY, "-c", script])
+    host = session.host
+    session.client("early")
+    async with asyncio.timeout(TIMEOUT):
+        while not host.flooding:
+            await asyncio.sleep(0.001)
+    late = session.client("late", from_offset=host.offset)  # inside the replay window
+    assert await session.finish() == ExitStatus(code=0)
+    assert isinstance(late.messages[0], Snapshot)  # nobody is streamed a flood: no replay
+    assert late.stream.offset == host.offset
+    assert late.screen.text() == host.screen.screen.text()
+
+
+async def test_a_watcher_changes_nothing_and_its_flood_of_requests_is_paced(
+    sessions: Callable[..., Session],
+) -> None:
+    session = sessions(ECHO)
+    host = session.host
+    alice = host.attach("alice", can_control=True)
+    watcher = host.attach("watcher")
+    host.grant_control(alice)
+    epoch = host.control_epoch
+    host.receive(watcher, ControlRelease())  # not its to give back
+    assert not host.input(watcher, b"typed by a watcher\r")
+    for _ in range(1000):
+        host.receive(watcher, ControlRequest())
+    assert host.controller == "alice" and host.control_epoch == epoch
+    told = []
+    while (message := watcher.next_nowait()) is not None:
+        told.append(message)
+    denied = [m for m in told if isinstance(m, ControlDenied)]
+    assert denied[0] == ControlDenied("this viewer may only watch")
+    assert len(denied) < 100  # told a few times, then only now and then
+    assert watcher.resyncs == 0  # so its queue never overflowed
+    with pytest.raises(NotAllowed):
+        host.grant_control(watcher)
+    watcher.can_control = True  # it showed a terminal:control capability later
+    host.revoke_control()
+    assert host.request_control(watcher) and host.controller == "watcher"
