@@ -45,6 +45,7 @@ class Tray(QObject):
         choose_paths: Callable[[bool], list[str]],
         share_terminal: ShareTerminal | None = None,
         parent_widget: QWidget | None = None,
+        open_rooms: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.bridge = bridge
@@ -66,6 +67,10 @@ class Tray(QObject):
         self.menu.addSeparator()
         self.open_action = self.menu.addAction("Open Mesh Agent")
         self.open_action.triggered.connect(open_window)
+        self.rooms_action = self.menu.addAction("Rooms…")
+        self.rooms_action.setEnabled(open_rooms is not None)
+        if open_rooms is not None:
+            self.rooms_action.triggered.connect(open_rooms)
         self.devices_menu = self.menu.addMenu("Devices")
         self.menu.addSeparator()
         self.autostart_action = self.menu.addAction("Start at login")
