@@ -132,6 +132,17 @@ if command -v objdump >/dev/null; then
 fi
 [ -n "$glibc" ] || glibc="$(getconf GNU_LIBC_VERSION | awk '{print $2}')"
 
+# The X11 libraries Qt's xcb plugin links and a stock desktop may lack (libxcb-icccm4,
+# libxcb-keysyms1, libxcb-cursor0): the packages bring them, from the one list `meshagent gui`
+# checks before it starts (meshagent_gui/ui/system_libraries.py), Debian and RPM names.
+xcb_packages() {
+  "$VENV/bin/python" -c 'import sys
+from meshagent_gui.ui.system_libraries import XCB_LIBRARIES
+print(sys.argv[1].join(sorted({names[int(sys.argv[2])] for names in XCB_LIBRARIES.values()})))' "$@"
+}
+xcb_debs="$(xcb_packages ', ' 0)"
+xcb_rpms="$(xcb_packages ' ' 1)"
+
 # ---------------------------------------------------------------- .deb
 DEB="$DIST/meshagent_${VERSION}_${ARCH_DEB}.deb"
 say "dpkg-deb -> ${DEB#"$ROOT"/}"
@@ -141,7 +152,7 @@ sed -e "s/@VERSION@/$VERSION/" \
   -e "s/@ARCH@/$ARCH_DEB/" \
   -e "s/@MAINTAINER@/$MAINTAINER/" \
   -e "s/@INSTALLED_SIZE@/$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)/" \
-  -e "s/@DEPENDS@/libc6 (>= $glibc)/" \
+  -e "s/@DEPENDS@/libc6 (>= $glibc), $xcb_debs/" \
   installers/linux/control.in >"$STAGE/DEBIAN/control"
 rm -f "$DEB"
 # No maintainer scripts: dpkg triggers of desktop-file-utils and the icon themes refresh the
@@ -156,6 +167,7 @@ if command -v rpmbuild >/dev/null; then
   rm -rf "$TOP"
   mkdir -p "$TOP/SPECS" "$TOP/RPMS"
   sed -e "s/@VERSION@/$VERSION/" -e "s/@ARCH@/$ARCH_RPM/" -e "s/@GLIBC@/$glibc/" \
+    -e "s/@XCB@/$xcb_rpms/" \
     -e "s|@STAGING@|$STAGE|" installers/linux/meshagent.rpm.spec.in >"$TOP/SPECS/meshagent.spec"
   # --nodeps: the build host may be Debian, with no rpm database to check build deps against.
   rpmbuild -bb --nodeps --quiet --define "_topdir $TOP" --target "$ARCH_RPM" \

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Final, Literal, Protocol
 
 from meshagent_gui.core.ipc import IpcStream, StreamClosed
@@ -27,6 +28,39 @@ HELP: Final = {
     "host": "Ctrl-] then: q stop sharing, r take control back, Ctrl-] send Ctrl-]",
     "viewer": "Ctrl-] then: q leave, c take control, r release control, Ctrl-] send Ctrl-]",
 }
+
+
+def share_banner(device: str, opened: dict[str, Any], *, allow_control: bool) -> str:
+    """What `terminal share` says before the shared program starts: who can watch, how they
+    watch, who may take control, and the keys. ``opened``: the agent's answer (session id,
+    title) and the rooms the user chose (none: their own devices only)."""
+    rooms: Sequence[str] = [str(r) for r in opened.get("rooms") or ()]
+    who = (
+        f"sharing with {_listed('room', rooms)}"
+        if rooms
+        else "sharing with your own devices only (--room R shares with a room)"
+    )
+    control = (
+        "your own devices take it without asking; others ask you here [y/n]"
+        if allow_control
+        else "a viewer asks, you answer here [y/n]"
+    )
+    title = str(opened.get("title") or f"this terminal on {device}")  # "bash on desk"
+    session = str(opened.get("session_id") or "")[:8]
+    lines = [
+        f"[meshagent] Sharing {title}" + (f" (session {session})" if session else ""),
+        f"  Who:       {who}",
+        f"  To watch:  meshagent terminal view {shlex.quote(device)}  (add --control to type)",
+        f"  Control:   {control}",
+        "  Keys:      Ctrl-] q stop sharing, Ctrl-] r take control back",
+    ]
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _listed(noun: str, names: Sequence[str]) -> str:
+    if len(names) == 1:
+        return f"{noun} {names[0]}"
+    return f"{noun}s {', '.join(names[:-1])} and {names[-1]}"
 
 
 # Windows console modes (wincon.h): what raw mode turns off on input, and on for both sides.
@@ -107,11 +141,19 @@ class Console:
     """Pumps keys to the agent and the agent's frames to the screen until the session ends."""
 
     def __init__(
-        self, stream: IpcStream, role: Role, *, keys: int | None = None, screen: int | None = None
+        self,
+        stream: IpcStream,
+        role: Role,
+        *,
+        keys: int | None = None,
+        screen: int | None = None,
+        banner: str = "",
     ) -> None:
         self.stream = stream
         self.role = role
+        self.banner = banner
         self.exit_code = 0
+        self._stopping = False  # the host asked to stop: the hang-up that follows is no failure
         self._escaped = False
         self._asking: int | None = None  # a control request waiting for y/n (host)
         self._in = sys.stdin.fileno() if keys is None else keys
@@ -134,6 +176,8 @@ class Console:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         with raw_mode(self._in):
+            if self.banner:
+                self._write(self.banner.encode())
             reading = self._watch_keys(loop)
             if sys.platform != "win32":
                 loop.add_signal_handler(signal.SIGWINCH, self._resized)
@@ -204,6 +248,11 @@ class Console:
                 self.say(str(frame.get("message")))
                 self.exit_code = 1
                 return True
+            case "ended" if self.role == "host" and self._stopping:
+                # Our own Ctrl-] q hung the command up: not "signal 1", not exit status 129.
+                self.say("you stopped sharing")
+                self.exit_code = 0
+                return True
             case "ended":
                 code, sig = frame.get("exit_code"), frame.get("signal")
                 message = frame.get("message") or (
@@ -247,6 +296,7 @@ class Console:
     def _command(self, key: str) -> None:
         match key, self.role:
             case (("q" | "Q" | "."), "host"):
+                self._stopping = True
                 self.stream.write_json({"stop": True})
             case (("q" | "Q" | "."), "viewer"):
                 self._leaving = True

@@ -27,8 +27,11 @@ class Check:
 
 
 async def run_checks(ctx: Context) -> list[Check]:
+    problems = ctx.config.problems()
     checks: list[Check] = [
-        Check("config", "ok", str(ctx.paths.config_file)),
+        Check("config", "fail", f"{ctx.paths.config_file}: {'; '.join(problems)}")
+        if problems
+        else Check("config", "ok", str(ctx.paths.config_file)),
         Check(
             "secret store",
             "ok" if ctx.secrets.kind == "keyring" else "warn",

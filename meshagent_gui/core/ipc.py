@@ -57,6 +57,7 @@ class IpcStream:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
+        self.opened: dict[str, Any] = {}  # the agent's "ok" answer to an attached request
 
     def write_data(self, data: bytes | memoryview) -> None:
         """Queue bytes without waiting (the hot path); :meth:`drain` applies backpressure."""
@@ -298,6 +299,8 @@ async def attach(path: Path, method: str, params: dict[str, Any] | None = None) 
     if not isinstance(first, dict) or "ok" not in first:
         await stream.aclose()
         raise UserError("the running agent answered nonsense", code="agent_error")
+    if isinstance(first["ok"], dict):
+        stream.opened = first["ok"]
     return stream
 
 

@@ -27,9 +27,10 @@ from meshagent_gui.errors import UserError
 
 from .bridge import AgentBridge
 from .devices import DeviceEntry
-from .first_run import Choice, ask_first_run
+from .first_run import Choice, FirstRunDialog, ask_first_run
 from .main_window import MainWindow
 from .resources import app_icon
+from .rooms import Rooms
 from .settings import SettingsDialog
 from .terminal_host_window import HostTerminalWindow
 from .terminal_window import TerminalWindow
@@ -128,6 +129,8 @@ class GuiApp:
         self.window = MainWindow(self.bridge, keep_running_on_close=self.has_tray)
         self.window.settings_requested.connect(self.open_settings)
         self.window.open_terminal = self.open_terminal
+        self.rooms = Rooms(self.bridge, parent_widget=self.window)
+        self.window.rooms_requested.connect(self.rooms.open)
         self.tray = Tray(
             self.bridge,
             ctx.paths,
@@ -136,11 +139,22 @@ class GuiApp:
             choose_paths=self.window.choose_paths,
             share_terminal=share_terminal or self.share_terminal,
             parent_widget=self.window,
+            open_rooms=self.rooms.open,
         )
-        self.toasts = ToastSink(self.tray.icon if self.has_tray else None)
+        self.toasts = ToastSink(
+            self.tray.icon if self.has_tray else None, without_tray=self.window.show_toast
+        )
+        self.rooms.toasts = self.toasts
         self.bridge.show_requested.connect(self.window.bring_to_front)
+        self.window.share_terminal_requested.connect(self.tray.share_terminal_action.trigger)
+        if not self.has_tray:
+            # Without a tray the window is the app: closing it quits. Only it: a dialog closing
+            # (first run's, a terminal's) is not the last window of an app that has a window.
+            self.window.closed.connect(self.quit)
         self.agent_ready = asyncio.Event()
         self._quit = asyncio.Event()
+        self._switched = asyncio.Event()  # enrolled with another server: restart the agent
+        self._connecting: FirstRunDialog | None = None
         self._settings: SettingsDialog | None = None
         self.terminal_windows: list[QWidget] = []
 
@@ -169,23 +183,46 @@ class GuiApp:
             self.window.bring_to_front()
             log.info("no system tray: the main window stands in for it")
         loop = asyncio.get_running_loop()
-        agent_task = loop.create_task(
+        quitting = loop.create_task(self._quit.wait(), name="ui-quit")
+        agent_task = self._start_agent(local)
+        try:
+            while True:
+                switched = loop.create_task(self._switched.wait(), name="ui-switch")
+                try:
+                    await asyncio.wait(
+                        {agent_task, quitting, switched}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    switched.cancel()
+                if quitting.done() or agent_task.done():
+                    break
+                # Enrolled with another server (Settings): the agent starts again, on it.
+                self._switched.clear()
+                await self._stop_agent(agent_task)
+                self.window.card.hide()  # a local mesh's join code no longer applies
+                agent_task = self._start_agent(local=False)
+        finally:
+            quitting.cancel()
+            try:
+                await self._stop_agent(agent_task)  # raises what the agent failed with
+            finally:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await quitting
+                self.tray.hide()
+        return 0
+
+    def _start_agent(self, local: bool) -> asyncio.Task[None]:
+        self.agent_ready.clear()
+        return asyncio.get_running_loop().create_task(
             run_agent(self.ctx, factory=self._make_agent, local=local, on_ready=self._ready),
             name="agent",
         )
-        quitting = loop.create_task(self._quit.wait(), name="ui-quit")
-        try:
-            await asyncio.wait({agent_task, quitting}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            await self.bridge.aclose()
-            for task in (agent_task, quitting):
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await agent_task
-            with contextlib.suppress(asyncio.CancelledError):
-                await quitting
-            self.tray.hide()
-        return 0
+
+    async def _stop_agent(self, agent_task: asyncio.Task[None]) -> None:
+        await self.bridge.aclose()
+        agent_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await agent_task
 
     async def _first_run(self) -> Choice | None:
         """The choice dialog; meanwhile a second launch can still bring it forward."""
@@ -226,8 +263,31 @@ class GuiApp:
         if self._settings is None:
             self._settings = SettingsDialog(self.ctx, self.window)
             self._settings.finished.connect(self._settings_closed)
+            self._settings.connect_requested.connect(self.connect_to_another_server)
         self._settings.show()
         self._settings.raise_()
+
+    def connect_to_another_server(self) -> FirstRunDialog:
+        """Settings' "Connect to another server…": enrol there, then run the agent on it."""
+        if self._connecting is None:
+            dialog = FirstRunDialog(self.ctx, self._settings or self.window, switching=True)
+            dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+            dialog.finished.connect(lambda _=0, d=dialog: self._connected(d))
+            self._connecting = dialog
+        self._connecting.show()
+        self._connecting.raise_()
+        return self._connecting
+
+    def _connected(self, dialog: FirstRunDialog) -> None:
+        self._connecting = None
+        if dialog.choice is not Choice.CONNECTED:
+            return  # cancelled: nothing changed
+        if self.ctx.config["local.server"]:
+            self.ctx.config.set("local.server", False)  # the embedded mesh is left behind
+            self.ctx.config.save()
+        if self._settings is not None:
+            self._settings.server.setText(str(self.ctx.config["server.url"]))
+        self._switched.set()
 
     def _settings_closed(self, _: int) -> None:
         if self._settings is not None:
@@ -311,15 +371,19 @@ def run_gui(home: str | None = None, *, log_file: str | None = None) -> int:
     if asyncio.run(_bring_forward_running(ctx)):
         return 0
     app = make_application()
+    try:
+        ctx.config.check()  # a bad hand-edited value: said where a desktop user sees it
+    except UserError as exc:
+        QMessageBox.critical(None, "Mesh Agent", exc.message)
+        raise
     loop = qasync.QEventLoop(app)
     asyncio.set_event_loop(loop)
     reporter = ErrorReporter(log_file)
     reporter.install(loop)
     gui = GuiApp(ctx)
-    # Quitting goes through gui.quit so that the agent shuts down before the loop stops.
+    # Quitting goes through gui.quit so that the agent shuts down before the loop stops; and
+    # not on the last window closed, which the first-run dialog is while no tray shows.
     app.setQuitOnLastWindowClosed(False)
-    if not gui.has_tray:
-        app.lastWindowClosed.connect(gui.quit)
     if sys.platform != "win32":
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):

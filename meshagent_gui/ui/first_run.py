@@ -57,12 +57,17 @@ class Choice(enum.Enum):
 
 
 class FirstRunDialog(QDialog):
-    def __init__(self, ctx: Context, parent: QWidget | None = None) -> None:
+    """First run's choice; with ``switching``, only "Connect to a Mesh Server" (Settings'
+    "Connect to another server…": this device enrols there, the app then runs on it)."""
+
+    def __init__(
+        self, ctx: Context, parent: QWidget | None = None, *, switching: bool = False
+    ) -> None:
         super().__init__(parent)
         self.ctx = ctx
         self.choice: Choice | None = None
         self._task: asyncio.Task[bool] | None = None
-        self.setWindowTitle("Welcome to Mesh Agent")
+        self.setWindowTitle("Connect to another server" if switching else "Welcome to Mesh Agent")
         self.setWindowIcon(app_icon())
         self.setStyleSheet(STYLE)
         self.setMinimumWidth(640)
@@ -75,10 +80,14 @@ class FirstRunDialog(QDialog):
         logo.setPixmap(app_icon().pixmap(56, 56))
         words = QVBoxLayout()
         words.setSpacing(2)
-        words.addWidget(named(QLabel("Welcome to Mesh Agent"), "heading"))
+        heading = "Connect to another server" if switching else "Welcome to Mesh Agent"
+        words.addWidget(named(QLabel(heading), "heading"))
         lead = named(
             QLabel(
-                "Send files and folders peer to peer, share terminals and get notified."
+                f"This device leaves {ctx.config['server.url'] or 'its mesh'} and enrols with the"
+                " server below; its files and settings stay."
+                if switching
+                else "Send files and folders peer to peer, share terminals and get notified."
                 " Choose how this device joins a mesh."
             ),
             "lead",
@@ -116,6 +125,7 @@ class FirstRunDialog(QDialog):
         row.addWidget(self.local_button)
         local_layout.addLayout(row)
         layout.addWidget(local)
+        local.setVisible(not switching)
 
         remote = named(QFrame(), "option")
         remote_layout = QVBoxLayout(remote)
@@ -151,7 +161,7 @@ class FirstRunDialog(QDialog):
         remote_layout.addWidget(self.error)
         self.connect_button = named(QPushButton("Connect"), "secondary")
         self.connect_button.clicked.connect(self.start_connect)
-        quit_button = named(QPushButton("Quit"), "secondary")
+        quit_button = named(QPushButton("Cancel" if switching else "Quit"), "secondary")
         quit_button.clicked.connect(self.reject)
         buttons = QHBoxLayout()
         buttons.addWidget(quit_button)

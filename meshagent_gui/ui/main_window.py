@@ -40,7 +40,7 @@ from PySide6.QtWidgets import (
 )
 
 from meshagent_gui.core.events import TransferOffered
-from meshagent_gui.core.notify.router import human_size
+from meshagent_gui.core.notify.router import Notification, human_size
 from meshagent_gui.core.onboarding import JoinCode
 
 from .bridge import AgentBridge
@@ -149,6 +149,9 @@ class MainWindow(QMainWindow):
     """Everything the tray does, in a window; also the drop target."""
 
     settings_requested = Signal()
+    share_terminal_requested = Signal()
+    closed = Signal()  # closed for good (no tray to keep the app): the app quits
+    rooms_requested = Signal()
 
     def __init__(self, bridge: AgentBridge, *, keep_running_on_close: bool = True) -> None:
         super().__init__()
@@ -193,12 +196,15 @@ class MainWindow(QMainWindow):
         self.pill = named(QLabel(), "pill")
         self.settings_button = QPushButton("Settings")
         self.settings_button.clicked.connect(self.settings_requested.emit)
+        self.rooms_button = QPushButton("Rooms")
+        self.rooms_button.clicked.connect(self.rooms_requested.emit)
         header.addWidget(logo)
         header.addSpacing(6)
         header.addLayout(titles)
         header.addStretch(1)
         header.addWidget(self.pill)
         header.addSpacing(8)
+        header.addWidget(self.rooms_button)
         header.addWidget(self.settings_button)
         outer.addLayout(header)
 
@@ -292,6 +298,9 @@ class MainWindow(QMainWindow):
         self.send_button.clicked.connect(lambda: self.pick_and_send(folder=False))
         self.send_folder_button = QPushButton("Send folder…")
         self.send_folder_button.clicked.connect(lambda: self.pick_and_send(folder=True))
+        # The tray's "Share terminal…", here too: a desktop without a tray has only this window.
+        self.share_terminal_button = QPushButton("Share terminal…")
+        self.share_terminal_button.clicked.connect(self.share_terminal_requested.emit)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.clicked.connect(self._cancel_selected)
         self.resume_button = QPushButton("Resume")
@@ -300,7 +309,7 @@ class MainWindow(QMainWindow):
         self.open_button.clicked.connect(self._open_selected)
         self.clear_button = QPushButton("Clear finished")
         self.clear_button.clicked.connect(self.bridge.transfers.clear_finished)
-        for button in (self.send_button, self.send_folder_button):
+        for button in (self.send_button, self.send_folder_button, self.share_terminal_button):
             buttons.addWidget(button)
         buttons.addStretch(1)
         for button in (self.cancel_button, self.resume_button, self.open_button, self.clear_button):
@@ -338,6 +347,10 @@ class MainWindow(QMainWindow):
         """A one-line message in the banner (no tray, an error); stays until the next one."""
         self.banner.setText(text)
         self.banner.show()
+
+    def show_toast(self, notification: Notification) -> None:
+        """A desktop notification where no tray can show it: the status line, for a while."""
+        self.statusBar().showMessage(f"{notification.title}: {notification.message}", 10_000)
 
     def show_join_code(self, join: JoinCode) -> None:
         self.card_detail.setText(
@@ -504,3 +517,4 @@ class MainWindow(QMainWindow):
             self.hide()
         else:
             event.accept()
+            self.closed.emit()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from typing import Final
 
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QDialog,
     QDialogButtonBox,
     QFileDialog,
@@ -22,10 +24,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from meshagent_gui.config import KEYS
+from meshagent_gui.config import AUTO_ACCEPT, KEYS, parse_value
 from meshagent_gui.context import Context
 from meshagent_gui.core.autostart import autostart_enabled, set_autostart
-from meshagent_gui.core.share.ratelimit import parse_rate
 from meshagent_gui.errors import UserError
 
 from .resources import app_icon
@@ -39,10 +40,26 @@ NOTIFICATION_LABELS: Final = {
     "notify.peer_offline": "Device went offline",
     "notify.peer_online": "Device came online",
 }
+AUTO_ACCEPT_LABELS: Final = dict(
+    zip(
+        AUTO_ACCEPT,
+        (
+            "From my own devices; ask for others",
+            "From every device (never ask)",
+            "Always ask",
+        ),
+        strict=True,
+    )
+)
 
 
 class SettingsDialog(QDialog):
-    """Writes the config file and the secret store on Save; a bad value keeps the dialog open."""
+    """Writes the config file and the secret store on Save; a bad value keeps the dialog open.
+
+    The server is not a field to edit: another server means enrolling there (a join code or a
+    password), which "Connect to another server…" does (``connect_requested``; ui.app)."""
+
+    connect_requested = Signal()
 
     def __init__(self, ctx: Context, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -58,8 +75,13 @@ class SettingsDialog(QDialog):
         general = QGroupBox("This device")
         form = QFormLayout(general)
         self.server = QLineEdit(str(config["server.url"]))
-        self.server.setReadOnly(True)  # changing servers means enrolling again
-        self.server.setToolTip("Enrol with another server with `meshagent login`")
+        self.server.setReadOnly(True)  # changing servers means enrolling again: the button
+        self.server.setToolTip("Connect to another server… enrols this device there")
+        self.connect_button = QPushButton("Connect to another server…")
+        self.connect_button.clicked.connect(self.connect_requested.emit)
+        server_row = QHBoxLayout()
+        server_row.addWidget(self.server, 1)
+        server_row.addWidget(self.connect_button)
         self.device_name = QLineEdit(str(config["device.name"]))
         self.device_name.setPlaceholderText(ctx.device_name)
         self.downloads = QLineEdit(str(config["downloads.dir"]))
@@ -71,11 +93,18 @@ class SettingsDialog(QDialog):
         downloads_row.addWidget(browse)
         self.rate = QLineEdit(str(config["transfer.rate_limit"]))
         self.rate.setPlaceholderText("unlimited (e.g. 20M = 20 MB/s)")
+        self.auto_accept = QComboBox()
+        for choice, label in AUTO_ACCEPT_LABELS.items():
+            self.auto_accept.addItem(label, choice)
+        self.auto_accept.setCurrentIndex(
+            max(0, self.auto_accept.findData(str(config["transfer.auto_accept"])))
+        )
         self.autostart = QCheckBox("Start Mesh Agent when I log in")
-        form.addRow("Server", self.server)
+        form.addRow("Server", server_row)
         form.addRow("Device name", self.device_name)
         form.addRow("Downloads", downloads_row)
         form.addRow("Send rate limit", self.rate)
+        form.addRow("Accept files", self.auto_accept)
         form.addRow("", self.autostart)
         layout.addWidget(general)
 
@@ -98,12 +127,19 @@ class SettingsDialog(QDialog):
         self.priorities: dict[str, QSpinBox] = {}
         for key, label in NOTIFICATION_LABELS.items():
             box = QSpinBox()
-            box.setRange(-1, 10)
+            box.setRange(int(KEYS[key].minimum or 0), int(KEYS[key].maximum or 0))
             box.setSpecialValueText("off")
             box.setValue(int(config[key]) if key in KEYS else -1)
             self.priorities[key] = box
             notify_form.addRow(label, box)
         layout.addWidget(notify)
+        # Each text field and the setting it edits; saved through the setting's own rules.
+        self.fields: dict[str, QLineEdit] = {
+            "device.name": self.device_name,
+            "downloads.dir": self.downloads,
+            "transfer.rate_limit": self.rate,
+            "gotify.url": self.gotify_url,
+        }
 
         self.error = QLabel()
         self.error.setStyleSheet("color: #c62828")
@@ -135,19 +171,19 @@ class SettingsDialog(QDialog):
         self.accept()
 
     def apply(self) -> None:
-        """Validate everything first, then write: a bad field changes nothing."""
-        rate = self.rate.text().strip()
-        parse_rate(rate)
-        gotify_url = self.gotify_url.text().strip()
-        if gotify_url and not gotify_url.startswith(("http://", "https://")):
-            raise UserError("the Gotify URL must start with http:// or https://", code="bad_value")
+        """Check every field with the rules `meshagent config set` uses (config.KEYS), then
+        write: a bad field changes nothing."""
+        values = {
+            name: parse_value(KEYS[name], field.text()) for name, field in self.fields.items()
+        }
+        values["transfer.auto_accept"] = parse_value(
+            KEYS["transfer.auto_accept"], self.auto_accept.currentData()
+        )
+        for name, box in self.priorities.items():
+            values[name] = parse_value(KEYS[name], box.value())
         config = self.ctx.config
-        config.set("device.name", self.device_name.text().strip())
-        config.set("downloads.dir", self.downloads.text().strip())
-        config.set("transfer.rate_limit", rate)
-        config.set("gotify.url", gotify_url)
-        for key, box in self.priorities.items():
-            config.set(key, box.value())
+        for name, value in values.items():
+            config.set(name, value)
         config.save()
         token = self.gotify_token.text().strip()
         if token:

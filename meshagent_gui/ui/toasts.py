@@ -1,9 +1,10 @@
 """Desktop toasts: one more sink of the core's NotificationRouter (the rules that drive Gotify
-decide here too). Without a system tray the notification goes to the log."""
+decide here too). Without a system tray it shows in the main window's status line."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Final
 
 from PySide6.QtWidgets import QSystemTrayIcon
@@ -19,8 +20,13 @@ _URGENT: Final = 7  # Gotify priorities 7+ are the loud ones
 class ToastSink:
     """A NotificationSink showing QSystemTrayIcon messages."""
 
-    def __init__(self, tray: QSystemTrayIcon | None) -> None:
+    def __init__(
+        self,
+        tray: QSystemTrayIcon | None,
+        without_tray: Callable[[Notification], None] | None = None,
+    ) -> None:
         self.tray = tray
+        self.without_tray = without_tray
         self.shown: list[Notification] = []  # what was shown, newest last (tests, "recent")
 
     def __repr__(self) -> str:
@@ -31,6 +37,8 @@ class ToastSink:
         tray = self.tray
         if tray is None or not tray.isVisible() or not QSystemTrayIcon.supportsMessages():
             log.info("notification: %s: %s", notification.title, notification.message)
+            if self.without_tray is not None:
+                self.without_tray(notification)
             return
         icon = (
             QSystemTrayIcon.MessageIcon.Warning

@@ -34,7 +34,7 @@ from meshagent_gui.core.events import (
     TransferOffered,
     TransferProgressed,
 )
-from meshagent_gui.core.notify.router import human_size
+from meshagent_gui.core.notify.router import human_size, is_cancellation
 
 AnyIndex = QModelIndex | QPersistentModelIndex
 
@@ -328,7 +328,7 @@ class TransferTableModel(QAbstractTableModel):
             case TransferFailed():
                 found = self.find(event.transfer_id)
                 if found is not None:
-                    cancelled = "cancelled" in event.reason
+                    cancelled = is_cancellation(event.reason)
                     self.happen(found, "cancelled" if cancelled else "failed", error=event.reason)
                 return found
         return None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,13 @@ from meshagent_gui.context import Context
 from meshagent_gui.core.events import TransferCompleted
 from meshagent_gui.core.local_mesh import lan_address
 from meshagent_gui.core.notify.router import NotificationRouter
-from meshagent_gui.ui.app import ErrorReporter, GuiApp, _bring_forward_running
+from meshagent_gui.errors import UserError
+from meshagent_gui.ui.app import ErrorReporter, GuiApp, _bring_forward_running, run_gui
 from meshagent_gui.ui.first_run import Choice, FirstRunDialog
 from meshagent_gui.ui.resources import TrayState
 from meshagent_gui.ui.transfers import State
-from tests.integration.harness import AgentHome, Server, wait_until
+from tests.integration.harness import BASE_ENV, AgentHome, Server, meshagent_cmd, wait_until
+from tests.integration.harness import run as run_cli
 
 from .support import run
 
@@ -355,3 +359,122 @@ def test_cancel_and_resume_buttons_stop_a_send_keeping_the_partial_then_finish_i
     assert (downloads / "big.bin").read_bytes() == payload.read_bytes()
     assert not list(downloads.glob("*.meshpart"))
     stop(qtbot, gui, task)
+
+
+def test_without_a_tray_the_app_stays_through_first_run(gui_home: Context, tmp_path: Path) -> None:
+    """A desktop with no tray (stock GNOME, bare Xvfb): "Start a local mesh" closes the dialog,
+    the last window until the main one shows; the app must not take that for quitting."""
+    assert gui_home.paths.home is not None
+    log = tmp_path / "app.log"
+    with open(log, "wb") as output:
+        app = subprocess.Popen(
+            [sys.executable, "-m", "tests.gui.first_run_driver", str(gui_home.paths.home)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**BASE_ENV, "QT_QPA_PLATFORM": "offscreen"},
+            cwd=Path(__file__).parents[2],
+        )
+    try:
+        wait_until(
+            lambda: app.poll() is not None or Context.open(gui_home.paths.home).enrollment,
+            30,
+            "the local mesh to enrol this device",
+        )
+        assert app.poll() is None, f"the app quit during first run: {log.read_text()}"
+        # The running app answers other commands: it is the agent of this home.
+        done = run_cli("--home", str(gui_home.paths.home), "devices", timeout=30)
+        assert done.returncode == 0, done.stderr
+        assert "no other devices" in done.stdout
+        assert app.poll() is None
+    finally:
+        app.terminate()
+        app.wait(15)
+    assert app.returncode == 0, log.read_text()
+
+
+def test_without_a_tray_every_tray_action_is_in_the_window(
+    qtbot: Any,
+    qloop: asyncio.AbstractEventLoop,
+    gui_home: Context,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("meshagent_gui.ui.app.tray_available", lambda: False)
+    shared: list[str] = []
+
+    async def share_terminal() -> None:
+        shared.append("shared")
+
+    gui = GuiApp(gui_home, share_terminal=share_terminal)
+    assert not gui.has_tray
+    window = gui.window
+    # The tray menu's actions and where the window has each.
+    in_window = {
+        gui.tray.send_file_action: window.send_button,
+        gui.tray.send_folder_action: window.send_folder_button,
+        gui.tray.share_terminal_action: window.share_terminal_button,
+        gui.tray.open_action: window,  # it is the window
+        gui.tray.autostart_action: window.settings_button,  # Settings: "Start … when I log in"
+        gui.tray.quit_action: window,  # closing it quits
+    }
+    extra = getattr(gui.tray, "rooms_action", None)
+    if extra is not None:
+        in_window[extra] = window.rooms_button  # type: ignore[attr-defined]
+    menu = [a for a in gui.tray.menu.actions() if not a.isSeparator() and a.menu() is None]
+    assert set(menu) == set(in_window)
+    window.bring_to_front()
+    qtbot.mouseClick(window.share_terminal_button, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: shared == ["shared"], timeout=2000)
+    # Closing the window quits the app (and nothing else does: see the test above).
+    gui._quit = asyncio.Event()
+    window.close()
+    assert gui._quit.is_set()
+
+
+def test_toasts_name_the_sending_device(
+    qtbot: Any,
+    qloop: asyncio.AbstractEventLoop,
+    gui_home: Context,
+    mesh: tuple[Server, AgentHome],
+    tmp_path: Path,
+) -> None:
+    """A real file from laptop: the toast says "laptop", not its 64-hex device id."""
+    _, laptop = mesh
+    gui = GuiApp(Context.open(gui_home.paths.home), use_tray=False)
+    task = start(gui)
+    qtbot.waitUntil(lambda: gui.agent_ready.is_set() or task.done(), timeout=20_000)
+    assert not task.done(), task.result()
+    qtbot.waitUntil(lambda: bool(gui.bridge.online_devices()), timeout=10_000)
+    note = tmp_path / "note.txt"
+    note.write_text("hello desk")
+    sending = subprocess.Popen(
+        meshagent_cmd("--home", str(laptop.home), "send", str(note), "--to", "desk"),
+        env={**BASE_ENV, **laptop.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    qtbot.waitUntil(lambda: sending.poll() is not None, timeout=30_000)  # the loop keeps spinning
+    assert sending.returncode == 0, sending.stderr.read() if sending.stderr else ""
+    if sending.stderr:
+        sending.stderr.close()
+    qtbot.waitUntil(lambda: bool(gui.toasts.shown), timeout=10_000)
+    toast = gui.toasts.shown[-1]
+    assert toast.title == "Transfer complete"
+    assert toast.message.startswith("note.txt with laptop: "), toast.message
+    # No tray here: the window's status line shows it.
+    assert gui.window.statusBar().currentMessage().startswith("Transfer complete: note.txt")
+    stop(qtbot, gui, task)
+
+
+def test_the_app_says_so_when_its_config_has_a_bad_value(
+    gui_home: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hand-edited value the rules refuse: a dialog for the desktop user (and the CLI's one
+    line on stderr), instead of an agent quietly running with it."""
+    gui_home.config.set("transfer.auto_accept", "maybe")
+    gui_home.config.save()
+    shown: list[str] = []
+    monkeypatch.setattr(QMessageBox, "critical", lambda _parent, _title, text: shown.append(text))
+    with pytest.raises(UserError) as raised:
+        run_gui(str(gui_home.paths.home))
+    assert "transfer.auto_accept takes own, all or none, not 'maybe'" in raised.value.message
+    assert shown == [raised.value.message]

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from meshagent_gui import console
-from meshagent_gui.console import ESCAPE, Console
+from meshagent_gui.console import ESCAPE, Console, share_banner
 
 
 class FakeStream:
@@ -111,3 +111,33 @@ def test_windows_raw_mode_restores_even_after_an_error_and_skips_a_redirected_co
     with console.windows_raw_mode(redirected):
         pass
     assert redirected.set == []
+
+
+def test_the_share_banner_says_who_can_watch_how_and_the_keys() -> None:
+    opened = {"session_id": "3f2a9c1b77e0", "title": "bash on my desk"}
+    own = share_banner("my desk", {**opened, "rooms": None}, allow_control=False)
+    lines = own.split("\r\n")
+    assert lines[0] == "[meshagent] Sharing bash on my desk (session 3f2a9c1b)"
+    assert "sharing with your own devices only" in lines[1]
+    assert all(len(line) <= 80 for line in lines)  # no line wraps in a plain console
+    assert "meshagent terminal view 'my desk'" in own  # a command that runs as shown
+    assert "Ctrl-] q stop sharing" in own and "Ctrl-] r take control back" in own
+    assert "you answer here [y/n]" in own
+    rooms = share_banner("desk", {**opened, "rooms": ["team", "ops"]}, allow_control=True)
+    assert "sharing with rooms team and ops" in rooms
+    assert "your own devices take it without asking" in rooms
+    assert "\n" not in own.replace("\r\n", "")  # raw mode: every line ends in CR LF
+
+
+def test_the_host_stopping_is_not_a_signal() -> None:
+    host, stream, said = make("host")
+    host._on_keys(bytes([ESCAPE]) + b"q")
+    assert stream.json == [{"stop": True}]
+    # The hang-up the agent sends the command: exit status 129 (SIGHUP) by the book.
+    assert host._event({"event": "ended", "exit_code": None, "signal": 1, "message": ""})
+    assert host.exit_code == 0 and b"you stopped sharing" in said[-1]
+    assert not any(b"signal" in line for line in said)
+    viewer, _, seen = make("viewer")
+    ended = {"event": "ended", "exit_code": None, "signal": 1}
+    assert viewer._event({**ended, "message": "the host stopped sharing"})
+    assert b"session ended: the host stopped sharing" in seen[-1]

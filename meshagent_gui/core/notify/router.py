@@ -49,6 +49,17 @@ class NotificationSink(Protocol):
 
 
 E = TypeVar("E")
+NameOf = Callable[[str], str]  # a device id -> the name people know it by
+
+
+def is_cancellation(reason: str) -> bool:
+    """Whether a TransferFailed reason is someone's cancel (either side), not a failure."""
+    return "cancelled" in reason
+
+
+def _short_id(device_id: str) -> str:
+    # What `meshagent devices` shows when no name is known: never all 64 hex digits.
+    return device_id[:12]
 
 
 @dataclass(frozen=True)
@@ -56,7 +67,7 @@ class NotificationRule(Generic[E]):
     """How one event type notifies: its kind (``notify.<kind>``) and its wording."""
 
     kind: str
-    words: Callable[[E], tuple[str, str]]  # event -> (title, message)
+    words: Callable[[E, NameOf], tuple[str, str]]  # event, device namer -> (title, message)
 
     @property
     def config_key(self) -> str:
@@ -88,32 +99,33 @@ def _duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
-def _peer_online(event: PeerCameOnline) -> tuple[str, str]:
+def _peer_online(event: PeerCameOnline, _: NameOf) -> tuple[str, str]:
     return f"{_clean(event.name)} is online", f"Device {_clean(event.name)} joined the mesh."
 
 
-def _peer_offline(event: PeerWentOffline) -> tuple[str, str]:
+def _peer_offline(event: PeerWentOffline, _: NameOf) -> tuple[str, str]:
     return f"{_clean(event.name)} is offline", f"Device {_clean(event.name)} left the mesh."
 
 
-def _transfer_completed(event: TransferCompleted) -> tuple[str, str]:
+def _transfer_completed(event: TransferCompleted, name_of: NameOf) -> tuple[str, str]:
     detail = f"{human_size(event.size)} in {_duration(event.seconds)}"
     if event.seconds > 0:
         detail += f" ({human_size(round(event.size / event.seconds))}/s)"
     return (
         "Transfer complete",
-        f"{_clean(event.name)} with {_clean(event.peer)}: {detail}.",
+        f"{_clean(event.name)} with {_clean(name_of(event.peer))}: {detail}.",
     )
 
 
-def _transfer_failed(event: TransferFailed) -> tuple[str, str]:
+def _transfer_failed(event: TransferFailed, name_of: NameOf) -> tuple[str, str]:
+    title = "Transfer cancelled" if is_cancellation(event.reason) else "Transfer failed"
     return (
-        "Transfer failed",
-        f"{_clean(event.name)} with {_clean(event.peer)}: {_clean(event.reason)}",
+        title,
+        f"{_clean(event.name)} with {_clean(name_of(event.peer))}: {_clean(event.reason)}",
     )
 
 
-def _control_requested(event: ControlRequested) -> tuple[str, str]:
+def _control_requested(event: ControlRequested, _: NameOf) -> tuple[str, str]:
     return (
         "Terminal control requested",
         f"{_clean(event.device_name)} asks to control your terminal"
@@ -135,7 +147,8 @@ class NotificationRouter:
 
     ``priorities`` maps ``notify.<kind>`` to a priority; the :class:`~meshagent_gui.config.Config`
     itself fits, and is read on every event so that settings changes apply at once. A missing key
-    falls back to its default in :data:`meshagent_gui.config.KEYS`.
+    falls back to its default in :data:`meshagent_gui.config.KEYS`. ``device_name`` names the
+    device ids events carry (a transfer's peer); by default the short id.
     """
 
     def __init__(
@@ -144,10 +157,12 @@ class NotificationRouter:
         sinks: Sequence[NotificationSink],
         *,
         sink_timeout: float = 60.0,
+        device_name: NameOf = _short_id,
     ) -> None:
         self._priorities = priorities
         self._sinks = tuple(sinks)
         self._sink_timeout = sink_timeout
+        self._device_name = device_name
 
     def route(self, event: object) -> Notification | None:
         """The notification ``event`` should raise, or None (no rule, or switched off)."""
@@ -157,7 +172,7 @@ class NotificationRouter:
         priority = self._priority(rule.config_key)
         if priority is None:
             return None
-        title, message = rule.words(event)
+        title, message = rule.words(event, self._device_name)
         return Notification(rule.kind, title, message, priority)
 
     async def handle(self, event: object) -> None:

@@ -223,3 +223,27 @@ async def test_gotify_sink_with_click_url_and_unreachable_server(
         await router.handle(FAILED)  # must not raise
     assert "cannot reach Gotify" in caplog.text
     assert token not in caplog.text
+
+
+def test_devices_are_named_and_a_cancel_is_not_a_failure() -> None:
+    """Events carry the peer's 64-hex device id; people know the device by its name."""
+    peer = "ab" * 32
+    names = {peer: "laptop"}
+    router = NotificationRouter(
+        {"notify.transfer_completed": 4, "notify.transfer_failed": 7},
+        [],
+        device_name=lambda device_id: names.get(device_id, device_id[:12]),
+    )
+    done = router.route(TransferCompleted("t", "a.txt", peer, 2000, 1.0))
+    assert done is not None and done.message.startswith("a.txt with laptop: ")
+    mine = router.route(TransferFailed("t", "a.txt", peer, "cancelled by the receiver"))
+    assert mine is not None and mine.title == "Transfer cancelled"
+    assert mine.message == "a.txt with laptop: cancelled by the receiver"
+    theirs = router.route(TransferFailed("t", "a.txt", peer, "the sender cancelled: stop"))
+    assert theirs is not None and theirs.title == "Transfer cancelled"
+    failed = router.route(TransferFailed("t", "a.txt", "cd" * 32, "disk full"))
+    assert failed is not None and failed.title == "Transfer failed"
+    assert failed.message == "a.txt with cdcdcdcdcdcd: disk full"  # unknown: the short id
+    unnamed = NotificationRouter({"notify.transfer_failed": 7}, [])
+    fallback = unnamed.route(TransferFailed("t", "a.txt", peer, "disk full"))
+    assert fallback is not None and peer not in fallback.message
