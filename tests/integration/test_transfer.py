@@ -101,6 +101,44 @@ def test_receiver_killed_midway_resumes(pair, tmp_path: Path) -> None:  # type: 
     assert int(item["last_sent"]) <= unverified + CHUNK
 
 
+def test_a_receiver_stopped_with_ctrl_c_is_waited_for_not_a_cancel(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A clean stop of the receiving agent is not a cancel: the send says it waits for the
+    receiver to come back, and resumes when it does."""
+    sender, receiver = pair
+    size = 200 * CHUNK
+    source = random_file(tmp_path / "paused.bin", size)
+    sending = _send_in_background(sender, source, tmp_path)
+    wait_until(lambda: _progress_of(receiver, "paused.bin") >= 0.3 * size, 30, "30% received")
+    receiver.stop(signal.SIGINT)  # Ctrl-C
+    wait_until(
+        lambda: "waiting for receiver to come back" in sending.log_path.read_text(),
+        30,
+        "the sender to say it waits",
+    )
+    assert sending.proc.poll() is None
+    receiver.up()
+    line = sending.read_line(r'^\{.*"name": "paused.bin"', timeout=120)
+    sending.stop()
+    item = json.loads(line.string)
+    assert b3(downloads(receiver) / "paused.bin") == b3(source) == item["blake3"]
+    assert item["attempts"] >= 2 and int(item["last_resumed_from"]) >= 0.2 * size
+    assert "cancelled" not in sending.log_path.read_text()
+
+
+def test_config_set_reaches_the_running_agent(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A setting the running agent reads when it uses it applies at once; one it reads only at
+    start says so. (Only a lower bound on time: a busy machine can only make it slower.)"""
+    sender, _receiver = pair
+    done = sender.cli("config", "set", "transfer.rate_limit", "1M")
+    assert done.returncode == 0 and "restart" not in done.stderr, done.stderr
+    source = random_file(tmp_path / "paced.bin", 6 * CHUNK)
+    [item] = send_json(sender, str(source))
+    # 6 MiB at 1 MB/s: 6.3 s in the agent; unlimited, a second or two (connecting included)
+    assert item["seconds"] >= 5.0, item
+    done = sender.cli("config", "set", "p2p.upgrade_interval", "45")
+    assert done.returncode == 0 and "takes effect after a restart" in done.stderr, done.stderr
+
+
 def test_sender_killed_midway_resumes_when_sent_again(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     sender, receiver = pair
     size = 200 * CHUNK

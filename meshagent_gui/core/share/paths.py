@@ -31,6 +31,7 @@ import ctypes.util
 import errno
 import functools
 import os
+import re
 import stat
 import sys
 import unicodedata
@@ -43,6 +44,7 @@ from meshagent_gui.errors import UserError
 MAX_COMPONENT_BYTES: Final = 255
 MAX_PATH_BYTES: Final = 4096
 MAX_CLASH_COUNTER: Final = 9_999
+_CLASH_TAG: Final = re.compile(r"(.*) \((\d+)\)", re.DOTALL)
 
 _WINDOWS_INVALID: Final = frozenset('<>:"|?*\\')
 _BIDI_CONTROLS: Final = frozenset(
@@ -223,6 +225,25 @@ def clash_names(name: str) -> Iterator[str]:
         tag = f" ({counter})"
         room = MAX_COMPONENT_BYTES - len((tag + extension).encode("utf-8", "surrogatepass"))
         yield _truncate_utf8(stem, room) + tag + extension
+
+
+def is_clash_name(candidate: str, name: str) -> bool:
+    """Whether ``candidate`` is ``name`` or one of its :func:`clash_names` (``stem (n).ext``,
+    the stem maybe shortened to fit)."""
+    if candidate == name:
+        return bool(name)
+    stem, extension = split_name(name)
+    if extension and not candidate.endswith(extension):
+        return False
+    numbered = _CLASH_TAG.fullmatch(candidate[: len(candidate) - len(extension)])
+    if numbered is None or not 1 <= int(numbered.group(2)) <= MAX_CLASH_COUNTER:
+        return False
+    kept = numbered.group(1)
+    if kept == stem:
+        return True
+    # A shortened stem: only where the full one would not fit (a UTF-8 character is <= 4 bytes).
+    full = len(candidate.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES - 4
+    return full and bool(kept) and stem.startswith(kept)
 
 
 def _truncate_utf8(text: str, limit: int) -> str:

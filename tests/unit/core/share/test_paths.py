@@ -15,6 +15,7 @@ from meshagent_gui.core.share.paths import (
     UnsafePath,
     clash_names,
     ensure_directory_inside,
+    is_clash_name,
     move_to_unique,
     rename_no_replace,
     resolve_inside,
@@ -288,6 +289,38 @@ def test_clash_names_stay_within_the_component_limit() -> None:
 def test_clash_names_never_repeat(name: str) -> None:
     names = [n for _, n in zip(range(30), clash_names(name), strict=False)]
     assert len(set(names)) == len(names)
+
+
+@given(
+    st.text(
+        st.characters(codec="utf-8", blacklist_characters="/\0"),
+        min_size=1,
+        max_size=130,
+    ),
+    st.sampled_from(["", ".txt", ".tar.gz", ".bin"]),
+)
+@example("\u00e9" * 125, ".txt")  # long: its clash names shorten the stem
+def test_every_clash_name_is_recognised_as_one(stem: str, extension: str) -> None:
+    name = stem + extension
+    for _, candidate in zip(range(25), clash_names(name), strict=False):
+        assert is_clash_name(candidate, name), candidate
+
+
+@pytest.mark.parametrize(
+    ("candidate", "name"),
+    [
+        ("ab (1).txt", "a.txt"),  # another name that happens to start the same
+        ("a (1).txt", "abc.txt"),  # a short name is no shortened stem
+        ("a (0).txt", "a.txt"),
+        ("a(1).txt", "a.txt"),
+        ("a (1).txt.bak", "a.txt"),
+        ("a (1).md", "a.txt"),
+        ("a (x).txt", "a.txt"),
+        ("", ""),
+    ],
+)
+def test_other_names_are_not_clash_names(candidate: str, name: str) -> None:
+    assert not is_clash_name(candidate, name)
 
 
 # ---------------------------------------------------------------------------- no-replace rename

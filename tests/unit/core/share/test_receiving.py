@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from blake3 import blake3
 
-from meshagent_gui.core.share import service, whole
+from meshagent_gui.core.share import receiving, whole
 from meshagent_gui.core.share.partial import state_files_in
 from meshagent_gui.core.share.whole import WholeFile
 
@@ -22,7 +22,7 @@ def test_small_files_without_unnamed_files_land_whole_and_each_folder_syncs_once
 ) -> None:
     monkeypatch.setattr(whole, "available", lambda: False)
     synced: list[Path] = []
-    monkeypatch.setattr(service, "sync_directory", synced.append)
+    monkeypatch.setattr(receiving, "sync_directory", synced.append)
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     wanted = {
@@ -34,7 +34,7 @@ def test_small_files_without_unnamed_files_land_whole_and_each_folder_syncs_once
         (WholeFile(path, data, mode, MTIME_NS), blake3(data).digest(), os.urandom(16))
         for path, (data, mode) in wanted.items()
     ]
-    outcomes = service._store_small_files(files, "sender-id", 1024 * 1024)
+    outcomes = receiving.store_small_files(files, "sender-id", 1024 * 1024)
     assert outcomes == list(wanted)
     for path, (data, mode) in wanted.items():
         assert path.read_bytes() == data
@@ -57,7 +57,7 @@ def test_a_clash_gets_a_new_name_and_a_wrong_digest_is_that_files_error(
         ),
         (WholeFile(tmp_path / "bad.txt", b"data", 0o644, MTIME_NS), bytes(32), os.urandom(16)),
     ]
-    clash, bad = service._store_small_files(files, "sender-id", 1024 * 1024)
+    clash, bad = receiving.store_small_files(files, "sender-id", 1024 * 1024)
     assert clash == tmp_path / "taken (1).txt" and clash.read_bytes() == b"theirs"
     assert (tmp_path / "taken.txt").read_bytes() == b"mine"
     assert isinstance(bad, Exception) and not (tmp_path / "bad.txt").exists()
