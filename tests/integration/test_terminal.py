@@ -90,6 +90,11 @@ def wait_said(tmux: Tmux, console: str, text: str, timeout: float = 15) -> None:
     wait_until(lambda: text in latest(), timeout, f"{console}: {text!r}")
 
 
+def wait_banner(tmux: Tmux, console: str, text: str) -> None:
+    """Until ``text`` is on the screen, lines joined (a long banner line wraps)."""
+    wait_until(lambda: text in tmux.screen(console).replace("\n", ""), 15, f"{text!r}")
+
+
 def escape(tmux: Tmux, console: str, key: str) -> None:
     tmux.keys(console, "C-]")
     tmux.keys(console, key)
@@ -174,7 +179,8 @@ def test_controller_types_view_only_cannot_and_control_moves(
 def test_another_users_device_needs_the_hosts_consent(
     tmux: Tmux, team: dict[str, AgentHome]
 ) -> None:
-    share(tmux, team["host"], "--allow-control")  # automatic for ann's devices only
+    share(tmux, team["host"], "--allow-control", "--room", "team")  # automatic for ann's only
+    wait_banner(tmux, "host", "sharing with room team")
     view(tmux, team["bob"], "--control")
     tmux.wait_for("host", "bob asks to take control. Allow? [y/n]")
     tmux.type("host", "n")
@@ -283,6 +289,11 @@ def test_bad_input_is_one_clear_line(
         ),
         (
             team["host"],
+            ("terminal", "share", "--room", "nowhere", "--", "true"),
+            "not a member of room 'nowhere'",
+        ),
+        (
+            team["host"],
             ("terminal", "share", "--record", str(tmp_path / "no" / "dir" / "x.cast")),
             "cannot record to",
         ),
@@ -292,3 +303,104 @@ def test_bad_input_is_one_clear_line(
         assert done.returncode != 0
         assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- rooms (issue 11, case 1)
+
+
+@pytest.fixture(scope="module")
+def rooms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, AgentHome]]:
+    """ann's `host` owns room `team`, where bob is a member and eve a viewer; eve owns room
+    `trap`, and ann accepted eve's invitation to it. Everyone is up."""
+    root = tmp_path_factory.mktemp("rooms")
+    logs = root / "logs"
+    logs.mkdir()
+    server = Server(root / "server", logs).start()
+    users = {"host": "ann", "bob": "bob", "eve": "eve"}
+    agents = {
+        name: AgentHome(
+            root / name, logs, name, config={"server.reconnect_max": "1", "device.name": name}
+        )
+        for name in users
+    }
+    try:
+        for user in users.values():
+            server.add_user(user)
+        with ThreadPoolExecutor(len(agents)) as pool:
+            list(pool.map(lambda n: agents[n].login(server, server.join_code(users[n])), agents))
+        host, bob, eve = agents["host"], agents["bob"], agents["eve"]
+        host.ok("rooms", "create", "team")
+        host.ok("rooms", "invite", "team", "bob")
+        host.ok("rooms", "invite", "team", "eve", "--role", "viewer")
+        bob.ok("rooms", "accept", "team")
+        eve.ok("rooms", "accept", "team")
+        eve.ok("rooms", "create", "trap")
+        eve.ok("rooms", "invite", "trap", "ann", "--role", "member")
+        host.ok("rooms", "accept", "trap")
+        with ThreadPoolExecutor(len(agents)) as pool:
+            list(pool.map(lambda agent: agent.up(), agents.values()))
+        wait_until(lambda: host.online() >= {"bob", "eve"}, 10, "everyone online")
+        yield agents
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        server.stop()
+
+
+# The `rooms` world takes a dozen CLI processes to build: whichever test runs first pays for it.
+@pytest.mark.timeout(300)
+def test_a_terminal_shared_with_ones_own_devices_reaches_nobody_else(
+    tmux: Tmux, rooms: dict[str, AgentHome]
+) -> None:
+    """eve shares two rooms with ann (one of them her own, which ann even accepted) and forces
+    nothing: a terminal ann shares without --room is not hers to watch."""
+    share(tmux, rooms["host"])
+    wait_banner(tmux, "host", "sharing with your own devices only")
+    done = rooms["eve"].cli("terminal", "view", "host")
+    assert done.returncode != 0
+    assert done.stderr.strip() == "meshagent: host is not sharing a terminal", done.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_viewer_in_the_shared_room_cannot_take_control_with_a_role_from_another(
+    tmux: Tmux, rooms: dict[str, AgentHome]
+) -> None:
+    """eve is a viewer in `team`, where ann shares; that she owns `trap`, which ann is in,
+    gives her no control of it. bob, a member, gets it with ann's consent; the audit of
+    `team` shows the grants and every change of control."""
+    host = rooms["host"]
+    share(tmux, host, "--room", "team")
+    done = rooms["eve"].cli("terminal", "view", "host", "--control")
+    assert done.returncode != 0
+    assert "may not control terminals on host" in done.stderr, done.stderr
+    view(tmux, rooms["eve"])
+    tmux.wait_for("eve", "prompt>")  # watching is what a viewer may do
+    escape(tmux, "eve", "c")
+    tmux.wait_for("eve", "control refused: your role in the room allows watching only")
+
+    view(tmux, rooms["bob"], "--control")
+    tmux.wait_for("host", "bob asks to take control. Allow? [y/n]")
+    assert "eve asks" not in tmux.screen("host")  # eve's asks never reached ann
+    tmux.type("host", "y")
+    tmux.wait_for("bob", "you are in control")
+    escape(tmux, "bob", "r")
+    wait_said(tmux, "bob", "the host is in control")
+
+    bob_id = next(d["id"] for d in host.devices() if d["name"] == "bob")
+    eve_id = next(d["id"] for d in host.devices() if d["name"] == "eve")
+
+    def audit() -> list[dict[str, object]]:
+        out = host.ok("rooms", "audit", "team", "--json")
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def controls() -> list[dict[str, object]]:
+        return [e for e in audit() if e["kind"] == "terminal.control"]
+
+    wait_until(lambda: len(controls()) >= 2, 15, "two control changes in the audit")
+    assert bob_id in json.dumps(controls()) and eve_id not in json.dumps(controls())
+    granted = json.dumps([e for e in audit() if e["kind"] == "capability.granted"])
+    assert bob_id in granted and eve_id in granted and "terminal:control" in granted
+    # eve's control tokens were refused: the audit records no terminal:control for her.
+    for entry in audit():
+        if entry["kind"] == "capability.granted" and eve_id in json.dumps(entry):
+            assert "terminal:control" not in json.dumps(entry), entry

@@ -1,4 +1,4 @@
-"""Control-plane REST client: enrolment, token refresh, devices, capabilities.
+"""Control-plane REST client: enrolment, token refresh, devices, rooms, capabilities, audit.
 
 ``httpx`` is the I/O boundary: tests inject a transport. Every failure the user can act on
 becomes one :class:`MeshError` with a stable code; nothing else escapes as a traceback.
@@ -7,14 +7,16 @@ becomes one :class:`MeshError` with a stable code; nothing else escapes as a tra
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Final, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, ClassVar, Final, Protocol, TypeVar
+from urllib.parse import quote, urlsplit
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -26,18 +28,35 @@ from meshagent_gui.secrets import SecretStore
 from .types import (
     API_PREFIX,
     ApiError,
+    AuditEntry,
+    AuditLog,
     CapabilityGrant,
     CapabilityRequest,
+    Challenge,
     Device,
     DeviceList,
     DeviceUpdate,
     EnrollRequest,
     EnrollResponse,
+    Invitation,
+    InvitationCreate,
+    InvitationList,
+    JoinCode,
     KeySet,
+    MemberUpdate,
     PublicKey,
     RefreshRequest,
+    Role,
+    Room,
+    RoomCreate,
+    RoomJoin,
+    RoomJoinCodeCreate,
+    RoomList,
     ServerInfo,
+    TerminalControlReport,
     TokenPair,
+    Wire,
+    enroll_proof_message,
 )
 
 log = logging.getLogger(__name__)
@@ -54,13 +73,68 @@ _MESSAGES: Final = {
     "join_code_used": "that join code was already used: ask for a new one",
     "invalid_refresh_token": "this device's session was revoked or expired: log in again",
     "rate_limited": "too many failed attempts: wait a minute and try again",
+    "invalid_proof": "the server did not accept this device's proof of its key: try again",
+    "too_large": "the request was too large for the server",
     "not_allowed": "the server does not allow that (check rooms and roles)",
     "unknown_device": "no such device on the server",
+    "unknown_room": "no such room (or you are not in it)",
 }
+
+
+# The calls other commands make by name (`meshagent rooms ...`), through the running agent
+# when there is one: see MeshClient.call.
+NAMED_CALLS: Final = frozenset(
+    {
+        "rooms",
+        "create_room",
+        "invite",
+        "invitations",
+        "accept_invitation",
+        "decline_invitation",
+        "leave_room",
+        "set_role",
+        "room_join_code",
+        "join_room",
+        "room_audit",
+    }
+)
 
 
 class MeshError(UserError):
     """A control-plane failure with the server's error code (or a local one)."""
+
+
+class DeviceKey(Protocol):
+    """What enrolment needs of the device identity (:class:`meshagent_gui.identity.Identity`)."""
+
+    @property
+    def certificate_pem(self) -> bytes: ...
+
+    @property
+    def certificate_der(self) -> bytes: ...
+
+    def sign(self, message: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class EnrollCredentials:
+    """How the device enrols: a join code, or a user name and password (one of the two)."""
+
+    device_name: str
+    platform: str
+    join_code: str | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def fields(self) -> dict[str, str]:
+        given = {
+            "device_name": self.device_name,
+            "platform": self.platform,
+            "join_code": self.join_code,
+            "username": self.username,
+            "password": self.password,
+        }
+        return {name: value for name, value in given.items() if value is not None}
 
 
 def normalize_url(url: str) -> str:
@@ -132,8 +206,11 @@ class MeshClient:
         secrets: SecretStore | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         timeout: float = 10.0,
+        user: str | None = None,
     ) -> None:
         self.url = normalize_url(url)
+        self.user = user
+        """This device's user (from enrolment): the member that :meth:`leave_room` removes."""
         self._secrets = secrets
         self._http = httpx.AsyncClient(
             base_url=self.url + API_PREFIX,
@@ -142,6 +219,10 @@ class MeshClient:
             headers={"User-Agent": f"meshagent/{__version__}"},
         )
         self._refresh_lock = asyncio.Lock()
+        # Told every new access token (the control link renews its socket in-band with it).
+        self.token_listeners: list[Callable[[str], None]] = []
+        # When the token stored by this process runs out (our clock); None: not known.
+        self.access_expires_at: float | None = None
 
     async def __aenter__(self) -> MeshClient:
         return self
@@ -163,6 +244,9 @@ class MeshClient:
             raise RuntimeError("no SecretStore to keep the tokens in")
         self._secrets.set(ACCESS_SECRET, pair.access_token)
         self._secrets.set(REFRESH_SECRET, pair.refresh_token)
+        self.access_expires_at = time.time() + pair.access_expires_in
+        for listener in list(self.token_listeners):
+            listener(pair.access_token)
 
     async def refresh(self, stale_access: str | None) -> str:
         """Trade the refresh token for a new pair; one refresh at a time, however many callers."""
@@ -189,8 +273,38 @@ class MeshClient:
     async def keys(self) -> list[PublicKey]:
         return (await self._call("GET", "/keys", KeySet)).keys
 
-    async def enroll(self, request: EnrollRequest) -> EnrollResponse:
-        return await self._call("POST", "/enroll", EnrollResponse, body=request)
+    async def enroll(self, key: DeviceKey, credentials: EnrollCredentials) -> EnrollResponse:
+        """Enrol ``key``'s certificate, proving we hold the key (signing a server nonce)."""
+        info = await self.info()
+        try:
+            challenge = await self._call("POST", "/enroll/challenge", Challenge)
+        except MeshError as exc:
+            if exc.code not in {"not_found", "method_not_allowed"}:
+                raise
+            raise MeshError(
+                f"the server at {self.url} does not ask for proof of the device key at"
+                " enrolment (it is too old); refusing to enrol with it",
+                code="server_too_old",
+            ) from exc
+        proof = enroll_proof_message(info.server_id, challenge.nonce, key.certificate_der)
+        signature = base64.urlsafe_b64encode(key.sign(proof)).rstrip(b"=").decode("ascii")
+        try:
+            request = EnrollRequest(
+                **credentials.fields(),
+                certificate=key.certificate_pem.decode("ascii"),
+                nonce=challenge.nonce,
+                signature=signature,
+            )
+        except ValidationError as exc:
+            problems = "; ".join(str(error["msg"]) for error in exc.errors())
+            raise MeshError(f"cannot enrol: {problems}", code="usage") from None
+        answer = await self._call("POST", "/enroll", EnrollResponse, body=request)
+        if answer.server_id != info.server_id:
+            raise MeshError(
+                "the server changed its identity during enrolment; refusing to trust it",
+                code="server_changed",
+            )
+        return answer
 
     async def devices(self) -> list[Device]:
         return (await self._authed("GET", "/devices", DeviceList)).devices
@@ -199,12 +313,76 @@ class MeshClient:
         return await self._authed("PATCH", "/devices/self", Device, body=update)
 
     async def capability(
-        self, target: str, scope: str, resource: str = "", ttl: int | None = None
+        self,
+        target: str,
+        scope: str,
+        resource: str = "",
+        ttl: int | None = None,
+        room: str | None = None,
     ) -> CapabilityGrant:
+        """A token for ``scope`` toward ``target``, granted by our role in ``room`` (None: the
+        server picks, see CapabilityRequest)."""
         body = CapabilityRequest.model_validate(
-            {"aud": target, "scope": scope, "resource": resource, "ttl": ttl}
+            {"aud": target, "scope": scope, "resource": resource, "ttl": ttl, "room": room}
         )
         return await self._authed("POST", "/capabilities", CapabilityGrant, body=body)
+
+    # Rooms: joining one always takes this user's own act (accepting, or using a join code).
+
+    async def rooms(self) -> list[Room]:
+        return (await self._authed("GET", "/rooms", RoomList)).rooms
+
+    async def create_room(self, name: str) -> Room:
+        return await self._authed("POST", "/rooms", Room, body=RoomCreate(name=name))
+
+    async def invite(self, room: str, user: str, role: Role = "member") -> None:
+        """Invite ``user``; the server answers the same whether or not the user exists."""
+        body = InvitationCreate(user=user, role=role)
+        await self._authed("POST", f"/rooms/{_seg(room)}/invitations", _Ignored, body=body)
+
+    async def invitations(self) -> list[Invitation]:
+        return (await self._authed("GET", "/invitations", InvitationList)).invitations
+
+    async def accept_invitation(self, room: str) -> Room:
+        return await self._authed("POST", f"/invitations/{_seg(room)}/accept", Room)
+
+    async def decline_invitation(self, room: str) -> None:
+        await self._authed("POST", f"/invitations/{_seg(room)}/decline", _Ignored)
+
+    async def leave_room(self, room: str) -> None:
+        if not self.user:
+            raise MeshError(
+                "this device is not logged in: run meshagent login", code="not_enrolled"
+            )
+        await self._authed("DELETE", f"/rooms/{_seg(room)}/members/{_seg(self.user)}", _Ignored)
+
+    async def remove_member(self, room: str, user: str) -> None:
+        """An owner removes ``user`` from ``room`` (:meth:`leave_room` for oneself)."""
+        await self._authed("DELETE", f"/rooms/{_seg(room)}/members/{_seg(user)}", _Ignored)
+
+    async def set_role(self, room: str, user: str, role: Role) -> Room:
+        path = f"/rooms/{_seg(room)}/members/{_seg(user)}"
+        return await self._authed("PATCH", path, Room, body=MemberUpdate(role=role))
+
+    async def room_join_code(self, room: str, ttl: int | None = None) -> JoinCode:
+        body = RoomJoinCodeCreate(ttl=ttl)
+        return await self._authed("POST", f"/rooms/{_seg(room)}/join-codes", JoinCode, body=body)
+
+    async def join_room(self, code: str) -> Room:
+        return await self._authed("POST", "/rooms/join", Room, body=RoomJoin(code=code))
+
+    async def room_audit(self, room: str, limit: int = 100) -> list[AuditEntry]:
+        path = f"/rooms/{_seg(room)}/audit?limit={int(limit)}"
+        return (await self._authed("GET", path, AuditLog)).entries
+
+    async def report_terminal_control(
+        self, session_id: str, controller_device: str | None, rooms: list[str]
+    ) -> None:
+        """Tell the server who controls our terminal session now (None: nobody but us)."""
+        body = TerminalControlReport(
+            session_id=session_id, controller_device=controller_device, rooms=rooms
+        )
+        await self._authed("POST", "/terminal/control", _Ignored, body=body)
 
     async def create_join_code(
         self, user: str | None = None, room: str | None = None, ttl: int | None = None
@@ -217,6 +395,12 @@ class MeshClient:
             )
         data: dict[str, Any] = self._parse_json(response)
         return data
+
+    async def call(self, method: str, args: dict[str, Any]) -> Any:
+        """One of :data:`NAMED_CALLS` with keyword ``args``, answered as JSON values (for IPC)."""
+        if method not in NAMED_CALLS:
+            raise MeshError(f"no request {method!r}", code="bad_request")
+        return _json_of(await getattr(self, method)(**args))
 
     async def measure_clock_skew(self) -> tuple[float, float]:
         """(server clock - ours, round trip) in seconds, from one /info call."""
@@ -251,7 +435,8 @@ class MeshClient:
     ) -> M:
         payload = body.model_dump(exclude_none=True) if body is not None else None
         response = await self._send(method, path, payload, token)
-        data = self._parse_json(response)
+        # 204 has no body: an empty object, for the calls whose answer we ignore anyway.
+        data = {} if response.status_code == 204 else self._parse_json(response)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
@@ -295,6 +480,24 @@ class MeshClient:
             + (" (is this a Mesh Server?)" if data is None else ""),
             code="bad_response",
         )
+
+
+class _Ignored(Wire):
+    """An answer that carries nothing we use (202 `{"status": ...}`, 204)."""
+
+
+def _json_of(value: Any) -> Any:
+    """A call's answer as JSON values (pydantic models, lists of them, None)."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_json_of(item) for item in value]
+    return value
+
+
+def _seg(name: str) -> str:
+    """A room or user name as one URL path segment."""
+    return quote(name, safe="@")
 
 
 def _reason(exc: httpx.TransportError) -> str:

@@ -19,7 +19,7 @@ import heapq
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
@@ -158,6 +158,13 @@ class WrongResource(TokenError):
     default_message = "The capability token is for another resource."
 
 
+class WrongRoom(TokenError):
+    """The token's room is not one the resource was shared in (a role held in another room)."""
+
+    code = "wrong_room"
+    default_message = "The capability token was granted in a room this resource is not shared in."
+
+
 class LifetimeTooLong(TokenError):
     code = "lifetime_too_long"
     default_message = (
@@ -170,7 +177,10 @@ class LifetimeTooLong(TokenError):
 
 @dataclass(frozen=True)
 class Capability:
-    """What a verified token allows: ``holder`` may do ``scope`` on ``resource`` at ``target``."""
+    """What a verified token allows: ``holder`` may do ``scope`` on ``resource`` at ``target``.
+
+    ``room`` is the room whose role granted it ("" from servers that predate rooms in tokens).
+    """
 
     issuer: str
     holder: str
@@ -181,6 +191,16 @@ class Capability:
     not_before: float
     expires_at: float
     jti: str
+    room: str = ""
+
+
+def check_room(capability: Capability, rooms: Collection[str]) -> None:
+    """Refuse a capability granted in none of ``rooms`` (where the resource was shared).
+
+    Without this, an owner role in a room the resource was never shared in would open it.
+    """
+    if capability.room not in rooms:
+        raise WrongRoom
 
 
 def _fingerprint_bytes(device_id_hex: str) -> bytes:
@@ -349,11 +369,16 @@ class CapabilityVerifier:
         peer_id: str,
         scope: str,
         resource: str | None = None,
+        replay_cache: ReplayCache | None = None,
+        rooms: Collection[str] | None = None,
     ) -> Capability:
         """Return what ``token`` allows, presented by the authenticated ``peer_id`` for ``scope``.
 
-        ``resource`` is checked when given. Raises a :class:`TokenError` subclass on refusal;
-        only an accepted token is recorded in the replay cache.
+        ``resource`` is checked when given, and so is ``rooms`` (the token's room must be one of
+        them). Raises a :class:`TokenError` subclass on refusal; only an accepted token is
+        recorded in the replay cache: ``replay_cache`` when given, else
+        the verifier's own. A separate cache lets one token be checked for an earlier step (a
+        signalling offer, once) and still be presented once where the verifier's cache guards.
         """
         binding = certificate_binding(peer_id)
         header = _unverified_header(token)
@@ -366,9 +391,10 @@ class CapabilityVerifier:
             raise WrongScope
         if resource is not None and capability.resource != resource:
             raise WrongResource
-        self.replay_cache.remember(
-            capability.jti, until=capability.expires_at + self.leeway, now=now
-        )
+        if rooms is not None:
+            check_room(capability, rooms)
+        cache = self.replay_cache if replay_cache is None else replay_cache
+        cache.remember(capability.jti, until=capability.expires_at + self.leeway, now=now)
         return capability
 
     def _key_for(self, header: Mapping[str, Any]) -> Ed25519PublicKey:
@@ -421,6 +447,7 @@ class CapabilityVerifier:
             not_before=_time_claim(claims, "nbf"),
             expires_at=_time_claim(claims, "exp"),
             jti=jti,
+            room=_string_claim(claims, "room", default=""),
         )
 
     def _check_parties(

@@ -59,6 +59,7 @@ async def share_console(
     command = params.get("command") or None
     record = params.get("record")
     env = params.get("env")
+    rooms = params.get("rooms") or None
     try:
         if env is not None and not (
             isinstance(env, dict) and all(isinstance(v, str) for v in env.values())
@@ -68,6 +69,10 @@ async def share_console(
             isinstance(command, list) and all(isinstance(c, str) for c in command)
         ):
             raise UserError("the command must be a list of words", code="usage")
+        if rooms is not None:
+            if not (isinstance(rooms, list) and all(isinstance(r, str) for r in rooms)):
+                raise UserError("the rooms must be a list of names", code="usage")
+            await service.check_rooms(rooms)
         shared = service.share(
             command,
             allow_control=bool(params.get("allow_control")),
@@ -76,11 +81,14 @@ async def share_console(
             rows=size[1],
             cwd=params.get("cwd") if isinstance(params.get("cwd"), str) else None,
             env=env,
+            rooms=rooms,
         )
     except UserError as exc:
         _refuse(stream, exc)
         return
-    stream.write_json({"ok": {"session_id": shared.session_id, "title": shared.title}})
+    stream.write_json(
+        {"ok": {"session_id": shared.session_id, "title": shared.title, "rooms": shared.rooms}}
+    )
     asks: dict[int, asyncio.Future[bool]] = {}
     numbers = itertools.count(1)
 
@@ -101,7 +109,7 @@ async def share_console(
                 stream.write_json({"event": "viewer_joined", "name": party})
             case h.ViewerLeft(party=party):
                 stream.write_json({"event": "viewer_left", "name": party})
-            case h.ControlChanged(controller=controller, reason=reason):
+            case h.HostControlChanged(controller=controller, reason=reason):
                 stream.write_json(
                     {"event": "control", "controller": controller, "reason": reason, "you": False}
                 )

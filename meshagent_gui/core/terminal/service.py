@@ -2,9 +2,11 @@
 
 Host: :meth:`TerminalService.share` spawns the command on a PTY around a
 :class:`~meshagent_gui.core.terminal.host.TerminalHost`; :meth:`SharedTerminal.run` announces the
-session to the room (a standing ``terminal.session`` announcement, withdrawn at the end) and
-serves every TERMINAL stream a peer opens for it with a ``terminal:view`` or
-``terminal:control`` capability.
+session into the rooms the user chose (default: their personal room, i.e. their own devices; a
+standing ``terminal.session`` announcement, withdrawn at the end) and serves every TERMINAL
+stream a peer opens for it with a ``terminal:view`` or ``terminal:control`` capability granted
+in one of those rooms: a role held in another room (say, one the peer owns and added us to)
+opens nothing here.
 
 Control is decided in two places. The **server** decides who *may* control: a viewer asks it
 for a ``terminal:control`` capability (the room's ACL; a ``viewer`` role gets 403) and sends
@@ -12,12 +14,14 @@ that token in its ControlRequest. The **host** decides who *does*: its policy (a
 the sharing user's own devices with ``allow_control``) or its user (a console y/n, a GUI
 prompt), and it alone serialises grants, so there is exactly one controller even when the
 server is unreachable. A token is checked when the stream opens and when control is asked for;
-a session outlives its tokens.
+a session outlives its tokens. Every change of controller is reported to the server (its audit
+and the rooms' ``terminal.control`` event), in order, from a task of its own: the PTY never
+waits for the server.
 
-Viewer: :meth:`TerminalService.view` opens the stream; :meth:`TerminalView.events` yields the
-viewer events of :mod:`~meshagent_gui.core.protocol.terminal` with output already filtered (no
-terminal query answers, no clipboard writes), and resumes from its offset after a dropped
-connection.
+Viewer: :meth:`TerminalService.view` opens the stream, with a capability asked for in a room
+the announcement came through; :meth:`TerminalView.events` yields the viewer events of
+:mod:`~meshagent_gui.core.protocol.terminal` with output already filtered (no terminal query
+answers, no clipboard writes), and resumes from its offset after a dropped connection.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,10 +46,11 @@ from meshagent_gui.core.events import (
 )
 from meshagent_gui.core.mesh.client import MeshClient, MeshError
 from meshagent_gui.core.mesh.link import MeshLink
+from meshagent_gui.core.mesh.types import CapabilityGrant, personal_room
 from meshagent_gui.core.p2p.errors import P2PError
 from meshagent_gui.core.p2p.peers import PeerManager, Service
 from meshagent_gui.core.p2p.session import Channel, ChannelClosed
-from meshagent_gui.core.protocol.captoken import Capability, TokenError
+from meshagent_gui.core.protocol.captoken import Capability, TokenError, check_room
 from meshagent_gui.core.protocol.errors import ErrorCode, ProtocolError
 from meshagent_gui.core.protocol.messages import StreamRole
 from meshagent_gui.core.protocol.terminal import (
@@ -62,6 +68,7 @@ from meshagent_gui.core.protocol.terminal import (
 )
 from meshagent_gui.core.terminal.host import (
     AsciicastRecorder,
+    HostControlChanged,
     HostEvent,
     TerminalHost,
     TooManyViewers,
@@ -82,6 +89,10 @@ RECONNECT_WINDOW: Final = 30.0
 """How long a viewer keeps trying to get back to a session after its connection dropped."""
 DISCOVERY_WAIT: Final = 2.0
 """After connecting, how long the server may take to replay the room's announcements."""
+REPORT_TIMEOUT: Final = 5.0
+"""How long one control report to the server may take before it is given up (and logged)."""
+REPORT_BACKLOG: Final = 64
+"""Control reports waiting for the server; in a flood the oldest go, the newest is told."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +106,8 @@ class AnnouncedSession:
     rows: int
     allow_control: bool
     started_at: float
+    rooms: tuple[str, ...] = ()
+    """The announcement's rooms that we are in: capabilities are asked for in these."""
 
 
 @dataclass(frozen=True)
@@ -123,11 +136,14 @@ class SharedTerminal:
         *,
         allow_control: bool,
         recorder: AsciicastRecorder | None,
+        rooms: tuple[str, ...],
     ) -> None:
         self.service = service
         self.session_id = session_id
         self.title = title
         self.allow_control = allow_control
+        self.rooms = rooms
+        """Where it is announced; only a capability granted in one of these opens it."""
         self.started_at = time.time()
         self.console_output: Callable[[bytes], None] | None = None
         """The sharing user's own console (bytes as they come from the PTY)."""
@@ -142,18 +158,30 @@ class SharedTerminal:
             on_event=self._event,
         )
         self._asking = asyncio.Lock()  # one prompt at a time: the user answers them in turn
+        self._devices: dict[str, str] = {}  # party -> device id, of the viewers attached now
+        # Controllers (device ids, None: the host) for the server, in order.
+        self._reports: deque[str | None] = deque(maxlen=REPORT_BACKLOG)
+        self._reports_waiting = asyncio.Event()
+        self._reported: str | None = None
+        self._ended = False
 
     async def run(self) -> ExitStatus:
         """Announce the session and share it until the command exits (or cancellation)."""
         self.service._shared[self.session_id] = self
+        # Not awaited: it finishes its backlog (bounded by REPORT_TIMEOUT each) after we end.
+        self.service._spawn(self._report_controls(), "terminal-control-reports")
         try:
             with contextlib.suppress(MeshError):
                 await self.service._link.announce(
-                    ANNOUNCE_KIND, self.describe(), key=self._key
+                    ANNOUNCE_KIND, self.describe(), key=self._key, rooms=list(self.rooms)
                 )  # offline: the link sends it when it connects (standing announcement)
             return await self.host.run()
         finally:
             self.service._shared.pop(self.session_id, None)
+            if self._reported is not None:
+                self._report(None)  # nobody controls a session that has ended
+            self._ended = True
+            self._reports_waiting.set()
             with contextlib.suppress(MeshError):
                 await self.service._link.withdraw(self._key)
 
@@ -184,8 +212,34 @@ class SharedTerminal:
             self.console_output(data)
 
     def _event(self, event: HostEvent) -> None:
+        if isinstance(event, HostControlChanged):
+            self._report(None if event.controller is None else self._devices.get(event.controller))
         if self.on_event is not None:
             self.on_event(event)
+
+    def _report(self, controller: str | None) -> None:
+        if len(self._reports) == self._reports.maxlen:
+            log.warning("control of %s changes faster than the server hears it", self.session_id)
+        self._reports.append(controller)
+        self._reported = controller
+        self._reports_waiting.set()
+
+    async def _report_controls(self) -> None:
+        """Tell the server each change of controller, in order, until the session has ended
+        and every change is told."""
+        while self._reports or not self._ended:
+            if not self._reports:
+                self._reports_waiting.clear()
+                await self._reports_waiting.wait()
+                continue
+            controller = self._reports.popleft()
+            try:
+                async with asyncio.timeout(REPORT_TIMEOUT):
+                    await self.service._client.report_terminal_control(
+                        self.session_id, controller, list(self.rooms)
+                    )
+            except (MeshError, TimeoutError) as exc:
+                log.info("the server did not hear who controls %s: %s", self.session_id, exc)
 
     def _party(self, name: str) -> str:
         """A name everyone can read in "X is in control": the device's, made unique among the
@@ -221,6 +275,7 @@ class SharedTerminal:
         except TooManyViewers as exc:
             channel.abort(ErrorCode.REFUSED, f"too many viewers ({exc})")
             return
+        self._devices[viewer.party] = channel.peer_id
         try:
             async with asyncio.TaskGroup() as tasks:
                 pump = tasks.create_task(self._pump(viewer, channel), name="terminal-pump")
@@ -236,6 +291,7 @@ class SharedTerminal:
             channel.abort(error.code, str(error))
         finally:
             self.host.detach(viewer)
+            self._devices.pop(viewer.party, None)
 
     async def _pump(self, viewer: Viewer, channel: Channel) -> None:
         async for message in viewer:
@@ -257,9 +313,13 @@ class SharedTerminal:
         if request.token and not viewer.can_control:
             try:
                 await self.service._verify(
-                    request.token, peer_id=peer, scope=CONTROL_SCOPE, resource=self.session_id
+                    request.token,
+                    peer_id=peer,
+                    scope=CONTROL_SCOPE,
+                    resource=self.session_id,
+                    rooms=self.rooms,
                 )
-                viewer.can_control = True
+                self.host.allow_control(viewer)
             except TokenError as exc:
                 self.host.deny_control(viewer, f"the control capability was refused: {exc}")
                 return
@@ -319,6 +379,7 @@ class TerminalService:
         self._shared: dict[str, SharedTerminal] = {}
         self._announced: dict[tuple[str, str], AnnouncedSession] = {}
         self._announcements_changed = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         peers.register(Service(StreamRole.TERMINAL, (CONTROL_SCOPE, VIEW_SCOPE), self._serve))
 
     # ------------------------------------------------------------ hosting
@@ -334,8 +395,13 @@ class TerminalService:
         title: str | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        rooms: Sequence[str] | None = None,
     ) -> SharedTerminal:
-        """Start ``command`` (default: the user's shell) on a PTY, ready to :meth:`run`."""
+        """Start ``command`` (default: the user's shell) on a PTY, ready to :meth:`run`.
+
+        ``rooms``: where to announce it (default: the user's own devices only); see
+        :meth:`check_rooms` for a clear error about a room the user is not in.
+        """
         try:
             check_size(cols, rows)
         except ValueError as exc:
@@ -363,7 +429,31 @@ class TerminalService:
             pty,
             allow_control=allow_control,
             recorder=recorder,
+            rooms=tuple(dict.fromkeys(rooms or [personal_room(self._own_user)])),
         )
+
+    async def check_rooms(self, rooms: Sequence[str]) -> None:
+        """One clear error for a room the user is not in, before sharing into it (the server
+        would only refuse the announcement, which nobody would see). Offline: not checked."""
+        try:
+            mine = {room.name for room in await self._client.rooms()}
+        except MeshError as exc:
+            if exc.code in ("server_unreachable", "server_timeout"):
+                return
+            raise
+        for room in rooms:
+            if room not in mine:
+                raise UserError(
+                    f"you are not a member of room {room!r} (see meshagent rooms list)",
+                    code="unknown_room",
+                )
+
+    def _spawn(self, coroutine: Awaitable[None], name: str) -> None:
+        """A task nobody awaits, kept referenced until it ends."""
+        task = asyncio.ensure_future(coroutine)
+        task.set_name(name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @property
     def shared(self) -> dict[str, SharedTerminal]:
@@ -378,6 +468,11 @@ class TerminalService:
         shared = self._shared.get(session_id)
         if shared is None or (grant.resource and grant.resource != session_id):
             channel.abort(ErrorCode.REFUSED, f"no terminal session {session_id!r} here")
+            return
+        try:
+            check_room(grant, shared.rooms)
+        except TokenError as exc:
+            channel.abort(ErrorCode.BAD_TOKEN, exc.message)
             return
         await shared.serve(channel, grant)
 
@@ -403,8 +498,8 @@ class TerminalService:
         with self._bus.subscribed() as events:
             async for event in events:
                 match event:
-                    case AnnouncementReceived(kind=kind, sender=sender, data=data) if sender:
-                        self._announcement(kind, sender, data)
+                    case AnnouncementReceived(sender=sender) if sender:
+                        self._announcement(event, sender)
                     case PeerWentOffline(device_id=device_id):
                         for key in [k for k in self._announced if k[0] == device_id]:
                             del self._announced[key]
@@ -414,7 +509,8 @@ class TerminalService:
                         continue
                 self._announcements_changed.set()
 
-    def _announcement(self, kind: str, sender: str, data: dict[str, Any]) -> None:
+    def _announcement(self, event: AnnouncementReceived, sender: str) -> None:
+        kind, data = event.kind, event.data
         session_id = data.get("session_id")
         if not isinstance(session_id, str) or not session_id:
             return
@@ -430,6 +526,7 @@ class TerminalService:
                     int(data.get("rows", 24)),
                     bool(data.get("allow_control", False)),
                     float(data.get("started_at", time.time())),
+                    event.rooms,
                 )
             except (TypeError, ValueError):
                 log.info("ignored a malformed terminal announcement from %s", sender[:12])
@@ -447,20 +544,19 @@ class TerminalService:
     ) -> TerminalView:
         """Connect to a session of ``device_id`` (its only or newest one when not named)."""
         await self.wait_sessions(device_id)
-        found = [s.session_id for s in self.sessions(device_id)]
+        found = {s.session_id: s for s in self.sessions(device_id)}  # newest first
         name = self._peer_name(device_id)
         if not found:
             raise UserError(f"{name} is not sharing a terminal", code="no_session")
-        if session_id is None:
-            session_id = found[0]
-        elif session_id not in found:
+        chosen = found.get(session_id or next(iter(found)))
+        if chosen is None:
             raise UserError(
                 f"{name} shares no terminal session {session_id!r}"
                 f" (its sessions: {', '.join(found)})",
                 code="no_session",
             )
         view = TerminalView(
-            self, device_id, self._peer_name(device_id), session_id, control, (cols, rows)
+            self, device_id, name, chosen.session_id, control, (cols, rows), chosen.rooms
         )
         await view.connect()
         return view
@@ -477,6 +573,8 @@ class TerminalView:
     control: bool = False
     console: tuple[int, int] = (0, 0)
     """Our console's size (0: unknown); it drives the PTY while we control."""
+    rooms: tuple[str, ...] = ()
+    """The rooms the session was announced into that we are in (empty: an older server)."""
     _stream: ViewerStream = field(default_factory=ViewerStream)
     _filter: OutputSanitizer = field(default_factory=OutputSanitizer)
     _channel: Channel | None = None
@@ -501,7 +599,7 @@ class TerminalView:
         scope = CONTROL_SCOPE if self.control else VIEW_SCOPE
         try:
             session = await service._peers.session(self.device_id)
-            grant = await service._client.capability(self.device_id, scope, self.session_id)
+            grant = await self._capability(scope)
             channel = await session.open_channel(
                 StreamRole.TERMINAL, tokens=(grant.token,), resource=self.session_id
             )
@@ -604,9 +702,7 @@ class TerminalView:
         token = ""
         if not self.control:
             try:
-                grant = await self.service._client.capability(
-                    self.device_id, CONTROL_SCOPE, self.session_id
-                )
+                grant = await self._capability(CONTROL_SCOPE)
             except MeshError as exc:
                 if exc.code == "not_allowed":
                     raise UserError(
@@ -619,6 +715,23 @@ class TerminalView:
             raise UserError("not connected to the host right now", code="disconnected")
         with contextlib.suppress(ChannelClosed):
             await channel.send(ControlRequest(token))
+
+    async def _capability(self, scope: str) -> CapabilityGrant:
+        """A token from a room the session is shared in (the host takes no other): the first
+        of them whose role allows ``scope``."""
+        refused: MeshError | None = None
+        rooms: list[str | None] = [*sorted(self.rooms)] or [None]
+        for room in rooms:
+            try:
+                return await self.service._client.capability(
+                    self.device_id, scope, self.session_id, room=room
+                )
+            except MeshError as exc:
+                if exc.code not in ("not_allowed", "unknown_room"):
+                    raise
+                refused = exc
+        assert refused is not None
+        raise refused
 
     async def release_control(self) -> None:
         channel = self._channel

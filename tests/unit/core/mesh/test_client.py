@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,7 +18,8 @@ from meshagent_gui.core.mesh.client import (
     normalize_url,
 )
 from meshagent_gui.core.mesh.enroll import enroll
-from meshagent_gui.server.app import FailureLimiter, ServerState, create_app
+from meshagent_gui.server.app import ServerState, create_app
+from meshagent_gui.server.limits import FailureLimiter
 from tests.unit.server.conftest import FakeClock, add_user, cheap_passwords
 
 URL = "http://mesh.test"
@@ -127,3 +129,49 @@ def test_malformed_urls(bad: str) -> None:
 
 def test_url_normalised() -> None:
     assert normalize_url(" https://h:8/base/ ") == "https://h:8/base"
+
+
+_INFO = {"server_id": "s", "name": "m", "version": "1", "time": 0}
+
+
+async def test_enrolment_signs_the_servers_nonce_with_the_device_key(ctx: Context) -> None:
+    from cryptography.x509 import load_pem_x509_certificate
+
+    from meshagent_gui.core.mesh.client import EnrollCredentials
+    from meshagent_gui.server.proof import holds_key
+
+    sent: list[dict[str, str]] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix("/api/v1")
+        if path == "/info":
+            return httpx.Response(200, json=_INFO | {"server_id": "srv-1"})
+        if path == "/enroll/challenge":
+            return httpx.Response(200, json={"nonce": "n-1", "expires_in": 120})
+        sent.append(json.loads(request.content))
+        return httpx.Response(401, json={"error": "invalid_proof", "message": "no"})
+
+    credentials = EnrollCredentials(device_name="pc", platform="linux", join_code="AAAA")
+    async with MeshClient(URL, transport=httpx.MockTransport(server)) as client:
+        with pytest.raises(MeshError) as refused:
+            await client.enroll(ctx.identity, credentials)
+    assert refused.value.code == "invalid_proof"
+    [body] = sent
+    assert body["nonce"] == "n-1" and body["join_code"] == "AAAA" and "username" not in body
+    certificate = load_pem_x509_certificate(body["certificate"].encode())
+    assert holds_key(certificate, server_id="srv-1", nonce="n-1", signature=body["signature"])
+
+
+async def test_a_server_without_challenges_is_refused(ctx: Context) -> None:
+    from meshagent_gui.core.mesh.client import EnrollCredentials
+
+    def old_server(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/info"):
+            return httpx.Response(200, json=_INFO)
+        return httpx.Response(404, json={"error": "not_found", "message": "Not Found"})
+
+    credentials = EnrollCredentials(device_name="pc", platform="linux", join_code="AAAA")
+    async with MeshClient(URL, transport=httpx.MockTransport(old_server)) as client:
+        with pytest.raises(MeshError) as refused:
+            await client.enroll(ctx.identity, credentials)
+    assert refused.value.code == "server_too_old"

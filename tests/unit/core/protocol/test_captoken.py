@@ -43,8 +43,10 @@ from meshagent_gui.core.protocol.captoken import (
     WrongHolder,
     WrongIssuer,
     WrongResource,
+    WrongRoom,
     WrongScope,
     certificate_binding,
+    check_room,
     public_key_from_jwk_x,
 )
 
@@ -142,8 +144,11 @@ def present(
     peer_id: str = HOLDER,
     scope: str = "share:file",
     resource: str | None = "transfer-1",
+    rooms: tuple[str, ...] | None = None,
 ) -> Capability:
-    return verifier.verify(token, now=now, peer_id=peer_id, scope=scope, resource=resource)
+    return verifier.verify(
+        token, now=now, peer_id=peer_id, scope=scope, resource=resource, rooms=rooms
+    )
 
 
 @pytest.fixture
@@ -354,6 +359,8 @@ def test_a_token_is_refused_to_another_peer_than_its_holder(verifier: Capability
         {"aud": [TARGET]},
         {"scope": ["share:file"]},
         {"res": 3},
+        {"room": None},
+        {"room": ["team"]},
         {"exp": ...},
         {"exp": "1700000300"},
         {"exp": True},
@@ -370,6 +377,45 @@ def test_missing_or_mistyped_claims_are_malformed(
 ) -> None:
     with pytest.raises(Malformed):
         present(verifier, forge(body=claims(**changes)))
+
+
+# ---------------------------------------------------------------- rooms
+
+
+def test_the_room_claim_is_read_and_defaults_to_empty(verifier: CapabilityVerifier) -> None:
+    assert present(verifier, forge(body=claims(room="team"))).room == "team"
+    assert present(verifier, forge(body=claims(room=...))).room == ""  # an older server's token
+
+
+def test_a_token_from_one_of_the_rooms_is_accepted(verifier: CapabilityVerifier) -> None:
+    token = forge(body=claims(room="team"))
+    assert present(verifier, token, rooms=("@ann", "team")).room == "team"
+
+
+@pytest.mark.parametrize("room", ["elsewhere", "", ...])
+def test_a_token_from_another_room_is_refused_and_not_used_up(
+    verifier: CapabilityVerifier, room: Any
+) -> None:
+    """An owner role in a room the resource was not shared in opens nothing; nor does a token
+    that names no room, once the resource is shared into rooms."""
+    body = claims(room=room)
+    with pytest.raises(WrongRoom) as refused:
+        present(verifier, forge(body=body), rooms=("team",))
+    assert refused.value.code == "wrong_room"
+    assert body["jti"] not in verifier.replay_cache
+
+
+def test_rooms_are_checked_only_when_asked(verifier: CapabilityVerifier) -> None:
+    assert present(verifier, forge(body=claims(room="elsewhere")), rooms=None).room == "elsewhere"
+    with pytest.raises(WrongRoom):
+        present(verifier, forge(body=claims(room="team")), rooms=())
+
+
+def test_check_room_on_an_already_verified_capability() -> None:
+    capability = Capability(ISSUER, HOLDER, TARGET, "terminal:view", "s1", NOW, NOW, NOW, "j", "a")
+    check_room(capability, ["a", "b"])
+    with pytest.raises(WrongRoom):
+        check_room(capability, ["b"])
 
 
 def test_a_payload_that_is_not_an_object_is_malformed(verifier: CapabilityVerifier) -> None:
@@ -586,6 +632,7 @@ def test_refusal_codes_are_distinct_and_messages_never_quote_the_token() -> None
         ReplayCacheFull(),
         WrongScope(),
         WrongResource(),
+        WrongRoom(),
         LifetimeTooLong(),
     ]
     assert len({refusal.code for refusal in refusals}) == len(refusals)

@@ -1,5 +1,6 @@
 """The terminal service's stream handling with a real PTY and an in-memory channel: malformed
-frames, control tokens and consent, announcements, and the viewer's filtering and endings."""
+frames, control tokens and consent, rooms and control reports, announcements, and the viewer's
+filtering and endings."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import pytest
 
 from meshagent_gui.core.bus import EventBus
 from meshagent_gui.core.events import AnnouncementReceived, ControlRequested, ServerConnected
+from meshagent_gui.core.mesh.client import MeshError
+from meshagent_gui.core.mesh.types import CapabilityGrant, Room
 from meshagent_gui.core.p2p.session import ChannelClosed
 from meshagent_gui.core.protocol.captoken import Capability, Expired
 from meshagent_gui.core.protocol.errors import ErrorCode
 from meshagent_gui.core.protocol.terminal import (
     ControlDenied,
+    ControlRelease,
     ControlRequest,
     ControlState,
     Ended,
@@ -29,6 +33,7 @@ from meshagent_gui.core.protocol.terminal import (
     SessionEnded,
     Snapshot,
 )
+from meshagent_gui.core.terminal import service as service_module
 from meshagent_gui.core.terminal.service import (
     CONTROL_SCOPE,
     VIEW_SCOPE,
@@ -94,23 +99,71 @@ class FakePeers:
 @dataclass
 class FakeLink:
     announced: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rooms: dict[str, list[str] | None] = field(default_factory=dict)
 
-    async def announce(self, kind: str, data: dict[str, Any], *, key: str | None = None) -> None:
+    async def announce(
+        self,
+        kind: str,
+        data: dict[str, Any],
+        *,
+        key: str | None = None,
+        rooms: list[str] | None = None,
+    ) -> None:
         assert key is not None
         self.announced[key] = data
+        self.rooms[key] = rooms
 
     async def withdraw(self, key: str) -> None:
         self.announced.pop(key, None)
 
 
-def grant(scope: str, resource: str = "") -> Capability:
-    return Capability("iss", "peer-1", "me", scope, resource, 0, 0, 2e9, "jti")
+@dataclass
+class FakeClient:
+    """The server as the terminal service uses it: rooms, capabilities, control reports."""
+
+    my_rooms: tuple[str, ...] = ("@ann", "team")
+    granting: tuple[str, ...] = ("@ann", "team")  # rooms whose role allows what is asked
+    reports: list[tuple[str, str | None, list[str]]] = field(default_factory=list)
+    asked: list[str | None] = field(default_factory=list)
+    stalled: bool = False
+    reported: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def rooms(self) -> list[Room]:
+        return [Room(name=name, role="member") for name in self.my_rooms]
+
+    async def capability(
+        self, target: str, scope: str, resource: str = "", room: str | None = None
+    ) -> CapabilityGrant:
+        self.asked.append(room)
+        if room not in self.granting:
+            raise MeshError("not allowed", code="not_allowed")
+        return CapabilityGrant(token=f"token-from-{room}", expires_at=2e9, room=room)
+
+    async def report_terminal_control(
+        self, session_id: str, controller_device: str | None, rooms: list[str]
+    ) -> None:
+        if self.stalled:
+            await asyncio.Event().wait()  # a server that never answers
+        self.reports.append((session_id, controller_device, rooms))
+        self.reported.set()
+
+    async def wait_reports(self, count: int) -> list[str | None]:
+        async with asyncio.timeout(TIMEOUT):
+            while len(self.reports) < count:
+                self.reported.clear()
+                await self.reported.wait()
+        return [controller for _, controller, _ in self.reports]
+
+
+def grant(scope: str, resource: str = "", room: str = "@ann") -> Capability:
+    return Capability("iss", "peer-1", "me", scope, resource, 0, 0, 2e9, "jti", room)
 
 
 def make_service(
     *,
     verify: Callable[..., Awaitable[Capability]] | None = None,
     peer_user: str = "ann",
+    client: FakeClient | None = None,
 ) -> tuple[TerminalService, FakeLink, EventBus]:
     async def refuse(*_: Any, **__: Any) -> Capability:
         raise Expired("token expired")
@@ -122,7 +175,7 @@ def make_service(
     service = TerminalService(
         peers=FakePeers(),  # type: ignore[arg-type]
         link=link,  # type: ignore[arg-type]
-        client=None,  # type: ignore[arg-type]
+        client=client or FakeClient(),  # type: ignore[arg-type]
         bus=bus,
         verify=verify or refuse,
         own_user="ann",
@@ -229,6 +282,7 @@ async def test_a_fresh_control_token_from_the_server_upgrades_a_watcher() -> Non
             "peer_id": "peer-1",
             "scope": CONTROL_SCOPE,
             "resource": shared.session_id,
+            "rooms": ("@ann",),  # a token from another room than the session's is refused
         }
     ]
     channel.inbox.put_nowait(Input(b"from the controller\n"))
@@ -308,6 +362,116 @@ async def test_announcements_are_followed() -> None:
     following.cancel()
 
 
+# ---------------------------------------------------------------- rooms and control reports
+
+
+async def test_a_session_goes_to_the_own_devices_unless_rooms_are_chosen() -> None:
+    service, link, _ = make_service()
+    mine = service.share(["cat"])
+    shared = service.share(["cat"], rooms=["team", "ops", "team"])
+    assert mine.rooms == ("@ann",) and shared.rooms == ("team", "ops")
+    tasks = [await running(mine), await running(shared)]
+    assert link.rooms == {mine._key: ["@ann"], shared._key: ["team", "ops"]}
+    await stop(mine, tasks[0])
+    await stop(shared, tasks[1])
+
+
+async def test_a_stream_opened_with_a_token_from_another_room_is_refused() -> None:
+    """An owner role in a room the session is not shared in (say, one a stranger made and
+    added us to) opens nothing: the token's room must be one of the session's."""
+    service, _, _ = make_service()
+    shared = service.share(["cat"], rooms=["team"])
+    task = await running(shared)
+    for room in ("elsewhere", "@ann", ""):
+        channel = FakeChannel(resource=shared.session_id)
+        channel.grant = grant(CONTROL_SCOPE, shared.session_id, room=room)
+        await service._serve(channel)  # type: ignore[arg-type]
+        assert channel.aborted is not None and channel.aborted[0] is ErrorCode.BAD_TOKEN
+        assert "room" in channel.aborted[1]
+    assert shared.host.viewers == ()
+    channel = FakeChannel(resource=shared.session_id)
+    channel.grant = grant(VIEW_SCOPE, shared.session_id, room="team")
+    serving = asyncio.create_task(service._serve(channel))  # type: ignore[arg-type]
+    channel.inbox.put_nowait(Join())
+    await channel.wait_sent(ControlState)
+    assert channel.aborted is None and len(shared.host.viewers) == 1
+    await stop(shared, task)
+    await asyncio.wait_for(serving, TIMEOUT)
+
+
+async def test_sharing_into_a_room_one_is_not_in_is_one_clear_error() -> None:
+    service, _, _ = make_service(client=FakeClient(my_rooms=("@ann", "team")))
+    await service.check_rooms(["team"])
+    with pytest.raises(UserError, match="not a member of room 'ops'"):
+        await service.check_rooms(["team", "ops"])
+
+
+async def test_every_control_change_is_reported_to_the_server_in_order() -> None:
+    client = FakeClient()
+    service, _, _ = make_service(client=client, verify=None)
+    shared = service.share(["cat"], allow_control=True, rooms=["team"])
+    task = await running(shared)
+    channel = FakeChannel(resource=shared.session_id)
+    serving = asyncio.create_task(shared.serve(channel, grant(CONTROL_SCOPE, room="team")))  # type: ignore[arg-type]
+    channel.inbox.put_nowait(Join())
+    channel.inbox.put_nowait(ControlRequest())  # granted: ann's own device, allow_control
+    assert await client.wait_reports(1) == ["peer-1"]
+    channel.inbox.put_nowait(ControlRelease())
+    assert await client.wait_reports(2) == ["peer-1", None]
+    channel.inbox.put_nowait(ControlRequest())
+    await client.wait_reports(3)
+    shared.revoke_control()
+    assert await client.wait_reports(4) == ["peer-1", None, "peer-1", None]
+    channel.inbox.put_nowait(ControlRequest())
+    await client.wait_reports(5)
+    await stop(shared, task)  # the session ends with a controller: nobody controls it now
+    assert await client.wait_reports(6) == ["peer-1", None, "peer-1", None, "peer-1", None]
+    assert {(sid, tuple(rooms)) for sid, _, rooms in client.reports} == {
+        (shared.session_id, ("team",))
+    }
+    await asyncio.wait_for(serving, TIMEOUT)
+
+
+async def test_a_flood_of_control_changes_still_tells_the_server_the_newest() -> None:
+    client = FakeClient()
+    service, _, _ = make_service(client=client)
+    shared = service.share(["cat"])
+    task = await running(shared)
+    flood = service_module.REPORT_BACKLOG + 10
+    for number in range(flood):  # all before the reporter runs once
+        shared._report(f"device-{number}")
+    await stop(shared, task)
+    told = await client.wait_reports(service_module.REPORT_BACKLOG + 1)
+    assert told == [f"device-{n}" for n in range(10, flood)] + [None]
+
+
+async def test_a_server_that_does_not_answer_never_holds_up_the_terminal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service_module, "REPORT_TIMEOUT", 0.2)
+    client = FakeClient(stalled=True)
+    service, _, _ = make_service(client=client)
+    shared = service.share(["cat"], allow_control=True)
+    console = bytearray()
+    shared.console_output = console.extend
+    task = await running(shared)
+    channel = FakeChannel(resource=shared.session_id)
+    serving = asyncio.create_task(shared.serve(channel, grant(CONTROL_SCOPE)))  # type: ignore[arg-type]
+    channel.inbox.put_nowait(Join())
+    channel.inbox.put_nowait(ControlRequest())
+    await channel.wait_sent(ControlState, count=2)
+    channel.inbox.put_nowait(Input(b"typed while the server hangs\n"))
+    async with asyncio.timeout(TIMEOUT):
+        while b"typed while the server hangs" not in console:
+            await asyncio.sleep(0.02)
+    await stop(shared, task)
+    await asyncio.wait_for(serving, TIMEOUT)
+    async with asyncio.timeout(TIMEOUT):  # each report gave up after REPORT_TIMEOUT
+        while service._background:
+            await asyncio.sleep(0.05)
+    assert client.reports == []
+
+
 # ---------------------------------------------------------------- the viewer's side
 
 
@@ -336,6 +500,45 @@ async def test_the_viewer_filters_queries_and_clipboard_writes() -> None:
     shown = b"".join(bytes(e.data) for e in events if isinstance(e, OutputReceived))
     assert shown == b"screenabc"
     assert events[-1] == SessionEnded(0, None, "")
+
+
+@pytest.mark.parametrize(
+    ("rooms", "granting", "asked", "got"),
+    [
+        (("team", "ops"), ("ops",), ["ops"], "token-from-ops"),  # sorted: ops first
+        (("zeta", "alpha"), ("zeta",), ["alpha", "zeta"], "token-from-zeta"),
+        ((), (None,), [None], "token-from-None"),  # an older server: it picks
+    ],
+)
+async def test_the_viewer_asks_in_the_rooms_the_session_came_through(
+    rooms: tuple[str, ...], granting: tuple[Any, ...], asked: list[Any], got: str
+) -> None:
+    client = FakeClient(granting=granting)
+    service, _, _ = make_service(client=client)
+    view = TerminalView(service, "host-id", "host", "s1", rooms=rooms)
+    assert (await view._capability(CONTROL_SCOPE)).token == got
+    assert client.asked == asked
+
+
+async def test_a_viewer_whose_rooms_allow_no_control_is_told_so() -> None:
+    client = FakeClient(granting=())
+    service, _, _ = make_service(client=client)
+    view = TerminalView(service, "host-id", "host", "s1", rooms=("team",))
+    view._channel = FakeChannel()  # type: ignore[assignment]
+    with pytest.raises(UserError, match="allows watching only"):
+        await view.request_control()
+    assert client.asked == ["team"]  # never a room the session is not shared in
+
+
+async def test_announced_rooms_are_kept_with_the_session() -> None:
+    service, _, bus = make_service()
+    following = asyncio.create_task(service.run())
+    await asyncio.sleep(0)
+    data = {"session_id": "s1", "title": "t", "cols": 80, "rows": 24, "started_at": 1}
+    bus.publish(AnnouncementReceived("terminal.session", "pc", data, ("team",)))
+    await service.wait_sessions("pc", timeout=TIMEOUT)
+    assert service.sessions("pc")[0].rooms == ("team",)
+    following.cancel()
 
 
 async def test_a_malformed_stream_is_one_clear_error() -> None:
