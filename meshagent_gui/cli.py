@@ -14,25 +14,29 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 from meshagent_gui import __version__
 from meshagent_gui import log as logsetup
-from meshagent_gui.config import KEYS, Paths, parse_value
+from meshagent_gui.config import KEYS, Config, Paths, parse_value
 from meshagent_gui.errors import UserError
 
 if TYPE_CHECKING:
     from meshagent_gui.console import Role
     from meshagent_gui.context import Context
     from meshagent_gui.core.agent import Agent
+    from meshagent_gui.core.events import InvitationReceived
 
 log = logging.getLogger("meshagent")
 T = TypeVar("T")
 
+ROOM_ROLES: Final = ("member", "viewer", "owner")
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 1  # as Python's docs do; `| head` never looks at it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         return commands.add_parser(name, help=help_text, description=help_text, parents=[common])
 
     server = command("server", "run the reference Mesh Server (control plane)")
-    _server_data_dir(server)
+    _server_data_dir(server, default=None)
     server.add_argument("--host", default="127.0.0.1")
     server.add_argument("--port", type=int, default=8765)
     server.add_argument("--tls-cert", type=Path)
@@ -113,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands.add_parser("list", parents=[common])
 
     command("devices", "devices this one may reach")
+    rooms = command("rooms", "rooms: who may reach your devices, and with what role")
+    _rooms_parser(rooms, common)
 
     send = command("send", "send files and folders to a device (resumes by itself)")
     send.add_argument("paths", nargs="+", metavar="PATH")
@@ -146,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own devices may take control without asking",
     )
     share.add_argument("--record", type=Path, metavar="FILE", help="write an asciicast v2 file")
+    share.add_argument(
+        "--room",
+        action="append",
+        dest="rooms",
+        metavar="ROOM",
+        help="share with this room's members (repeatable; default: your own devices only)",
+    )
     share.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND")
     view = terminal_commands.add_parser(
         "view",
@@ -163,9 +176,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _server_data_dir(parser: argparse.ArgumentParser) -> None:
+def _rooms_parser(rooms: argparse.ArgumentParser, common: _Parser) -> None:
+    actions = rooms.add_subparsers(dest="rooms_command", required=True, parser_class=_Parser)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, help=help_text, description=help_text, parents=[common])
+
+    action("list", "your rooms, your role in each and their members")
+    action("create", "a new room that you own").add_argument("room", metavar="NAME")
+    invite = action("invite", "invite a user to a room you own (they must accept)")
+    invite.add_argument("room")
+    invite.add_argument("user")
+    invite.add_argument("--role", choices=ROOM_ROLES, default="member")
+    action("invitations", "invitations waiting for your answer")
+    action("accept", "accept an invitation: join the room").add_argument("room")
+    action("decline", "decline an invitation").add_argument("room")
+    action("leave", "leave a room").add_argument("room")
+    role = action("role", "change a member's role in a room you own")
+    role.add_argument("room")
+    role.add_argument("user")
+    role.add_argument("role", choices=ROOM_ROLES)
+    audit = action("audit", "what happened in a room you own: grants, control, members")
+    audit.add_argument("room")
+    audit.add_argument("--limit", type=int, default=50)
+    join = action("join", "join a room with a code its owner gave you")
+    join.add_argument("code")
+    code = action("join-code", "a one-time code that lets a user join a room you own")
+    code.add_argument("room")
+    code.add_argument("--ttl", type=int, metavar="SECONDS")
+
+
+def _server_data_dir(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    """``--data-dir`` on `server` and on each of its subcommands: a subcommand's parse must
+    not overwrite the value given before it (hence SUPPRESS there), so either place works."""
     parser.add_argument(
-        "--data-dir", type=Path, help="the server's data folder (default: in the agent's home)"
+        "--data-dir",
+        type=Path,
+        default=default,
+        help="the server's data folder (default: in the agent's home)",
     )
 
 
@@ -274,22 +322,37 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from meshagent_gui.core.agent import Agent
+    from meshagent_gui.core.events import InvitationReceived
 
     ctx = _context(args.home)
     if ctx.config["local.server"] or (args.local and ctx.enrollment is None):
         return _run(_up_local(args, ctx))
     agent = Agent.from_context(ctx)
 
-    def ready() -> None:
-        emit(
-            args,
-            {"event": "up", "device_id": agent.enrollment.device_id, "server": agent.client.url},
-            f"Mesh Agent up: {ctx.device_name} ({ctx.identity.short_id}) on {agent.client.url}",
-        )
+    async def ready() -> None:
+        url = agent.client.url
+        with agent.bus.subscribed() as events:  # before saying "up": nothing is missed
+            emit(
+                args,
+                {"event": "up", "device_id": agent.enrollment.device_id, "server": url},
+                f"Mesh Agent up: {ctx.device_name} ({ctx.identity.short_id}) on {url}",
+            )
+            async for event in events:
+                if isinstance(event, InvitationReceived):
+                    _print_invitation(args, event)
 
     with contextlib.suppress(asyncio.CancelledError):
         _run(agent.run(on_ready=ready))
     return 0
+
+
+def _print_invitation(args: argparse.Namespace, event: InvitationReceived) -> None:
+    emit(
+        args,
+        {"event": "invitation", "room": event.room, "role": event.role, "by": event.by},
+        f"{event.by or 'someone'} invites you to room {event.room} as {event.role}:"
+        f" meshagent rooms accept {event.room} (or decline)",
+    )
 
 
 async def _up_local(args: argparse.Namespace, ctx: Context) -> int:
@@ -342,33 +405,143 @@ def cmd_config(args: argparse.Namespace) -> int:
                 if spec.secret:
                     current = "(set)" if ctx.secrets.get(name) else "(not set)"
                 emit(args, {"key": name, "value": current}, f"{name} = {current!r}")
+    if args.config_command in ("set", "unset"):
+        assert key is not None
+        _tell_running_agent(ctx, key.name)
     return 0
 
 
-def cmd_devices(args: argparse.Namespace) -> int:
+def _tell_running_agent(ctx: Context, name: str) -> None:
+    """A running agent takes the saved change in; one it cannot apply live is said to need a
+    restart (on stderr: the change itself succeeded)."""
     from meshagent_gui.core import ipc
-    from meshagent_gui.core.agent import Agent
 
-    ctx = _context(args.home)
+    try:
+        answer = _run(ipc.call(ctx.paths.ipc_path, "config_changed", {"key": name}, timeout=10))
+        live = isinstance(answer, dict) and bool(answer.get("live"))
+    except ipc.AgentNotRunning:
+        return  # the next agent reads the file when it starts
+    except UserError:
+        live = False  # an agent too old to reload: only a restart applies it
+    if not live:
+        print(
+            f"meshagent: {name} is saved; it takes effect after a restart of the running agent",
+            file=sys.stderr,
+        )
 
-    async def fetch() -> list[dict[str, Any]]:
-        try:
-            result: list[dict[str, Any]] = await ipc.call(ctx.paths.ipc_path, "devices")
-            return result
-        except ipc.AgentNotRunning:
-            agent = Agent.from_context(ctx)
-            try:
-                return [vars(d) for d in await agent.devices()]
-            finally:
-                await agent.client.aclose()
 
-    devices = _run(fetch())
+def cmd_devices(args: argparse.Namespace) -> int:
+    devices: list[dict[str, Any]] = _run(_ask(_context(args.home), "devices", {}))
     for device in devices:
         state = "online" if device["online"] else "offline"
         emit(args, device, f"{device['name']:<24} {device['id'][:16]}  {state:<8} {device['user']}")
     if not devices and not args.json:
         print("no other devices share a room with this one yet")
     return 0
+
+
+async def _ask(ctx: Context, method: str, params: dict[str, Any]) -> Any:
+    """A quick question for the running agent (so one process at a time uses this device's
+    refresh token); with none, the same answer in-process, without connecting to the mesh."""
+    from meshagent_gui.core import ipc
+    from meshagent_gui.core.agent import Agent
+
+    try:
+        return await ipc.call(ctx.paths.ipc_path, method, params)
+    except ipc.AgentNotRunning:
+        pass
+    agent = Agent.from_context(ctx)
+    try:
+        return await ipc.outcome_of(agent.ipc_handlers()[method](params), None)
+    finally:
+        await agent.client.aclose()
+
+
+def _client_call(ctx: Context, method: str, **args: Any) -> Any:
+    """One MeshClient call (client.NAMED_CALLS), made by the running agent if there is one;
+    else by a client of our own (REST only: no agent to start, a quick command)."""
+    from meshagent_gui.core import ipc
+    from meshagent_gui.core.mesh.client import MeshClient
+
+    async def call() -> Any:
+        try:
+            return await ipc.call(ctx.paths.ipc_path, "client", {"method": method, "args": args})
+        except ipc.AgentNotRunning:
+            pass
+        enrollment = ctx.require_enrollment()
+        async with MeshClient(enrollment.url, secrets=ctx.secrets, user=enrollment.user) as mesh:
+            return await mesh.call(method, args)
+
+    return _run(call())
+
+
+def cmd_rooms(args: argparse.Namespace) -> int:
+    ctx = _context(args.home)
+    match args.rooms_command:
+        case "list":
+            for room in _client_call(ctx, "rooms"):
+                members = ", ".join(room["members"])
+                emit(args, room, f"{room['name']:<24} {room['role']:<7} {members}")
+        case "create":
+            room = _client_call(ctx, "create_room", name=args.room)
+            invite = f"meshagent rooms invite {room['name']} USER"
+            emit(args, room, f"created room {room['name']}; add people with: {invite}")
+        case "invite":
+            _client_call(ctx, "invite", room=args.room, user=args.user, role=args.role)
+            record = {"room": args.room, "user": args.user, "role": args.role, "status": "invited"}
+            text = f"invited {args.user} to {args.room} as {args.role} (until they accept)"
+            emit(args, record, text)
+        case "invitations":
+            invitations = _client_call(ctx, "invitations")
+            for invitation in invitations:
+                emit(args, invitation, _invitation_text(invitation))
+            if not invitations and not args.json:
+                print("no invitations")
+        case "accept" | "join":
+            if args.rooms_command == "accept":
+                room = _client_call(ctx, "accept_invitation", room=args.room)
+            else:
+                room = _client_call(ctx, "join_room", code=args.code)
+            emit(args, room, f"joined room {room['name']} as {room['role']}")
+        case "decline":
+            _client_call(ctx, "decline_invitation", room=args.room)
+            emit(args, {"room": args.room, "status": "declined"}, f"declined {args.room}")
+        case "leave":
+            _client_call(ctx, "leave_room", room=args.room)
+            emit(args, {"room": args.room, "status": "left"}, f"left room {args.room}")
+        case "role":
+            room = _client_call(ctx, "set_role", room=args.room, user=args.user, role=args.role)
+            emit(args, room, f"{args.user} is now {args.role} in {room['name']}")
+        case "audit":
+            if args.limit < 1:
+                raise UserError("--limit takes a number of at least 1", code="usage")
+            for entry in _client_call(ctx, "room_audit", room=args.room, limit=args.limit):
+                emit(args, entry, _audit_text(entry))
+        case "join-code":
+            code = _client_call(ctx, "room_join_code", room=args.room, ttl=args.ttl)
+            emit(args, {**code, "room": args.room}, code["code"])
+    return 0
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def _invitation_text(invitation: dict[str, Any]) -> str:
+    return (
+        f"{invitation['room']:<24} as {invitation['role']:<7} from {invitation['invited_by']}"
+        f" (until {_when(invitation['expires_at'])}): meshagent rooms accept|decline"
+        f" {invitation['room']}"
+    )
+
+
+def _audit_text(entry: dict[str, Any]) -> str:
+    actor = entry.get("actor_user") or "-"
+    if entry.get("actor_device"):
+        actor += f"/{entry['actor_device'][:12]}"
+    detail = " ".join(f"{k}={v}" for k, v in (entry.get("detail") or {}).items())
+    subject = entry.get("subject") or ""
+    return f"{_when(entry['at'])}  {entry['kind']:<18} {actor:<28} {subject} {detail}".rstrip()
 
 
 async def _through_agent(
@@ -417,8 +590,9 @@ async def _agent_in_process(ctx: Context) -> AsyncIterator[Agent]:
 
 
 async def _console(ctx: Context, method: str, params: dict[str, Any], role: Role) -> int:
-    """Attach this console to a terminal session in the running agent (or one of our own)."""
-    from meshagent_gui.console import Console
+    """Attach this console to a terminal session in the running agent (or one of our own); a
+    host's console first says who can watch, how, and the keys (console.share_banner)."""
+    from meshagent_gui.console import Console, share_banner
     from meshagent_gui.core import ipc
 
     async with contextlib.AsyncExitStack() as stack:
@@ -427,8 +601,13 @@ async def _console(ctx: Context, method: str, params: dict[str, Any], role: Role
         except ipc.AgentNotRunning:
             await stack.enter_async_context(_agent_in_process(ctx))
             stream = await ipc.attach(ctx.paths.ipc_path, method, params)
+        banner = ""
+        if role == "host":
+            opened = {**stream.opened, "rooms": params.get("rooms")}  # as asked, not resolved
+            allow = bool(params.get("allow_control"))
+            banner = share_banner(ctx.device_name, opened, allow_control=allow)
         try:
-            return await Console(stream, role).run()
+            return await Console(stream, role, banner=banner).run()
         finally:
             await stream.aclose()
 
@@ -439,17 +618,32 @@ def cmd_gui(args: argparse.Namespace) -> int:
         or os.environ.get("WAYLAND_DISPLAY")
         or os.environ.get("QT_QPA_PLATFORM")
     ):
+        if getattr(args, "bare", False):
+            # `meshagent` alone on a server or over SSH: the headless local mesh is the app here.
+            print(
+                "meshagent: no display here, so no desktop app: running the headless local mesh"
+                " (`meshagent up --local`; Ctrl-C stops it)",
+                file=sys.stderr,
+                flush=True,
+            )
+            args.local = True
+            _context(args.home).config.check()
+            return cmd_up(args)
         raise UserError(
             "no display for the desktop app: run `meshagent up` for the headless agent"
             " (see `meshagent --help`)",
             code="no_display",
         )
+    from meshagent_gui.ui.system_libraries import check_xcb
+
+    if (missing := check_xcb()) is not None:
+        raise UserError(missing, code="no_gui_libraries")  # before Qt aborts for want of them
     try:
         from meshagent_gui.ui.app import run_gui
     except ImportError as exc:
         raise UserError(
             f"the desktop app needs PySide6 and qasync ({exc.name} is missing):"
-            " pip install 'meshagent-gui[gui]'",
+            " pip install 'meshagent-gui[gui]' (in a clone: .venv/bin/pip install -e '.[gui]')",
             code="no_gui",
         ) from None
     paths = Paths.resolve(args.home)
@@ -496,6 +690,7 @@ def cmd_terminal(args: argparse.Namespace) -> int:
             "size": size,
             "cwd": os.getcwd(),
             "env": dict(os.environ),  # the shared shell is this console's, not the agent's
+            "rooms": args.rooms,
         }
         return _run(_console(ctx, "terminal.share", params, "host"))
     params = {
@@ -563,8 +758,20 @@ def cmd_send(args: argparse.Namespace) -> int:
     with bar:
         task = bar.add_task(f"to {args.device}", total=None)
 
+        said: list[str] = []  # the waiting line printed, while it holds
+
         def progress(update: dict[str, Any]) -> None:
-            bar.update(task, completed=update["done"], total=update["total"])
+            description = f"to {args.device}"
+            if update.get("waiting_for"):
+                description = f"waiting for {update['waiting_for']} to come back"
+                if bar.disable and not said:  # no bar to show it on: one line on stderr
+                    print(f"meshagent: {description}", file=sys.stderr, flush=True)
+                    said.append(description)
+            else:
+                said.clear()
+            bar.update(
+                task, description=description, completed=update["done"], total=update["total"]
+            )
 
         params = {"paths": paths, "device": args.device, "rate": args.rate, "wait": args.wait}
         result = _run(_through_agent(ctx, "send", params, on_progress=progress))
@@ -618,6 +825,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up,
     "config": cmd_config,
     "devices": cmd_devices,
+    "rooms": cmd_rooms,
     "ping": cmd_ping,
     "send": cmd_send,
     "notify": cmd_notify,
@@ -628,6 +836,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# Commands that run no agent, so a bad setting does not stop them: `config` is how to fix one,
+# `doctor` reports it, and the app shows it in a dialog of its own (ui.app.run_gui).
+_NO_AGENT: Final = frozenset({"config", "doctor", "server", "login", "autostart", "gui"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -635,19 +848,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, name):
             setattr(args, name, default)
     if args.command is None:
-        args.command = "gui"
+        args.command, args.bare = "gui", True  # `meshagent` alone: the app, or the local mesh
     paths = Paths.resolve(args.home)
     log_file = paths.log_file if paths.state_dir.parent.exists() or args.home else None
     logsetup.setup(log_file, verbose=args.verbose)
     try:
-        return COMMANDS[args.command](args)
+        if args.command not in _NO_AGENT and paths.config_file.is_file():
+            Config.load(paths.config_file).check()  # a hand-edited bad value: one line, no run
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
     except UserError as exc:
         print(f"meshagent: {exc.message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BrokenPipeError as exc:
+        if not _stdout_closed():
+            return _internal_error(args, paths, log_file, exc)  # a socket, not our reader
+        # `meshagent config list | head -3`: the reader has what it wanted. As Python's docs
+        # advise, point stdout at devnull so that the flush at exit cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
-        log.exception("internal error in `meshagent %s`", args.command)
-        where = f" (details in {paths.log_file})" if log_file else ""
-        print(f"meshagent: internal error: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
-        return EXIT_INTERNAL
+        return _internal_error(args, paths, log_file, exc)
+
+
+def _internal_error(
+    args: argparse.Namespace, paths: Paths, log_file: Path | None, exc: Exception
+) -> int:
+    log.error("internal error in `meshagent %s`", args.command, exc_info=exc)
+    where = f" (details in {paths.log_file})" if log_file else ""
+    print(f"meshagent: internal error: {type(exc).__name__}: {exc}{where}", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _stdout_closed() -> bool:
+    """True when whoever read our standard output has gone away (a pipe with no reader)."""
+    if sys.platform == "win32":
+        return True  # no poll() for pipes there; a broken pipe is almost always stdout
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(revents & (select.POLLERR | select.POLLHUP) for _, revents in poller.poll(0))
+    except (OSError, ValueError):
+        return True

@@ -6,12 +6,14 @@ agents can run on one machine; otherwise the platform's usual folders are used (
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import platformdirs
 import tomli_w
@@ -20,6 +22,9 @@ from meshagent_gui.errors import UserError
 
 APP_NAME: Final = "meshagent"
 HOME_ENV: Final = "MESHAGENT_HOME"
+AUTO_ACCEPT: Final = ("own", "all", "none")
+ENGINES: Final = ("qh3", "aioquic")
+SECRET_BACKENDS: Final = ("auto", "keyring", "file")
 
 
 @dataclass(frozen=True)
@@ -52,10 +57,12 @@ class Paths:
         return self.state_dir / "agent.lock"
 
     def ensure(self) -> None:
-        """Create the folders (owner-only) or fail with one clear line."""
+        """Create the folders owner-only (0700), tightening ones left open, or fail with one
+        clear line."""
         for folder in (self.config_dir, self.data_dir, self.state_dir):
             try:
                 folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._owner_only(folder)
                 if not os.access(folder, os.W_OK | os.X_OK):
                     raise PermissionError(folder)
             except OSError as exc:
@@ -64,6 +71,14 @@ class Paths:
                     " (choose another folder with --home)",
                     code="home_unusable",
                 ) from exc
+
+    @staticmethod
+    def _owner_only(folder: Path) -> None:
+        # mkdir's mode applies only to a folder it creates: one made earlier (by an older
+        # version, the log setup, or by hand) keeps its 0755. These hold the log, the IPC
+        # socket and maybe secrets; a folder we may not chmod is not ours to use.
+        if os.name == "posix" and folder.stat().st_mode & 0o077:
+            folder.chmod(0o700)
 
     @classmethod
     def resolve(cls, home: str | os.PathLike[str] | None = None) -> Paths:
@@ -78,72 +93,190 @@ class Paths:
         )
 
 
+Check = Callable[[Any], str | None]  # a value -> what is wrong with it, or None
+
+
 @dataclass(frozen=True)
 class Key:
-    """A config key: its type, default and whether it is a secret (kept in the SecretStore)."""
+    """A config key: its type, default, whether it is a secret (kept in the SecretStore), and the
+    rules its values follow. :func:`parse_value` applies them; `meshagent config set`, the
+    Settings dialog and :meth:`Config.problems` all go through it, so each rule exists once."""
 
     name: str
     kind: type
     default: Any
     secret: bool = False
     help: str = ""
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    check: Check | None = None
+
+
+def _web_url(value: Any) -> str | None:
+    text = str(value)
+    if not text:
+        return None  # not set
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "an http:// or https:// URL"
+    return None
+
+
+def _rate(value: Any) -> str | None:
+    # The rate parser of the transfer service itself, imported on use: it pulls in asyncio.
+    from meshagent_gui.core.share.ratelimit import parse_rate
+
+    try:
+        parse_rate(str(value))
+    except UserError:
+        return "a rate in bytes per second like 500K, 5M or 1.5G (empty: no limit)"
+    return None
+
+
+def _listen_address(value: Any) -> str | None:
+    text = str(value)
+    if text in ("", "localhost"):
+        return None
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return "an IP address, e.g. 127.0.0.1 or 0.0.0.0"
+    return None
+
+
+def _priority(name: str, default: int) -> Key:
+    return Key(
+        name, int, default, minimum=-1, maximum=10, help="Gotify priority; -1 = do not notify"
+    )
 
 
 KEYS: Final[dict[str, Key]] = {
     k.name: k
     for k in (
-        Key("server.url", str, "", help="Mesh Server base URL"),
-        Key("server.reconnect_max", float, 30.0, help="cap of the reconnect backoff, seconds"),
+        Key("server.url", str, "", help="Mesh Server base URL", check=_web_url),
+        Key(
+            "server.reconnect_max",
+            float,
+            30.0,
+            minimum=0.1,
+            help="cap of the reconnect backoff, seconds",
+        ),
         Key("device.name", str, "", help="this device's name (default: host name)"),
         Key("local.server", bool, False, help="run the embedded Mesh Server with the agent"),
-        Key("local.port", int, 0, help="port of the embedded Mesh Server"),
+        Key(
+            "local.port", int, 0, help="port of the embedded Mesh Server", minimum=0, maximum=65535
+        ),
         Key(
             "local.listen",
             str,
             "127.0.0.1",
             help="address the embedded Mesh Server listens on; 0.0.0.0 lets other computers on"
             " this network join (plain HTTP: trusted networks only)",
+            check=_listen_address,
         ),
         Key("downloads.dir", str, "", help="where received files land"),
-        Key("transfer.rate_limit", str, "", help="global send rate, e.g. 20M (bytes/s)"),
-        Key("transfer.auto_accept", str, "own", help="own | all | none"),
+        Key(
+            "transfer.rate_limit",
+            str,
+            "",
+            help="global send rate, e.g. 20M (bytes/s)",
+            check=_rate,
+        ),
+        Key("transfer.auto_accept", str, "own", help="own | all | none", choices=AUTO_ACCEPT),
         Key(
             "transfer.always_accept",
             str,
             "",
             help="device ids whose offers are accepted without asking (comma-separated)",
         ),
-        Key("p2p.engine", str, "qh3", help="QUIC engine: qh3 | aioquic"),
-        Key("p2p.port", int, 0, help="UDP port of the QUIC endpoint (0: any)"),
-        Key("p2p.direct_timeout", float, 3.0, help="seconds to find a direct path before relay"),
-        Key("p2p.upgrade_interval", float, 30.0, help="seconds between relay-to-direct tries"),
-        Key("secrets.backend", str, "auto", help="auto | keyring | file"),
-        Key("gotify.url", str, "", help="Gotify server URL"),
+        Key("p2p.engine", str, "qh3", help="QUIC engine: qh3 | aioquic", choices=ENGINES),
+        Key(
+            "p2p.port",
+            int,
+            0,
+            help="UDP port of the QUIC endpoint (0: any)",
+            minimum=0,
+            maximum=65535,
+        ),
+        Key(
+            "p2p.direct_timeout",
+            float,
+            3.0,
+            minimum=0.1,
+            help="seconds to find a direct path before relay",
+        ),
+        Key(
+            "p2p.upgrade_interval",
+            float,
+            30.0,
+            minimum=1,
+            help="seconds between relay-to-direct tries",
+        ),
+        Key("secrets.backend", str, "auto", help="auto | keyring | file", choices=SECRET_BACKENDS),
+        Key("gotify.url", str, "", help="Gotify server URL", check=_web_url),
         Key("gotify.token", str, "", secret=True, help="Gotify application token"),
-        Key("notify.transfer_completed", int, 4, help="Gotify priority; -1 = do not notify"),
-        Key("notify.transfer_failed", int, 7, help="Gotify priority; -1 = do not notify"),
-        Key("notify.control_requested", int, 8, help="Gotify priority; -1 = do not notify"),
-        Key("notify.peer_offline", int, -1, help="Gotify priority; -1 = do not notify"),
-        Key("notify.peer_online", int, -1, help="Gotify priority; -1 = do not notify"),
+        _priority("notify.transfer_completed", 4),
+        _priority("notify.transfer_failed", 7),
+        _priority("notify.control_requested", 8),
+        _priority("notify.peer_offline", -1),
+        _priority("notify.peer_online", -1),
     )
 }
 
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+_KIND_WORDS: Final = {int: "a whole number", float: "a number", str: "text"}
 
-def parse_value(key: Key, raw: str) -> Any:
-    """Turn a command-line string into the key's type, with one clear error."""
+
+def parse_value(key: Key, raw: Any) -> Any:
+    """Turn what a user typed (or a value read from the file) into the key's type, checked
+    against the key's rules; a UserError in one clear line when it breaks one."""
+    value = _convert(key, raw)
+    problem: str | None = None
+    if key.choices and value not in key.choices:
+        problem = " or ".join((", ".join(key.choices[:-1]), key.choices[-1]))
+    elif (key.minimum is not None and value < key.minimum) or (
+        key.maximum is not None and value > key.maximum
+    ):
+        problem = _range_words(key)
+    elif key.check is not None:
+        problem = key.check(value)
+    if problem is not None:
+        raise UserError(f"{key.name} takes {problem}, not {raw!r}", code="bad_value")
+    return value
+
+
+def _convert(key: Key, raw: Any) -> Any:
     if key.kind is bool:
-        lowered = raw.strip().lower()
-        if lowered in {"1", "true", "yes", "on"}:
-            return True
-        if lowered in {"0", "false", "no", "off"}:
-            return False
+        if isinstance(raw, bool):
+            return raw
+        lowered = str(raw).strip().lower()
+        if lowered in _TRUE | _FALSE:
+            return lowered in _TRUE
         raise UserError(f"{key.name} takes true or false, not {raw!r}", code="bad_value")
+    if isinstance(raw, bool) or (key.kind is not str and not isinstance(raw, str | int | float)):
+        raise UserError(f"{key.name} takes {_KIND_WORDS[key.kind]}, not {raw!r}", code="bad_value")
+    if key.kind is str:
+        if not isinstance(raw, str):
+            raise UserError(f"{key.name} takes text, not {raw!r}", code="bad_value")
+        return raw.strip()
     try:
-        return key.kind(raw)
+        value = key.kind(raw)
     except ValueError:
         raise UserError(
-            f"{key.name} takes a {key.kind.__name__}, not {raw!r}", code="bad_value"
+            f"{key.name} takes {_KIND_WORDS[key.kind]}, not {raw!r}", code="bad_value"
         ) from None
+    if key.kind is int and isinstance(raw, float) and raw != value:
+        raise UserError(f"{key.name} takes a whole number, not {raw!r}", code="bad_value")
+    return value
+
+
+def _range_words(key: Key) -> str:
+    low, high = key.minimum, key.maximum
+    if high is None:
+        return f"a number of at least {low:g}"
+    return f"{_KIND_WORDS[key.kind]} from {low:g} to {high:g}"
 
 
 class Config(Mapping[str, Any]):
@@ -180,6 +313,29 @@ class Config(Mapping[str, Any]):
 
     def is_set(self, name: str) -> bool:
         return name in self._values
+
+    def problems(self) -> list[str]:
+        """What breaks a rule in the file (a hand edit, an older version): one line each."""
+        found = []
+        for name, value in sorted(self._values.items()):
+            key = KEYS.get(name)
+            if key is None or key.secret:
+                continue
+            try:
+                parse_value(key, value)
+            except UserError as exc:
+                found.append(exc.message)
+        return found
+
+    def check(self) -> None:
+        """Refuse to run with a value that breaks a rule: one line saying which, and the fix."""
+        problems = self.problems()
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise UserError(
+                f"{self.path}: {problems[0]}{more}; fix it with `meshagent config set`",
+                code="config_invalid",
+            )
 
     def set(self, name: str, value: Any) -> None:
         key = KEYS.get(name)

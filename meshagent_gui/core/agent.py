@@ -11,10 +11,10 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import platformdirs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -25,7 +25,7 @@ from meshagent_gui.errors import UserError
 from meshagent_gui.identity import short_id
 
 from .bus import EventBus
-from .events import AnnouncementReceived, PeerCameOnline
+from .events import AnnouncementReceived, InvitationReceived, PeerCameOnline
 from .ipc import AgentLock, Handler, IpcServer, IpcStream, StreamHandler
 from .mesh.client import Enrollment, MeshClient, MeshError
 from .mesh.link import MeshLink
@@ -82,7 +82,7 @@ class Agent:
         self.ctx = ctx
         self.enrollment = enrollment
         self.bus = EventBus()
-        self.client = MeshClient(enrollment.url, secrets=ctx.secrets)
+        self.client = MeshClient(enrollment.url, secrets=ctx.secrets, user=enrollment.user)
         self._names: dict[str, str] = {}
         self._known: list[Device] = []
         self.link = MeshLink(
@@ -176,6 +176,10 @@ class Agent:
             folder = Path(platformdirs.user_downloads_dir())
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    def name_of(self, device_id: str) -> str:
+        """A device's name as its owner gave it (the short id until the device list is in)."""
+        return self._names.get(device_id, device_id[:12])
 
     async def _peer_user(self, device_id: str) -> str | None:
         for device in self._known or await self.client.devices():
@@ -320,20 +324,28 @@ class Agent:
         return (await self.client.capability(target, scope, resource)).token
 
     async def verify_capability(
-        self, token: str, *, peer_id: str, scope: str, resource: str | None = None
+        self,
+        token: str,
+        *,
+        peer_id: str,
+        scope: str,
+        resource: str | None = None,
+        rooms: Collection[str] | None = None,
     ) -> Capability:
         """Check a peer's token offline; an unknown key id refetches the server's keys once."""
+        checks: dict[str, Any] = {
+            "peer_id": peer_id,
+            "scope": scope,
+            "resource": resource,
+            "rooms": rooms,
+        }
         try:
-            return self.verifier.verify(
-                token, now=time.time(), peer_id=peer_id, scope=scope, resource=resource
-            )
+            return self.verifier.verify(token, now=time.time(), **checks)
         except UnknownKey:
             if time.monotonic() - self._keys_fetched_at < KEY_REFETCH_INTERVAL:
                 raise
         await self._refetch_keys()
-        return self.verifier.verify(
-            token, now=time.time(), peer_id=peer_id, scope=scope, resource=resource
-        )
+        return self.verifier.verify(token, now=time.time(), **checks)
 
     async def _refetch_keys(self) -> None:
         self._keys_fetched_at = time.monotonic()
@@ -368,6 +380,15 @@ class Agent:
             await self.transfers.cancel(str(params["transfer_id"]))
             return {"cancelled": params["transfer_id"]}
 
+        async def config_changed(params: dict[str, Any]) -> Any:
+            # `meshagent config set` saved the file: take it in, say if this key needs a restart.
+            await asyncio.to_thread(reload_settings, self.ctx.config)
+            return {"live": applies_live(str(params.get("key", "")))}
+
+        async def client(params: dict[str, Any]) -> Any:
+            # `meshagent rooms ...`: through our client, so one process uses the refresh token
+            return await self.client.call(str(params["method"]), dict(params.get("args") or {}))
+
         return {
             "devices": devices,
             "status": status,
@@ -375,6 +396,8 @@ class Agent:
             "send": send,
             "transfers": transfers,
             "cancel": cancel,
+            "config_changed": config_changed,
+            "client": client,
         }
 
     def ipc_streams(self) -> dict[str, StreamHandler]:
@@ -401,7 +424,7 @@ class Agent:
         ipc = IpcServer(self.ctx.paths.ipc_path, self.ipc_handlers(), self.ipc_streams())
         gotify = self._gotify_client()
         sinks = [*self.notification_sinks, *([GotifySink(gotify)] if gotify else [])]
-        router = NotificationRouter(self.ctx.config, sinks)
+        router = NotificationRouter(self.ctx.config, sinks, device_name=self.name_of)
         try:
             await ipc.start()
             await self._start_endpoint()
@@ -455,6 +478,8 @@ class Agent:
     async def _follow_events(self) -> None:
         with self.bus.subscribed() as events:
             async for event in events:
+                if isinstance(event, AnnouncementReceived) and event.kind == "room.invited":
+                    self._invited(event.data)
                 # Names come from REST: refresh when a stranger appears or rooms change.
                 stranger = isinstance(event, PeerCameOnline) and event.device_id not in self._names
                 moved = isinstance(event, AnnouncementReceived) and event.kind.startswith("room.")
@@ -462,11 +487,42 @@ class Agent:
                     with contextlib.suppress(UserError):
                         await self.devices()
 
+    def _invited(self, data: dict[str, Any]) -> None:
+        room, role, by = (str(data.get(k) or "")[:64] for k in ("room", "role", "invited_by"))
+        if not room:
+            return
+        log.info("%s invites you to room %s as %s", by or "someone", room, role or "member")
+        self.bus.publish(InvitationReceived(room, role or "member", by))
+
 
 AGENT_REGISTRY = TRANSFER_REGISTRY.extended(
     spec for spec in TERMINAL_REGISTRY.specs if spec.code not in BASE_REGISTRY.codes
 )
 """Every message an agent speaks on its peer streams: transfers and terminals."""
+
+
+LIVE_SETTINGS: Final = frozenset(
+    {"transfer.rate_limit", "transfer.auto_accept", "transfer.always_accept", "downloads.dir"}
+)
+"""Settings a running agent reads each time it uses them (through its one Config object), so a
+change reaches it at once; ``notify.*`` too. The others are read once, at start."""
+
+
+def applies_live(name: str) -> bool:
+    """Whether a running agent applies a new value of ``name`` without a restart."""
+    return name in LIVE_SETTINGS or name.startswith("notify.")
+
+
+def reload_settings(config: Config) -> None:
+    """(Blocking) take in what was saved to ``config``'s file since it was loaded, in place:
+    the services hold this object and read a live setting when they use it."""
+    fresh = Config.load(config.path)
+    for name in list(config):
+        if config.is_set(name) and not fresh.is_set(name):
+            config.unset(name)
+    for name in fresh:
+        if fresh.is_set(name):
+            config.set(name, fresh[name])
 
 
 def always_accepted(config: Config) -> frozenset[str]:

@@ -7,12 +7,22 @@ notification router subscribe. Never put secrets or file/terminal contents in an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
 class Event:
     """Base class of every core event."""
+
+    lossy: ClassVar[bool] = False
+    """True for a running state (progress) of which only the newest matters: a subscriber that
+    has not read one yet gets the newer one in its place (the bus keeps one per
+    :attr:`subject`). Every other event reaches every subscriber, however far behind."""
+
+    @property
+    def subject(self) -> object:
+        """What a lossy event is about: a newer lossy event with the same subject replaces it."""
+        return type(self)
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,8 @@ class AnnouncementReceived(Event):
     kind: str
     sender: str | None
     data: dict[str, Any] = field(hash=False)
+    rooms: tuple[str, ...] = ()
+    """The announcement's rooms that we are in (the ones to ask capabilities in)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,8 @@ class TransferAccepted(Event):
 
 @dataclass(frozen=True)
 class TransferProgressed(Event):
+    lossy: ClassVar[bool] = True
+
     transfer_id: str
     direction: str  # "send" or "receive"
     peer: str
@@ -119,3 +133,25 @@ class TransferProgressed(Event):
     total: int
     rate: float  # bytes per second, smoothed
     eta: float | None  # seconds
+
+    @property
+    def subject(self) -> object:
+        return (TransferProgressed, self.direction, self.transfer_id)
+
+
+@dataclass(frozen=True)
+class InvitationReceived(Event):
+    """A room owner invited this device's user; nothing changes until the user accepts."""
+
+    room: str
+    role: str
+    by: str
+
+
+@dataclass(frozen=True)
+class TransferWaiting(Event):
+    """A send lost its receiver (stopped, restarted, cut off) and waits for it to come back."""
+
+    transfer_id: str
+    peer: str
+    peer_name: str

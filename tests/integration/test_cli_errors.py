@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import ctypes.util
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from meshagent_gui.ui.system_libraries import XCB_LIBRARIES
 from tests.fakes.gotify import FakeGotify
 
-from .harness import AgentHome, Server, run
+from .harness import BASE_ENV, AgentHome, Process, Server, free_port, meshagent_cmd, run
 
 
 def assert_one_clear_line(done, fragment: str) -> None:  # type: ignore[no-untyped-def]
@@ -104,8 +108,95 @@ def test_notify_reaches_gotify(tmp_path: Path) -> None:
         assert gotify.app_token not in log
 
 
+HEADLESS = {"DISPLAY": "", "WAYLAND_DISPLAY": "", "QT_QPA_PLATFORM": ""}
+
+
 def test_the_app_without_a_display_is_one_line(tmp_path: Path) -> None:
-    headless = {"DISPLAY": "", "WAYLAND_DISPLAY": "", "QT_QPA_PLATFORM": ""}
-    for command in ((), ("gui",)):  # `meshagent` alone is the app
-        done = run("--home", str(tmp_path), *command, env=headless)
-        assert_one_clear_line(done, "no display for the desktop app")
+    done = run("--home", str(tmp_path), "gui", env=HEADLESS)
+    assert_one_clear_line(done, "no display for the desktop app")
+
+
+def test_meshagent_alone_without_a_display_runs_the_local_mesh(tmp_path: Path) -> None:
+    """README's quick start: `meshagent` is the app, or where there is no display the headless
+    local mesh, saying so in one line."""
+    home = tmp_path / "h"
+    assert run("--home", str(home), "config", "set", "local.port", str(free_port())).returncode == 0
+    agent = Process(["--home", str(home)], tmp_path / "agent.log", env=HEADLESS)
+    try:
+        agent.read_line(r"meshagent login http://127\.0\.0\.1:\d+ --join-code \S+")
+    finally:
+        assert agent.stop() == 0
+    said = (tmp_path / "agent.log").read_text().splitlines()
+    assert said[0].startswith("meshagent: no display here") and "headless local mesh" in said[0]
+    assert "Traceback" not in "\n".join(said)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Qt's xcb plugin is Linux only")
+def test_missing_xcb_libraries_are_one_line_naming_the_packages(tmp_path: Path) -> None:
+    """A stock Debian desktop lacks libxcb-icccm4/libxcb-keysyms1: say so, before Qt aborts."""
+    missing = [
+        package
+        for soname, (package, _) in XCB_LIBRARIES.items()
+        if ctypes.util.find_library(soname.removeprefix("lib").split(".so")[0]) is None
+    ]
+    if not missing:
+        pytest.skip("this machine has every library Qt's xcb plugin needs")
+    on_x11 = {"DISPLAY": ":99", "WAYLAND_DISPLAY": "", "QT_QPA_PLATFORM": ""}
+    for command in (("gui",), ()):
+        done = run("--home", str(tmp_path), *command, env=on_x11)
+        assert_one_clear_line(done, "the desktop app needs the X11 libraries")
+        assert done.returncode == 1  # not Qt's abort (-6) or core dump
+        assert all(package in done.stderr for package in missing), done.stderr
+        assert "apt install" in done.stderr
+
+
+def test_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
+    """`meshagent config list | head -3`: the reader went away; no BrokenPipeError traceback."""
+    reader, writer = os.pipe()
+    os.close(reader)  # before the command writes anything: every write meets a closed pipe
+    try:
+        done = subprocess.run(
+            meshagent_cmd("--home", str(tmp_path), "config", "list"),
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=BASE_ENV,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(writer)
+    assert done.stderr == ""
+    assert done.returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "says"),
+    [
+        ("transfer.auto_accept", "maybe", "own, all or none"),
+        ("transfer.rate_limit", "5X", "bytes per second"),
+        ("gotify.url", "not-a-url", "http:// or https://"),
+    ],
+)
+def test_config_set_refuses_a_bad_value_and_writes_nothing(
+    tmp_path: Path, key: str, bad: str, says: str
+) -> None:
+    home = ["--home", str(tmp_path)]
+    assert_one_clear_line(run(*home, "config", "set", key, bad), says)
+    assert not (tmp_path / "config" / "config.toml").exists()
+    assert run(*home, "config", "get", key).stdout.strip() != bad
+
+
+def test_an_agent_with_a_bad_value_in_its_file_says_so(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir(parents=True)
+    (tmp_path / "config" / "config.toml").write_text('[transfer]\nauto_accept = "maybe"\n')
+    for command in (("up",), ("up", "--local"), ("devices",)):
+        done = run("--home", str(tmp_path), *command, timeout=30)
+        assert_one_clear_line(done, "transfer.auto_accept takes own, all or none, not 'maybe'")
+    doctor = run("--home", str(tmp_path), "doctor")
+    assert "FAIL config" in doctor.stdout and "auto_accept" in doctor.stdout
+    # `config set` is the way out
+    assert (
+        run("--home", str(tmp_path), "config", "set", "transfer.auto_accept", "all").returncode == 0
+    )
+    assert run("--home", str(tmp_path), "config", "get", "transfer.auto_accept").stdout == "all\n"
