@@ -356,9 +356,9 @@ def _print_invitation(args: argparse.Namespace, event: InvitationReceived) -> No
 
 
 async def _up_local(args: argparse.Namespace, ctx: Context) -> int:
-    from meshagent_gui.core.onboarding import JoinCode, run_agent
+    from meshagent_gui.core.onboarding import JoinCodeWithUrl, run_agent
 
-    def ready(_agent: Agent, join: JoinCode | None) -> None:
+    def ready(_agent: Agent, join: JoinCodeWithUrl | None) -> None:
         assert join is not None  # a local mesh always has one
         emit(
             args,

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any, Final, Literal, Protocol
 
-from meshagent_gui.core.ipc import IpcStream, StreamClosed
+from meshagent_gui.core.ipc import IpcStream, IpcStreamClosed
 
 ESCAPE: Final = 0x1D  # Ctrl-]
 Role = Literal["host", "viewer"]
@@ -212,7 +212,7 @@ class Console:
         while True:
             try:
                 frame = await self.stream.receive()
-            except StreamClosed:
+            except IpcStreamClosed:
                 if self.role == "viewer" and not self._leaving:
                     self.say("the agent closed the session")
                     self.exit_code = 1

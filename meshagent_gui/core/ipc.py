@@ -47,7 +47,7 @@ class AgentNotRunning(Exception):
     """No agent answers on this home's IPC endpoint."""
 
 
-class StreamClosed(Exception):
+class IpcStreamClosed(Exception):
     """The other end of an attached stream hung up."""
 
 
@@ -86,26 +86,26 @@ class IpcStream:
         try:
             await self._writer.drain()
         except ConnectionError as exc:
-            raise StreamClosed(str(exc)) from exc
+            raise IpcStreamClosed(str(exc)) from exc
 
     async def receive(self) -> bytes | dict[str, Any]:
-        """The next frame; raises :class:`StreamClosed` at the end."""
+        """The next frame; raises :class:`IpcStreamClosed` at the end."""
         try:
             head = await self._reader.readexactly(FRAME_HEAD.size)
             kind, length = FRAME_HEAD.unpack(head)
             if length > MAX_FRAME:
-                raise StreamClosed(f"frame of {length} bytes")
+                raise IpcStreamClosed(f"frame of {length} bytes")
             body = await self._reader.readexactly(length)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise StreamClosed("hung up") from exc
+            raise IpcStreamClosed("hung up") from exc
         if kind == FRAME_DATA:
             return body
         try:
             message = json.loads(body)
         except ValueError as exc:
-            raise StreamClosed("bad JSON frame") from exc
+            raise IpcStreamClosed("bad JSON frame") from exc
         if not isinstance(message, dict):
-            raise StreamClosed("bad JSON frame")
+            raise IpcStreamClosed("bad JSON frame")
         return message
 
     def close(self) -> None:
@@ -287,7 +287,7 @@ async def attach(path: Path, method: str, params: dict[str, Any] | None = None) 
     try:
         await writer.drain()
         first = await asyncio.wait_for(stream.receive(), 60)
-    except (StreamClosed, ConnectionError) as exc:
+    except (IpcStreamClosed, ConnectionError) as exc:
         await stream.aclose()
         raise AgentNotRunning(str(exc)) from exc
     except TimeoutError:

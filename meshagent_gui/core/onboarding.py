@@ -23,7 +23,7 @@ AgentFactory = Callable[[Context], Agent]
 
 
 @dataclass(frozen=True)
-class JoinCode:
+class JoinCodeWithUrl:
     """A one-time enrolment code for another device, and the server it joins."""
 
     url: str
@@ -36,12 +36,12 @@ def needs_onboarding(ctx: Context) -> bool:
     return ctx.enrollment is None and not bool(ctx.config["local.server"])
 
 
-async def new_join_code(ctx: Context, url: str, ttl: int = 600) -> JoinCode:
+async def new_join_code(ctx: Context, url: str, ttl: int = 600) -> JoinCodeWithUrl:
     """A fresh join code for one of this user's other devices."""
     async with MeshClient(url, secrets=ctx.secrets) as client:
         grant = await client.create_join_code(ttl=ttl)
     expires = float(grant.get("expires_at") or time.time() + ttl)
-    return JoinCode(url, str(grant["code"]), expires)
+    return JoinCodeWithUrl(url, str(grant["code"]), expires)
 
 
 async def run_agent(
@@ -49,13 +49,13 @@ async def run_agent(
     *,
     factory: AgentFactory = Agent.from_context,
     local: bool = False,
-    on_ready: Callable[[Agent, JoinCode | None], Awaitable[None] | None] | None = None,
+    on_ready: Callable[[Agent, JoinCodeWithUrl | None], Awaitable[None] | None] | None = None,
 ) -> None:
     """Run the agent until cancelled; with ``local`` (or ``local.server`` set) on the embedded
     server, enrolling this device as its owner on first use. ``on_ready`` gets the agent and, for
     a local mesh, a join code for other devices."""
 
-    async def ready(agent: Agent, join: JoinCode | None) -> None:
+    async def ready(agent: Agent, join: JoinCodeWithUrl | None) -> None:
         if on_ready is not None:
             result = on_ready(agent, join)
             if result is not None:
@@ -66,7 +66,7 @@ async def run_agent(
             await ensure_owner_enrolled(ctx, url)
             agent = factory(ctx)
             join = await new_join_code(ctx, url)
-            join = JoinCode(shared_url(ctx, url), join.code, join.expires_at)
+            join = JoinCodeWithUrl(shared_url(ctx, url), join.code, join.expires_at)
             await agent.run(on_ready=lambda: ready(agent, join))
         return
     agent = factory(ctx)

@@ -25,16 +25,15 @@ from meshagent_gui import __version__
 from meshagent_gui.core.mesh.types import (
     API_PREFIX,
     CLOSE_REVOKED,
-    Accepted,
     ApiError,
     AuditEntry,
     AuditLog,
     CapabilityGrant,
     CapabilityRequest,
-    Challenge,
     Device,
     DeviceList,
     DeviceUpdate,
+    EnrollChallenge,
     EnrollRequest,
     EnrollResponse,
     Invitation,
@@ -53,6 +52,7 @@ from meshagent_gui.core.mesh.types import (
     RoomJoinCodeCreate,
     RoomList,
     ServerInfo,
+    StatusAnswer,
     TerminalControlReport,
     TokenPair,
 )
@@ -433,10 +433,10 @@ def create_app(state: ServerState) -> FastAPI:
         return KeySet(keys=state.keys.public_keys())
 
     @router.post("/enroll/challenge", responses=_errors())
-    async def enroll_challenge() -> Challenge:
+    async def enroll_challenge() -> EnrollChallenge:
         """A single-use nonce for the enrolment proof (see EnrollRequest)."""
         challenges = state.challenges
-        return Challenge(nonce=challenges.issue(state.clock()), expires_in=challenges.ttl)
+        return EnrollChallenge(nonce=challenges.issue(state.clock()), expires_in=challenges.ttl)
 
     @router.post("/enroll", responses=_errors(400, 401, 403, 429))
     async def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
@@ -577,7 +577,7 @@ def create_app(state: ServerState) -> FastAPI:
         return _room(record)
 
     @router.post("/rooms/{name}/invitations", status_code=202, responses=_errors(401, 403, 404))
-    async def invite(name: str, body: InvitationCreate, caller: Caller) -> Accepted:
+    async def invite(name: str, body: InvitationCreate, caller: Caller) -> StatusAnswer:
         # The answer is the same whether the user exists, is a member already or was invited:
         # this endpoint is no user-name oracle.
         fresh = await store_call(
@@ -598,7 +598,7 @@ def create_app(state: ServerState) -> FastAPI:
                 f"{caller.user} invites you to the room {name!r} as {body.role}. "
                 "Accept with: meshagent rooms accept " + name,
             )
-        return Accepted(status="invited")
+        return StatusAnswer(status="invited")
 
     @router.get("/invitations", responses=_errors(401))
     async def invitations(caller: Caller) -> InvitationList:
@@ -625,9 +625,9 @@ def create_app(state: ServerState) -> FastAPI:
         return _room(await store_call(Store.room_for, room, caller.user))
 
     @router.post("/invitations/{room}/decline", responses=_errors(401, 404))
-    async def decline_invitation(room: str, caller: Caller) -> Accepted:
+    async def decline_invitation(room: str, caller: Caller) -> StatusAnswer:
         await store_call(Store.decline_invitation, room, caller.user, now=state.clock())
-        return Accepted(status="declined")
+        return StatusAnswer(status="declined")
 
     @router.post("/rooms/{name}/join-codes", responses=_errors(401, 403, 404))
     async def create_room_join_code(
@@ -671,7 +671,7 @@ def create_app(state: ServerState) -> FastAPI:
         return _room(await store_call(Store.room_for, name, caller.user))
 
     @router.delete("/rooms/{name}/members/{user}", responses=_errors(401, 403, 404))
-    async def remove_member(name: str, user: str, caller: Caller) -> Accepted:
+    async def remove_member(name: str, user: str, caller: Caller) -> StatusAnswer:
         change = await store_call(
             Store.remove_member,
             name,
@@ -681,7 +681,7 @@ def create_app(state: ServerState) -> FastAPI:
             now=state.clock(),
         )
         hub.membership_changed(change)
-        return Accepted(status="left" if user == caller.user else "removed")
+        return StatusAnswer(status="left" if user == caller.user else "removed")
 
     @router.get("/rooms/{name}/audit", responses=_errors(401, 403, 404))
     async def audit(
@@ -730,7 +730,7 @@ def create_app(state: ServerState) -> FastAPI:
     # ------------------------------------------------------------ terminal control, notify
 
     @router.post("/terminal/control", status_code=202, responses=_errors(401, 404))
-    async def terminal_control(body: TerminalControlReport, caller: Caller) -> Accepted:
+    async def terminal_control(body: TerminalControlReport, caller: Caller) -> StatusAnswer:
         """The host device reports who controls its terminal session now."""
         rooms = sorted(set(body.rooms)) or [personal_room(caller.user)]
         controller = await store_call(
@@ -757,7 +757,7 @@ def create_app(state: ServerState) -> FastAPI:
                 f"{controller.name} ({controller.user}) now controls your terminal session "
                 f"{body.session_id}.",
             )
-        return Accepted(status="recorded")
+        return StatusAnswer(status="recorded")
 
     @router.get("/users/self/notify", responses=_errors(401))
     async def notify_settings(caller: Caller) -> NotifySettings:

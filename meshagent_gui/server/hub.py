@@ -41,9 +41,9 @@ from meshagent_gui.core.mesh.types import (
     WS_MESSAGE,
     Announce,
     Auth,
-    Event,
-    Hello,
     Presence,
+    ServerEvent,
+    ServerHello,
     Signal,
     Withdraw,
     WsError,
@@ -87,7 +87,10 @@ class HubLimits:
     sweep_interval: float = 2.0  # how often expiry and revocation are checked
 
 
-class TokenBucket:
+class RateAllowance:
+    """A token bucket that answers at once (take or refuse), with the time passed in; the
+    agent's share.ratelimit.TokenBucket is the other kind, one that waits."""
+
     def __init__(self, rate: float, burst: float, now: float) -> None:
         self._rate, self._burst = rate, burst
         self._tokens, self._stamp = burst, now
@@ -120,12 +123,12 @@ class BucketTable:
 
     def __init__(self, rate: float, burst: float) -> None:
         self.rate, self.burst = rate, burst
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[str, RateAllowance] = {}
 
-    def bucket(self, device_id: str, now: float) -> TokenBucket:
+    def bucket(self, device_id: str, now: float) -> RateAllowance:
         bucket = self._buckets.get(device_id)
         if bucket is None:
-            bucket = self._buckets[device_id] = TokenBucket(self.rate, self.burst, now)
+            bucket = self._buckets[device_id] = RateAllowance(self.rate, self.burst, now)
         return bucket
 
     def take(self, device_id: str, now: float, amount: float = 1.0) -> bool:
@@ -399,7 +402,7 @@ class Hub:
         online = list(self._online_devices(peers, device_id))
         connection.push(
             dump_ws(
-                Hello(
+                ServerHello(
                     device_id=device_id,
                     session_id=connection.session_id,
                     server_time=now,
@@ -637,7 +640,7 @@ class Hub:
 
     def user_event(self, user: str, kind: str, data: dict[str, Any]) -> None:
         """A server event (no ``from``) to every online device of ``user``."""
-        frame = dump_ws(Event(kind=kind, data=data))
+        frame = dump_ws(ServerEvent(kind=kind, data=data))
         for connection in self._online_by_user.get(user, {}).values():
             connection.push(frame)
 
@@ -652,7 +655,7 @@ class Hub:
             key = tuple(user_rooms)
             frame = frames.get(key)
             if frame is None:
-                frame = frames[key] = dump_ws(Event(kind=kind, data=data, rooms=user_rooms))
+                frame = frames[key] = dump_ws(ServerEvent(kind=kind, data=data, rooms=user_rooms))
             for connection in self._online_by_user.get(user, {}).values():
                 connection.push(frame)
 
@@ -670,7 +673,9 @@ class Hub:
         kind = _change_kind(change, before)
         self._apply_change(change)
         event = dump_ws(
-            Event(kind=kind, data={"room": room, "user": user, "role": change.role}, rooms=[room])
+            ServerEvent(
+                kind=kind, data={"room": room, "user": user, "role": change.role}, rooms=[room]
+            )
         )
         for member in change.members | {user}:
             for connection in self._online_by_user.get(member, {}).values():
@@ -843,7 +848,7 @@ def _event_frame(
 ) -> str:
     # ``from`` is a Python keyword: the field is set by its alias.
     return dump_ws(
-        Event.model_validate(
+        ServerEvent.model_validate(
             {"kind": kind, "from": sender, "data": announcement.data, "key": key, "rooms": rooms}
         )
     )

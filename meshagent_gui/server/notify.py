@@ -28,7 +28,7 @@ from typing import Final
 import httpx
 
 from meshagent_gui.core.notify.gotify import GotifyClient, GotifyError, validate_url
-from meshagent_gui.server.hub import TokenBucket
+from meshagent_gui.server.hub import RateAllowance
 from meshagent_gui.server.store import AsyncStore, Store
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class UserNotifier:
         self._max_in_flight = max_in_flight
         self._clock = clock
         self._tasks: set[asyncio.Task[None]] = set()
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: dict[str, RateAllowance] = {}
 
     def notify(self, user: str, title: str, message: str, *, priority: int = 5) -> None:
         """Queue one notification for ``user`` (nothing happens if they set no Gotify)."""
@@ -119,7 +119,7 @@ class UserNotifier:
         if bucket is None:
             if len(self._buckets) >= _MAX_TRACKED_USERS:
                 self._buckets.clear()  # forgetting buckets only ever lets a few more through
-            bucket = self._buckets[user] = TokenBucket(PER_USER_RATE, PER_USER_BURST, now)
+            bucket = self._buckets[user] = RateAllowance(PER_USER_RATE, PER_USER_BURST, now)
         return bucket.take(now)
 
     async def _send(self, user: str, title: str, message: str, priority: int) -> None:

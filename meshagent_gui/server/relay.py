@@ -43,7 +43,7 @@ class RelayLimits:
 
 
 @dataclass
-class RelayStats:
+class RelayCounters:
     forwarded: int = 0
     dropped: int = 0
     refused: int = 0
@@ -78,7 +78,7 @@ class Relay:
         self._hub = hub
         self._peers: dict[bytes, _Peer] = {}
         self.limits = limits or RelayLimits()
-        self.stats = RelayStats()
+        self.stats = RelayCounters()
         hub.add_session_sockets(self)
 
     @property

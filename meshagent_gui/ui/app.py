@@ -22,7 +22,7 @@ from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
 from meshagent_gui.context import Context
 from meshagent_gui.core import ipc
 from meshagent_gui.core.agent import Agent
-from meshagent_gui.core.onboarding import JoinCode, needs_onboarding, run_agent
+from meshagent_gui.core.onboarding import JoinCodeWithUrl, needs_onboarding, run_agent
 from meshagent_gui.errors import UserError
 
 from .bridge import AgentBridge
@@ -248,7 +248,7 @@ class GuiApp:
         agent.notification_sinks.append(self.toasts)
         return agent
 
-    def _ready(self, agent: Agent, join: JoinCode | None) -> None:
+    def _ready(self, agent: Agent, join: JoinCodeWithUrl | None) -> None:
         self.bridge.attach(agent, join)
         if join is not None:
             self.window.bring_to_front()

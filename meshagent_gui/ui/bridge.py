@@ -31,7 +31,7 @@ from meshagent_gui.core.events import (
     TransferProgressed,
 )
 from meshagent_gui.core.ipc import Handler
-from meshagent_gui.core.onboarding import JoinCode, new_join_code
+from meshagent_gui.core.onboarding import JoinCodeWithUrl, new_join_code
 from meshagent_gui.errors import UserError
 
 from .devices import DeviceEntry, DeviceListModel
@@ -81,7 +81,7 @@ class AgentBridge(QObject):
     link_changed = Signal(str)  # offline / connecting / online
     tray_state_changed = Signal(object)  # TrayState
     offer_received = Signal(object)  # TransferOffered that needs an answer
-    join_code_changed = Signal(object)  # JoinCode
+    join_code_changed = Signal(object)  # JoinCodeWithUrl
     error = Signal(str)  # one line for the status bar
     show_requested = Signal()
     event_received = Signal(object)  # every core event, for whoever cares
@@ -90,7 +90,7 @@ class AgentBridge(QObject):
         super().__init__(parent)
         self.ctx = ctx
         self.agent: Agent | None = None
-        self.join_code: JoinCode | None = None
+        self.join_code: JoinCodeWithUrl | None = None
         self.transfers = TransferTableModel(self)
         self.devices = DeviceListModel(self)
         self.link_state = "offline"
@@ -109,7 +109,7 @@ class AgentBridge(QObject):
         agent.show_window = self.show_requested.emit
         return agent
 
-    def attach(self, agent: Agent, join: JoinCode | None) -> None:
+    def attach(self, agent: Agent, join: JoinCodeWithUrl | None) -> None:
         """The agent runs: follow its events, load the devices."""
         self.agent = agent
         self.spawn(self._follow(agent), "ui-events")
@@ -302,7 +302,7 @@ class AgentBridge(QObject):
         if not accept and row is not None:
             self.transfers.happen(row, "declined")
 
-    async def new_join_code(self) -> JoinCode | None:
+    async def new_join_code(self) -> JoinCodeWithUrl | None:
         if self.join_code is None:
             return None
         self.join_code = await new_join_code(self.ctx, self.join_code.url)

@@ -41,7 +41,7 @@ from PySide6.QtWidgets import (
 
 from meshagent_gui.core.events import TransferOffered
 from meshagent_gui.core.notify.router import Notification, human_size
-from meshagent_gui.core.onboarding import JoinCode
+from meshagent_gui.core.onboarding import JoinCodeWithUrl
 
 from .bridge import AgentBridge
 from .devices import DeviceEntry, DeviceListView, local_paths
@@ -352,7 +352,7 @@ class MainWindow(QMainWindow):
         """A desktop notification where no tray can show it: the status line, for a while."""
         self.statusBar().showMessage(f"{notification.title}: {notification.message}", 10_000)
 
-    def show_join_code(self, join: JoinCode) -> None:
+    def show_join_code(self, join: JoinCodeWithUrl) -> None:
         self.card_detail.setText(
             f"Other devices join with: <code>meshagent login {join.url} --join-code CODE</code>"
             "<br><span style='color:#66727d'>One-time code, valid for 10 minutes.</span>"

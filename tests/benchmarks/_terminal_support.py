@@ -23,7 +23,7 @@ import psutil
 
 from meshagent_gui.config import Paths
 from meshagent_gui.core import ipc
-from meshagent_gui.core.ipc import IpcStream, StreamClosed
+from meshagent_gui.core.ipc import IpcStream, IpcStreamClosed
 from meshagent_gui.core.terminal.pty import spawn_pty
 from tests.benchmarks._transfer_support import LOOPBACK, Sshd
 
@@ -121,7 +121,7 @@ async def shared(
         yield stream, str(first["ok"]["session_id"])
     finally:
         stream.write_json({"stop": True})
-        with contextlib.suppress(StreamClosed, TimeoutError):
+        with contextlib.suppress(IpcStreamClosed, TimeoutError):
             async with asyncio.timeout(10):
                 while True:
                     got = await stream.receive()
@@ -152,7 +152,7 @@ async def joined(stream: IpcStream) -> None:
 
 async def drain_forever(stream: IpcStream, watch: list[MarkerWatch]) -> None:
     """Read a console's frames until it closes, feeding output to the current marker watch."""
-    with contextlib.suppress(StreamClosed):
+    with contextlib.suppress(IpcStreamClosed):
         while True:
             got = await stream.receive()
             if isinstance(got, bytes) and watch:
@@ -252,7 +252,7 @@ class SshSession:
         async with asyncio.timeout(WAIT):
             data = await self.process.stdout.read(1 << 20)
         if not data:
-            raise StreamClosed("ssh exited")
+            raise IpcStreamClosed("ssh exited")
         return data
 
     async def until_output(self, text: bytes) -> None:
@@ -315,5 +315,5 @@ class RelayFloor:
         async with asyncio.timeout(WAIT):
             data = await self.reader.read(1 << 16)
         if not data:
-            raise StreamClosed("the relay closed")
+            raise IpcStreamClosed("the relay closed")
         return data

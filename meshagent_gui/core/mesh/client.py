@@ -32,10 +32,10 @@ from .types import (
     AuditLog,
     CapabilityGrant,
     CapabilityRequest,
-    Challenge,
     Device,
     DeviceList,
     DeviceUpdate,
+    EnrollChallenge,
     EnrollRequest,
     EnrollResponse,
     Invitation,
@@ -277,7 +277,7 @@ class MeshClient:
         """Enrol ``key``'s certificate, proving we hold the key (signing a server nonce)."""
         info = await self.info()
         try:
-            challenge = await self._call("POST", "/enroll/challenge", Challenge)
+            challenge = await self._call("POST", "/enroll/challenge", EnrollChallenge)
         except MeshError as exc:
             if exc.code not in {"not_found", "method_not_allowed"}:
                 raise

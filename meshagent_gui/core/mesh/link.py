@@ -41,9 +41,9 @@ from .types import (
     WS_MESSAGE,
     Announce,
     Auth,
-    Event,
-    Hello,
     Presence,
+    ServerEvent,
+    ServerHello,
     Signal,
     Withdraw,
     WsError,
@@ -242,7 +242,7 @@ class MeshLink:
             log.warning("ignored a malformed frame from the server")
             return
         match message:
-            case Hello():
+            case ServerHello():
                 self.session_id = message.session_id
                 self._token_lifetime = (
                     None
@@ -267,7 +267,7 @@ class MeshLink:
                     self._bus.publish(PeerWentOffline(device_id, self._device_name(device_id)))
             case Signal():
                 self._bus.publish(SignalReceived(message.from_ or "", message.payload))
-            case Event():
+            case ServerEvent():
                 self._bus.publish(
                     AnnouncementReceived(
                         message.kind, message.from_, message.data, tuple(message.rooms)

@@ -85,7 +85,7 @@ def enroll_proof_message(server_id: str, nonce: str, certificate_der: bytes) -> 
     return ENROLL_PROOF_CONTEXT + f"{server_id}\n{nonce}\n{digest}".encode()
 
 
-class Challenge(Wire):
+class EnrollChallenge(Wire):
     """``POST /enroll/challenge``: a single-use nonce the enrolling device signs."""
 
     nonce: str
@@ -221,7 +221,7 @@ class InvitationList(Wire):
     invitations: list[Invitation]
 
 
-class Accepted(Wire):
+class StatusAnswer(Wire):
     """An answer that says only that the request was taken (it reveals nothing else)."""
 
     status: str
@@ -324,7 +324,7 @@ class CapabilityGrant(Wire):
 # ---------------------------------------------------------------- WebSocket
 
 
-class Hello(Wire):
+class ServerHello(Wire):
     type: Literal["hello"] = "hello"
     device_id: str
     session_id: str
@@ -381,7 +381,7 @@ class Withdraw(Wire):
     key: str
 
 
-class Event(Wire):
+class ServerEvent(Wire):
     """Server -> client: something happened (room membership, announcements)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
@@ -418,7 +418,7 @@ class WsError(Wire):
 
 
 WsMessage = Annotated[
-    Hello | Presence | Signal | Announce | Withdraw | Event | WsError | Auth,
+    ServerHello | Presence | Signal | Announce | Withdraw | ServerEvent | WsError | Auth,
     Field(discriminator="type"),
 ]
 WS_MESSAGE: Final[TypeAdapter[WsMessage]] = TypeAdapter(WsMessage)

@@ -62,7 +62,7 @@ from .connection import PeerConnection
 from .endpoint import Endpoint, relay_address, relay_peer
 from .errors import P2PError
 from .relay import RelayLink
-from .session import Channel, ChannelClosed, HandshakeRefused, MeshSession
+from .session import Channel, ChannelClosed, HandshakeRefusedError, MeshSession
 from .streams import PeerStream
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,7 @@ class PeerManager:
             mesh = await MeshSession.dial(
                 conn, tokens=(token,), validate=self._validator(peer_id), registry=self.registry
             )
-        except HandshakeRefused as exc:
+        except HandshakeRefusedError as exc:
             raise PeerUnreachable(f"the peer refused this device: {exc}", code="refused") from exc
         if not self._adopt(mesh, dialer=self.endpoint.device_id):
             return self._sessions[peer_id]  # the peer's own dial won the tie
@@ -542,7 +542,7 @@ class PeerManager:
                     validate=self._validator(peer_id),
                     registry=self.registry,
                 )
-            except (MeshError, HandshakeRefused, P2PError) as exc:
+            except (MeshError, HandshakeRefusedError, P2PError) as exc:
                 log.info("upgrade to a direct path failed: %s", exc)
                 conn.close(reason="upgrade failed")
                 return

@@ -82,7 +82,7 @@ class ChannelRefused(ChannelClosed):
     """The peer refused to open the stream (bad token, unknown role, ...)."""
 
 
-class HandshakeRefused(P2PError):
+class HandshakeRefusedError(P2PError):
     def __init__(self, code: ErrorCode, message: str, *, by_peer: bool) -> None:
         super().__init__(f"{message or code.name} ({code.name})")
         self.code = code
@@ -347,7 +347,7 @@ class MeshSession:
         self._incoming: asyncio.Queue[Channel | None] = asyncio.Queue()
         self._tasks: set[asyncio.Task[None]] = set()
         self._established = asyncio.Event()
-        self._failure: HandshakeRefused | None = None
+        self._failure: HandshakeRefusedError | None = None
         self.closed = asyncio.Event()
 
     @property
@@ -369,7 +369,7 @@ class MeshSession:
         validate: Validator,
         registry: MessageRegistry = BASE_REGISTRY,
     ) -> MeshSession:
-        """Run the connection handshake as the dialer; raises :class:`HandshakeRefused`."""
+        """Run the connection handshake as the dialer; raises :class:`HandshakeRefusedError`."""
         loop = asyncio.get_running_loop()
         mesh = cls(
             connection,
@@ -404,7 +404,7 @@ class MeshSession:
         mesh._adopt(first, StreamRole.CONTROL, "")
         try:
             await mesh._wait_established()
-        except HandshakeRefused as exc:
+        except HandshakeRefusedError as exc:
             await asyncio.sleep(0)  # let the refusal's bytes go out before the close
             raise Unauthorized(str(exc), CloseCode.UNAUTHORIZED) from exc
         return mesh
@@ -533,7 +533,7 @@ class MeshSession:
                 case SessionEstablished():
                     self._established.set()
                 case HandshakeFailed(code=code, message=message, by_peer=by_peer):
-                    self._failure = HandshakeRefused(code, message, by_peer=by_peer)
+                    self._failure = HandshakeRefusedError(code, message, by_peer=by_peer)
                     self._established.set()
                 case StreamAccepted(stream_id=sid, role=role, resource=resource):
                     channel = self._channels[sid]

@@ -422,7 +422,7 @@ class CancelledByPeer:
 
 
 @dataclass(frozen=True, slots=True)
-class TransferFailed:
+class TransferGaveUp:
     """We give up (e.g. a chunk failed too often): send ``cancel`` to the peer."""
 
     code: TransferErrorCode
@@ -468,7 +468,7 @@ SenderEvent: TypeAlias = (
     | FileConfirmed
     | Completed
     | CancelledByPeer
-    | TransferFailed
+    | TransferGaveUp
 )
 ReceiverEvent: TypeAlias = OfferReceived | ChunkReceived | FileEnded | CancelledByPeer
 
@@ -888,7 +888,7 @@ class TransferSender:
             self._move(_SI.GAVE_UP)
             code = TransferErrorCode.TOO_MANY_RESENDS
             reason = f"{entry.path}: chunk {chunk} failed its digest {count} times"
-            return [TransferFailed(code, reason, Cancel(reason[:MAX_REASON_LENGTH], code))]
+            return [TransferGaveUp(code, reason, Cancel(reason[:MAX_REASON_LENGTH], code))]
         self._resend_counts[key] = count
         self._resends.append(key)
         self._move(_SI.WORK_ADDED)

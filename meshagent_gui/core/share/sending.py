@@ -144,7 +144,7 @@ class OutgoingTransfer:
                                 )
                             case tp.CancelledByPeer(reason=reason, code=code):
                                 failure.append(ended_by_receiver(reason, code))
-                            case tp.TransferFailed(cancel=cancel, reason=reason):
+                            case tp.TransferGaveUp(cancel=cancel, reason=reason):
                                 await channel.send(cancel)
                                 failure.append(TransferError(reason, code="failed"))
                     if sender.finished:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
-from meshagent_gui.core.ipc import IpcStream, StreamClosed
+from meshagent_gui.core.ipc import IpcStream, IpcStreamClosed
 from meshagent_gui.core.protocol.terminal import (
     ControlChanged,
     ControlRefused,
@@ -130,7 +130,7 @@ async def share_console(
                     shared.revoke_control()
                 elif frame.get("stop"):
                     shared.stop()
-        except StreamClosed:
+        except IpcStreamClosed:
             shared.stop()  # the sharing console is gone: so is the session
 
     shared.console_output = stream.write_data
@@ -143,7 +143,7 @@ async def share_console(
     stream.write_json(
         {"event": "ended", "exit_code": status.code, "signal": status.signal, "message": ""}
     )
-    with contextlib.suppress(StreamClosed):
+    with contextlib.suppress(IpcStreamClosed):
         await stream.drain()
 
 
@@ -224,7 +224,7 @@ async def view_console(
             await asyncio.wait({shower, reader}, return_when=asyncio.FIRST_COMPLETED)
             shower.cancel()
             reader.cancel()
-    except* StreamClosed:
+    except* IpcStreamClosed:
         pass  # the console left
     finally:
         await view.aclose()

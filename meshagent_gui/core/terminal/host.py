@@ -80,8 +80,8 @@ __all__ = [
     "STOPPED_BY_HOST",
     "AsciicastRecorder",
     "CommandExited",
-    "ControlRequested",
     "HostControlChanged",
+    "HostControlRequested",
     "HostEvent",
     "HostLimits",
     "NotAllowed",
@@ -152,7 +152,7 @@ class ViewerFellBehind:
 
 
 @dataclass(frozen=True, slots=True)
-class ControlRequested:
+class HostControlRequested:
     party: str
 
 
@@ -175,7 +175,7 @@ HostEvent = (
     ViewerJoined
     | ViewerLeft
     | ViewerFellBehind
-    | ControlRequested
+    | HostControlRequested
     | HostControlChanged
     | CommandExited
 )
@@ -484,7 +484,7 @@ class TerminalHost:
             case Resize(cols=cols, rows=rows):
                 self.viewer_resized(viewer, cols, rows)
             case ControlRequest():
-                self._emit(ControlRequested(viewer.party))
+                self._emit(HostControlRequested(viewer.party))
                 if self.auto_grant:
                     self.request_control(viewer)
             case ControlRelease():

@@ -121,7 +121,7 @@ async def _upper(params: dict[str, Any], stream: ipc.IpcStream) -> None:
     while True:
         try:
             frame = await stream.receive()
-        except ipc.StreamClosed:
+        except ipc.IpcStreamClosed:
             return
         if isinstance(frame, bytes):
             stream.write_data(frame.upper())
@@ -167,10 +167,10 @@ async def test_attached_stream_refuses_an_oversized_frame(tmp_path: Path) -> Non
     reader.feed_data(ipc.FRAME_HEAD.pack(ipc.FRAME_DATA, ipc.MAX_FRAME + 1) + b"x")
     reader.feed_eof()
     stream = ipc.IpcStream(reader, None)  # type: ignore[arg-type]
-    with pytest.raises(ipc.StreamClosed, match="frame of"):
+    with pytest.raises(ipc.IpcStreamClosed, match="frame of"):
         await stream.receive()
     reader = asyncio.StreamReader()
     reader.feed_data(ipc.FRAME_HEAD.pack(ipc.FRAME_JSON, 5) + b"[1,2]")
     reader.feed_eof()
-    with pytest.raises(ipc.StreamClosed, match="bad JSON"):
+    with pytest.raises(ipc.IpcStreamClosed, match="bad JSON"):
         await ipc.IpcStream(reader, None).receive()  # type: ignore[arg-type]

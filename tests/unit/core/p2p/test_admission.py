@@ -13,7 +13,7 @@ import pytest
 from meshagent_gui import identity
 from meshagent_gui.core.p2p import Endpoint, PeerConnection, PeerStream
 from meshagent_gui.core.p2p.peers import capability_validator
-from meshagent_gui.core.p2p.session import ChannelRefused, HandshakeRefused, MeshSession
+from meshagent_gui.core.p2p.session import ChannelRefused, HandshakeRefusedError, MeshSession
 from meshagent_gui.core.protocol.captoken import CapabilityVerifier, public_key_from_jwk_x
 from meshagent_gui.core.protocol.errors import ErrorCode
 from meshagent_gui.core.protocol.messages import StreamRole
@@ -91,7 +91,7 @@ async def test_only_the_right_holder_with_a_live_token_gets_in(
             "forged": (mallory_ep, "eyJhbGciOiJub25lIn0.e30."),
         }
         for what, (ep, jwt) in refusals.items():
-            with pytest.raises(HandshakeRefused) as refused:
+            with pytest.raises(HandshakeRefusedError) as refused:
                 await asyncio.wait_for(dial(ep, bob_ep, bob.device_id, jwt), TIMEOUT)
             assert refused.value.code is ErrorCode.BAD_TOKEN, what
         # Garbage instead of a Hello: that connection dies, the good one does not notice.

@@ -17,7 +17,7 @@ from meshagent_gui.core.p2p.session import (
     Channel,
     ChannelClosed,
     ChannelRefused,
-    HandshakeRefused,
+    HandshakeRefusedError,
     MeshSession,
 )
 from meshagent_gui.core.protocol.errors import ErrorCode
@@ -127,7 +127,7 @@ async def test_bad_connection_token_is_refused_with_its_reason(
     engine: str, alice: identity.Identity, bob: identity.Identity
 ) -> None:
     async with pair(engine, alice, bob, RecordingValidator()) as (dialer, listener, accepted):
-        with pytest.raises(HandshakeRefused) as refused:
+        with pytest.raises(HandshakeRefusedError) as refused:
             await asyncio.wait_for(dial(dialer, listener, bob, "forged"), TIMEOUT)
         assert refused.value.code is ErrorCode.BAD_TOKEN and refused.value.by_peer
         assert accepted.empty()

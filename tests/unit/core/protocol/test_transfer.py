@@ -60,7 +60,7 @@ from meshagent_gui.core.protocol.transfer import (
     SendChunk,
     SenderState,
     TransferErrorCode,
-    TransferFailed,
+    TransferGaveUp,
     TransferLimits,
     TransferProtocolError,
     TransferReceiver,
@@ -217,7 +217,7 @@ class TransferPair:
         for message in self.to_sender.take(limit, split):
             for event in self.sender.receive(message):
                 self.sender_events.append(event)
-                if isinstance(event, TransferFailed):
+                if isinstance(event, TransferGaveUp):
                     self.to_receiver.put(event.cancel)
 
     # ------------------------------------------------------------ receiver side
@@ -504,7 +504,7 @@ def test_file_ended_waits_until_every_chunk_is_verified() -> None:
 def test_a_chunk_failing_too_often_fails_the_transfer_and_cancels_the_receiver() -> None:
     pair = TransferPair(CONTENTS, 4, corrupt={(3, 2): 10}, max_resends=2)
     pair.run()
-    failed = [e for e in pair.sender_events if isinstance(e, TransferFailed)]
+    failed = [e for e in pair.sender_events if isinstance(e, TransferGaveUp)]
     assert len(failed) == 1
     assert failed[0].code is T.TOO_MANY_RESENDS
     assert failed[0].cancel == Cancel(failed[0].reason, T.TOO_MANY_RESENDS)
