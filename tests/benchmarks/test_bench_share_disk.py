@@ -46,7 +46,8 @@ from typing import Any, TypeVar
 import pytest
 from blake3 import blake3
 
-from meshagent_gui.core.share.partial import DEFAULT_SYNC_EVERY, PartialFile, sync_directory
+from meshagent_gui.core.share.disk import sync_directory
+from meshagent_gui.core.share.partial import DEFAULT_SYNC_EVERY, PartialFile
 from meshagent_gui.core.share.source import ChunkReader, SourceEntry, walk
 from tests.benchmarks._measure import timed, write_report
 

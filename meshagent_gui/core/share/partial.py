@@ -59,6 +59,8 @@ partial from the same sender for another version of the file (another key) is st
 replaced.
 
 Every blocking call runs in an executor (the default one unless given): nothing blocks the loop.
+The disk is reached through a :class:`~meshagent_gui.core.share.disk.Disk` (the real one unless
+given), so tests fail its operations instead of patching this module.
 """
 
 from __future__ import annotations
@@ -68,7 +70,6 @@ import contextlib
 import errno
 import functools
 import os
-import shutil
 import stat
 import struct
 import sys
@@ -86,6 +87,7 @@ from blake3 import blake3
 from meshagent_gui.core.protocol.transfer import chunk_count, chunk_length
 from meshagent_gui.errors import UserError
 
+from .disk import DISK, POSIX_FADV_DONTNEED, Disk
 from .paths import MAX_COMPONENT_BYTES, move_to_unique
 
 MiB: Final = 1024 * 1024
@@ -108,8 +110,6 @@ _ZERO_DIGEST: Final = bytes(DIGEST_SIZE)
 _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _BINARY: Final = getattr(os, "O_BINARY", 0)
 _DISK_FULL: Final = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
-_FADVISE: Final = getattr(os, "posix_fadvise", None)  # not on macOS or Windows
-_DONTNEED: Final = getattr(os, "POSIX_FADV_DONTNEED", 4)
 # Windows cannot rename or delete a file that is open (os.open does not share delete access).
 _OPEN_FILES_PINNED: Final = sys.platform == "win32"
 
@@ -249,54 +249,6 @@ def state_files_in(folder: Path) -> frozenset[str]:
 
 # ---------------------------------------------------------------------------- low-level I/O
 
-_SEEK_LOCK: Final = threading.Lock()  # for systems without pread/pwrite (Windows)
-
-
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        if hasattr(os, "pwrite"):
-            written = os.pwrite(fd, view, offset)
-        else:
-            with _SEEK_LOCK:
-                os.lseek(fd, offset, os.SEEK_SET)
-                written = os.write(fd, view)
-        view = view[written:]
-        offset += written
-
-
-def pread_exact(fd: int, length: int, offset: int) -> bytes:
-    """``length`` bytes at ``offset``, fewer only at the end of the file."""
-    parts: list[bytes] = []
-    while length > 0:
-        if hasattr(os, "pread"):
-            piece = os.pread(fd, length, offset)
-        else:
-            with _SEEK_LOCK:
-                os.lseek(fd, offset, os.SEEK_SET)
-                piece = os.read(fd, length)
-        if not piece:
-            break
-        parts.append(piece)
-        length -= len(piece)
-        offset += len(piece)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _sync_data(fd: int) -> None:
-    (getattr(os, "fdatasync", None) or os.fsync)(fd)
-
-
-def sync_directory(directory: Path) -> None:
-    """Make renames and deletions in ``directory`` durable (blocking; a no-op on Windows)."""
-    if sys.platform == "win32":
-        return  # no directory handles to sync; NTFS journals the rename
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _try_lock(fd: int) -> bool:
     """Take an exclusive advisory lock on ``fd`` without waiting; False if someone holds it."""
@@ -357,6 +309,7 @@ class PartialFile:
         sync_every: int,
         executor: Executor | None,
         discarded: str | None,
+        disk: Disk,
     ) -> None:
         self.destination = destination
         self.size = header.size
@@ -373,6 +326,10 @@ class PartialFile:
         self._have = bytearray(-(-self.chunk_count // 8))
         self._sync_every = sync_every
         self._executor = executor
+        # The disk's operations, bound once: the chunk path pays one attribute lookup each.
+        self._disk = disk
+        self._write_all = disk.write_all
+        self._read_exact = disk.read_exact
         self._lock = threading.Lock()  # guards the in-memory table, bitmap and counters
         self._unsynced = 0
         self._closed = False
@@ -400,6 +357,7 @@ class PartialFile:
         chunk_size: int,
         sync_every: int = DEFAULT_SYNC_EVERY,
         executor: Executor | None = None,
+        disk: Disk = DISK,
     ) -> PartialFile:
         """Resume the partial of this (sender, key, size, chunk size) beside ``destination``, or
         start one. Every chunk an existing state file claims is re-read and re-hashed first.
@@ -411,7 +369,7 @@ class PartialFile:
             raise ValueError("sync_every must be positive")
         header = cls._header(sender, key, size, chunk_size)
         return await asyncio.get_running_loop().run_in_executor(
-            executor, cls._open_blocking, destination, header, sync_every, executor
+            executor, cls._open_blocking, destination, header, sync_every, executor, disk
         )
 
     @classmethod
@@ -428,6 +386,7 @@ class PartialFile:
         mtime_ns: int,
         sync_folder: bool = True,
         executor: Executor | None = None,
+        disk: Disk = DISK,
     ) -> Path:
         """:meth:`open`, :meth:`write_chunk` and :meth:`finish` for a file that is one chunk
         (``len(data) <= chunk_size``), in one trip to the executor: for many small files, the
@@ -445,6 +404,7 @@ class PartialFile:
             mtime_ns=mtime_ns,
             sync_folder=sync_folder,
             executor=executor,
+            disk=disk,
         )
         return await asyncio.get_running_loop().run_in_executor(executor, store)
 
@@ -462,12 +422,13 @@ class PartialFile:
         mtime_ns: int,
         sync_folder: bool = True,
         executor: Executor | None = None,
+        disk: Disk = DISK,
     ) -> Path:
         """(Blocking) :meth:`store_whole`, for a caller already in a disk thread."""
         if len(data) > chunk_size:
             raise ValueError(f"{len(data)} bytes is more than one chunk of {chunk_size}")
         header = cls._header(sender, key, len(data), chunk_size)
-        partial = cls._open_blocking(destination, header, DEFAULT_SYNC_EVERY, executor)
+        partial = cls._open_blocking(destination, header, DEFAULT_SYNC_EVERY, executor, disk)
         try:
             if partial.chunk_count:
                 partial._write_blocking(0, bytes(digest), data)
@@ -491,15 +452,20 @@ class PartialFile:
 
     @classmethod
     def _open_blocking(
-        cls, destination: Path, header: StateHeader, sync_every: int, executor: Executor | None
+        cls,
+        destination: Path,
+        header: StateHeader,
+        sync_every: int,
+        executor: Executor | None,
+        disk: Disk,
     ) -> PartialFile:
         for slot in range(MAX_SLOTS):
             data_path, state_path = slot_names(destination, slot)
-            state_fd = cls._claim_state(state_path)
+            state_fd = cls._claim_state(state_path, disk)
             if state_fd < 0:
                 continue
             try:
-                table, discarded = cls._read_matching_state(state_fd, header)
+                table, discarded = cls._read_matching_state(state_fd, header, disk)
             except _ForeignPartial:
                 _close_quietly(state_fd)
                 continue
@@ -510,11 +476,11 @@ class PartialFile:
                 with _disk_errors(destination, header.size):
                     data_fd = -1
                     if table is not None:
-                        data_fd = cls._reopen_data(data_path, header.size)
+                        data_fd = cls._reopen_data(data_path, header.size, disk)
                         if data_fd < 0:
                             table, discarded = None, "the partial data is missing"
                     if table is None:
-                        data_fd = cls._start_over(data_path, state_fd, header)
+                        data_fd = cls._start_over(data_path, state_fd, header, disk)
                         table = bytearray(header.chunks * DIGEST_SIZE)
             except BaseException:
                 _close_quietly(state_fd)
@@ -530,6 +496,7 @@ class PartialFile:
                 sync_every=sync_every,
                 executor=executor,
                 discarded=discarded,
+                disk=disk,
             )
             try:
                 partial._reverify()
@@ -547,11 +514,11 @@ class PartialFile:
         )
 
     @staticmethod
-    def _claim_state(state_path: Path) -> int:
+    def _claim_state(state_path: Path, disk: Disk) -> int:
         """An fd of the state file, locked by us and still at that path; -1 if the slot is busy."""
         for _ in range(3):  # the file can vanish under us when its writer finishes
             try:
-                fd = os.open(state_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _BINARY, 0o600)
+                fd = disk.open(state_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW | _BINARY, 0o600)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
                     return -1  # a link where our state file should be: not ours, leave it
@@ -570,10 +537,10 @@ class PartialFile:
 
     @staticmethod
     def _read_matching_state(
-        state_fd: int, wanted: StateHeader
+        state_fd: int, wanted: StateHeader, disk: Disk
     ) -> tuple[bytearray | None, str | None]:
         """(the digest table, None) to resume; (None, why) to start over in this slot."""
-        raw = pread_exact(state_fd, TABLE_OFFSET, 0)
+        raw = disk.read_exact(state_fd, TABLE_OFFSET, 0)
         if not raw:
             return None, None  # created just now (or before a crash wrote its header)
         try:
@@ -584,15 +551,15 @@ class PartialFile:
             raise _ForeignPartial
         if found != wanted:
             return None, "an older version of the file was partly received"
-        table = bytearray(pread_exact(state_fd, wanted.chunks * DIGEST_SIZE, TABLE_OFFSET))
+        table = bytearray(disk.read_exact(state_fd, wanted.chunks * DIGEST_SIZE, TABLE_OFFSET))
         if len(table) != wanted.chunks * DIGEST_SIZE:
             return None, "the state file is truncated"
         return table, None
 
     @staticmethod
-    def _reopen_data(data_path: Path, size: int) -> int:
+    def _reopen_data(data_path: Path, size: int, disk: Disk) -> int:
         try:
-            fd = os.open(data_path, os.O_RDWR | _NOFOLLOW | _BINARY)
+            fd = disk.open(data_path, os.O_RDWR | _NOFOLLOW | _BINARY)
         except FileNotFoundError:
             return -1
         except OSError as exc:
@@ -608,15 +575,15 @@ class PartialFile:
         return fd
 
     @staticmethod
-    def _start_over(data_path: Path, state_fd: int, header: StateHeader) -> int:
+    def _start_over(data_path: Path, state_fd: int, header: StateHeader, disk: Disk) -> int:
         """A new, empty data file (a fresh inode, never someone's link) and a blank table."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(data_path)
-        fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o666)
+            disk.unlink(data_path)
+        fd = disk.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o666)
         try:
             os.ftruncate(fd, header.size)
             fresh = header.encode() + bytes(header.chunks * DIGEST_SIZE)
-            pwrite_all(state_fd, fresh, 0)
+            disk.write_all(state_fd, fresh, 0)
             # Cut any old tail only now: truncating to zero would make ext4 flush the file
             # on close (auto_da_alloc), a few milliseconds per file.
             os.ftruncate(state_fd, len(fresh))
@@ -632,19 +599,19 @@ class PartialFile:
             if claimed == _ZERO_DIGEST:
                 continue
             length = chunk_length(self.size, self.chunk_size, chunk)
-            data = pread_exact(self._fds.data, length, chunk * self.chunk_size)
+            data = self._read_exact(self._fds.data, length, chunk * self.chunk_size)
             if len(data) == length and blake3(data).digest() == claimed:
                 if chunk == self._hashed_chunks:  # the resumed prefix, read in order anyway
                     self._running.update(data)
                     self._hashed_chunks += 1
                 continue
             self._forget(chunk)
-            pwrite_all(self._fds.state, _ZERO_DIGEST, TABLE_OFFSET + chunk * DIGEST_SIZE)
+            self._write_all(self._fds.state, _ZERO_DIGEST, TABLE_OFFSET + chunk * DIGEST_SIZE)
         self.resumed_bytes = self.verified_bytes
 
     def _check_free_space(self) -> None:
         needed = self.size - self.verified_bytes
-        if needed and shutil.disk_usage(self.data_path.parent).free < needed:
+        if needed and self._disk.free_space(self.data_path.parent) < needed:
             raise DiskFull(self.destination, needed)
 
     # -------------------------------------------------------------- state
@@ -706,9 +673,9 @@ class PartialFile:
             if self.has(chunk) and self._digest_at(chunk) == digest:
                 return
         with _disk_errors(self.destination, self.size - self.verified_bytes):
-            pwrite_all(self._fds.data, data, chunk * self.chunk_size)
+            self._write_all(self._fds.data, data, chunk * self.chunk_size)
             # Only now may the table claim the chunk (re-checked at the next open anyway).
-            pwrite_all(self._fds.state, digest, TABLE_OFFSET + chunk * DIGEST_SIZE)
+            self._write_all(self._fds.state, digest, TABLE_OFFSET + chunk * DIGEST_SIZE)
             with self._lock:
                 self._table[chunk * DIGEST_SIZE : (chunk + 1) * DIGEST_SIZE] = digest
                 self._mark(chunk)
@@ -722,8 +689,8 @@ class PartialFile:
                     self._dropped = max(drop_from, self._hashed_chunks * self.chunk_size)
                     drop_to = min(self._dropped, self.size)
             if due:
-                _sync_data(self._fds.data)
-                _sync_data(self._fds.state)
+                self._disk.sync_data(self._fds.data)
+                self._disk.sync_data(self._fds.state)
                 self._drop_cached(drop_from, drop_to)
 
     def _drop_cached(self, start: int, end: int) -> None:
@@ -734,9 +701,10 @@ class PartialFile:
         with about 1 CPU-s less (tests/benchmarks/test_bench_transfer.py). A big transfer also
         no longer pushes everything else out of the cache.
         """
-        if _FADVISE is not None and end > start:
+        fadvise = self._disk.fadvise
+        if fadvise is not None and end > start:
             with contextlib.suppress(OSError):
-                _FADVISE(self._fds.data, start, end - start, _DONTNEED)
+                fadvise(self._fds.data, start, end - start, POSIX_FADV_DONTNEED)
 
     def _advance_running_hash(self, chunk: int, data: bytes | memoryview) -> None:
         """Feed the whole-file hash in order (called with the lock held, after the write)."""
@@ -750,7 +718,7 @@ class PartialFile:
                 following = self._hashed_chunks
                 length = chunk_length(self.size, self.chunk_size, following)
                 self._running.update(
-                    pread_exact(self._fds.data, length, following * self.chunk_size)
+                    self._read_exact(self._fds.data, length, following * self.chunk_size)
                 )
                 self._hashed_chunks += 1
 
@@ -817,22 +785,22 @@ class PartialFile:
                 for chunk in range(self.chunk_count):
                     self._forget(chunk)
                 self._reset_running_hash()
-            pwrite_all(self._fds.state, bytes(self.chunk_count * DIGEST_SIZE), TABLE_OFFSET)
+            self._write_all(self._fds.state, bytes(self.chunk_count * DIGEST_SIZE), TABLE_OFFSET)
             raise HashMismatch(self.destination, None)
         with _disk_errors(self.destination):
             self._apply_metadata(mode, mtime_ns)
-            os.fsync(self._fds.data)
+            self._disk.fsync(self._fds.data)
             if _OPEN_FILES_PINNED:
                 self._close_data()
                 os.utime(self.data_path, ns=(time.time_ns(), mtime_ns))  # closing touched it
-            final = move_to_unique(self.data_path, self.destination)
+            final = move_to_unique(self.data_path, self.destination, disk=self._disk)
             if sync_folder:
-                sync_directory(final.parent)
+                self._disk.sync_directory(final.parent)
         if _OPEN_FILES_PINNED:
             self._close()
         # Elsewhere the state file is removed while still locked: no one adopts it in between.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.state_path)
+            self._disk.unlink(self.state_path)
         self._close()
         return final
 
@@ -841,15 +809,16 @@ class PartialFile:
         hasher = self._running.copy()
         offset = min(self._hashed_chunks * self.chunk_size, self.size)
         buffer = bytearray(min(VERIFY_BLOCK, max(self.size - offset, 1)))
+        preadv = self._disk.preadv
         while offset < self.size:
             view = memoryview(buffer)[: min(len(buffer), self.size - offset)]
-            if hasattr(os, "preadv"):
-                got = os.preadv(self._fds.data, [view], offset)
+            if preadv is not None:
+                got = preadv(self._fds.data, [view], offset)
                 if got <= 0:
                     break
                 hasher.update(view[:got])
             else:
-                piece = pread_exact(self._fds.data, len(view), offset)
+                piece = self._read_exact(self._fds.data, len(view), offset)
                 if not piece:
                     break
                 got = len(piece)
@@ -878,8 +847,8 @@ class PartialFile:
 
     def _abandon_blocking(self) -> None:
         with contextlib.suppress(OSError):
-            _sync_data(self._fds.data)
-            _sync_data(self._fds.state)
+            self._disk.sync_data(self._fds.data)
+            self._disk.sync_data(self._fds.state)
         self._close()
 
     async def discard(self) -> None:
@@ -894,7 +863,7 @@ class PartialFile:
             self._close()
         for path in (self.data_path, self.state_path):  # state last: it holds the lock
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                self._disk.unlink(path)
         self._close()
 
     # -------------------------------------------------------------- plumbing

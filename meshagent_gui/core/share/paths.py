@@ -26,10 +26,7 @@ replace an existing file.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
-import functools
 import os
 import re
 import stat
@@ -40,6 +37,8 @@ from pathlib import Path, PurePosixPath
 from typing import Final
 
 from meshagent_gui.errors import UserError
+
+from .disk import DISK, NOT_SUPPORTED, Disk
 
 MAX_COMPONENT_BYTES: Final = 255
 MAX_PATH_BYTES: Final = 4096
@@ -266,17 +265,17 @@ def unique_destination(path: Path) -> Path:
     raise UserError(f"too many files named like {path.name!r} in {path.parent}", code="name_clash")
 
 
-def move_to_unique(source: Path, wanted: Path) -> Path:
+def move_to_unique(source: Path, wanted: Path, *, disk: Disk = DISK) -> Path:
     """Move ``source`` to ``wanted`` or its first free clash name; never replaces anything.
 
     Returns where it landed. Blocking: call it off the event loop.
     """
     for candidate in clash_names(wanted.name):
         target = wanted.with_name(candidate)
-        if os.path.lexists(target):
+        if disk.lexists(target):
             continue
         try:
-            rename_no_replace(source, target)
+            rename_no_replace(source, target, disk=disk)
         except FileExistsError:
             continue  # taken between the check and the move: try the next name
         return target
@@ -287,25 +286,8 @@ def move_to_unique(source: Path, wanted: Path) -> Path:
 
 # ---------------------------------------------------------------------------- no-replace rename
 
-_RENAME_NOREPLACE: Final = 1  # linux/fs.h
-_RENAME_EXCL: Final = 0x4  # macOS sys/stdio.h, for renamex_np
-_AT_FDCWD: Final = -100
-_NOT_SUPPORTED: Final = frozenset(
-    {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
-)
 
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    if sys.platform == "win32":
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    except OSError:
-        return None
-
-
-def rename_no_replace(source: Path, target: Path) -> None:
+def rename_no_replace(source: Path, target: Path, *, disk: Disk = DISK) -> None:
     """Rename ``source`` to ``target`` atomically, or raise :class:`FileExistsError`.
 
     The check and the rename are one step wherever the system offers it, so no other writer can
@@ -324,38 +306,18 @@ def rename_no_replace(source: Path, target: Path) -> None:
     if sys.platform == "win32":
         os.rename(source, target)
         return
-    if _native_rename_no_replace(source, target):
+    if disk.rename_exclusive(source, target):
         return
     try:
-        os.link(source, target, follow_symlinks=False)
+        disk.link(source, target)
     except FileExistsError:
         raise
     except OSError as exc:
-        if exc.errno not in _NOT_SUPPORTED | {errno.EMLINK}:
+        if exc.errno not in NOT_SUPPORTED | {errno.EMLINK}:
             raise
     else:
-        os.unlink(source)
+        disk.unlink(source)
         return
-    placeholder = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    placeholder = disk.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.close(placeholder)
     os.replace(source, target)
-
-
-def _native_rename_no_replace(source: Path, target: Path) -> bool:
-    """True when done; False when this system or filesystem cannot do it in one step."""
-    libc = _libc()
-    if libc is None:
-        return False
-    src, dst = os.fsencode(source), os.fsencode(target)
-    if sys.platform == "darwin" and hasattr(libc, "renamex_np"):
-        result = libc.renamex_np(src, dst, ctypes.c_uint(_RENAME_EXCL))
-    elif hasattr(libc, "renameat2"):
-        result = libc.renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, ctypes.c_uint(_RENAME_NOREPLACE))
-    else:
-        return False
-    if result == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in _NOT_SUPPORTED:
-        return False
-    raise OSError(code, os.strerror(code), str(target))

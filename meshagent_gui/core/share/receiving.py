@@ -28,6 +28,7 @@ from meshagent_gui.core.protocol.errors import ProtocolError
 from meshagent_gui.errors import UserError
 
 from .completed import CompletedIndex
+from .disk import DISK, Disk
 from .errors import TransferError, quietly
 from .jobs import DiskJobs
 from .partial import (
@@ -36,7 +37,6 @@ from .partial import (
     PartialFile,
     partial_exists,
     state_files_in,
-    sync_directory,
 )
 from .paths import UnsafePath, ensure_directory_inside, resolve_many, safe_relative_path
 from .progress import RateMeter, transfer_title
@@ -72,6 +72,7 @@ class ReceiverTools:
     publish: Callable[[Event], None]
     executor: Executor
     completed: CompletedIndex
+    disk: Disk = DISK  # the receiving disk (a faulty one in tests)
 
 
 class IncomingTransfer:
@@ -214,6 +215,7 @@ class IncomingTransfer:
                 size=entry.size,
                 chunk_size=chunk_size,
                 executor=self.tools.executor,
+                disk=self.tools.disk,
             )
             self.partials[index] = partial
         return partial
@@ -407,7 +409,7 @@ class IncomingTransfer:
                     raise outcome
 
         files = [(whole, digest, offer.entries[index].key) for index, whole, digest in batch]
-        work = self._disk(store_small_files, files, self.peer_id, offer.chunk_size)
+        work = self._disk(store_small_files, files, self.peer_id, offer.chunk_size, self.tools.disk)
         self.jobs.start(_BATCH, work, stored)
 
     async def _file_finished(
@@ -486,12 +488,15 @@ class IncomingTransfer:
 
 
 def store_small_files(
-    files: Sequence[tuple[WholeFile, bytes, bytes]], sender: str, chunk_size: int
+    files: Sequence[tuple[WholeFile, bytes, bytes]],
+    sender: str,
+    chunk_size: int,
+    disk: Disk = DISK,
 ) -> list[Outcome]:
     """(Blocking) store small files (whole, digest, entry key) in one trip to a disk thread:
     as unnamed files linked into place where the filesystem can (whole.py), by the partial-file
     path where it cannot (macOS, Windows, some Linux filesystems), each folder synced once."""
-    outcomes = store_whole_files([whole for whole, _, _ in files])
+    outcomes = store_whole_files([whole for whole, _, _ in files], disk=disk)
     folders: set[Path] = set()
     for position, (whole, digest, key) in enumerate(files):
         if outcomes[position] is not NOT_HERE:
@@ -507,6 +512,7 @@ def store_small_files(
                 mode=whole.mode,
                 mtime_ns=whole.mtime_ns,
                 sync_folder=False,  # once per folder below, not once per file
+                disk=disk,
             )
         except (DiskFull, UserError) as exc:
             outcomes[position] = exc
@@ -515,5 +521,5 @@ def store_small_files(
         folders.add(final.parent)
     for folder in sorted(folders):
         with contextlib.suppress(OSError):
-            sync_directory(folder)
+            disk.sync_directory(folder)
     return outcomes

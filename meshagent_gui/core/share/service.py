@@ -38,6 +38,7 @@ from meshagent_gui.core.bus import EventBus
 from meshagent_gui.core.events import (
     TransferFailed,
     TransferOffered,
+    TransferOutcome,
     TransferProgressed,
     TransferWaiting,
 )
@@ -52,6 +53,7 @@ from meshagent_gui.core.protocol.messages import StreamRole
 from meshagent_gui.errors import UserError
 
 from .completed import CompletedIndex
+from .disk import DISK, Disk
 from .errors import TransferError, describe
 from .progress import RateMeter, transfer_title
 from .ratelimit import TokenBucket
@@ -110,6 +112,7 @@ class TransferService:
         global_rate: Callable[[], float | None],
         reconnect_window: float = 600.0,
         retry_delay: float = 1.0,
+        disk: Disk = DISK,
     ) -> None:
         self._peers = peers
         self._client = client
@@ -133,6 +136,7 @@ class TransferService:
             publish=bus.publish,
             executor=self.executor,
             completed=self._completed,
+            disk=disk,
         )
         self._pending_answers: dict[str, asyncio.Future[bool]] = {}
         self.active: dict[str, ActiveTransfer] = {}
@@ -352,19 +356,23 @@ class TransferService:
         incoming = IncomingTransfer(self._receiving, channel, receiver, peer_id, offered=offered)
         self.active[channel.resource] = active
         why = "ended before it finished"
+        outcome = TransferOutcome.FAILED
         try:
             await incoming.run(capability)
             if incoming.declined:
                 why = f"declined: {incoming.declined}"
+                outcome = TransferOutcome.DECLINED
         except asyncio.CancelledError:
             if active.cancel_requested:
                 await asyncio.shield(incoming.cancelled())
                 why = "cancelled by the receiver"
+                outcome = TransferOutcome.CANCELLED
             else:
                 # This agent is stopping (Ctrl-C, logout, quit): a pause, not a cancel. The
                 # sender is not told to give up: it waits for us to come back and resumes.
                 await asyncio.shield(incoming.abandon())
                 why = "interrupted: this device stopped; the sender resumes when it is back"
+                outcome = TransferOutcome.INTERRUPTED
             raise
         except (ChannelClosed, P2PError, ConnectionError) as exc:
             await incoming.abandon()
@@ -377,6 +385,8 @@ class TransferService:
         except UserError as exc:
             await incoming.failed(exc.message)
             why = exc.message
+            if exc.code == "cancelled":  # the sender cancelled
+                outcome = TransferOutcome.CANCELLED
         except Exception as exc:
             # A disk error (OSError) or a bug: still one clear end for the UI and the sender.
             log.exception("receiving from %s failed", peer_id[:12])
@@ -385,7 +395,9 @@ class TransferService:
         finally:
             self.active.pop(channel.resource, None)
             if not incoming.completed:
-                self._bus.publish(TransferFailed(channel.resource, incoming.title, peer_id, why))
+                self._bus.publish(
+                    TransferFailed(channel.resource, incoming.title, peer_id, why, outcome)
+                )
 
     async def decide(self, peer_id: str, offer: tp.OfferReceived, names: tuple[str, ...]) -> bool:
         policy = self._auto_accept()

@@ -42,7 +42,7 @@ from blake3 import blake3
 from meshagent_gui.core.protocol.transfer import chunk_count, chunk_length
 from meshagent_gui.errors import UserError
 
-from .partial import pread_exact
+from .disk import pread_exact
 from .paths import UnsafePath, is_link, safe_relative_path
 
 DEFAULT_READ_AHEAD: Final = 4

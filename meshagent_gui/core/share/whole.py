@@ -28,7 +28,6 @@ import ctypes
 import errno
 import os
 import stat
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,8 +36,9 @@ from typing import Final
 
 from meshagent_gui.errors import UserError
 
-from .partial import _DISK_FULL, DiskFull, _disk_errors, pwrite_all, sync_directory
-from .paths import _AT_FDCWD, _libc, clash_names
+from .disk import AT_FDCWD, DISK, Disk, libc
+from .partial import _DISK_FULL, DiskFull, _disk_errors
+from .paths import clash_names
 
 _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
 _AT_SYMLINK_FOLLOW: Final = 0x400
@@ -60,6 +60,9 @@ NOT_HERE: Final = _NotHere()
 
 Outcome = Path | BaseException | _NotHere
 
+available: Final = DISK.unnamed_files
+"""Whether this system can make unnamed files and link them (Linux with a libc)."""
+
 
 @dataclass(frozen=True, slots=True)
 class WholeFile:
@@ -71,28 +74,23 @@ class WholeFile:
     mtime_ns: int
 
 
-def available() -> bool:
-    """Whether this system can make unnamed files and link them (Linux with a libc)."""
-    return bool(_O_TMPFILE) and sys.platform.startswith("linux") and _libc() is not None
-
-
-def store_whole_files(files: Sequence[WholeFile]) -> list[Outcome]:
+def store_whole_files(files: Sequence[WholeFile], *, disk: Disk = DISK) -> list[Outcome]:
     """(Blocking) store ``files``; per file, where it landed, its error, or :data:`NOT_HERE`."""
     outcomes: list[Outcome] = [NOT_HERE] * len(files)
-    if not available():
+    if not disk.unnamed_files():
         return outcomes
     fds: dict[int, int] = {}
     try:
         for position, whole in enumerate(files):
             try:
-                fds[position] = write_unnamed(whole)
+                fds[position] = write_unnamed(whole, disk=disk)
             except _Unsupported:
                 continue  # NOT_HERE: the partial-file path stores it
             except Exception as exc:
                 outcomes[position] = exc
         if not fds:
             return outcomes
-        make_durable(list(fds.values()))
+        make_durable(list(fds.values()), disk=disk)
         folders: set[Path] = set()
         for position, fd in fds.items():
             try:
@@ -106,7 +104,7 @@ def store_whole_files(files: Sequence[WholeFile]) -> list[Outcome]:
             folders.add(final.parent)
         for folder in sorted(folders):
             with contextlib.suppress(OSError):
-                sync_directory(folder)
+                disk.sync_directory(folder)
     finally:
         for fd in fds.values():
             with contextlib.suppress(OSError):
@@ -118,10 +116,10 @@ class _Unsupported(Exception):
     """This filesystem cannot do it; not an error of the file."""
 
 
-def write_unnamed(whole: WholeFile) -> int:
+def write_unnamed(whole: WholeFile, *, disk: Disk = DISK) -> int:
     """An open, unnamed file in the destination's folder holding ``whole``'s data and times."""
     try:
-        fd = os.open(whole.destination.parent, _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
+        fd = disk.open(whole.destination.parent, _O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
     except OSError as exc:
         if exc.errno in _NO_TMPFILE:
             raise _Unsupported(str(exc)) from exc
@@ -130,7 +128,7 @@ def write_unnamed(whole: WholeFile) -> int:
         raise
     try:
         with _disk_errors(whole.destination, len(whole.data)):
-            pwrite_all(fd, whole.data, 0)
+            disk.write_all(fd, whole.data, 0)
             current = stat.S_IMODE(os.fstat(fd).st_mode)
             wanted = current | ((current & 0o444) >> 2) if whole.mode & 0o111 else current & ~0o111
             if wanted != current:
@@ -142,11 +140,11 @@ def write_unnamed(whole: WholeFile) -> int:
     return fd
 
 
-def make_durable(fds: Sequence[int]) -> None:
+def make_durable(fds: Sequence[int], *, disk: Disk = DISK) -> None:
     """The data of every file in ``fds`` on disk: one ``syncfs`` per filesystem, else a sync
     of each file."""
-    libc = _libc()
-    syncfs = getattr(libc, "syncfs", None) if libc is not None else None
+    lib = libc()
+    syncfs = getattr(lib, "syncfs", None) if lib is not None else None
     by_device: dict[int, list[int]] = {}
     for fd in fds:
         by_device.setdefault(os.fstat(fd).st_dev, []).append(fd)
@@ -154,23 +152,23 @@ def make_durable(fds: Sequence[int]) -> None:
         if syncfs is not None and syncfs(same_device[0]) == 0:
             continue
         for fd in same_device:
-            os.fsync(fd)
+            disk.fsync(fd)
 
 
 def link_unique(fd: int, wanted: Path) -> Path:
     """Give the unnamed file ``fd`` the name ``wanted`` or its first free clash name; never
     replaces anything (``linkat`` fails on an existing name, atomically)."""
-    libc = _libc()
-    assert libc is not None
+    lib = libc()
+    assert lib is not None
     source = f"/proc/self/fd/{fd}".encode()
     for candidate in clash_names(wanted.name):
         target = os.fsencode(wanted.with_name(candidate))
-        if libc.linkat(_AT_FDCWD, source, _AT_FDCWD, target, _AT_SYMLINK_FOLLOW) == 0:
+        if lib.linkat(AT_FDCWD, source, AT_FDCWD, target, _AT_SYMLINK_FOLLOW) == 0:
             return wanted.with_name(candidate)
         code = ctypes.get_errno()
         if code == errno.ENOENT and not os.path.isdir("/proc/self/fd"):
             # No /proc: AT_EMPTY_PATH (needs CAP_DAC_READ_SEARCH before Linux 6.10).
-            if libc.linkat(fd, b"", _AT_FDCWD, target, _AT_EMPTY_PATH) == 0:
+            if lib.linkat(fd, b"", AT_FDCWD, target, _AT_EMPTY_PATH) == 0:
                 return wanted.with_name(candidate)
             code = ctypes.get_errno()
         if code == errno.EEXIST:

@@ -26,6 +26,7 @@ from meshagent_gui.core.p2p.session import ChannelClosed
 from meshagent_gui.core.protocol import transfer as tp
 from meshagent_gui.core.protocol.errors import ErrorCode
 from meshagent_gui.core.protocol.messages import StreamRole
+from meshagent_gui.core.share.disk import DISK, Disk
 from meshagent_gui.core.share.service import TransferService
 
 WINDOW = 8
@@ -281,6 +282,7 @@ def make_service(
     *,
     downloads: Callable[[], Path] | None = None,
     global_rate: Callable[[], float | None] = lambda: None,
+    disk: Disk = DISK,
 ) -> Side:
     """A transfer service of device ``device_id`` whose folders live in ``home``."""
     folder = home / "downloads"
@@ -305,6 +307,7 @@ def make_service(
         auto_accept=lambda: "own",
         global_rate=global_rate,
         retry_delay=0.01,
+        disk=disk,
     )
     return Side(service, bus, events, folder)
 

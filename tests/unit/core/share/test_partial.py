@@ -16,7 +16,7 @@ import pytest
 from blake3 import blake3
 
 from meshagent_gui.core.protocol.transfer import chunk_count
-from meshagent_gui.core.share import partial as partial_module
+from meshagent_gui.core.share.disk import DISK, Disk
 from meshagent_gui.core.share.partial import (
     DEFAULT_SYNC_EVERY,
     DIGEST_SIZE,
@@ -31,6 +31,8 @@ from meshagent_gui.core.share.partial import (
     partial_exists,
     slot_names,
 )
+
+from .faulty_disk import FaultyDisk
 
 CHUNK = 64 * 1024
 SENDER = "device-a" * 8
@@ -58,9 +60,16 @@ async def open_partial(
     sender: str = SENDER,
     key: bytes = KEY,
     sync_every: int = DEFAULT_SYNC_EVERY,
+    disk: Disk = DISK,
 ) -> PartialFile:
     return await PartialFile.open(
-        destination, sender=sender, key=key, size=size, chunk_size=CHUNK, sync_every=sync_every
+        destination,
+        sender=sender,
+        key=key,
+        size=size,
+        chunk_size=CHUNK,
+        sync_every=sync_every,
+        disk=disk,
     )
 
 
@@ -348,58 +357,49 @@ async def test_an_empty_file(tmp_path: Path) -> None:
     assert landed.read_bytes() == b""
 
 
-async def test_periodic_sync_is_data_then_state(
-    tmp_path: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    synced: list[int] = []
-    monkeypatch.setattr(partial_module, "_sync_data", synced.append)
-    partial = await open_partial(tmp_path / "f", len(payload), sync_every=2 * CHUNK)
+async def test_periodic_sync_is_data_then_state(tmp_path: Path, payload: bytes) -> None:
+    disk = FaultyDisk()
+    partial = await open_partial(tmp_path / "f", len(payload), sync_every=2 * CHUNK, disk=disk)
     pieces = chunks_of(payload)
     for number in range(4):
         await partial.write_chunk(number, digest(pieces[number]), pieces[number])
+    synced = [fd for (fd,) in disk.calls_of("sync_data")]
     assert synced == [partial._fds.data, partial._fds.state] * 2  # after 2 and 4 chunks
     await partial.discard()
 
 
 async def test_synced_data_the_hash_has_seen_leaves_the_page_cache(
-    tmp_path: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, payload: bytes
 ) -> None:
-    dropped: list[tuple[int, int]] = []
-    monkeypatch.setattr(
-        partial_module,
-        "_FADVISE",
-        lambda fd, offset, length, advice: dropped.append((offset, length)),
-    )
-    partial = await open_partial(tmp_path / "f", len(payload), sync_every=2 * CHUNK)
+    disk = FaultyDisk()
+    partial = await open_partial(tmp_path / "f", len(payload), sync_every=2 * CHUNK, disk=disk)
     pieces = chunks_of(payload)
     for number in (0, 2, 1, 4, 5, 3):  # syncs after chunks 2 and 4 (2 chunks' bytes each)
         await partial.write_chunk(number, digest(pieces[number]), pieces[number])
     # At the first sync only chunk 0 is hashed (2 waits for 1); at the second, chunks 0-2;
     # chunk 3 is missing then, so 4 stays cached, and so does the tail (never synced).
+    dropped = [(offset, length) for _, offset, length, _ in disk.calls_of("fadvise")]
     assert dropped == [(0, CHUNK), (CHUNK, 2 * CHUNK)]
     assert await partial.finish(digest(payload), mtime_ns=MTIME_NS) == tmp_path / "f"
     assert (tmp_path / "f").read_bytes() == payload
 
 
-async def test_disk_full_keeps_the_partial(
-    tmp_path: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize(
+    "error", [errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)], ids=["no-space", "quota"]
+)
+async def test_disk_full_keeps_the_partial(tmp_path: Path, payload: bytes, error: int) -> None:
     destination = tmp_path / "big.bin"
     pieces = chunks_of(payload)
-    partial = await open_partial(destination, len(payload))
+    disk = FaultyDisk()
+    partial = await open_partial(destination, len(payload), disk=disk)
     await partial.write_chunk(0, digest(pieces[0]), pieces[0])
-    real_pwrite = os.pwrite
-
-    def full(fd: int, data: object, offset: int) -> int:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(os, "pwrite", full)
+    disk.fault("pwrite", error=error, after_bytes=CHUNK // 2)  # fills up halfway through 1
     with pytest.raises(DiskFull, match=r"the disk is full: cannot store big\.bin") as caught:
         await partial.write_chunk(1, digest(pieces[1]), pieces[1])
     assert caught.value.code == "disk_full"
+    assert disk.failures == 1 and disk.calls_of("pwrite")[-1][1] == CHUNK // 2  # a short write
     assert not partial.has(1)
     await partial.abandon()
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
 
     assert partial.data_path.exists() and partial.state_path.exists()
     resumed = await open_partial(destination, len(payload))
@@ -407,12 +407,9 @@ async def test_disk_full_keeps_the_partial(
     await resumed.abandon()
 
 
-async def test_too_little_free_space_is_reported_up_front(
-    tmp_path: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 10))
+async def test_too_little_free_space_is_reported_up_front(tmp_path: Path, payload: bytes) -> None:
     with pytest.raises(DiskFull, match=r"more needed"):
-        await open_partial(tmp_path / "f", len(payload))
+        await open_partial(tmp_path / "f", len(payload), disk=FaultyDisk(free=10))
     assert slot_names(tmp_path / "f", 0)[1].exists()  # kept: space may be freed and resumed
 
 
@@ -480,52 +477,47 @@ async def test_closed_partial_refuses_work(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def read_backs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Bytes that finish() reads back from the data file."""
-    counted: list[int] = []
-    real_preadv = os.preadv
+def disk() -> FaultyDisk:
+    return FaultyDisk()  # no fault: it only logs
 
-    def counting(fd: int, buffers: list[memoryview], offset: int) -> int:
-        got = real_preadv(fd, buffers, offset)
-        counted.append(got)
-        return got
 
-    monkeypatch.setattr(os, "preadv", counting)
-    return counted
+def read_backs(disk: FaultyDisk) -> list[int]:
+    """Bytes that finish() read back from the data file, per read."""
+    return [got for _, _, got in disk.calls_of("preadv")]
 
 
 @pytest.mark.parametrize("order", [(0, 1, 2, 3, 4, 5), (5, 0, 3, 1, 4, 2)])
 async def test_chunks_are_hashed_as_they_land(
-    tmp_path: Path, payload: bytes, read_backs: list[int], order: tuple[int, ...]
+    tmp_path: Path, payload: bytes, disk: FaultyDisk, order: tuple[int, ...]
 ) -> None:
-    partial = await open_partial(tmp_path / "f", len(payload))
+    partial = await open_partial(tmp_path / "f", len(payload), disk=disk)
     pieces = chunks_of(payload)
     for number in order:
         await partial.write_chunk(number, digest(pieces[number]), pieces[number])
     await partial.finish(digest(payload), mtime_ns=MTIME_NS)
-    assert read_backs == []  # nothing left to read back
+    assert read_backs(disk) == []  # nothing left to read back
 
 
 async def test_a_resumed_prefix_is_hashed_at_open(
-    tmp_path: Path, payload: bytes, read_backs: list[int]
+    tmp_path: Path, payload: bytes, disk: FaultyDisk
 ) -> None:
     pieces = chunks_of(payload)
-    first = await open_partial(tmp_path / "f", len(payload))
+    first = await open_partial(tmp_path / "f", len(payload), disk=disk)
     for number in (0, 1, 4):
         await first.write_chunk(number, digest(pieces[number]), pieces[number])
     crash(first)
-    second = await open_partial(tmp_path / "f", len(payload))
+    second = await open_partial(tmp_path / "f", len(payload), disk=disk)
     await second.write_chunk(3, digest(pieces[3]), pieces[3])  # out of order: not hashed yet
     await second.write_chunk(5, digest(pieces[5]), pieces[5])
     await second.write_chunk(2, digest(pieces[2]), pieces[2])  # the chain catches up
     await second.finish(digest(payload), mtime_ns=MTIME_NS)
-    assert read_backs == []
+    assert read_backs(disk) == []
 
 
 async def test_full_read_back_sees_damage_after_the_write(
-    tmp_path: Path, payload: bytes, read_backs: list[int]
+    tmp_path: Path, payload: bytes, disk: FaultyDisk
 ) -> None:
-    partial = await open_partial(tmp_path / "f", len(payload))
+    partial = await open_partial(tmp_path / "f", len(payload), disk=disk)
     for number, piece in enumerate(chunks_of(payload)):
         await partial.write_chunk(number, digest(piece), piece)
     with open(partial.data_path, "r+b") as handle:
@@ -533,7 +525,7 @@ async def test_full_read_back_sees_damage_after_the_write(
         handle.write(b"rot")
     with pytest.raises(HashMismatch):
         await partial.finish(digest(payload), mtime_ns=MTIME_NS, full_read_back=True)
-    assert sum(read_backs) == len(payload)
+    assert sum(read_backs(disk)) == len(payload)
     await partial.discard()
 
 
@@ -588,17 +580,13 @@ async def test_partial_exists_looks_at_every_slot(tmp_path: Path) -> None:
     assert not partial_exists(tmp_path / "f")
 
 
-async def test_the_folder_sync_can_be_left_to_the_caller(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    synced: list[Path] = []
-    monkeypatch.setattr(partial_module, "sync_directory", synced.append)
+async def test_the_folder_sync_can_be_left_to_the_caller(tmp_path: Path, disk: FaultyDisk) -> None:
     data = b"small"
     for name, sync_folder in (("a", True), ("b", False)):
-        partial = await open_partial(tmp_path / name, len(data))
+        partial = await open_partial(tmp_path / name, len(data), disk=disk)
         await partial.write_chunk(0, digest(data), data)
         await partial.finish(digest(data), mtime_ns=MTIME_NS, sync_folder=sync_folder)
-    assert synced == [tmp_path]  # once, for "a"
+    assert disk.calls_of("sync_directory") == [(tmp_path,)]  # once, for "a"
     assert (tmp_path / "b").read_bytes() == data
 
 

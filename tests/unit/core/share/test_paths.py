@@ -25,6 +25,8 @@ from meshagent_gui.core.share.paths import (
 )
 from meshagent_gui.errors import UserError
 
+from .faulty_disk import FaultyDisk
+
 # Names built from the pieces that attacks are made of, mixed with arbitrary text.
 TRICKY_PIECES = st.sampled_from(
     [
@@ -337,47 +339,50 @@ def test_rename_no_replace_never_overwrites(tmp_path: Path) -> None:
     assert not source.exists() and (tmp_path / "free").read_text() == "new"
 
 
-def test_rename_falls_back_to_link_then_unlink(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(paths, "_native_rename_no_replace", lambda source, target: False)
+def test_rename_falls_back_to_link_then_unlink(tmp_path: Path) -> None:
+    disk = FaultyDisk(exclusive_rename=False)  # a filesystem without RENAME_NOREPLACE
     source, target = tmp_path / "new", tmp_path / "old"
     source.write_text("new")
     target.write_text("old")
     with pytest.raises(FileExistsError):
-        rename_no_replace(source, target)
-    rename_no_replace(source, tmp_path / "free")
+        rename_no_replace(source, target, disk=disk)
+    rename_no_replace(source, tmp_path / "free", disk=disk)
     assert not source.exists() and (tmp_path / "free").read_text() == "new"
+    assert disk.calls_of("link") == [(source, tmp_path / "free")]
+    assert disk.calls_of("unlink") == [(source,)]
 
 
-def test_rename_falls_back_to_an_exclusive_placeholder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def no_links(*args: object, **kwargs: object) -> None:
-        raise OSError(errno.EPERM, "hard links not supported here")
-
-    monkeypatch.setattr(paths, "_native_rename_no_replace", lambda source, target: False)
-    monkeypatch.setattr(os, "link", no_links)
+@pytest.mark.parametrize("error", [errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP])
+def test_rename_falls_back_to_an_exclusive_placeholder(tmp_path: Path, error: int) -> None:
+    # Nor hard links (FAT, some network shares).
+    disk = FaultyDisk(exclusive_rename=False, fail="link", error=error)
     source, target = tmp_path / "new", tmp_path / "old"
     source.write_text("new")
     target.write_text("old")
     with pytest.raises(FileExistsError):
-        rename_no_replace(source, target)
+        rename_no_replace(source, target, disk=disk)
     assert target.read_text() == "old"
-    rename_no_replace(source, tmp_path / "free")
+    rename_no_replace(source, tmp_path / "free", disk=disk)
     assert (tmp_path / "free").read_text() == "new"
+    assert disk.failures == 2  # the link was tried each time
 
 
-def test_move_to_unique_takes_the_next_name_when_raced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_link_error_that_is_not_about_support_is_raised(tmp_path: Path) -> None:
+    disk = FaultyDisk(exclusive_rename=False, fail="link", error=errno.EIO)
+    source = tmp_path / "new"
+    source.write_text("new")
+    with pytest.raises(OSError, match="Input/output error"):
+        rename_no_replace(source, tmp_path / "free", disk=disk)
+    assert source.read_text() == "new" and not (tmp_path / "free").exists()
+
+
+def test_move_to_unique_takes_the_next_name_when_raced(tmp_path: Path) -> None:
     source = tmp_path / "data.meshpart"
     source.write_text("payload")
     (tmp_path / "a.txt").write_text("someone else's")
     # The existence check misses the clash (another writer got there in between): the
     # no-replace rename still refuses and the next name is used.
-    monkeypatch.setattr(os.path, "lexists", lambda path: False)
-    landed = move_to_unique(source, tmp_path / "a.txt")
+    landed = move_to_unique(source, tmp_path / "a.txt", disk=FaultyDisk(lexists=False))
     assert landed == tmp_path / "a (1).txt"
     assert landed.read_text() == "payload"
     assert (tmp_path / "a.txt").read_text() == "someone else's"

@@ -13,11 +13,13 @@ import pytest
 from meshagent_gui.core.events import (
     TransferCompleted,
     TransferFailed,
+    TransferOutcome,
     TransferWaiting,
 )
 from meshagent_gui.core.share.service import CHUNK_SIZE, TransferError
 
 from .fakes import FakeNetwork, Side, closing, make_service, wait_for
+from .faulty_disk import FaultyDisk
 
 SENDER, RECEIVER = "sender-device", "receiver-device"
 
@@ -72,6 +74,7 @@ async def test_a_declined_offer_ends_with_one_failure_and_leaves_the_active_list
         await _receive_ended(receiver)
         [failed] = _terminal_events(receiver)
         assert isinstance(failed, TransferFailed) and "declined" in failed.reason
+        assert failed.outcome is TransferOutcome.DECLINED
 
 
 @pytest.mark.parametrize(
@@ -104,6 +107,40 @@ async def test_a_receive_that_fails_in_an_unforeseen_way_still_ends_once_and_tel
         [failed] = _terminal_events(receiver)
         assert isinstance(failed, TransferFailed)
         assert str(fault.args[-1]) in failed.reason
+        assert failed.outcome is TransferOutcome.FAILED
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["midway", "at-the-rename"])
+async def test_a_full_disk_ends_both_sides_with_one_clear_line_and_the_resend_resumes(
+    tmp_path: Path, late: bool
+) -> None:
+    """The receiver's disk fills midway through the data, or when the last step renames the
+    file into place: the sender hears "the disk is full", the receiver's row ends once, the
+    partial is kept, and once there is room a resend brings only what is missing."""
+    network = FakeNetwork()
+    disk = FaultyDisk()
+    sender = make_service(network, SENDER, tmp_path / "s")
+    receiver = make_service(network, RECEIVER, tmp_path / "r", disk=disk)
+    source = _random_file(tmp_path / "big.bin", 8 * CHUNK_SIZE + 10)
+    if late:
+        disk.fault("rename_exclusive")
+    else:
+        disk.fault("pwrite", after_bytes=3 * CHUNK_SIZE + CHUNK_SIZE // 2)
+    with closing(sender, receiver):
+        with pytest.raises(TransferError, match="the disk is full"):
+            await asyncio.wait_for(sender.service.send([source], RECEIVER), 10)
+        await _receive_ended(receiver)
+        [failed] = _terminal_events(receiver)
+        assert isinstance(failed, TransferFailed) and "the disk is full" in failed.reason
+        assert disk.failures >= 1  # overlapping chunk writes may each find the disk full
+        assert not (receiver.downloads / "big.bin").exists()
+        kept = source.stat().st_size if late else 3 * CHUNK_SIZE  # 3.5 chunks fitted
+        assert _verified(receiver) == (9 if late else 3) * CHUNK_SIZE
+
+        disk.heal()
+        [item] = await asyncio.wait_for(sender.service.send([source], RECEIVER), 10)
+        assert item.resumed_from == kept
+        assert (receiver.downloads / "big.bin").read_bytes() == source.read_bytes()
 
 
 async def test_a_receive_cut_off_ends_once_and_leaves_the_active_list(tmp_path: Path) -> None:
@@ -187,6 +224,7 @@ async def test_a_receiver_stopped_cleanly_is_waited_for_and_the_send_resumes(
         assert any(u.get("waiting_for") == f"name-of-{RECEIVER}" for u in updates)
         [interrupted] = receiver.events.of(TransferFailed)
         assert "cancel" not in interrupted.reason and not receiver.events.of(TransferCompleted)
+        assert interrupted.outcome is TransferOutcome.INTERRUPTED
 
         network.start(RECEIVER)
         back = make_service(network, RECEIVER, tmp_path / "r")  # the agent started again
@@ -212,6 +250,7 @@ async def test_an_explicit_cancel_by_the_receiver_still_cancels_the_send(tmp_pat
         await _receive_ended(receiver)
         [cancelled] = _terminal_events(receiver)
         assert cancelled.reason == "cancelled by the receiver"  # type: ignore[union-attr]
+        assert cancelled.outcome is TransferOutcome.CANCELLED  # type: ignore[union-attr]
 
 
 # ------------------------------------------------------------------ helpers

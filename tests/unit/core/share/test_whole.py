@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -20,6 +21,8 @@ from meshagent_gui.core.share.whole import (
     store_whole_files,
     write_unnamed,
 )
+
+from .faulty_disk import FaultyDisk
 
 MTIME_NS = 1_600_000_000_123_456_789
 
@@ -106,21 +109,26 @@ def test_a_missing_folder_fails_that_file_only(folder: Path) -> None:
     assert outcomes[1] == folder / "ok"
 
 
-def test_a_full_disk_is_reported_as_disk_full(
-    folder: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def no_space(fd: int, data: object, offset: int) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(whole, "pwrite_all", no_space)
-    [outcome] = store_whole_files([WholeFile(folder / "big", b"x" * 10, 0o644, MTIME_NS)])
-    assert isinstance(outcome, DiskFull)
-    assert list(folder.iterdir()) == []
+@pytest.mark.parametrize("after_bytes", [0, 5], ids=["at-once", "midway"])
+def test_a_full_disk_is_reported_as_disk_full(folder: Path, after_bytes: int) -> None:
+    disk = FaultyDisk(fail="pwrite", error=errno.ENOSPC, after_bytes=after_bytes)
+    files = [WholeFile(folder / "big", b"x" * 10, 0o644, MTIME_NS)]
+    [outcome] = store_whole_files(files, disk=disk)
+    assert isinstance(outcome, DiskFull) and disk.failures == 1
+    assert list(folder.iterdir()) == []  # the unnamed file vanished with its descriptor
 
 
-def test_without_unnamed_files_every_file_goes_to_the_partial_path(
-    folder: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(whole, "available", lambda: False)
-    assert store_whole_files([WholeFile(folder / "x", b"1", 0o644, MTIME_NS)]) == [NOT_HERE]
+def test_a_full_disk_fails_that_file_only(folder: Path) -> None:
+    disk = FaultyDisk(fail="pwrite", after_calls=1)  # the second file finds no room
+    files = [WholeFile(folder / name, b"data", 0o644, MTIME_NS) for name in ("a", "b", "c")]
+    first, second, third = store_whole_files(files, disk=disk)
+    assert first == folder / "a" and isinstance(second, DiskFull)
+    assert isinstance(third, DiskFull)  # still full
+    assert sorted(path.name for path in folder.iterdir()) == ["a"]
+
+
+def test_without_unnamed_files_every_file_goes_to_the_partial_path(folder: Path) -> None:
+    disk = FaultyDisk(unnamed_files=False)
+    files = [WholeFile(folder / "x", b"1", 0o644, MTIME_NS)]
+    assert store_whole_files(files, disk=disk) == [NOT_HERE]
     assert list(folder.iterdir()) == []
