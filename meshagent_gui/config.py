@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -123,10 +124,27 @@ def _web_url(value: Any) -> str | None:
     return None
 
 
-def _rate(value: Any) -> str | None:
-    # The rate parser of the transfer service itself, imported on use: it pulls in asyncio.
-    from meshagent_gui.core.share.ratelimit import parse_rate
+_UNITS: Final = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+_RATE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]I?)?(?:B(?:/S)?|/S)?\s*$", re.IGNORECASE)
 
+
+def parse_rate(text: str) -> float | None:
+    """'5M' -> 5,000,000 bytes/s ('5Mi' binary, '500K', '2.5MB/s'); '' or '0' -> no limit."""
+    if not text.strip() or text.strip() == "0":
+        return None
+    match = _RATE.match(text)
+    if match is None:
+        raise UserError(
+            f"cannot read the rate {text!r}: use bytes per second like 500K, 5M or 1.5G",
+            code="bad_rate",
+        )
+    value = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+    if value < 1024:
+        raise UserError(f"the rate {text!r} is below 1 KiB/s", code="bad_rate")
+    return value
+
+
+def _rate(value: Any) -> str | None:
     try:
         parse_rate(str(value))
     except UserError:

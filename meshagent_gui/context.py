@@ -1,4 +1,9 @@
-"""Everything one agent home holds, loaded once per process: paths, config, secrets, identity."""
+"""Everything one agent home holds, loaded once per process: paths, config, secrets, identity.
+
+A foundation module: the core builds on it, so it imports nothing of the core. What the home
+holds about a server (the enrolment, a client for it) is read by ``core/mesh/enroll.py``
+(``load_enrollment(ctx)``, ``require_enrollment(ctx)``, ``mesh_client(ctx)``).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,6 @@ from functools import cached_property
 from pathlib import Path
 
 from meshagent_gui.config import Config, Paths
-from meshagent_gui.core.mesh.client import Enrollment, MeshClient
-from meshagent_gui.errors import UserError
 from meshagent_gui.identity import Identity, load_or_create
 from meshagent_gui.secrets import SecretStore
 
@@ -43,20 +46,3 @@ class Context:
     @property
     def platform(self) -> str:
         return platform.system().lower() or "unknown"
-
-    @property
-    def enrollment(self) -> Enrollment | None:
-        return Enrollment.load(self.paths.data_dir)
-
-    def require_enrollment(self) -> Enrollment:
-        enrollment = self.enrollment
-        if enrollment is None:
-            raise UserError(
-                "this device is not enrolled yet: run `meshagent login URL --join-code CODE`"
-                " (or `meshagent up --local` to start a mesh on this computer)",
-                code="not_enrolled",
-            )
-        return enrollment
-
-    def mesh_client(self) -> MeshClient:
-        return MeshClient(self.require_enrollment().url, secrets=self.secrets)

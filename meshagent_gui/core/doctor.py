@@ -13,6 +13,7 @@ from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
 
 from . import ipc
+from .mesh.enroll import load_enrollment, mesh_client
 
 Status = Literal["ok", "warn", "fail", "skip"]
 SKEW_WARN = 30.0
@@ -39,7 +40,7 @@ async def run_checks(ctx: Context) -> list[Check]:
         ),
     ]
     checks.append(await _guard("identity", _identity, ctx))
-    enrollment = ctx.enrollment
+    enrollment = load_enrollment(ctx)
     if enrollment is None:
         checks.append(Check("enrolment", "fail", "not enrolled: run meshagent login"))
     else:
@@ -66,7 +67,7 @@ async def _identity(ctx: Context) -> Check:
 
 
 async def _server_checks(ctx: Context) -> list[Check]:
-    async with ctx.mesh_client() as client:
+    async with mesh_client(ctx) as client:
         try:
             skew, rtt = await client.measure_clock_skew()
         except UserError as exc:

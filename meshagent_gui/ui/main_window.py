@@ -39,9 +39,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from meshagent_gui.compose.onboarding import JoinCodeWithUrl
 from meshagent_gui.core.events import TransferOffered
 from meshagent_gui.core.notify.router import Notification, human_size
-from meshagent_gui.core.onboarding import JoinCodeWithUrl
 
 from .bridge import AgentBridge
 from .devices import DeviceEntry, DeviceListView, local_paths

@@ -34,8 +34,8 @@ import pytest
 
 from meshagent_gui.core.protocol.terminal import Snapshot
 from meshagent_gui.core.terminal.host import HostLimits, TerminalHost, Viewer
-from meshagent_gui.core.terminal.pty import spawn_pty
 from meshagent_gui.core.terminal.pty_unix import UnixPty
+from meshagent_gui.core.terminal.spawn import spawn_pty
 from tests.benchmarks._measure import write_report
 
 pytestmark = [

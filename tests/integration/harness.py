@@ -300,6 +300,10 @@ class Tmux:
     def screen(self, name: str) -> str:
         return self._tmux("capture-pane", "-p", "-t", name).stdout
 
+    def title(self, name: str) -> str:
+        """The pane's title, as the program set it (OSC 0/2)."""
+        return self._tmux("display-message", "-p", "-t", name, "#{pane_title}").stdout
+
     def resize(self, name: str, cols: int, rows: int) -> None:
         self._tmux("resize-window", "-t", name, "-x", str(cols), "-y", str(rows))
 

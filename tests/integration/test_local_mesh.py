@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshagent_gui.core.local_mesh import lan_address
+from meshagent_gui.compose.local_mesh import lan_address
 
 from .harness import AgentHome, free_port, wait_until
 

@@ -15,6 +15,7 @@ import jwt
 import pytest
 
 from meshagent_gui.context import Context
+from meshagent_gui.core.mesh.enroll import mesh_client, require_enrollment
 from meshagent_gui.core.mesh.types import API_PREFIX, SCOPES
 from tests.integration.harness import AgentHome, Server
 
@@ -28,8 +29,8 @@ class Party:
         enrolled = agent.login(server, server.join_code(agent.name))
         self.user: str = enrolled.get("user", agent.name)
         context = Context.open(agent.home)
-        self.device_id = context.require_enrollment().device_id
-        token = context.mesh_client().access_token
+        self.device_id = require_enrollment(context).device_id
+        token = mesh_client(context).access_token
         assert token is not None
         self.http = httpx.Client(
             base_url=server.url + API_PREFIX,

@@ -1,14 +1,39 @@
 """Enrolment: register this device's certificate with a Mesh Server and keep what it answers.
 
 The device proves it holds the certificate's key by signing a nonce of the server's
-(:meth:`MeshClient.enroll`); the answer must name this very certificate.
+(:meth:`MeshClient.enroll`); the answer must name this very certificate. What it keeps is read
+back here too (:func:`load_enrollment`, :func:`require_enrollment`, :func:`mesh_client`): the
+context below the core knows the home, not the server.
 """
 
 from __future__ import annotations
 
 from meshagent_gui.context import Context
+from meshagent_gui.errors import UserError
 
 from .client import EnrollCredentials, Enrollment, MeshClient, MeshError, normalize_url
+
+
+def load_enrollment(ctx: Context) -> Enrollment | None:
+    """This home's enrolment, or None before the first ``meshagent login``."""
+    return Enrollment.load(ctx.paths.data_dir)
+
+
+def require_enrollment(ctx: Context) -> Enrollment:
+    """This home's enrolment; a :class:`UserError` saying how to enrol if there is none."""
+    enrollment = load_enrollment(ctx)
+    if enrollment is None:
+        raise UserError(
+            "this device is not enrolled yet: run `meshagent login URL --join-code CODE`"
+            " (or `meshagent up --local` to start a mesh on this computer)",
+            code="not_enrolled",
+        )
+    return enrollment
+
+
+def mesh_client(ctx: Context) -> MeshClient:
+    """A REST client for the server this home is enrolled with."""
+    return MeshClient(require_enrollment(ctx).url, secrets=ctx.secrets)
 
 
 async def enroll(

@@ -4,21 +4,19 @@ A :class:`Pty` is driven by callbacks, like an asyncio protocol, because the hos
 is "bytes arrived": ``start(on_output, on_eof)`` hands every batch of output (all that was
 readable, up to a budget) to ``on_output`` on the event loop's thread, then calls ``on_eof``
 once. ``write`` never blocks (it buffers); ``wait`` returns the exit status.
+
+This module is the interface only; the implementations (``pty_unix``, ``conpty_windows``) build
+on it, and ``spawn.spawn_pty`` picks the one for this platform.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from meshagent_gui.core.protocol.terminal import check_size
-
 READ_BUDGET: Final = 256 * 1024
 """Bytes read per readiness callback before the loop gets a turn (one output batch)."""
-DEFAULT_TERM: Final = "xterm-256color"
 
 
 class PtyClosed(Exception):
@@ -79,48 +77,3 @@ class Pty(Protocol):
     def close(self) -> None:
         """Stop reading and writing and release the PTY; kills the command if still alive."""
         ...
-
-
-def default_command(env: Mapping[str, str] | None = None) -> list[str]:
-    """The user's shell: ``$SHELL``, else the login shell, else ``/bin/sh`` (``COMSPEC`` or
-    ``cmd.exe`` on Windows)."""
-    env = os.environ if env is None else env
-    if sys.platform == "win32":
-        return [env.get("COMSPEC", "cmd.exe")]
-    shell = env.get("SHELL")
-    if not shell:
-        try:
-            import pwd
-
-            shell = pwd.getpwuid(os.getuid()).pw_shell
-        except (ImportError, KeyError):
-            shell = None
-    return [shell or "/bin/sh"]
-
-
-def child_environment(env: Mapping[str, str] | None) -> dict[str, str]:
-    """The environment for the command: ours (or ``env``), with a TERM the emulator speaks."""
-    result = dict(os.environ if env is None else env)
-    result.setdefault("TERM", DEFAULT_TERM)
-    return result
-
-
-def spawn_pty(
-    argv: Sequence[str] | None = None,
-    *,
-    cols: int = 80,
-    rows: int = 24,
-    cwd: str | None = None,
-    env: Mapping[str, str] | None = None,
-) -> Pty:
-    """Start ``argv`` (default: the user's shell) on a new PTY of ``cols`` x ``rows``."""
-    check_size(cols, rows)
-    command = list(argv) if argv else default_command(env)
-    environment = child_environment(env)
-    if sys.platform == "win32":
-        from meshagent_gui.core.terminal.conpty_windows import ConPty
-
-        return ConPty.spawn(command, cols=cols, rows=rows, cwd=cwd, env=environment)
-    from meshagent_gui.core.terminal.pty_unix import UnixPty
-
-    return UnixPty.spawn(command, cols=cols, rows=rows, cwd=cwd, env=environment)

@@ -74,8 +74,9 @@ from meshagent_gui.core.terminal.host import (
     TooManyViewers,
     Viewer,
 )
-from meshagent_gui.core.terminal.pty import ExitStatus, Pty, spawn_pty
+from meshagent_gui.core.terminal.pty import ExitStatus, Pty
 from meshagent_gui.core.terminal.sanitize import OutputSanitizer
+from meshagent_gui.core.terminal.spawn import spawn_pty
 from meshagent_gui.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from meshagent_gui.core.mesh.client import (
     MeshError,
     normalize_url,
 )
-from meshagent_gui.core.mesh.enroll import enroll
+from meshagent_gui.core.mesh.enroll import enroll, require_enrollment
 from meshagent_gui.server.app import ServerState, create_app
 from meshagent_gui.server.limits import FailureLimiter
 from tests.unit.server.conftest import FakeClock, add_user, cheap_passwords
@@ -75,7 +75,7 @@ async def enrolled(
 async def test_enrolment_keeps_tokens_secret_and_pins_keys(
     ctx: Context, enrolled: MeshClient
 ) -> None:
-    enrollment = ctx.require_enrollment()
+    enrollment = require_enrollment(ctx)
     assert enrollment.device_id == ctx.identity.device_id
     assert enrollment.user == "alice"
     assert enrollment.keys and enrollment.keys[0].crv == "Ed25519"

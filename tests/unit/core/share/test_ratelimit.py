@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshagent_gui.core.share.ratelimit import TokenBucket, parse_rate
+from meshagent_gui.config import parse_rate
+from meshagent_gui.core.share.ratelimit import TokenBucket
 from meshagent_gui.errors import UserError
 
 

@@ -38,8 +38,9 @@ from meshagent_gui.core.terminal.host import (
     ViewerClosed,
     ViewerFellBehind,
 )
-from meshagent_gui.core.terminal.pty import ExitStatus, spawn_pty
+from meshagent_gui.core.terminal.pty import ExitStatus
 from meshagent_gui.core.terminal.screen import Screen
+from meshagent_gui.core.terminal.spawn import spawn_pty
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix PTYs")
 

@@ -10,14 +10,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from meshagent_gui.core.terminal.pty import (
-    ExitStatus,
-    PtyClosed,
-    child_environment,
-    default_command,
-    spawn_pty,
-)
+from meshagent_gui.core.terminal.pty import ExitStatus, PtyClosed
 from meshagent_gui.core.terminal.pty_unix import UnixPty
+from meshagent_gui.core.terminal.spawn import child_environment, default_command, spawn_pty
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="Unix PTYs")
 

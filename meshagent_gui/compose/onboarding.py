@@ -1,8 +1,8 @@
 """Starting an agent the way a front end needs it: built (and prepared) before it runs.
 
-`meshagent up --local` (core/local_mesh.py) builds its Agent internally; the tray app must add its
-notification sink and IPC handlers to the agent *before* ``run()``, and needs the local mesh's URL
-and join code afterwards. This module composes the same pieces (``local_server``,
+`meshagent up --local` (compose/local_mesh.py) builds its Agent internally; the tray app must add
+its notification sink and IPC handlers to the agent *before* ``run()``, and needs the local
+mesh's URL and join code afterwards. This module composes the same pieces (``local_server``,
 ``ensure_owner_enrolled``, ``Agent.run``) with a factory hook, so nothing is duplicated.
 Enrolling with a remote server is ``core/mesh/enroll.enroll``, the same call as `meshagent login`.
 """
@@ -14,10 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from meshagent_gui.context import Context
+from meshagent_gui.core.agent import Agent
+from meshagent_gui.core.mesh.client import MeshClient
+from meshagent_gui.core.mesh.enroll import load_enrollment
 
-from .agent import Agent
 from .local_mesh import ensure_owner_enrolled, local_server, shared_url
-from .mesh.client import MeshClient
 
 AgentFactory = Callable[[Context], Agent]
 
@@ -33,7 +34,7 @@ class JoinCodeWithUrl:
 
 def needs_onboarding(ctx: Context) -> bool:
     """No server enrolled and no local mesh configured: the first-run choice is due."""
-    return ctx.enrollment is None and not bool(ctx.config["local.server"])
+    return load_enrollment(ctx) is None and not bool(ctx.config["local.server"])
 
 
 async def new_join_code(ctx: Context, url: str, ttl: int = 600) -> JoinCodeWithUrl:

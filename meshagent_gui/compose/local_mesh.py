@@ -18,9 +18,8 @@ from collections.abc import AsyncIterator
 from typing import Final
 
 from meshagent_gui.context import Context
+from meshagent_gui.core.mesh.enroll import enroll, load_enrollment
 from meshagent_gui.errors import UserError
-
-from .mesh.enroll import enroll
 
 DEFAULT_PORT: Final = 8765
 LOOPBACK: Final = "127.0.0.1"
@@ -109,7 +108,7 @@ def lan_address() -> str:
 
 async def ensure_owner_enrolled(ctx: Context, url: str) -> None:
     """First run: create the owner user and enrol this device with a join code."""
-    if ctx.enrollment is not None:
+    if load_enrollment(ctx) is not None:
         return
     from meshagent_gui.server import runner
 
