@@ -7,6 +7,7 @@ notification router subscribe. Never put secrets or file/terminal contents in an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar
 
 
@@ -77,12 +78,29 @@ class TransferCompleted(Event):
     seconds: float
 
 
+class TransferOutcome(StrEnum):
+    """How an unfinished transfer ended: set where :class:`TransferFailed` is published, so that
+    front ends word it without parsing the reason."""
+
+    FAILED = "failed"
+    """An error: the disk, the network, the other end's refusal."""
+    CANCELLED = "cancelled"
+    """Someone (either side) cancelled it."""
+    DECLINED = "declined"
+    """The receiver declined the offer (its user, or its policy)."""
+    INTERRUPTED = "interrupted"
+    """This device stopped mid-receive: a pause; the sender resumes when it is back."""
+
+
 @dataclass(frozen=True)
 class TransferFailed(Event):
+    """A transfer ended unfinished; :attr:`outcome` says how, :attr:`reason` says why in words."""
+
     transfer_id: str
     name: str
     peer: str
     reason: str
+    outcome: TransferOutcome = TransferOutcome.FAILED
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from typing import Any, Final
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication, QMessageBox, QWidget
 
+from meshagent_gui.compose.onboarding import JoinCodeWithUrl, needs_onboarding, run_agent
 from meshagent_gui.context import Context
 from meshagent_gui.core import ipc
 from meshagent_gui.core.agent import Agent
-from meshagent_gui.core.onboarding import JoinCodeWithUrl, needs_onboarding, run_agent
 from meshagent_gui.errors import UserError
 
 from .bridge import AgentBridge
@@ -244,9 +244,7 @@ class GuiApp:
         return {"shown": True}
 
     def _make_agent(self, ctx: Context) -> Agent:
-        agent = self.bridge.make_agent(ctx)
-        agent.notification_sinks.append(self.toasts)
-        return agent
+        return self.bridge.make_agent(ctx, notification_sinks=[self.toasts])
 
     def _ready(self, agent: Agent, join: JoinCodeWithUrl | None) -> None:
         self.bridge.attach(agent, join)

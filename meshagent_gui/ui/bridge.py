@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, Final
 
 from PySide6.QtCore import QObject, Signal
 
+from meshagent_gui.compose.onboarding import JoinCodeWithUrl, new_join_code
 from meshagent_gui.context import Context
-from meshagent_gui.core.agent import Agent, allow_always
+from meshagent_gui.core.agent import Agent, FrontEnd, allow_always
 from meshagent_gui.core.events import (
     AnnouncementReceived,
     PathChanged,
@@ -29,9 +30,9 @@ from meshagent_gui.core.events import (
     TransferFailed,
     TransferOffered,
     TransferProgressed,
+    TransferWaiting,
 )
-from meshagent_gui.core.ipc import Handler
-from meshagent_gui.core.onboarding import JoinCodeWithUrl, new_join_code
+from meshagent_gui.core.notify.router import NotificationSink
 from meshagent_gui.errors import UserError
 
 from .devices import DeviceEntry, DeviceListModel
@@ -47,6 +48,7 @@ _TRANSFER_EVENTS: Final = (
     TransferAccepted,
     TransferCompleted,
     TransferFailed,
+    TransferWaiting,
 )
 _DEVICE_EVENTS: Final = (
     PeerCameOnline,
@@ -55,23 +57,6 @@ _DEVICE_EVENTS: Final = (
     ServerConnected,
     ServerDisconnected,
 )
-
-
-class GuiAgent(Agent):
-    """The agent with the app's own IPC request: ``show`` (a second launch brings us forward)."""
-
-    show_window: Callable[[], None] | None = None
-
-    def ipc_handlers(self) -> dict[str, Handler]:
-        handlers = super().ipc_handlers()
-
-        async def show(_: dict[str, Any]) -> Any:
-            if self.show_window is not None:
-                self.show_window()
-            return {"shown": True}
-
-        handlers["show"] = show
-        return handlers
 
 
 class AgentBridge(QObject):
@@ -102,12 +87,13 @@ class AgentBridge(QObject):
 
     # ------------------------------------------------------------ wiring
 
-    def make_agent(self, ctx: Context) -> Agent:
-        """The factory handed to core.onboarding.run_agent."""
-        agent = GuiAgent.from_context(ctx)
-        assert isinstance(agent, GuiAgent)
-        agent.show_window = self.show_requested.emit
-        return agent
+    def make_agent(
+        self, ctx: Context, *, notification_sinks: Sequence[NotificationSink] = ()
+    ) -> Agent:
+        """The factory handed to compose.onboarding.run_agent: the core's agent, with this app as
+        its front end (a second launch's ``show`` request, the app's notification sinks)."""
+        front_end = FrontEnd(show=self.show_requested.emit, notification_sinks=notification_sinks)
+        return Agent.from_context(ctx, front_end=front_end)
 
     def attach(self, agent: Agent, join: JoinCodeWithUrl | None) -> None:
         """The agent runs: follow its events, load the devices."""

@@ -26,7 +26,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from avt._avt import Color, Line, Pen
 from PySide6.QtCore import QEvent, QPoint, QPointF, QRect, QSize, Qt, QTimer, Signal
 from PySide6.QtGui import (
     QClipboard,
@@ -48,7 +47,7 @@ from PySide6.QtGui import (
 from PySide6.QtWidgets import QLabel, QMainWindow, QToolBar, QWidget
 
 from meshagent_gui.core.protocol.terminal import MAX_COLS, MAX_ROWS
-from meshagent_gui.core.terminal.screen import Screen
+from meshagent_gui.core.terminal.screen import Color, Line, Pen, Screen
 
 FRAME_INTERVAL_MS: Final = 16
 """Changes are presented at most this often (about 60 frames per second)."""

@@ -32,9 +32,11 @@ from meshagent_gui.core.events import (
     TransferCompleted,
     TransferFailed,
     TransferOffered,
+    TransferOutcome,
     TransferProgressed,
+    TransferWaiting,
 )
-from meshagent_gui.core.notify.router import human_size, is_cancellation
+from meshagent_gui.core.notify.router import human_size
 
 AnyIndex = QModelIndex | QPersistentModelIndex
 
@@ -48,7 +50,11 @@ class State(enum.Enum):
     FAILED = "Failed"
     CANCELLED = "Cancelled"
     DECLINED = "Declined"
+    INTERRUPTED = "Interrupted (will resume)"
+    PEER_AWAY = "Waiting for the device to come back"  # shown with the device's name
 
+
+_UNDER_WAY: Final = (State.STARTING, State.WAITING, State.ASKING, State.RUNNING, State.PEER_AWAY)
 
 # What each happening does to a row, as data: (state, happening) -> new state. A happening not in
 # the table leaves the row alone (a late progress report after a cancel, a duplicate end).
@@ -56,28 +62,25 @@ TRANSITIONS: Final[dict[tuple[State, str], State]] = {
     **{(s, "offered"): State.ASKING for s in (State.STARTING, State.WAITING)},
     **{(s, "offered_auto"): State.RUNNING for s in (State.STARTING, State.WAITING)},
     **{(s, "accepted"): State.RUNNING for s in (State.STARTING, State.WAITING, State.ASKING)},
-    **{
-        (s, "progressed"): State.RUNNING
-        for s in (State.STARTING, State.WAITING, State.ASKING, State.RUNNING)
-    },
-    **{
-        (s, "completed"): State.DONE
-        for s in (State.STARTING, State.WAITING, State.ASKING, State.RUNNING)
-    },
-    **{
-        (s, "failed"): State.FAILED
-        for s in (State.STARTING, State.WAITING, State.ASKING, State.RUNNING)
-    },
-    **{
-        (s, "cancelled"): State.CANCELLED
-        for s in (State.STARTING, State.WAITING, State.ASKING, State.RUNNING)
-    },
-    (State.ASKING, "declined"): State.DECLINED,
-    (State.STARTING, "declined"): State.DECLINED,
-    (State.WAITING, "declined"): State.DECLINED,
+    **{(s, "progressed"): State.RUNNING for s in _UNDER_WAY},
+    **{(s, "peer_away"): State.PEER_AWAY for s in (State.STARTING, State.WAITING, State.RUNNING)},
+    **{(s, "completed"): State.DONE for s in _UNDER_WAY},
+    **{(s, "failed"): State.FAILED for s in _UNDER_WAY},
+    **{(s, "cancelled"): State.CANCELLED for s in _UNDER_WAY},
+    **{(s, "interrupted"): State.INTERRUPTED for s in _UNDER_WAY},
+    **{(s, "declined"): State.DECLINED for s in (State.STARTING, State.WAITING, State.ASKING)},
     **{(s, "restarted"): State.STARTING for s in (State.FAILED, State.CANCELLED)},
 }
-FINISHED: Final = frozenset({State.DONE, State.FAILED, State.CANCELLED, State.DECLINED})
+FINISHED: Final = frozenset(
+    {State.DONE, State.FAILED, State.CANCELLED, State.DECLINED, State.INTERRUPTED}
+)
+# How a TransferFailed ends a row, by the outcome the core set where it published it.
+_ENDINGS: Final = {
+    TransferOutcome.FAILED: "failed",
+    TransferOutcome.CANCELLED: "cancelled",
+    TransferOutcome.DECLINED: "declined",
+    TransferOutcome.INTERRUPTED: "interrupted",
+}
 
 
 class Column(enum.IntEnum):
@@ -215,6 +218,10 @@ class TransferTableModel(QAbstractTableModel):
             case Column.ETA:
                 return format_eta(row.eta) if running else ""
             case Column.STATE:
+                if row.state is State.PEER_AWAY:
+                    return f"Waiting for {row.peer_name} to come back"
+                if row.state in (State.DECLINED, State.INTERRUPTED):
+                    return str(row.state.value)  # says it all; the reason is in the tooltip
                 return f"{row.state.value}: {row.error}" if row.error else row.state.value
         raise AssertionError(column)  # pragma: no cover
 
@@ -328,9 +335,14 @@ class TransferTableModel(QAbstractTableModel):
             case TransferFailed():
                 found = self.find(event.transfer_id)
                 if found is not None:
-                    cancelled = is_cancellation(event.reason)
-                    self.happen(found, "cancelled" if cancelled else "failed", error=event.reason)
+                    self.happen(found, _ENDINGS[event.outcome], error=event.reason)
                 return found
+            case TransferWaiting():  # only sends wait, perhaps before their first progress
+                row = self._row_for(event.transfer_id, "send", event.peer, "")
+                if event.peer_name:
+                    row.peer_name = event.peer_name
+                self.happen(row, "peer_away")
+                return row
         return None
 
     def _row_for(self, transfer_id: str, direction: str, peer: str, name: str) -> TransferRow:

@@ -16,9 +16,10 @@ from PySide6.QtCore import QMimeData, QPoint, QPointF, Qt, QUrl
 from PySide6.QtGui import QDragEnterEvent, QDragMoveEvent, QDropEvent
 from PySide6.QtWidgets import QApplication, QMessageBox
 
+from meshagent_gui.compose.local_mesh import lan_address
 from meshagent_gui.context import Context
 from meshagent_gui.core.events import TransferCompleted
-from meshagent_gui.core.local_mesh import lan_address
+from meshagent_gui.core.mesh.enroll import load_enrollment
 from meshagent_gui.core.notify.router import NotificationRouter
 from meshagent_gui.errors import UserError
 from meshagent_gui.ui.app import ErrorReporter, GuiApp, _bring_forward_running, run_gui
@@ -67,7 +68,7 @@ def test_first_run_starts_a_local_mesh_and_shows_a_join_code(
     assert len(code) >= 8 and gui.bridge.join_code is not None
     assert gui.bridge.join_code.url.startswith(f"http://{lan_address()}:")
     assert gui_home.paths.home is not None
-    assert Context.open(gui_home.paths.home).enrollment is not None  # enrolled as the owner
+    assert load_enrollment(Context.open(gui_home.paths.home)) is not None  # enrolled as the owner
     qtbot.waitUntil(lambda: window.pill.text() == "Online", timeout=10_000)
     assert gui.bridge.tray_state is TrayState.ONLINE
     # No tray here: the window stands in, and says so once.
@@ -315,11 +316,11 @@ def test_first_run_connects_to_a_server_and_says_why_when_it_cannot(  # type: ig
     assert dialog.error.isVisibleTo(dialog) and dialog.error.text()
     assert "Traceback" not in dialog.error.text()
     assert dialog.choice is not Choice.CONNECTED
-    assert Context.open(gui_home.paths.home).enrollment is None
+    assert load_enrollment(Context.open(gui_home.paths.home)) is None
     dialog.join_code.setText(server.join_code("ann"))
     assert run(qtbot, dialog.connect_to_server())
     assert dialog.choice is Choice.CONNECTED
-    enrolled = Context.open(gui_home.paths.home).enrollment
+    enrolled = load_enrollment(Context.open(gui_home.paths.home))
     assert enrolled is not None and enrolled.user == "ann"
 
 
@@ -376,7 +377,7 @@ def test_without_a_tray_the_app_stays_through_first_run(gui_home: Context, tmp_p
         )
     try:
         wait_until(
-            lambda: app.poll() is not None or Context.open(gui_home.paths.home).enrollment,
+            lambda: app.poll() is not None or load_enrollment(Context.open(gui_home.paths.home)),
             30,
             "the local mesh to enrol this device",
         )

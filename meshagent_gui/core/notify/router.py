@@ -21,6 +21,7 @@ from meshagent_gui.core.events import (
     PeerWentOffline,
     TransferCompleted,
     TransferFailed,
+    TransferOutcome,
 )
 from meshagent_gui.core.notify.gotify import GotifyClient
 from meshagent_gui.errors import UserError
@@ -50,11 +51,6 @@ class NotificationSink(Protocol):
 
 E = TypeVar("E")
 NameOf = Callable[[str], str]  # a device id -> the name people know it by
-
-
-def is_cancellation(reason: str) -> bool:
-    """Whether a TransferFailed reason is someone's cancel (either side), not a failure."""
-    return "cancelled" in reason
 
 
 def _short_id(device_id: str) -> str:
@@ -117,10 +113,19 @@ def _transfer_completed(event: TransferCompleted, name_of: NameOf) -> tuple[str,
     )
 
 
+# A TransferFailed's title, by the outcome the core set: a cancel, a declined offer or a pause
+# of this device is no failure.
+_FAILED_TITLES: Final = {
+    TransferOutcome.FAILED: "Transfer failed",
+    TransferOutcome.CANCELLED: "Transfer cancelled",
+    TransferOutcome.DECLINED: "Transfer declined",
+    TransferOutcome.INTERRUPTED: "Transfer interrupted (will resume)",
+}
+
+
 def _transfer_failed(event: TransferFailed, name_of: NameOf) -> tuple[str, str]:
-    title = "Transfer cancelled" if is_cancellation(event.reason) else "Transfer failed"
     return (
-        title,
+        _FAILED_TITLES[event.outcome],
         f"{_clean(event.name)} with {_clean(name_of(event.peer))}: {_clean(event.reason)}",
     )
 

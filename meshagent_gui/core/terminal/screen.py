@@ -27,9 +27,27 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
-from avt._avt import Line, Vt  # the typed home of avt's classes
+# avt's public package; mypy reads its types from pyavt's stubs (the `avt` override in
+# pyproject.toml). Color, Line and Pen are re-exported: what a front end reads off a Screen to
+# paint it, so nothing else in meshagent_gui depends on pyavt's layout.
+from avt import Color, Line, Pen, Vt
 
 from meshagent_gui.core.protocol.terminal import check_size
+
+__all__ = [
+    "BRACKETED_PASTE_MODE",
+    "CANCEL",
+    "DEFAULT_MAX_BACKLOG",
+    "SNAPSHOT_PREAMBLE",
+    "TRACKED_MODES",
+    "Color",
+    "Line",
+    "Pen",
+    "Screen",
+    "ScreenSnapshot",
+    "ScreenTracker",
+    "WindowSize",
+]
 
 DEFAULT_MAX_BACKLOG: Final = 1024 * 1024
 

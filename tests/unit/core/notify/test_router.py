@@ -19,6 +19,7 @@ from meshagent_gui.core.events import (
     ServerConnected,
     TransferCompleted,
     TransferFailed,
+    TransferOutcome,
 )
 from meshagent_gui.core.notify.gotify import GotifyClient, GotifyError
 from meshagent_gui.core.notify.router import (
@@ -236,10 +237,13 @@ def test_devices_are_named_and_a_cancel_is_not_a_failure() -> None:
     )
     done = router.route(TransferCompleted("t", "a.txt", peer, 2000, 1.0))
     assert done is not None and done.message.startswith("a.txt with laptop: ")
-    mine = router.route(TransferFailed("t", "a.txt", peer, "cancelled by the receiver"))
+    cancelled = TransferOutcome.CANCELLED
+    mine = router.route(TransferFailed("t", "a.txt", peer, "cancelled by the receiver", cancelled))
     assert mine is not None and mine.title == "Transfer cancelled"
     assert mine.message == "a.txt with laptop: cancelled by the receiver"
-    theirs = router.route(TransferFailed("t", "a.txt", peer, "the sender cancelled: stop"))
+    theirs = router.route(
+        TransferFailed("t", "a.txt", peer, "the sender cancelled: stop", cancelled)
+    )
     assert theirs is not None and theirs.title == "Transfer cancelled"
     failed = router.route(TransferFailed("t", "a.txt", "cd" * 32, "disk full"))
     assert failed is not None and failed.title == "Transfer failed"
@@ -247,3 +251,26 @@ def test_devices_are_named_and_a_cancel_is_not_a_failure() -> None:
     unnamed = NotificationRouter({"notify.transfer_failed": 7}, [])
     fallback = unnamed.route(TransferFailed("t", "a.txt", peer, "disk full"))
     assert fallback is not None and peer not in fallback.message
+
+
+@pytest.mark.parametrize(
+    ("outcome", "reason", "title"),
+    [
+        (TransferOutcome.DECLINED, "declined: declined by the user", "Transfer declined"),
+        (
+            TransferOutcome.INTERRUPTED,
+            "interrupted: this device stopped; the sender resumes when it is back",
+            "Transfer interrupted (will resume)",
+        ),
+        (TransferOutcome.FAILED, "failed: No space left on device", "Transfer failed"),
+        # The outcome decides, not words in the reason (a file may be named "cancelled.txt").
+        (TransferOutcome.FAILED, "cannot write cancelled.txt", "Transfer failed"),
+    ],
+)
+def test_a_transfer_that_ends_unfinished_is_titled_by_its_outcome(
+    outcome: TransferOutcome, reason: str, title: str
+) -> None:
+    router = NotificationRouter({"notify.transfer_failed": 7}, [])
+    routed = router.route(TransferFailed("t", "a.txt", "ab" * 32, reason, outcome))
+    assert routed is not None and routed.title == title
+    assert routed.message.endswith(reason)
