@@ -7,6 +7,10 @@ server). One request per line ``{"id", "method", "params"}``; one answer per lin
 may send ``{"id", "progress": ...}`` lines before its answer: its handler is an async generator
 whose last item is the result.
 
+Requests are decoded here, once: the line into a :class:`Request`, its params into the type its
+:class:`Route` names (``core/ipc_types``). A line or params of the wrong shape is answered with
+one ``bad_request`` error naming the field; a handler only ever sees a value of its type.
+
 An *attached* request (a terminal console) turns the connection into a two-way stream after its
 request line: frames of ``!BI`` (kind, length) then the payload, kind 0 raw bytes (terminal
 output, keystrokes), kind 1 one JSON object (events, resizes, answers). The agent's first frame
@@ -25,14 +29,21 @@ import secrets
 import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final, Generic, TextIO, TypeVar, overload
+
+import msgspec
 
 from meshagent_gui.errors import UserError
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any] | AsyncIterator[Any]]
+P = TypeVar("P")
+R = TypeVar("R")
+Outcome = Awaitable[Any] | AsyncIterator[Any]
+PlainHandler = Callable[[dict[str, Any]], Outcome]
+"""An untyped handler: its params are any JSON object (the desktop app's ``show``, tests)."""
 MAX_LINE: Final = 1 << 20
 FRAME_HEAD: Final = struct.Struct("!BI")
 FRAME_DATA: Final = 0
@@ -41,6 +52,88 @@ MAX_FRAME: Final = 1 << 20
 SMALL_FRAME: Final = 16 * 1024
 """Up to this size a frame's head and payload are joined into one write."""
 USE_TCP: Final = sys.platform == "win32" or os.environ.get("MESHAGENT_IPC") == "tcp"
+
+
+class Request(msgspec.Struct, frozen=True):
+    """One request line; ``params`` stays raw until its method says what type it has."""
+
+    method: str
+    id: int | str | None = None
+    params: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    code: str = "internal"
+    message: str = ""
+
+
+class Answer(msgspec.Struct, frozen=True):
+    """One answer line: a progress item, or the result, or an error."""
+
+    id: int | str | None = None
+    result: Any = None
+    progress: Any | msgspec.UnsetType = msgspec.UNSET
+    error: ErrorBody | None = None
+
+
+class Opened(msgspec.Struct, frozen=True):
+    """An attached request's first frame from the agent: ``ok`` or ``error``."""
+
+    ok: Any = None
+    error: ErrorBody | None = None
+
+
+@dataclass(frozen=True)
+class Route(Generic[P]):
+    """A typed handler: the server decodes the params into ``params`` before calling it."""
+
+    params: type[P]
+    handle: Callable[[P], Outcome]
+
+
+def decode_params(kind: type[P], raw: bytes | msgspec.Raw) -> P:
+    """``raw`` JSON as a ``kind``; UserError ``bad_request`` (naming the field) if it is not one."""
+    body = bytes(raw)
+    if body.strip() == b"null":
+        body = b"{}"
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        raise UserError(f"bad request: {exc}", code="bad_request") from None
+    except msgspec.DecodeError:
+        raise UserError("bad request: not JSON", code="bad_request") from None
+
+
+def decode_request(line: bytes) -> Request:
+    """One request line; UserError ``bad_request`` for anything that is not one."""
+    try:
+        return msgspec.json.decode(line, type=Request)
+    except msgspec.ValidationError as exc:
+        raise UserError(f"bad request: {exc}", code="bad_request") from None
+    except msgspec.DecodeError:
+        raise UserError("bad request: not JSON", code="bad_request") from None
+
+
+Handler = Route[Any] | PlainHandler
+"""What serves one method: a typed :class:`Route`, or a plain handler of a JSON object."""
+
+
+def invoke(route: Handler, params: object) -> Outcome:
+    """Run a handler on params already typed (the in-process path of the CLI)."""
+    if isinstance(route, Route):
+        return route.handle(params)
+    return route(msgspec.to_builtins(params) if params is not None else {})
+
+
+def _dispatch(route: Handler, raw: msgspec.Raw) -> Outcome:
+    if isinstance(route, Route):
+        return route.handle(decode_params(route.params, raw))
+    return route(decode_params(dict[str, Any], raw))
+
+
+def encode(message: object) -> bytes:
+    """JSON of builtins, msgspec Structs and dataclasses alike."""
+    return msgspec.json.encode(message)
 
 
 class AgentNotRunning(Exception):
@@ -72,10 +165,11 @@ class IpcStream:
             self._writer.write(FRAME_HEAD.pack(FRAME_DATA, len(part)))
             self._writer.write(part)
 
-    def write_json(self, message: Mapping[str, Any]) -> None:
+    def write_json(self, message: object) -> None:
+        """One JSON frame: a mapping, a msgspec Struct or a dataclass."""
         if self._writer.is_closing():
             return
-        body = json.dumps(message).encode()
+        body = encode(message)
         self._writer.write(FRAME_HEAD.pack(FRAME_JSON, len(body)) + body)
 
     @property
@@ -117,7 +211,15 @@ class IpcStream:
             await self._writer.wait_closed()
 
 
-StreamHandler = Callable[[dict[str, Any], IpcStream], Awaitable[None]]
+@dataclass(frozen=True)
+class StreamRoute(Generic[P]):
+    """A typed attached request: the params are decoded into ``params`` before it runs."""
+
+    params: type[P]
+    handle: Callable[[P, IpcStream], Awaitable[None]]
+
+
+StreamHandler = StreamRoute[Any] | Callable[[dict[str, Any], IpcStream], Awaitable[None]]
 
 
 class IpcServer:
@@ -168,8 +270,7 @@ class IpcServer:
                     return
             while line := await reader.readline():
                 if (attached := self._attached(line)) is not None:
-                    handler, params = attached
-                    await handler(params, IpcStream(reader, writer))
+                    await self._attach(*attached, IpcStream(reader, writer))
                     return
                 answering = asyncio.ensure_future(self._answer(line, writer))
                 hangup = asyncio.ensure_future(reader.read(1))  # the client sends nothing more
@@ -192,38 +293,48 @@ class IpcServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def _attached(self, line: bytes) -> tuple[StreamHandler, dict[str, Any]] | None:
+    @staticmethod
+    async def _attach(route: StreamHandler, raw: msgspec.Raw, stream: IpcStream) -> None:
         try:
-            request = json.loads(line)
-            handler = self._streams.get(str(request.get("method")))
-            if handler is None:
-                return None
-            return handler, dict(request.get("params") or {})
-        except (ValueError, AttributeError, TypeError):
+            kind = route.params if isinstance(route, StreamRoute) else dict[str, Any]
+            params = decode_params(kind, raw)
+        except UserError as exc:  # a request of the wrong shape: refused in the first frame
+            stream.write_json({"error": ErrorBody(exc.code, exc.message)})
+            await stream.drain()
+            return
+        if isinstance(route, StreamRoute):
+            await route.handle(params, stream)
+        else:
+            await route(params, stream)
+
+    def _attached(self, line: bytes) -> tuple[StreamHandler, msgspec.Raw] | None:
+        try:
+            request = decode_request(line)
+        except UserError:
             return None  # _answer says what is wrong with it
+        route = self._streams.get(request.method)
+        return None if route is None else (route, request.params)
 
     async def _answer(self, line: bytes, writer: asyncio.StreamWriter) -> bytes:
-        request_id: Any = None
+        request_id: int | str | None = None
 
         def progress(item: Any) -> None:
-            writer.write(json.dumps({"id": request_id, "progress": item}).encode() + b"\n")
+            writer.write(encode({"id": request_id, "progress": item}) + b"\n")
 
         try:
-            request = json.loads(line)
-            request_id = request.get("id")
-            handler = self._handlers.get(str(request.get("method")))
-            if handler is None:
-                raise UserError(f"unknown request {request.get('method')!r}", code="bad_request")
-            result = await outcome_of(handler(dict(request.get("params") or {})), progress)
-            body: dict[str, Any] = {"id": request_id, "result": result}
+            request = decode_request(line)
+            request_id = request.id
+            route = self._handlers.get(request.method)
+            if route is None:
+                raise UserError(f"unknown request {request.method!r}", code="bad_request")
+            result = await outcome_of(_dispatch(route, request.params), progress)
+            return encode({"id": request_id, "result": result})
         except UserError as exc:
-            body = {"id": request_id, "error": {"code": exc.code, "message": exc.message}}
-        except (ValueError, AttributeError):
-            body = {"id": request_id, "error": {"code": "bad_request", "message": "bad request"}}
+            error = ErrorBody(exc.code, exc.message)
         except Exception as exc:
             log.exception("IPC request failed")
-            body = {"id": request_id, "error": {"code": "internal", "message": str(exc)}}
-        return json.dumps(body).encode()
+            error = ErrorBody("internal", str(exc))
+        return encode({"id": request_id, "error": error})
 
 
 async def outcome_of(
@@ -241,30 +352,58 @@ async def outcome_of(
     return result
 
 
+@overload
 async def call(
     path: Path,
     method: str,
-    params: dict[str, Any] | None = None,
+    params: object = None,
     *,
     timeout: float = 30.0,
     on_progress: Callable[[Any], None] | None = None,
+    reply: None = None,
+) -> Any: ...
+
+
+@overload
+async def call(
+    path: Path,
+    method: str,
+    params: object = None,
+    *,
+    timeout: float = 30.0,
+    on_progress: Callable[[Any], None] | None = None,
+    reply: type[R],
+) -> R: ...
+
+
+async def call(
+    path: Path,
+    method: str,
+    params: object = None,
+    *,
+    timeout: float = 30.0,
+    on_progress: Callable[[Any], None] | None = None,
+    reply: type[Any] | None = None,
 ) -> Any:
-    """Ask the running agent; raises AgentNotRunning when there is none."""
+    """Ask the running agent; raises AgentNotRunning when there is none.
+
+    ``params``: a JSON object, a Struct or a dataclass. With ``reply``, the result is decoded
+    into that type (UserError ``agent_error`` when the agent answered something else).
+    """
     reader, writer = await _connect(path)
     try:
-        writer.write(json.dumps({"id": 1, "method": method, "params": params or {}}).encode())
-        writer.write(b"\n")
+        writer.write(_request_line(method, params))
         await writer.drain()
         while True:
             # `timeout` bounds the silence between lines: a long transfer keeps talking.
             line = await asyncio.wait_for(reader.readline(), timeout)
             if not line:
                 break
-            answer = json.loads(line)
-            if "progress" not in answer:
+            answer = _decode_answer(line)
+            if answer.progress is msgspec.UNSET:
                 break
             if on_progress is not None:
-                on_progress(answer["progress"])
+                on_progress(answer.progress)
     except TimeoutError:
         raise UserError("the running agent did not answer in time", code="agent_timeout") from None
     except ConnectionError as exc:
@@ -273,17 +412,37 @@ async def call(
         writer.close()
     if not line:
         raise AgentNotRunning("the agent closed the connection")
-    if "error" in answer:
-        raise UserError(answer["error"]["message"], code=answer["error"]["code"])
-    return answer.get("result")
+    if answer.error is not None:
+        raise UserError(answer.error.message, code=answer.error.code)
+    return answer.result if reply is None else as_reply(answer.result, reply)
 
 
-async def attach(path: Path, method: str, params: dict[str, Any] | None = None) -> IpcStream:
+def as_reply(result: object, reply: type[R]) -> R:
+    """A result (JSON builtins, or a handler's own value in-process) as a ``reply``."""
+    if isinstance(reply, type) and isinstance(result, reply):
+        return result
+    try:
+        return msgspec.convert(msgspec.to_builtins(result), reply)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise UserError(f"the running agent answered nonsense: {exc}", code="agent_error") from None
+
+
+def _request_line(method: str, params: object) -> bytes:
+    return encode({"id": 1, "method": method, "params": {} if params is None else params}) + b"\n"
+
+
+def _decode_answer(line: bytes) -> Answer:
+    try:
+        return msgspec.json.decode(line, type=Answer)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise UserError(f"the running agent answered nonsense: {exc}", code="agent_error") from None
+
+
+async def attach(path: Path, method: str, params: object = None) -> IpcStream:
     """Open an attached request; raises AgentNotRunning, or UserError if the agent refuses."""
     reader, writer = await _connect(path)
     stream = IpcStream(reader, writer)
-    writer.write(json.dumps({"id": 1, "method": method, "params": params or {}}).encode())
-    writer.write(b"\n")
+    writer.write(_request_line(method, params))
     try:
         await writer.drain()
         first = await asyncio.wait_for(stream.receive(), 60)
@@ -293,14 +452,17 @@ async def attach(path: Path, method: str, params: dict[str, Any] | None = None) 
     except TimeoutError:
         await stream.aclose()
         raise UserError("the running agent did not answer in time", code="agent_timeout") from None
-    if isinstance(first, dict) and isinstance(first.get("error"), dict):
+    try:
+        opened = msgspec.convert(first, Opened)
+    except msgspec.ValidationError:
+        opened = Opened()
+    if opened.error is not None:
         await stream.aclose()
-        raise UserError(str(first["error"].get("message")), code=str(first["error"].get("code")))
-    if not isinstance(first, dict) or "ok" not in first:
+        raise UserError(opened.error.message, code=opened.error.code)
+    if not isinstance(opened.ok, dict):
         await stream.aclose()
         raise UserError("the running agent answered nonsense", code="agent_error")
-    if isinstance(first["ok"], dict):
-        stream.opened = first["ok"]
+    stream.opened = opened.ok
     return stream
 
 

@@ -24,7 +24,7 @@ import psutil
 from meshagent_gui.config import Paths
 from meshagent_gui.core import ipc
 from meshagent_gui.core.ipc import IpcStream, IpcStreamClosed
-from meshagent_gui.core.terminal.pty import spawn_pty
+from meshagent_gui.core.terminal.spawn import spawn_pty
 from tests.benchmarks._transfer_support import LOOPBACK, Sshd
 
 WAIT: Final = 60.0

@@ -63,12 +63,12 @@ from .endpoint import Endpoint, relay_address, relay_peer
 from .errors import P2PError
 from .relay import RelayLink
 from .session import Channel, ChannelClosed, HandshakeRefusedError, MeshSession
+from .signals import SIGNAL_KEY, Answer, Offer, decode_signal, encode_signal
 from .streams import PeerStream
 
 log = logging.getLogger(__name__)
 
 CONNECT_SCOPE: Final = "p2p:connect"
-SIGNAL_KEY: Final = "p2p"
 ANSWER_TIMEOUT: Final = 5.0
 # Punching: each round sends one tiny STUN request to every candidate, PUNCH_SPACING apart, so
 # an offer costs at most 16 candidates x 4 rounds = 64 datagrams, spread over two seconds. The
@@ -79,7 +79,6 @@ PUNCH_SPACING: Final = 0.005
 OFFER_CACHE: Final = 4096
 # An offer signed with a key we do not know refetches the server's keys at most this often.
 OFFER_KEY_REFETCH: Final = 30.0
-MAX_ATTEMPT_CHARS: Final = 64
 DRAIN_CHECK: Final = 5.0
 PROBE_TIMEOUT: Final = 1.5
 # Test-only: while this file exists, direct candidates are not tried (the loopback stand-in for
@@ -264,13 +263,8 @@ class PeerManager:
         self._answers[attempt] = (peer_id, answer)
         try:
             ours = await self._candidates()  # the token request runs meanwhile
-            offer = {
-                SIGNAL_KEY: "offer",
-                "attempt": attempt,
-                "candidates": _wire(ours),
-                "token": (await grant).token,
-            }
-            await self._link.signal(peer_id, offer)
+            offer = Offer(attempt=attempt, candidates=_wire(ours), token=(await grant).token)
+            await self._link.signal(peer_id, encode_signal(offer))
             theirs = await asyncio.wait_for(answer, ANSWER_TIMEOUT)
         except (TimeoutError, MeshError):
             return None
@@ -366,38 +360,33 @@ class PeerManager:
         packet goes out because of it, not even the answer.
         """
         kind = payload.get(SIGNAL_KEY)
-        if kind == "answer":
-            self._on_answer(sender, payload)
-        elif kind == "offer":
-            await self._on_offer(sender, payload)
+        if kind not in ("offer", "answer"):
+            return  # a kind a newer peer speaks
+        try:
+            signal = decode_signal(payload)
+        except ValueError as exc:
+            log.debug("ignored a malformed p2p %s from %s: %s", kind, sender[:12], exc)
+            return
+        if isinstance(signal, Answer):
+            self._on_answer(sender, signal)
+        else:
+            await self._on_offer(sender, signal)
 
-    def _on_answer(self, sender: str, payload: Mapping[str, Any]) -> None:
-        pending = self._answers.get(str(payload.get("attempt")))
+    def _on_answer(self, sender: str, answer: Answer) -> None:
+        pending = self._answers.get(answer.attempt)
         if pending is None or pending[0] != sender or pending[1].done():
             return
-        try:
-            candidates = peer_candidates(payload.get("candidates"), own=self._local_addresses())
-        except ValueError:
-            log.debug("ignored a malformed p2p answer from %s", sender[:12])
-            return
+        candidates = peer_candidates(answer.candidates, own=self._local_addresses())
         pending[1].set_result(candidates)
 
-    async def _on_offer(self, sender: str, payload: Mapping[str, Any]) -> None:
-        attempt = payload.get("attempt")
-        try:
-            if not isinstance(attempt, str) or not 0 < len(attempt) <= MAX_ATTEMPT_CHARS:
-                raise ValueError("bad attempt id")
-            candidates = peer_candidates(payload.get("candidates"), own=self._local_addresses())
-        except ValueError:
-            log.debug("ignored a malformed p2p offer from %s", sender[:12])
-            return
-        if not await self._offer_admitted(sender, payload.get("token")):
+    async def _on_offer(self, sender: str, offer: Offer) -> None:
+        candidates = peer_candidates(offer.candidates, own=self._local_addresses())
+        if not await self._offer_admitted(sender, offer.token):
             return
         ours = [] if _direct_blocked() else await self._candidates()
         with contextlib.suppress(MeshError):
-            await self._link.signal(
-                sender, {SIGNAL_KEY: "answer", "attempt": attempt, "candidates": _wire(ours)}
-            )
+            answer = Answer(attempt=offer.attempt, candidates=_wire(ours))
+            await self._link.signal(sender, encode_signal(answer))
         if ours:
             await self._punch(candidates)
 
@@ -617,7 +606,7 @@ def _direct_blocked() -> bool:
     return bool(flag) and Path(flag).exists()  # type: ignore[arg-type]
 
 
-def _wire(candidates: list[Candidate]) -> list[dict[str, Any]]:
+def _wire(candidates: list[Candidate]) -> list[object]:
     return [c.to_wire() for c in candidates]
 
 

@@ -19,6 +19,13 @@ from pathlib import Path
 from typing import Any, Final
 
 from meshagent_gui.core.ipc import IpcStream, IpcStreamClosed
+from meshagent_gui.core.ipc_types import (
+    ShareOpened,
+    TerminalShareParams,
+    TerminalViewParams,
+    ViewOpened,
+    console_frame,
+)
 from meshagent_gui.core.protocol.terminal import (
     ControlChanged,
     ControlRefused,
@@ -43,52 +50,30 @@ def _refuse(stream: IpcStream, exc: UserError) -> None:
     stream.write_json({"error": {"code": exc.code, "message": exc.message}})
 
 
-def _size(value: Any) -> tuple[int, int] | None:
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        cols, rows = value
-        if 0 < cols <= 1000 and 0 < rows <= 1000:
-            return cols, rows
-    return None
-
-
 async def share_console(
-    service: TerminalService, params: dict[str, Any], stream: IpcStream
+    service: TerminalService, params: TerminalShareParams, stream: IpcStream
 ) -> None:
     """Share a new PTY; the attached console is the host's own terminal."""
-    size = _size(params.get("size")) or (80, 24)
-    command = params.get("command") or None
-    record = params.get("record")
-    env = params.get("env")
-    rooms = params.get("rooms") or None
+    cols, rows = params.size or (80, 24)
+    rooms = params.rooms or None
     try:
-        if env is not None and not (
-            isinstance(env, dict) and all(isinstance(v, str) for v in env.values())
-        ):
-            raise UserError("the environment must map names to strings", code="usage")
-        if command is not None and not (
-            isinstance(command, list) and all(isinstance(c, str) for c in command)
-        ):
-            raise UserError("the command must be a list of words", code="usage")
         if rooms is not None:
-            if not (isinstance(rooms, list) and all(isinstance(r, str) for r in rooms)):
-                raise UserError("the rooms must be a list of names", code="usage")
             await service.check_rooms(rooms)
         shared = service.share(
-            command,
-            allow_control=bool(params.get("allow_control")),
-            record=Path(record) if isinstance(record, str) and record else None,
-            cols=size[0],
-            rows=size[1],
-            cwd=params.get("cwd") if isinstance(params.get("cwd"), str) else None,
-            env=env,
+            params.command or None,
+            allow_control=params.allow_control,
+            record=Path(params.record) if params.record else None,
+            cols=cols,
+            rows=rows,
+            cwd=params.cwd,
+            env=params.env,
             rooms=rooms,
         )
     except UserError as exc:
         _refuse(stream, exc)
         return
-    stream.write_json(
-        {"ok": {"session_id": shared.session_id, "title": shared.title, "rooms": shared.rooms}}
-    )
+    opened = ShareOpened(session_id=shared.session_id, title=shared.title, rooms=shared.rooms)
+    stream.write_json({"ok": opened})
     asks: dict[int, asyncio.Future[bool]] = {}
     numbers = itertools.count(1)
 
@@ -117,18 +102,20 @@ async def share_console(
     async def read_console() -> None:
         try:
             while True:
-                frame = await stream.receive()
-                if isinstance(frame, bytes):
-                    shared.host.console_input(frame)
-                elif (new_size := _size(frame.get("resize"))) is not None:
-                    shared.host.set_console_size(*new_size)
-                elif "consent" in frame:
-                    answer = asks.get(frame["consent"])
+                raw = await stream.receive()
+                if isinstance(raw, bytes):
+                    shared.host.console_input(raw)
+                elif (frame := console_frame(raw)) is None:
+                    continue  # not a frame we know: ignored
+                elif frame.resize is not None:
+                    shared.host.set_console_size(*frame.resize)
+                elif frame.consent is not None:
+                    answer = asks.get(frame.consent)
                     if answer is not None and not answer.done():
-                        answer.set_result(bool(frame.get("allow")))
-                elif frame.get("revoke"):
+                        answer.set_result(frame.allow)
+                elif frame.revoke:
                     shared.revoke_control()
-                elif frame.get("stop"):
+                elif frame.stop:
                     shared.stop()
         except IpcStreamClosed:
             shared.stop()  # the sharing console is gone: so is the session
@@ -163,26 +150,23 @@ def _event_json(event: ViewerEvent) -> dict[str, Any]:
 
 
 async def view_console(
-    service: TerminalService, resolve: ResolveDevice, params: dict[str, Any], stream: IpcStream
+    service: TerminalService,
+    resolve: ResolveDevice,
+    params: TerminalViewParams,
+    stream: IpcStream,
 ) -> None:
     """Watch (or control) a peer's session; the attached console shows it."""
-    size = _size(params.get("size")) or (0, 0)
-    session = params.get("session")
+    cols, rows = params.size or (0, 0)
     try:
-        device_id, _ = await resolve(str(params.get("device", "")))
+        device_id, _ = await resolve(params.device)
         view = await service.view(
-            device_id,
-            session if isinstance(session, str) and session else None,
-            control=bool(params.get("control")),
-            cols=size[0],
-            rows=size[1],
+            device_id, params.session or None, control=params.control, cols=cols, rows=rows
         )
     except UserError as exc:
         _refuse(stream, exc)
         return
-    stream.write_json(
-        {"ok": {"session_id": view.session_id, "device": view.device_name, "size": view.size}}
-    )
+    opened = ViewOpened(session_id=view.session_id, device=view.device_name, size=view.size)
+    stream.write_json({"ok": opened})
     if view.control:
         try:
             await view.request_control()
@@ -204,17 +188,19 @@ async def view_console(
 
     async def read_console() -> None:
         while True:
-            frame = await stream.receive()
-            if isinstance(frame, bytes):
-                await view.send_input(frame)
-            elif (new_size := _size(frame.get("resize"))) is not None:
-                await view.resize(*new_size)
-            elif frame.get("control") == "request":
+            raw = await stream.receive()
+            if isinstance(raw, bytes):
+                await view.send_input(raw)
+            elif (frame := console_frame(raw)) is None:
+                continue  # not a frame we know: ignored
+            elif frame.resize is not None:
+                await view.resize(*frame.resize)
+            elif frame.control == "request":
                 try:
                     await view.request_control()
                 except UserError as exc:
                     stream.write_json({"event": "refused", "reason": exc.message})
-            elif frame.get("control") == "release":
+            elif frame.control == "release":
                 await view.release_control()
 
     try:

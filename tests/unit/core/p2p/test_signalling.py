@@ -282,3 +282,33 @@ async def test_the_dialer_offers_its_token_and_heeds_only_its_peers_answer(
     assert (to, sent[SIGNAL_KEY], sent["token"]) == (alice.device_id, "offer", DIALER_TOKEN)
     # Alice's answer echoed our own candidates back: dialed; Mallory's bait: never.
     assert bob_agent.endpoint.dialed == [("192.0.2.2", OUR_PORT)]
+
+
+async def test_a_malformed_offer_is_ignored_before_its_token_is_read(
+    bob_agent: Bob,
+    alice: identity.Identity,
+    bob: identity.Identity,
+    keys: SigningKeys,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A signal of the wrong shape is dropped at the edge with a debug line: no answer, no
+    packet, and its token is not spent (the honest offer after it still goes through)."""
+    jwt = token(keys, alice.device_id, bob.device_id)
+    good = offer(REMOTE, jwt)
+    malformed = [
+        {**good, "attempt": "x" * 65},
+        {**good, "attempt": ""},
+        {**good, "attempt": 7},
+        {**good, "candidates": {"kind": "host"}},
+        {**good, "token": ["not", "text"]},
+        {SIGNAL_KEY: "offer", "token": jwt},
+    ]
+    with caplog.at_level("DEBUG", logger="meshagent_gui.core.p2p.peers"):
+        for payload in malformed:
+            await bob_agent.manager.on_signal(alice.device_id, payload)
+    assert bob_agent.link.signals == []
+    assert bob_agent.endpoint.sent == []
+    assert sum("malformed p2p offer" in r.getMessage() for r in caplog.records) == len(malformed)
+    await bob_agent.manager.on_signal(alice.device_id, {SIGNAL_KEY: "newer-kind"})  # not ours
+    await bob_agent.manager.on_signal(alice.device_id, good)
+    assert [answer[SIGNAL_KEY] for _, answer in bob_agent.link.signals] == ["answer"]
