@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 from meshagent_gui import __version__
 from meshagent_gui import log as logsetup
-from meshagent_gui.config import KEYS, Config, Paths, parse_value
+from meshagent_gui.config import KEYS, Config, Paths, parse_rate, parse_value
 from meshagent_gui.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from meshagent_gui.context import Context
     from meshagent_gui.core.agent import Agent
     from meshagent_gui.core.events import InvitationReceived
+    from meshagent_gui.core.ipc_types import TerminalShareParams, TerminalViewParams
 
 log = logging.getLogger("meshagent")
 T = TypeVar("T")
@@ -234,14 +235,29 @@ def emit(args: argparse.Namespace, record: dict[str, Any], text: str) -> None:
 def _run(coro: Awaitable[T]) -> T:
     """asyncio.run with SIGTERM treated like Ctrl-C, so every task is cancelled cleanly."""
 
+    terminated: list[int] = []
+
     async def main() -> T:
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         if task is not None and sys.platform != "win32":
-            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+
+            def stop() -> None:
+                terminated.append(signal.SIGTERM)
+                task.cancel()
+
+            loop.add_signal_handler(signal.SIGTERM, stop)
         return await coro
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if not terminated:
+            raise
+        # Stopped as asked: one line and the status of an interrupt, never a traceback.
+        after_bar = "\n" if sys.stderr.isatty() else ""  # a progress line may be unfinished
+        print(f"{after_bar}meshagent: stopped (SIGTERM)", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt from None
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -323,9 +339,10 @@ def cmd_login(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from meshagent_gui.core.agent import Agent
     from meshagent_gui.core.events import InvitationReceived
+    from meshagent_gui.core.mesh.enroll import load_enrollment
 
     ctx = _context(args.home)
-    if ctx.config["local.server"] or (args.local and ctx.enrollment is None):
+    if ctx.config["local.server"] or (args.local and load_enrollment(ctx) is None):
         return _run(_up_local(args, ctx))
     agent = Agent.from_context(ctx)
 
@@ -356,7 +373,7 @@ def _print_invitation(args: argparse.Namespace, event: InvitationReceived) -> No
 
 
 async def _up_local(args: argparse.Namespace, ctx: Context) -> int:
-    from meshagent_gui.core.onboarding import JoinCodeWithUrl, run_agent
+    from meshagent_gui.compose.onboarding import JoinCodeWithUrl, run_agent
 
     def ready(_agent: Agent, join: JoinCodeWithUrl | None) -> None:
         assert join is not None  # a local mesh always has one
@@ -415,10 +432,18 @@ def _tell_running_agent(ctx: Context, name: str) -> None:
     """A running agent takes the saved change in; one it cannot apply live is said to need a
     restart (on stderr: the change itself succeeded)."""
     from meshagent_gui.core import ipc
+    from meshagent_gui.core.ipc_types import ConfigChangedParams, ConfigChangedReply
 
     try:
-        answer = _run(ipc.call(ctx.paths.ipc_path, "config_changed", {"key": name}, timeout=10))
-        live = isinstance(answer, dict) and bool(answer.get("live"))
+        live = _run(
+            ipc.call(
+                ctx.paths.ipc_path,
+                "config_changed",
+                ConfigChangedParams(key=name),
+                timeout=10,
+                reply=ConfigChangedReply,
+            )
+        ).live
     except ipc.AgentNotRunning:
         return  # the next agent reads the file when it starts
     except UserError:
@@ -431,28 +456,32 @@ def _tell_running_agent(ctx: Context, name: str) -> None:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    devices: list[dict[str, Any]] = _run(_ask(_context(args.home), "devices", {}))
+    from meshagent_gui.core.agent import DeviceView
+    from meshagent_gui.core.ipc_types import NoParams
+
+    devices = _run(_ask(_context(args.home), "devices", NoParams(), list[DeviceView]))
     for device in devices:
-        state = "online" if device["online"] else "offline"
-        emit(args, device, f"{device['name']:<24} {device['id'][:16]}  {state:<8} {device['user']}")
+        state = "online" if device.online else "offline"
+        emit(args, vars(device), f"{device.name:<24} {device.id[:16]}  {state:<8} {device.user}")
     if not devices and not args.json:
         print("no other devices share a room with this one yet")
     return 0
 
 
-async def _ask(ctx: Context, method: str, params: dict[str, Any]) -> Any:
+async def _ask(ctx: Context, method: str, params: object, reply: type[T]) -> T:
     """A quick question for the running agent (so one process at a time uses this device's
     refresh token); with none, the same answer in-process, without connecting to the mesh."""
     from meshagent_gui.core import ipc
     from meshagent_gui.core.agent import Agent
 
     try:
-        return await ipc.call(ctx.paths.ipc_path, method, params)
+        return await ipc.call(ctx.paths.ipc_path, method, params, reply=reply)
     except ipc.AgentNotRunning:
         pass
     agent = Agent.from_context(ctx)
     try:
-        return await ipc.outcome_of(agent.ipc_handlers()[method](params), None)
+        outcome = ipc.invoke(agent.ipc_handlers()[method], params)
+        return ipc.as_reply(await ipc.outcome_of(outcome, None), reply)
     finally:
         await agent.client.aclose()
 
@@ -461,14 +490,17 @@ def _client_call(ctx: Context, method: str, **args: Any) -> Any:
     """One MeshClient call (client.NAMED_CALLS), made by the running agent if there is one;
     else by a client of our own (REST only: no agent to start, a quick command)."""
     from meshagent_gui.core import ipc
+    from meshagent_gui.core.ipc_types import ClientParams
     from meshagent_gui.core.mesh.client import MeshClient
+    from meshagent_gui.core.mesh.enroll import require_enrollment
 
     async def call() -> Any:
         try:
-            return await ipc.call(ctx.paths.ipc_path, "client", {"method": method, "args": args})
+            params = ClientParams(method=method, args=args)
+            return await ipc.call(ctx.paths.ipc_path, "client", params)
         except ipc.AgentNotRunning:
             pass
-        enrollment = ctx.require_enrollment()
+        enrollment = require_enrollment(ctx)
         async with MeshClient(enrollment.url, secrets=ctx.secrets, user=enrollment.user) as mesh:
             return await mesh.call(method, args)
 
@@ -547,28 +579,53 @@ def _audit_text(entry: dict[str, Any]) -> str:
 async def _through_agent(
     ctx: Context,
     method: str,
-    params: dict[str, Any],
+    params: object,
+    reply: type[T],
     on_progress: Callable[[Any], None] | None = None,
-) -> Any:
-    """Ask the running agent; with none, run one in-process for the duration of the call."""
+    on_server_down: Callable[[str], None] | None = None,
+) -> T:
+    """Ask the running agent; with none, run one in-process for the duration of the call
+    (``on_server_down``: wait for an unreachable server, saying why, instead of failing)."""
     from meshagent_gui.core import ipc
 
     try:
         return await ipc.call(
-            ctx.paths.ipc_path, method, params, timeout=120, on_progress=on_progress
+            ctx.paths.ipc_path, method, params, timeout=120, on_progress=on_progress, reply=reply
         )
     except ipc.AgentNotRunning:
         pass
-    async with _agent_in_process(ctx) as agent:
-        return await ipc.outcome_of(agent.ipc_handlers()[method](params), on_progress)
+    async with _agent_in_process(ctx, on_server_down) as agent:
+        outcome = ipc.invoke(agent.ipc_handlers()[method], params)
+        return ipc.as_reply(await ipc.outcome_of(outcome, on_progress), reply)
+
+
+_SERVER_AWAY: Final = ("server_unreachable", "server_timeout")
 
 
 @contextlib.asynccontextmanager
-async def _agent_in_process(ctx: Context) -> AsyncIterator[Agent]:
-    """An agent for the duration of one command, connected to the server."""
+async def _agent_in_process(
+    ctx: Context, on_server_down: Callable[[str], None] | None = None
+) -> AsyncIterator[Agent]:
+    """An agent for the duration of one command, connected to the server. A server that is
+    down is found as `devices` finds it (one REST call, a clear line in a second or two), not
+    after the socket's 15 s; with ``on_server_down`` we wait for it instead, saying why."""
     from meshagent_gui.core.agent import Agent
+    from meshagent_gui.core.mesh.client import MeshError
 
     agent = Agent.from_context(ctx)
+    try:
+        while True:
+            try:
+                await agent.client.devices()
+                break
+            except MeshError as exc:
+                if on_server_down is None or exc.code not in _SERVER_AWAY:
+                    raise
+                on_server_down(exc.message)
+                await asyncio.sleep(2)
+    except BaseException:
+        await agent.client.aclose()
+        raise
     connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     runner = asyncio.create_task(agent.run(on_ready=lambda: connected.set_result(None)))
     try:
@@ -589,11 +646,14 @@ async def _agent_in_process(ctx: Context) -> AsyncIterator[Agent]:
             await runner
 
 
-async def _console(ctx: Context, method: str, params: dict[str, Any], role: Role) -> int:
+async def _console(
+    ctx: Context, method: str, params: TerminalShareParams | TerminalViewParams, role: Role
+) -> int:
     """Attach this console to a terminal session in the running agent (or one of our own); a
     host's console first says who can watch, how, and the keys (console.share_banner)."""
     from meshagent_gui.console import Console, share_banner
     from meshagent_gui.core import ipc
+    from meshagent_gui.core.ipc_types import TerminalShareParams
 
     async with contextlib.AsyncExitStack() as stack:
         try:
@@ -602,10 +662,9 @@ async def _console(ctx: Context, method: str, params: dict[str, Any], role: Role
             await stack.enter_async_context(_agent_in_process(ctx))
             stream = await ipc.attach(ctx.paths.ipc_path, method, params)
         banner = ""
-        if role == "host":
-            opened = {**stream.opened, "rooms": params.get("rooms")}  # as asked, not resolved
-            allow = bool(params.get("allow_control"))
-            banner = share_banner(ctx.device_name, opened, allow_control=allow)
+        if role == "host" and isinstance(params, TerminalShareParams):
+            opened = {**stream.opened, "rooms": params.rooms}  # as asked, not resolved
+            banner = share_banner(ctx.device_name, opened, allow_control=params.allow_control)
         try:
             return await Console(stream, role, banner=banner).run()
         finally:
@@ -675,70 +734,88 @@ def cmd_autostart(args: argparse.Namespace) -> int:
 
 def cmd_terminal(args: argparse.Namespace) -> int:
     from meshagent_gui.console import console_size
+    from meshagent_gui.core.ipc_types import TerminalShareParams, TerminalViewParams
 
     ctx = _context(args.home)
-    size = list(console_size())
+    size = console_size()
     if args.terminal_command == "share":
         command = list(args.cmd)
         if command[:1] == ["--"]:
             command = command[1:]
         record = str(args.record.expanduser().absolute()) if args.record else ""
-        params = {
-            "command": command or None,
-            "allow_control": args.allow_control,
-            "record": record,
-            "size": size,
-            "cwd": os.getcwd(),
-            "env": dict(os.environ),  # the shared shell is this console's, not the agent's
-            "rooms": args.rooms,
-        }
-        return _run(_console(ctx, "terminal.share", params, "host"))
-    params = {
-        "device": args.device,
-        "session": args.session or "",
-        "control": args.control,
-        "size": size,
-    }
-    return _run(_console(ctx, "terminal.view", params, "viewer"))
+        share = TerminalShareParams(
+            command=command or None,
+            allow_control=args.allow_control,
+            record=record,
+            size=size,
+            cwd=os.getcwd(),
+            env=dict(os.environ),  # the shared shell is this console's, not the agent's
+            rooms=args.rooms,
+        )
+        return _run(_console(ctx, "terminal.share", share, "host"))
+    view = TerminalViewParams(
+        device=args.device, session=args.session or "", control=args.control, size=size
+    )
+    return _run(_console(ctx, "terminal.view", view, "viewer"))
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise UserError("--count takes a number of at least 1", code="usage")
+    import msgspec
+
+    from meshagent_gui.core.ipc_types import PingParams, PingReply
+
     ctx = _context(args.home)
-    result = _run(_through_agent(ctx, "ping", {"device": args.device, "count": args.count}))
+    params = PingParams(device=args.device, count=args.count)
+    result = _run(_through_agent(ctx, "ping", params, PingReply))
     if not args.json:
         print(
-            f"ping {result['device']} ({result['device_id'][:12]}):"
-            f" connected in {result['setup_ms']:.0f} ms"
+            f"ping {result.device} ({result.device_id[:12]}): connected in {result.setup_ms:.0f} ms"
         )
     failures = 0
-    for attempt in result["tries"]:
-        record = {"device": result["device"], **attempt}
-        if "error" in attempt:
+    for attempt in result.tries:
+        record = {"device": result.device, **msgspec.to_builtins(attempt)}
+        if attempt.error is not None:
             failures += 1
-            emit(args, record, f"  {attempt['seq']}: {attempt['path']}  {attempt['error']}")
+            emit(args, record, f"  {attempt.seq}: {attempt.path}  {attempt.error}")
         else:
             emit(
                 args,
                 record,
-                f"  {attempt['seq']}: {attempt['path']:<6} {attempt['local']} -> "
-                f"{attempt['remote']}  rtt {attempt['rtt_ms']:.3f} ms",
+                f"  {attempt.seq}: {attempt.path:<6} {attempt.local} -> "
+                f"{attempt.remote}  rtt {attempt.rtt_ms or 0.0:.3f} ms",
             )
-    return 1 if failures == len(result["tries"]) else 0
+    return 1 if failures == len(result.tries) else 0
 
 
 def cmd_send(args: argparse.Namespace) -> int:
+    import msgspec
     from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
         Progress,
+        ProgressColumn,
+        Task,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
+    from rich.text import Text
 
-    from meshagent_gui.core.share.ratelimit import parse_rate
+    from meshagent_gui.core.ipc import as_reply
+
+    class UntilSized(ProgressColumn):
+        """A column shown once the size is known: no `0/? bytes ?` while waiting."""
+
+        def __init__(self, column: ProgressColumn) -> None:
+            super().__init__(column.get_table_column())
+            self.column = column
+
+        def render(self, task: Task) -> Any:
+            return Text("") if task.total is None and not task.completed else self.column(task)
+
+    from meshagent_gui.core.ipc_types import SendParams, SendProgress, SendReply
 
     parse_rate(args.rate)  # a typo fails here, before anything connects
     paths = [str(Path(p).expanduser().absolute()) for p in args.paths]
@@ -749,9 +826,9 @@ def cmd_send(args: argparse.Namespace) -> int:
     bar = Progress(
         "[progress.description]{task.description}",
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        UntilSized(DownloadColumn()),
+        UntilSized(TransferSpeedColumn()),
+        UntilSized(TimeRemainingColumn()),
         console=Console(stderr=True),
         disable=args.json or not sys.stderr.isatty(),
     )
@@ -760,28 +837,37 @@ def cmd_send(args: argparse.Namespace) -> int:
 
         said: list[str] = []  # the waiting line printed, while it holds
 
-        def progress(update: dict[str, Any]) -> None:
+        def progress(item: object) -> None:
+            update = as_reply(item, SendProgress)
             description = f"to {args.device}"
-            if update.get("waiting_for"):
-                description = f"waiting for {update['waiting_for']} to come back"
+            if update.waiting_for:
+                description = f"waiting for {update.waiting_for} to come back"
                 if bar.disable and not said:  # no bar to show it on: one line on stderr
                     print(f"meshagent: {description}", file=sys.stderr, flush=True)
                     said.append(description)
             else:
                 said.clear()
-            bar.update(
-                task, description=description, completed=update["done"], total=update["total"]
-            )
+            bar.update(task, description=description, completed=update.done, total=update.total)
 
-        params = {"paths": paths, "device": args.device, "rate": args.rate, "wait": args.wait}
-        result = _run(_through_agent(ctx, "send", params, on_progress=progress))
-    for item in result["items"]:
-        resumed = f", resumed at {item['resumed_from']} B" if item["resumed_from"] else ""
+        def server_down(reason: str) -> None:
+            # "cannot reach the Mesh Server at URL: connection refused": say what we wait for.
+            description = f"waiting for the Mesh Server: {reason.rpartition(': ')[2]}"
+            if bar.disable and description not in said:
+                print(f"meshagent: {description}", file=sys.stderr, flush=True)
+                said[:] = [description]
+            bar.update(task, description=description)
+
+        params = SendParams(paths=paths, device=args.device, rate=args.rate, wait=args.wait)
+        waiting = server_down if args.wait else None
+        sending = _through_agent(ctx, "send", params, SendReply, progress, waiting)
+        result = _run(sending)
+    for item in result.items:
+        resumed = f", resumed at {item.resumed_from} B" if item.resumed_from else ""
         emit(
             args,
-            item,
-            f"sent {item['name']} to {result['device']}: {item['bytes']} B in"
-            f" {item['seconds']:.1f} s over a {item['path']} path{resumed}",
+            msgspec.to_builtins(item),
+            f"sent {item.name} to {result.device}: {item.bytes} B in"
+            f" {item.seconds:.1f} s over a {item.path} path{resumed}",
         )
     return 0
 

@@ -72,6 +72,10 @@ ENABLE_VIRTUAL_TERMINAL_PROCESSING: Final = 0x0004
 STD_INPUT_HANDLE: Final = -10
 STD_OUTPUT_HANDLE: Final = -11
 
+# xterm's title stack (CSI 22/23 t): the user's own title comes back when the session ends.
+TITLE_PUSH: Final = b"\x1b[22;2t"
+TITLE_POP: Final = b"\x1b[23;2t"
+
 
 class ConsoleApi(Protocol):
     """The three kernel32 calls raw mode needs (a fake in tests)."""
@@ -156,13 +160,27 @@ class Console:
         self._stopping = False  # the host asked to stop: the hang-up that follows is no failure
         self._escaped = False
         self._asking: int | None = None  # a control request waiting for y/n (host)
+        self._asker = ""  # who asked
         self._in = sys.stdin.fileno() if keys is None else keys
         self._out = sys.stdout.fileno() if screen is None else screen
         self._leaving = False
+        self._live = False  # the shared program owns the screen: status goes to the title
 
-    def say(self, text: str) -> None:
-        """A status line, set apart from the shared screen."""
-        self._write(f"\r\n\x1b[7m[meshagent] {text}\x1b[0m\r\n".encode())
+    def say(self, text: str, *, bell: bool = False) -> None:
+        """A status line, set apart from the shared screen. While the session is live the
+        screen is the program's (vim, a prompt): as tmate does, the status goes where the
+        program never draws, the console's title (OSC 2); before and after, on a line."""
+        if self._live:
+            title = "".join(c for c in f"[meshagent] {text}" if c.isprintable())
+            self._write(f"\x1b]2;{title}\x07".encode() + (b"\x07" if bell else b""))
+        else:
+            self._write(f"\r\n\x1b[7m[meshagent] {text}\x1b[0m\r\n".encode())
+
+    def _ended(self) -> None:
+        """The session is over: the screen is the user's again, and so is the title."""
+        if self._live:
+            self._live = False
+            self._write(TITLE_POP)
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -178,12 +196,15 @@ class Console:
         with raw_mode(self._in):
             if self.banner:
                 self._write(self.banner.encode())
+            self._write(TITLE_PUSH)  # restored when the session ends
+            self._live = True
             reading = self._watch_keys(loop)
             if sys.platform != "win32":
                 loop.add_signal_handler(signal.SIGWINCH, self._resized)
             try:
                 await self._show()
             finally:
+                self._ended()
                 if reading:
                     loop.remove_reader(self._in)
                 if sys.platform != "win32":
@@ -213,6 +234,7 @@ class Console:
             try:
                 frame = await self.stream.receive()
             except IpcStreamClosed:
+                self._ended()
                 if self.role == "viewer" and not self._leaving:
                     self.say("the agent closed the session")
                     self.exit_code = 1
@@ -224,10 +246,12 @@ class Console:
 
     def _event(self, frame: dict[str, Any]) -> bool:
         """Show an agent event; True when the session is over."""
+        if frame.get("event") in ("error", "ended"):
+            self._ended()
         match frame.get("event"):
             case "control_request":
-                self._asking = frame.get("id")
-                self.say(f"{frame.get('name')} asks to take control. Allow? [y/n]")
+                self._asking, self._asker = frame.get("id"), str(frame.get("name"))
+                self.say(f"{frame.get('name')} asks to take control. Allow? [y/n]", bell=True)
             case "control_request_closed" if self._asking == frame.get("id"):
                 self._asking = None
             case "viewer_joined":
@@ -280,6 +304,7 @@ class Console:
             if self._asking is not None and byte in b"yYnN":
                 self.stream.write_json({"consent": self._asking, "allow": byte in b"yY"})
                 self._asking = None
+                self.say(f"you {'allowed' if byte in b'yY' else 'declined'} {self._asker}")
             elif self._escaped:
                 self._escaped = False
                 if byte == ESCAPE:

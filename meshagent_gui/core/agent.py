@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -19,15 +19,30 @@ from typing import Any, Final
 import platformdirs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from meshagent_gui.config import Config
+from meshagent_gui.config import Config, parse_rate
 from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
 from meshagent_gui.identity import short_id
 
 from .bus import EventBus
 from .events import AnnouncementReceived, InvitationReceived, PeerCameOnline
-from .ipc import AgentLock, Handler, IpcServer, IpcStream, StreamHandler
+from .ipc import AgentLock, Handler, IpcServer, IpcStream, Route, StreamHandler, StreamRoute
+from .ipc_types import (
+    CancelParams,
+    CancelReply,
+    ClientParams,
+    ConfigChangedParams,
+    ConfigChangedReply,
+    NoParams,
+    PingParams,
+    PingReply,
+    PingTry,
+    SendParams,
+    TerminalShareParams,
+    TerminalViewParams,
+)
 from .mesh.client import Enrollment, MeshClient, MeshError
+from .mesh.enroll import require_enrollment
 from .mesh.link import MeshLink
 from .mesh.types import Device, PublicKey
 from .notify.gotify import GotifyClient
@@ -46,7 +61,6 @@ from .protocol.captoken import (
 from .protocol.messages import BASE_REGISTRY
 from .protocol.terminal import TERMINAL_REGISTRY
 from .protocol.transfer import TRANSFER_REGISTRY
-from .share.ratelimit import parse_rate
 from .share.service import TransferService
 from .terminal.bridge import share_console, view_console
 from .terminal.service import TerminalService
@@ -77,10 +91,27 @@ class DeviceView:
         )
 
 
+@dataclass(frozen=True)
+class FrontEnd:
+    """What a front end running the agent in its own process (the desktop app) plugs into it.
+
+    Given at construction: a front end composes an :class:`Agent`, it does not subclass one, and
+    it follows the agent through its public API and its event bus."""
+
+    show: Callable[[], None] | None = None
+    """Bring the front end's window forward; when set, the agent serves the ``show`` IPC request
+    (a second launch of the app asks the running one to come to the front)."""
+    notification_sinks: Sequence[NotificationSink] = ()
+    """Where notifications go besides Gotify (the app's desktop toasts)."""
+
+
 class Agent:
-    def __init__(self, ctx: Context, enrollment: Enrollment) -> None:
+    def __init__(
+        self, ctx: Context, enrollment: Enrollment, *, front_end: FrontEnd | None = None
+    ) -> None:
         self.ctx = ctx
         self.enrollment = enrollment
+        self.front_end = front_end or FrontEnd()
         self.bus = EventBus()
         self.client = MeshClient(enrollment.url, secrets=ctx.secrets, user=enrollment.user)
         self._names: dict[str, str] = {}
@@ -93,7 +124,7 @@ class Agent:
         )
         self.started_at = time.time()
         # Front ends add theirs (desktop toasts); Gotify joins when it is configured.
-        self.notification_sinks: list[NotificationSink] = []
+        self.notification_sinks: list[NotificationSink] = list(self.front_end.notification_sinks)
         self.verifier = CapabilityVerifier(
             issuer=enrollment.server_id,
             device_id=enrollment.device_id,
@@ -147,8 +178,8 @@ class Agent:
         )
 
     @classmethod
-    def from_context(cls, ctx: Context) -> Agent:
-        return cls(ctx, ctx.require_enrollment())
+    def from_context(cls, ctx: Context, *, front_end: FrontEnd | None = None) -> Agent:
+        return cls(ctx, require_enrollment(ctx), front_end=front_end)
 
     # ------------------------------------------------------------ API (also served over IPC)
 
@@ -202,6 +233,7 @@ class Agent:
                 on_progress=queue.put_nowait,
             )
         )
+        getter: asyncio.Future[dict[str, Any]] | None = None
         try:
             while not task.done():
                 getter = asyncio.ensure_future(queue.get())
@@ -213,6 +245,10 @@ class Agent:
             items = task.result()
         finally:
             task.cancel()
+            if getter is not None:
+                # Cancelled mid-wait (the caller hung up): the reader ends with us, or the
+                # garbage collector finds it pending ("Task was destroyed but it is pending").
+                getter.cancel()
         yield {"device": target.name, "items": [vars(item) for item in items]}
 
     async def resolve_device(self, text: str) -> DeviceView:
@@ -234,13 +270,13 @@ class Agent:
             code="unknown_device",
         )
 
-    async def ping(self, device: str, count: int = 4, interval: float = 1.0) -> dict[str, Any]:
+    async def ping(self, device: str, count: int = 4, interval: float = 1.0) -> PingReply:
         """Connect to a device (direct, else relay) and measure round trips over QUIC."""
         target = await self.resolve_device(device)
         started = time.monotonic()
         session = await self.peers.session(target.id)
         setup = time.monotonic() - started
-        tries: list[dict[str, Any]] = []
+        tries: list[PingTry] = []
         for attempt in range(count):
             if attempt:
                 await asyncio.sleep(interval)
@@ -248,26 +284,21 @@ class Agent:
             try:
                 rtt = await session.connection.ping(timeout=5.0)
             except (TimeoutError, P2PError) as exc:
-                tries.append(
-                    {"seq": attempt + 1, "path": path.kind, "error": str(exc) or "timeout"}
-                )
+                tries.append(PingTry(seq=attempt + 1, path=path.kind, error=str(exc) or "timeout"))
                 continue
             tries.append(
-                {
-                    "seq": attempt + 1,
-                    "path": path.kind,
-                    "local": path.local,
-                    "remote": path.remote,
-                    "rtt_ms": round(rtt * 1000, 3),
-                }
+                PingTry(
+                    seq=attempt + 1,
+                    path=path.kind,
+                    local=path.local,
+                    remote=path.remote,
+                    rtt_ms=round(rtt * 1000, 3),
+                )
             )
             session = self.peers.sessions().get(target.id, session)  # it may have upgraded
-        return {
-            "device": target.name,
-            "device_id": target.id,
-            "setup_ms": setup * 1000,
-            "tries": tries,
-        }
+        return PingReply(
+            device=target.name, device_id=target.id, setup_ms=setup * 1000, tries=tries
+        )
 
     def p2p_status(self) -> dict[str, Any]:
         buffers = self.endpoint.socket_buffers
@@ -356,48 +387,46 @@ class Agent:
         log.info("refetched the server's signing keys (%d)", len(keys))
 
     def ipc_handlers(self) -> dict[str, Handler]:
-        async def devices(_: dict[str, Any]) -> Any:
-            return [vars(d) for d in await self.devices()]
+        """The IPC methods; each one's params arrive decoded into its type (core/ipc_types)."""
 
-        async def status(_: dict[str, Any]) -> Any:
+        async def devices(_: NoParams) -> list[DeviceView]:
+            return await self.devices()
+
+        async def status(_: NoParams) -> dict[str, Any]:
             return await self.status()
 
-        async def ping(params: dict[str, Any]) -> Any:
-            return await self.ping(str(params["device"]), int(params.get("count", 4)))
+        async def ping(params: PingParams) -> PingReply:
+            return await self.ping(params.device, params.count)
 
-        def send(params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-            return self.send(
-                [str(p) for p in params["paths"]],
-                str(params["device"]),
-                rate=str(params.get("rate") or ""),
-                wait=bool(params.get("wait")),
-            )
+        def send(params: SendParams) -> AsyncIterator[dict[str, Any]]:
+            return self.send(params.paths, params.device, rate=params.rate or "", wait=params.wait)
 
-        async def transfers(_: dict[str, Any]) -> Any:
+        async def transfers(_: NoParams) -> list[dict[str, Any]]:
             return [t.describe() for t in self.transfers.active.values()]
 
-        async def cancel(params: dict[str, Any]) -> Any:
-            await self.transfers.cancel(str(params["transfer_id"]))
-            return {"cancelled": params["transfer_id"]}
+        async def cancel(params: CancelParams) -> CancelReply:
+            await self.transfers.cancel(params.transfer_id)
+            return CancelReply(cancelled=params.transfer_id)
 
-        async def config_changed(params: dict[str, Any]) -> Any:
+        async def config_changed(params: ConfigChangedParams) -> ConfigChangedReply:
             # `meshagent config set` saved the file: take it in, say if this key needs a restart.
             await asyncio.to_thread(reload_settings, self.ctx.config)
-            return {"live": applies_live(str(params.get("key", "")))}
+            return ConfigChangedReply(live=applies_live(params.key))
 
-        async def client(params: dict[str, Any]) -> Any:
+        async def client(params: ClientParams) -> Any:
             # `meshagent rooms ...`: through our client, so one process uses the refresh token
-            return await self.client.call(str(params["method"]), dict(params.get("args") or {}))
+            return await self.client.call(params.method, dict(params.args))
 
         return {
-            "devices": devices,
-            "status": status,
-            "ping": ping,
-            "send": send,
-            "transfers": transfers,
-            "cancel": cancel,
-            "config_changed": config_changed,
-            "client": client,
+            "devices": Route(NoParams, devices),
+            "status": Route(NoParams, status),
+            "ping": Route(PingParams, ping),
+            "send": Route(SendParams, send),
+            "transfers": Route(NoParams, transfers),
+            "cancel": Route(CancelParams, cancel),
+            "config_changed": Route(ConfigChangedParams, config_changed),
+            "client": Route(ClientParams, client),
+            **self._front_end_handlers(),
         }
 
     def ipc_streams(self) -> dict[str, StreamHandler]:
@@ -407,13 +436,16 @@ class Agent:
             device = await self.resolve_device(text)
             return device.id, device.name
 
-        async def share(params: dict[str, Any], stream: IpcStream) -> None:
+        async def share(params: TerminalShareParams, stream: IpcStream) -> None:
             await share_console(self.terminals, params, stream)
 
-        async def view(params: dict[str, Any], stream: IpcStream) -> None:
+        async def view(params: TerminalViewParams, stream: IpcStream) -> None:
             await view_console(self.terminals, resolve, params, stream)
 
-        return {"terminal.share": share, "terminal.view": view}
+        return {
+            "terminal.share": StreamRoute(TerminalShareParams, share),
+            "terminal.view": StreamRoute(TerminalViewParams, view),
+        }
 
     # ------------------------------------------------------------ running
 
@@ -447,6 +479,18 @@ class Agent:
             if gotify is not None:
                 await gotify.aclose()
             lock.release()
+
+    def _front_end_handlers(self) -> dict[str, Handler]:
+        """The IPC requests the front end answers (``show``), when it has them."""
+        show = self.front_end.show
+        if show is None:
+            return {}
+
+        async def shown(_: NoParams) -> dict[str, bool]:
+            show()
+            return {"shown": True}
+
+        return {"show": Route(NoParams, shown)}
 
     async def _start_endpoint(self) -> None:
         port = int(self.ctx.config["p2p.port"])

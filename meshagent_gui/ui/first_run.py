@@ -1,7 +1,7 @@
 """First run: connect to a Mesh Server, or start a local mesh on this computer.
 
 Connecting enrols this device exactly as `meshagent login` does (core/mesh/enroll.enroll). The
-local mesh is started by the app afterwards (core/onboarding.run_agent(local=True)): the embedded
+local mesh is started by the app afterwards (compose/onboarding.run_agent(local=True)): the embedded
 server, this device enrolled as owner, and a join code shown in the main window.
 """
 
@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import enum
 import logging
+import socket
+import sys
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QCloseEvent
@@ -23,11 +25,13 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
+    QSpinBox,
     QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
+from meshagent_gui.compose.local_mesh import DEFAULT_PORT, LOOPBACK
 from meshagent_gui.context import Context
 from meshagent_gui.core.mesh.enroll import enroll
 from meshagent_gui.errors import UserError
@@ -49,6 +53,30 @@ QPushButton#primary { background: #2a9d8f; color: white; border: none; border-ra
 QPushButton#primary:disabled { background: #9cc9c3; }
 QPushButton#secondary { padding: 7px 16px; }
 """
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether the embedded server can listen on ``port`` (bound as the server binds it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        if sys.platform != "win32":
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind((host, port))
+        except OSError as exc:  # in use, most often; or reserved (EACCES)
+            log.debug("port %s on %s: %s", port, host, exc)
+            return False
+    return True
+
+
+def free_port_near(host: str, taken: int) -> int:
+    """A free port close to ``taken`` (easy to tell other devices), else any free one."""
+    for port in range(taken + 1, min(taken + 100, 65536)):
+        if port_free(host, port):
+            return port
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 class Choice(enum.Enum):
@@ -119,6 +147,26 @@ class FirstRunDialog(QDialog):
             "The Mesh Server answers on this computer's network address, in plain HTTP:"
             " use it on networks you trust (files and terminals stay end-to-end encrypted)."
         )
+        # Shown when the usual port is taken (another program, another mesh): a free one to
+        # use instead, in the dialog, not a command to type.
+        self.port_note = named(QLabel(), "error")
+        self.port_note.setWordWrap(True)
+        self.port = QSpinBox()
+        self.port.setRange(1024, 65535)
+        self.port.setToolTip("The port the Mesh Server inside this app listens on")
+        self.port_row = QWidget()
+        port_layout = QHBoxLayout(self.port_row)
+        port_layout.setContentsMargins(0, 0, 0, 0)
+        port_layout.addWidget(QLabel("Port"))
+        port_layout.addWidget(self.port)
+        port_layout.addStretch(1)
+        self.port.valueChanged.connect(
+            lambda value: self.local_button.setText(f"Start on port {value}")
+        )
+        self.port_note.hide()
+        self.port_row.hide()
+        local_layout.addWidget(self.port_note)
+        local_layout.addWidget(self.port_row)
         row = QHBoxLayout()
         row.addWidget(self.on_network)
         row.addStretch(1)
@@ -173,9 +221,27 @@ class FirstRunDialog(QDialog):
     # ------------------------------------------------------------ choices
 
     def choose_local(self) -> None:
+        """Start the local mesh; if its port is taken, offer a free one here and stay open."""
+        config = self.ctx.config
+        listen = "0.0.0.0" if self.on_network.isChecked() else str(config["local.listen"])
+        listen = listen or LOOPBACK
+        offered = not self.port_row.isHidden()
+        port = self.port.value() if offered else int(config["local.port"] or 0) or DEFAULT_PORT
+        if not port_free(listen, port):
+            other = free_port_near(listen, port)
+            self.port_note.setText(
+                f"Port {port} is in use by another program. Mesh Agent can use port {other}"
+                " instead: your other devices join with the address shown after the start."
+            )
+            self.port.setValue(other)
+            self.port_note.show()
+            self.port_row.show()
+            return
         if self.on_network.isChecked():
-            self.ctx.config.set("local.listen", "0.0.0.0")
-            self.ctx.config.save()
+            config.set("local.listen", "0.0.0.0")
+        if offered:
+            config.set("local.port", port)
+        config.save()
         self.choice = Choice.LOCAL
         self.accept()
 

@@ -81,13 +81,9 @@ def view(tmux: Tmux, viewer: AgentHome, *args: str, console: str | None = None) 
 
 
 def wait_said(tmux: Tmux, console: str, text: str, timeout: float = 15) -> None:
-    """Until the console's latest status line says ``text`` (earlier ones may say it too)."""
-
-    def latest() -> str:
-        said = [line for line in tmux.screen(console).splitlines() if "[meshagent]" in line]
-        return said[-1] if said else ""
-
-    wait_until(lambda: text in latest(), timeout, f"{console}: {text!r}")
+    """Until the console's latest status line says ``text``: in its title (issue 17 item 10),
+    never on the shared screen."""
+    wait_until(lambda: text in tmux.title(console), timeout, f"{console}: {text!r}")
 
 
 def wait_banner(tmux: Tmux, console: str, text: str) -> None:
@@ -106,8 +102,8 @@ def test_controller_types_view_only_cannot_and_control_moves(
     share(tmux, team["host"], "--allow-control")
     view(tmux, team["v1"], "--control")
     view(tmux, team["v2"])
-    tmux.wait_for("v1", "you are in control")
-    tmux.wait_for("v2", "v1 is in control")
+    wait_said(tmux, "v1", "you are in control")
+    wait_said(tmux, "v2", "v1 is in control")
 
     word = f"hi-{secrets.token_hex(4)}"
     tmux.type("v1", f"echo {word}", enter=True)
@@ -126,7 +122,7 @@ def test_controller_types_view_only_cannot_and_control_moves(
 
     # v2 asks while v1 holds control: told who has it.
     escape(tmux, "v2", "c")
-    tmux.wait_for("v2", "control refused: v1 is in control")
+    wait_said(tmux, "v2", "control refused: v1 is in control")
     # v1 gives it back; now v2 gets it, and v1 sees who has it.
     escape(tmux, "v1", "r")
     wait_said(tmux, "v2", "the host is in control")
@@ -154,16 +150,8 @@ def test_controller_types_view_only_cannot_and_control_moves(
     tmux.keys("v2", "c")
     wait_until(
         lambda: (
-            sum(
-                "you are in control" in tmux.screen(v).split("asking for control")[-1]
-                for v in ("v1", "v2")
-            )
-            == 1
-            and sum(
-                "control refused" in tmux.screen(v).split("asking for control")[-1]
-                for v in ("v1", "v2")
-            )
-            == 1
+            sum("you are in control" in tmux.title(v) for v in ("v1", "v2")) == 1
+            and sum("control refused" in tmux.title(v) for v in ("v1", "v2")) == 1
         ),
         15,
         "one winner and one refusal",
@@ -182,21 +170,20 @@ def test_another_users_device_needs_the_hosts_consent(
     share(tmux, team["host"], "--allow-control", "--room", "team")  # automatic for ann's only
     wait_banner(tmux, "host", "sharing with room team")
     view(tmux, team["bob"], "--control")
-    tmux.wait_for("host", "bob asks to take control. Allow? [y/n]")
+    wait_said(tmux, "host", "bob asks to take control. Allow? [y/n]")
     tmux.type("host", "n")
-    tmux.wait_for("bob", "control refused: the host declined")
+    wait_said(tmux, "bob", "control refused: the host declined")
+    wait_said(tmux, "host", "you declined bob")
     escape(tmux, "bob", "c")
-    wait_until(
-        lambda: tmux.screen("host").count("bob asks to take control") == 2, 15, "a second ask"
-    )
+    wait_said(tmux, "host", "bob asks to take control")  # a second ask
     tmux.type("host", "y")
-    tmux.wait_for("bob", "you are in control")
+    wait_said(tmux, "bob", "you are in control")
     word = f"bob-{secrets.token_hex(4)}"
     tmux.type("bob", f"echo {word}", enter=True)
     tmux.wait_for("host", f"\n{word}")
     escape(tmux, "bob", "q")  # leaving: the console is restored and the host is told
     tmux.wait_for("bob", "[exited 0 ]")
-    tmux.wait_for("host", "bob left")
+    wait_said(tmux, "host", "bob left")
 
 
 @pytest.mark.skipif(shutil.which("vim") is None, reason="needs vim")
@@ -231,8 +218,8 @@ def test_a_stalled_viewer_does_not_slow_the_others(tmux: Tmux, team: dict[str, A
     share(tmux, team["host"], "--allow-control")
     view(tmux, team["v1"], "--control")
     view(tmux, team["v2"])
-    tmux.wait_for("v1", "you are in control")
-    tmux.wait_for("v2", "v1 is in control")
+    wait_said(tmux, "v1", "you are in control")
+    wait_said(tmux, "v2", "v1 is in control")
     stalled = _console_process(tmux, "v2")
     stalled.send_signal(signal.SIGSTOP)
     try:
@@ -376,13 +363,13 @@ def test_a_viewer_in_the_shared_room_cannot_take_control_with_a_role_from_anothe
     view(tmux, rooms["eve"])
     tmux.wait_for("eve", "prompt>")  # watching is what a viewer may do
     escape(tmux, "eve", "c")
-    tmux.wait_for("eve", "control refused: your role in the room allows watching only")
+    wait_said(tmux, "eve", "control refused: your role in the room allows watching only")
 
     view(tmux, rooms["bob"], "--control")
-    tmux.wait_for("host", "bob asks to take control. Allow? [y/n]")
-    assert "eve asks" not in tmux.screen("host")  # eve's asks never reached ann
+    wait_said(tmux, "host", "bob asks to take control. Allow? [y/n]")
+    assert "eve asks" not in tmux.title("host")  # eve's asks never reached ann
     tmux.type("host", "y")
-    tmux.wait_for("bob", "you are in control")
+    wait_said(tmux, "bob", "you are in control")
     escape(tmux, "bob", "r")
     wait_said(tmux, "bob", "the host is in control")
 

@@ -62,3 +62,33 @@ def test_share_says_who_can_watch_and_a_host_stop_is_no_signal(
         assert "signal" not in consoles.screen("viewer")
     finally:
         consoles.kill()
+
+
+def test_status_lines_go_to_the_title_never_into_the_shared_screen(
+    tmp_path: Path, pair: tuple[AgentHome, AgentHome]
+) -> None:
+    """Issue 17 item 10: "laptop is watching" over vim splits its screen. As tmate does, the
+    status goes where the program never draws: the console's title (OSC 2)."""
+    desk, laptop = pair
+    text = tmp_path / "notes.txt"
+    text.write_text("".join(f"line {n} of the notes\n" for n in range(1, 11)))
+    consoles = Tmux(tmp_path / "tmux.sock")
+    try:
+        vim = ["vim", "-u", "NONE", "-i", "NONE", "-N", "-n", str(text)]
+        share = meshagent_cmd("--home", str(desk.home), "terminal", "share", "--", *vim)
+        consoles.start("host", share, size=(80, 24))
+        consoles.wait_for("host", "line 10 of the notes")
+        before = consoles.screen("host")
+        consoles.start(
+            "viewer", meshagent_cmd("--home", str(laptop.home), "terminal", "view", "desk")
+        )
+        consoles.wait_for("viewer", "line 10 of the notes")
+        wait_until(
+            lambda: "laptop is watching" in consoles.title("host"), 15, "the status in the title"
+        )
+        assert consoles.screen("host") == before  # vim's screen, untouched
+        assert "[meshagent]" not in consoles.screen("viewer")
+        consoles.type("host", ":q!", enter=True)
+        consoles.wait_for("host", "[exited 0 ]")
+    finally:
+        consoles.kill()

@@ -141,3 +141,17 @@ def test_the_host_stopping_is_not_a_signal() -> None:
     ended = {"event": "ended", "exit_code": None, "signal": 1}
     assert viewer._event({**ended, "message": "the host stopped sharing"})
     assert b"session ended: the host stopped sharing" in seen[-1]
+
+
+def test_status_during_a_session_goes_to_the_title_not_the_screen() -> None:
+    """Issue 17 item 10: a status line over vim splits its screen; the title is outside it."""
+    host, _, said = make("host")
+    host._live = True  # as run() sets it once the shared program owns the screen
+    host._event({"event": "viewer_joined", "name": "laptop"})
+    assert said[-1] == b"\x1b]2;[meshagent] laptop is watching\x07"
+    host._event({"event": "control_request", "id": 1, "name": "bob\x1b[2J"})
+    assert said[-1].startswith(b"\x1b]2;[meshagent] bob[2J asks") and said[-1].endswith(b"\x07\x07")
+    host._event({"event": "ended", "exit_code": 0, "signal": None, "message": ""})
+    assert said[-1] == console.TITLE_POP  # the user's own title back; the screen is theirs
+    host.say("after")
+    assert said[-1].startswith(b"\r\n") and b"after" in said[-1]
