@@ -644,7 +644,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @router.post("/rooms/join", responses=_errors(401, 429))
     async def join_room(body: RoomJoin, caller: Caller, request: Request) -> Room:
-        # The slot is reserved before the code is checked (H2-enrol): atomic under concurrency.
+        # The slot is reserved before the code is checked: atomic under concurrency.
         with guessing_attempt(state.limiter, _client_address(request), state.clock()):
             change = await store_call(
                 Store.join_with_code,

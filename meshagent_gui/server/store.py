@@ -109,7 +109,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             spent_at REAL NOT NULL
         )""",
     ),
-    # 2 (issue 11): consented rooms, the audit log, per-user notification settings.
+    # 2: consented rooms, the audit log, per-user notification settings.
     (
         # A pending invitation: nobody joins a room without accepting (or using a join code).
         """CREATE TABLE invitations (
@@ -1239,8 +1239,8 @@ class Store:
         ).fetchone()
         return None if row is None else NotifyTarget(row["gotify_url"], row["gotify_token"])
 
-    # ------------------------------------------------------------ H3-hub: socket lifetime
-    # (queries for server/hub.py and server/relay.py; added for issue 11 by H3-hub)
+    # ------------------------------------------------------------ socket lifetime
+    # (queries for server/hub.py and server/relay.py)
 
     def live_sessions(self, session_ids: Collection[str]) -> frozenset[str]:
         """Those of ``session_ids`` that still exist (not revoked, device not removed).
@@ -1258,8 +1258,6 @@ class Store:
             rows = self._db.execute(query, chunk)
             live.update(row["id"] for row in rows)
         return frozenset(live)
-
-    # ------------------------------------------------------------ end of H3-hub block
 
 
 _SESSION_CHUNK: Final = 500  # well under SQLite's limit of bound parameters per statement

@@ -121,12 +121,12 @@ def test_case_1_a_viewer_cannot_lift_its_role_with_its_own_room(
     assert victim.call("POST", "/rooms", {"name": "home"})[0] == 200
     victim.call("POST", "/rooms/home/invitations", {"user": "viewer", "role": "viewer"})
     viewer.call("POST", "/invitations/home/accept")
-    # Before issue 11 an owner added members directly (now 404): so that this test shows the
+    # Before consented rooms an owner added members directly (now 404): so that this test shows the
     # escalation on such a server too, the victim's own, legitimate add is tried as well.
     victim.call("POST", "/rooms/home/members", {"user": "viewer", "role": "viewer"})
     assert viewer.visible_users() == {"victim"}
     assert viewer.capability(victim, "terminal:view")[0] == 200
-    # The viewer makes a room of its own and names the victim (the attack of issue 11 added
+    # The viewer makes a room of its own and names the victim (the old attack added
     # them by force; now it can only invite): no consent, no rights.
     assert viewer.call("POST", "/rooms", {"name": "escalate"})[0] == 200
     viewer.call("POST", "/rooms/escalate/members", {"user": "victim", "role": "viewer"})

@@ -81,8 +81,8 @@ def view(tmux: Tmux, viewer: AgentHome, *args: str, console: str | None = None) 
 
 
 def wait_said(tmux: Tmux, console: str, text: str, timeout: float = 15) -> None:
-    """Until the console's latest status line says ``text``: in its title (issue 17 item 10),
-    never on the shared screen."""
+    """Until the console's latest status line says ``text``: in its title (a status line
+    never goes on the shared screen)."""
     wait_until(lambda: text in tmux.title(console), timeout, f"{console}: {text!r}")
 
 
@@ -292,7 +292,7 @@ def test_bad_input_is_one_clear_line(
         assert "Traceback" not in done.stderr
 
 
-# ---------------------------------------------------------------- rooms (issue 11, case 1)
+# ---------------------------------------------------------------- rooms: no forced access
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,8 @@ async def test_relay_forwards_between_room_peers_only(mesh: Mesh) -> None:
         connect(url, additional_headers=phone.auth, open_timeout=WAIT) as b,
         connect(url, additional_headers=stranger.auth, open_timeout=WAIT) as e,
     ):
-        await asyncio.sleep(0.1)  # all three registered
+        while mesh.server.state.relay.connection_count < 3:  # all three registered
+            await asyncio.sleep(0.01)
         await a.send(bytes.fromhex(phone.device_id) + b"quic-packet")
         got = await asyncio.wait_for(b.recv(), WAIT)
         assert got == bytes.fromhex(laptop.device_id) + b"quic-packet"
