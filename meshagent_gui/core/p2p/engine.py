@@ -383,21 +383,35 @@ class QuicEngine(ABC):
         self.credentials = credentials
         self.settings = settings
 
-    @abstractmethod
+    # Set by each engine's __init__: its QuicConnection class, the two configurations, its
+    # events module and the EngineConnection subclass that wraps its connections.
+    _connection_class: Any
+    _client: Any
+    _server: Any
+    _events: Any
+    _wrapper: type[EngineConnection]
+
     def create_client(self, max_datagram_size: int | None = None) -> EngineConnection:
         """A dialer connection (the caller pins the listener's certificate, see module doc).
 
         ``max_datagram_size`` overrides the settings' size for this connection's path."""
+        configuration = _sized(self._client, max_datagram_size)
+        return self._wrapper(self._connection_class(configuration=configuration), self._events)
 
-    @abstractmethod
     def create_server(
         self, original_destination_cid: bytes, max_datagram_size: int | None = None
     ) -> EngineConnection:
         """A listener connection for the Initial packet addressed to that connection id."""
+        conn = self._connection_class(
+            configuration=_sized(self._server, max_datagram_size),
+            original_destination_connection_id=original_destination_cid,
+        )
+        return self._wrapper(conn, self._events)
 
 
 class Qh3Engine(QuicEngine):
     name: EngineName = "qh3"
+    _wrapper = _Qh3Connection
 
     def __init__(self, credentials: TlsCredentials, settings: TransportSettings) -> None:
         super().__init__(credentials, settings)
@@ -426,22 +440,10 @@ class Qh3Engine(QuicEngine):
         # qh3 parses PEM only (its own Rust certificate and key types).
         self._server.load_cert_chain(credentials.certificate_pem, credentials.private_key_pem)
 
-    def create_client(self, max_datagram_size: int | None = None) -> EngineConnection:
-        configuration = _sized(self._client, max_datagram_size)
-        return _Qh3Connection(self._connection_class(configuration=configuration), self._events)
-
-    def create_server(
-        self, original_destination_cid: bytes, max_datagram_size: int | None = None
-    ) -> EngineConnection:
-        conn = self._connection_class(
-            configuration=_sized(self._server, max_datagram_size),
-            original_destination_connection_id=original_destination_cid,
-        )
-        return _Qh3Connection(conn, self._events)
-
 
 class AioquicEngine(QuicEngine):
     name: EngineName = "aioquic"
+    _wrapper = _AioquicConnection
 
     def __init__(self, credentials: TlsCredentials, settings: TransportSettings) -> None:
         super().__init__(credentials, settings)
@@ -468,19 +470,6 @@ class AioquicEngine(QuicEngine):
         self._server = replace(base, is_client=False)
         self._server.certificate = x509.load_pem_x509_certificate(credentials.certificate_pem)
         self._server.private_key = load_pem_private_key(credentials.private_key_pem, None)
-
-    def create_client(self, max_datagram_size: int | None = None) -> EngineConnection:
-        configuration = _sized(self._client, max_datagram_size)
-        return _AioquicConnection(self._connection_class(configuration=configuration), self._events)
-
-    def create_server(
-        self, original_destination_cid: bytes, max_datagram_size: int | None = None
-    ) -> EngineConnection:
-        conn = self._connection_class(
-            configuration=_sized(self._server, max_datagram_size),
-            original_destination_connection_id=original_destination_cid,
-        )
-        return _AioquicConnection(conn, self._events)
 
 
 def _sized(configuration: Any, max_datagram_size: int | None) -> Any:
