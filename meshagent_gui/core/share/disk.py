@@ -20,6 +20,7 @@ What the sender reads (source.py) does not go through here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -28,7 +29,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -198,6 +199,13 @@ class Disk:
         """(Re)derive the compound operations from the primitives."""
         self.write_all = functools.partial(pwrite_all, pwrite=self.pwrite)
         self.read_exact = functools.partial(pread_exact, pread=self.pread)
+
+    def sync_directories(self, folders: Iterable[Path]) -> None:
+        """Make the new names in each folder durable, once per folder (a batch of files shares
+        one sync). Best effort: the files themselves are already synced."""
+        for folder in sorted(set(folders)):
+            with contextlib.suppress(OSError):
+                self.sync_directory(folder)
 
 
 DISK: Final = Disk()

@@ -519,7 +519,5 @@ def store_small_files(
             continue
         outcomes[position] = final
         folders.add(final.parent)
-    for folder in sorted(folders):
-        with contextlib.suppress(OSError):
-            disk.sync_directory(folder)
+    disk.sync_directories(folders)
     return outcomes

@@ -102,9 +102,7 @@ def store_whole_files(files: Sequence[WholeFile], *, disk: Disk = DISK) -> list[
                 continue
             outcomes[position] = final
             folders.add(final.parent)
-        for folder in sorted(folders):
-            with contextlib.suppress(OSError):
-                disk.sync_directory(folder)
+        disk.sync_directories(folders)
     finally:
         for fd in fds.values():
             with contextlib.suppress(OSError):
