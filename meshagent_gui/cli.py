@@ -651,9 +651,11 @@ async def _console(
 ) -> int:
     """Attach this console to a terminal session in the running agent (or one of our own); a
     host's console first says who can watch, how, and the keys (console.share_banner)."""
+    import msgspec
+
     from meshagent_gui.console import Console, share_banner
     from meshagent_gui.core import ipc
-    from meshagent_gui.core.ipc_types import TerminalShareParams
+    from meshagent_gui.core.ipc_types import ShareOpened, TerminalShareParams
 
     async with contextlib.AsyncExitStack() as stack:
         try:
@@ -663,7 +665,10 @@ async def _console(
             stream = await ipc.attach(ctx.paths.ipc_path, method, params)
         banner = ""
         if role == "host" and isinstance(params, TerminalShareParams):
-            opened = {**stream.opened, "rooms": params.rooms}  # as asked, not resolved
+            opened = msgspec.structs.replace(
+                ipc.as_reply(stream.opened, ShareOpened),
+                rooms=None if params.rooms is None else tuple(params.rooms),  # as asked
+            )
             banner = share_banner(ctx.device_name, opened, allow_control=params.allow_control)
         try:
             return await Console(stream, role, banner=banner).run()

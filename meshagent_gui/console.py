@@ -20,6 +20,18 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Final, Literal, Protocol
 
 from meshagent_gui.core.ipc import IpcStream, IpcStreamClosed
+from meshagent_gui.core.ipc_types import (
+    ControlFrame,
+    ControlRequestClosedFrame,
+    ControlRequestFrame,
+    EndedFrame,
+    ErrorFrame,
+    RefusedFrame,
+    ShareOpened,
+    ViewerJoinedFrame,
+    ViewerLeftFrame,
+    agent_event,
+)
 
 ESCAPE: Final = 0x1D  # Ctrl-]
 Role = Literal["host", "viewer"]
@@ -30,11 +42,11 @@ HELP: Final = {
 }
 
 
-def share_banner(device: str, opened: dict[str, Any], *, allow_control: bool) -> str:
+def share_banner(device: str, opened: ShareOpened, *, allow_control: bool) -> str:
     """What `terminal share` says before the shared program starts: who can watch, how they
     watch, who may take control, and the keys. ``opened``: the agent's answer (session id,
     title) and the rooms the user chose (none: their own devices only)."""
-    rooms: Sequence[str] = [str(r) for r in opened.get("rooms") or ()]
+    rooms: Sequence[str] = opened.rooms or ()
     who = (
         f"sharing with {_listed('room', rooms)}"
         if rooms
@@ -45,8 +57,8 @@ def share_banner(device: str, opened: dict[str, Any], *, allow_control: bool) ->
         if allow_control
         else "a viewer asks, you answer here [y/n]"
     )
-    title = str(opened.get("title") or f"this terminal on {device}")  # "bash on desk"
-    session = str(opened.get("session_id") or "")[:8]
+    title = opened.title or f"this terminal on {device}"  # "bash on desk"
+    session = opened.session_id[:8]
     lines = [
         f"[meshagent] Sharing {title}" + (f" (session {session})" if session else ""),
         f"  Who:       {who}",
@@ -244,47 +256,44 @@ class Console:
             elif self._event(frame):
                 return
 
-    def _event(self, frame: dict[str, Any]) -> bool:
-        """Show an agent event; True when the session is over."""
-        if frame.get("event") in ("error", "ended"):
+    def _event(self, frame: object) -> bool:
+        """Show an agent event (a JSON frame, typed here); True when the session is over."""
+        event = agent_event(frame)
+        if isinstance(event, ErrorFrame | EndedFrame):
             self._ended()
-        match frame.get("event"):
-            case "control_request":
-                self._asking, self._asker = frame.get("id"), str(frame.get("name"))
-                self.say(f"{frame.get('name')} asks to take control. Allow? [y/n]", bell=True)
-            case "control_request_closed" if self._asking == frame.get("id"):
+        match event:
+            case ControlRequestFrame(id=number, name=name):
+                self._asking, self._asker = number, name
+                self.say(f"{name} asks to take control. Allow? [y/n]", bell=True)
+            case ControlRequestClosedFrame(id=number) if self._asking == number:
                 self._asking = None
-            case "viewer_joined":
-                self.say(f"{frame.get('name')} is watching")
-            case "viewer_left":
-                self.say(f"{frame.get('name')} left")
-            case "control":
-                controller = frame.get("controller")
-                if frame.get("you"):
+            case ViewerJoinedFrame(name=name):
+                self.say(f"{name} is watching")
+            case ViewerLeftFrame(name=name):
+                self.say(f"{name} left")
+            case ControlFrame(controller=controller, you=you):
+                if you:
                     self.say("you are in control")
                 elif controller:
                     self.say(f"{controller} is in control")
                 else:
                     self.say("the host is in control")
-            case "refused":
-                self.say(f"control refused: {frame.get('reason')}")
-            case "error":
-                self.say(str(frame.get("message")))
+            case RefusedFrame(reason=reason):
+                self.say(f"control refused: {reason}")
+            case ErrorFrame(message=message):
+                self.say(message)
                 self.exit_code = 1
                 return True
-            case "ended" if self.role == "host" and self._stopping:
+            case EndedFrame() if self.role == "host" and self._stopping:
                 # Our own Ctrl-] q hung the command up: not "signal 1", not exit status 129.
                 self.say("you stopped sharing")
                 self.exit_code = 0
                 return True
-            case "ended":
-                code, sig = frame.get("exit_code"), frame.get("signal")
-                message = frame.get("message") or (
-                    f"exit code {code}" if code is not None else f"signal {sig}"
-                )
+            case EndedFrame(exit_code=code, signal=sig, message=message):
+                message = message or (f"exit code {code}" if code is not None else f"signal {sig}")
                 if self.role == "viewer":
                     self.say(f"session ended: {message}")
-                self.exit_code = code if isinstance(code, int) else 128 + int(sig or 0)
+                self.exit_code = code if code is not None else 128 + (sig or 0)
                 return True
         return False
 

@@ -34,12 +34,20 @@ from .ipc_types import (
     ConfigChangedParams,
     ConfigChangedReply,
     NoParams,
+    P2PStatus,
+    PeerStatus,
     PingParams,
     PingReply,
     PingTry,
     SendParams,
+    SendProgress,
+    SendReply,
+    SentItem,
+    SocketBuffers,
+    StatusReply,
     TerminalShareParams,
     TerminalViewParams,
+    TransferInfo,
 )
 from .mesh.client import Enrollment, MeshClient, MeshError
 from .mesh.enroll import require_enrollment
@@ -220,10 +228,10 @@ class Agent:
 
     async def send(
         self, paths: list[str], device: str, *, rate: str = "", wait: bool = False
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Send files and folders; yields progress dicts, then {"items": [...]}."""
+    ) -> AsyncIterator[SendProgress | SendReply]:
+        """Send files and folders; yields progress, then the reply (the items sent)."""
         target = await self.resolve_device(device)
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[SendProgress] = asyncio.Queue()
         task = asyncio.create_task(
             self.transfers.send(
                 [Path(p) for p in paths],
@@ -233,7 +241,7 @@ class Agent:
                 on_progress=queue.put_nowait,
             )
         )
-        getter: asyncio.Future[dict[str, Any]] | None = None
+        getter: asyncio.Future[SendProgress] | None = None
         try:
             while not task.done():
                 getter = asyncio.ensure_future(queue.get())
@@ -249,7 +257,7 @@ class Agent:
                 # Cancelled mid-wait (the caller hung up): the reader ends with us, or the
                 # garbage collector finds it pending ("Task was destroyed but it is pending").
                 getter.cancel()
-        yield {"device": target.name, "items": [vars(item) for item in items]}
+        yield SendReply(device=target.name, items=[SentItem(**vars(item)) for item in items])
 
     async def resolve_device(self, text: str) -> DeviceView:
         """A device by name (any case), full id, id prefix or short id; one clear error else."""
@@ -300,55 +308,55 @@ class Agent:
             device=target.name, device_id=target.id, setup_ms=setup * 1000, tries=tries
         )
 
-    def p2p_status(self) -> dict[str, Any]:
+    def p2p_status(self) -> P2PStatus:
         buffers = self.endpoint.socket_buffers
         peers = []
         for peer_id, session in self.peers.sessions().items():
             stats = session.connection.stats()
             path = self.peers.path_of(session)
             peers.append(
-                {
-                    "device_id": peer_id,
-                    "name": self._names.get(peer_id, peer_id[:12]),
-                    "path": path.kind,
-                    "remote": path.remote,
-                    "rtt_ms": None if stats.smoothed_rtt is None else stats.smoothed_rtt * 1000,
-                    "bytes_sent": stats.bytes_sent,
-                    "bytes_received": stats.bytes_received,
-                    "datagrams_sent": stats.datagrams_sent,
-                    "datagrams_received": stats.datagrams_received,
-                }
+                PeerStatus(
+                    device_id=peer_id,
+                    name=self._names.get(peer_id, peer_id[:12]),
+                    path=path.kind,
+                    remote=path.remote,
+                    rtt_ms=None if stats.smoothed_rtt is None else stats.smoothed_rtt * 1000,
+                    bytes_sent=stats.bytes_sent,
+                    bytes_received=stats.bytes_received,
+                    datagrams_sent=stats.datagrams_sent,
+                    datagrams_received=stats.datagrams_received,
+                )
             )
-        return {
-            "engine": self.endpoint.engine_name,
-            "io": self.endpoint.io_name,
-            "local": "{}:{}".format(*self.endpoint.local_address[:2]),
-            "buffers": {
-                "requested": buffers.requested,
-                "receive": buffers.receive_usable,
-                "send": buffers.send_usable,
-                "forced": buffers.receive_forced,
-            },
-            "relay": self.peers.relay.state,
-            "nat": self.peers.nat,
-            "peers": peers,
-        }
+        return P2PStatus(
+            engine=self.endpoint.engine_name,
+            io=self.endpoint.io_name,
+            local="{}:{}".format(*self.endpoint.local_address[:2]),
+            buffers=SocketBuffers(
+                requested=buffers.requested,
+                receive=buffers.receive_usable,
+                send=buffers.send_usable,
+                forced=buffers.receive_forced,
+            ),
+            relay=self.peers.relay.state,
+            nat=self.peers.nat,
+            peers=peers,
+        )
 
-    async def status(self) -> dict[str, Any]:
-        return {
-            "p2p": self.p2p_status(),
-            "device_id": self.enrollment.device_id,
-            "device_name": self.ctx.device_name,
-            "user": self.enrollment.user,
-            "server": self.enrollment.url,
-            "link": self.link.state,
-            "session_id": self.link.session_id,
-            "clock_skew": self.link.clock_skew,
-            "last_error": self.link.last_error,
-            "connects": self.link.connects,
-            "online_peers": sorted(self.link.online),
-            "uptime": time.time() - self.started_at,
-        }
+    async def status(self) -> StatusReply:
+        return StatusReply(
+            p2p=self.p2p_status(),
+            device_id=self.enrollment.device_id,
+            device_name=self.ctx.device_name,
+            user=self.enrollment.user,
+            server=self.enrollment.url,
+            link=self.link.state,
+            session_id=self.link.session_id,
+            clock_skew=self.link.clock_skew,
+            last_error=self.link.last_error,
+            connects=self.link.connects,
+            online_peers=sorted(self.link.online),
+            uptime=time.time() - self.started_at,
+        )
 
     async def request_capability(self, target: str, scope: str, resource: str = "") -> str:
         """A capability token from the server for `scope` on `target` (the peer verifies it)."""
@@ -364,19 +372,19 @@ class Agent:
         rooms: Collection[str] | None = None,
     ) -> Capability:
         """Check a peer's token offline; an unknown key id refetches the server's keys once."""
-        checks: dict[str, Any] = {
-            "peer_id": peer_id,
-            "scope": scope,
-            "resource": resource,
-            "rooms": rooms,
-        }
+
+        def verify() -> Capability:
+            return self.verifier.verify(
+                token, now=time.time(), peer_id=peer_id, scope=scope, resource=resource, rooms=rooms
+            )
+
         try:
-            return self.verifier.verify(token, now=time.time(), **checks)
+            return verify()
         except UnknownKey:
             if time.monotonic() - self._keys_fetched_at < KEY_REFETCH_INTERVAL:
                 raise
         await self._refetch_keys()
-        return self.verifier.verify(token, now=time.time(), **checks)
+        return verify()
 
     async def _refetch_keys(self) -> None:
         self._keys_fetched_at = time.monotonic()
@@ -392,16 +400,16 @@ class Agent:
         async def devices(_: NoParams) -> list[DeviceView]:
             return await self.devices()
 
-        async def status(_: NoParams) -> dict[str, Any]:
+        async def status(_: NoParams) -> StatusReply:
             return await self.status()
 
         async def ping(params: PingParams) -> PingReply:
             return await self.ping(params.device, params.count)
 
-        def send(params: SendParams) -> AsyncIterator[dict[str, Any]]:
+        def send(params: SendParams) -> AsyncIterator[SendProgress | SendReply]:
             return self.send(params.paths, params.device, rate=params.rate or "", wait=params.wait)
 
-        async def transfers(_: NoParams) -> list[dict[str, Any]]:
+        async def transfers(_: NoParams) -> list[TransferInfo]:
             return [t.describe() for t in self.transfers.active.values()]
 
         async def cancel(params: CancelParams) -> CancelReply:

@@ -6,13 +6,14 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from meshagent_gui.config import KEYS
 from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
 
 from . import ipc
+from .ipc_types import P2PStatus, StatusReply
 from .mesh.enroll import load_enrollment, mesh_client
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -48,8 +49,8 @@ async def run_checks(ctx: Context) -> list[Check]:
         checks.extend(await _server_checks(ctx))
         checks.append(await _guard("agent", _agent, ctx))
         with contextlib.suppress(ipc.AgentNotRunning, UserError):
-            status = await ipc.call(ctx.paths.ipc_path, "status", timeout=5)
-            checks.extend(p2p_checks(status["p2p"]))
+            status = await ipc.call(ctx.paths.ipc_path, "status", timeout=5, reply=StatusReply)
+            checks.extend(p2p_checks(status.p2p))
     checks.append(await _guard("gotify", _gotify, ctx))
     return checks
 
@@ -89,40 +90,40 @@ async def _server_checks(ctx: Context) -> list[Check]:
 
 async def _agent(ctx: Context) -> Check:
     try:
-        status = await ipc.call(ctx.paths.ipc_path, "status", timeout=5)
+        status = await ipc.call(ctx.paths.ipc_path, "status", timeout=5, reply=StatusReply)
     except ipc.AgentNotRunning:
         return Check("agent", "warn", "no agent running for this home (meshagent up)")
-    link = status.get("link")
-    detail = f"running; WebSocket {link}, {len(status.get('online_peers', []))} peers online"
-    if link != "online" and status.get("last_error"):
-        detail += f" (last error: {status['last_error']})"
+    link = status.link
+    detail = f"running; WebSocket {link}, {len(status.online_peers)} peers online"
+    if link != "online" and status.last_error:
+        detail += f" (last error: {status.last_error})"
     return Check("agent", "ok" if link == "online" else "warn", detail)
 
 
-def p2p_checks(p2p: dict[str, Any]) -> list[Check]:
+def p2p_checks(p2p: P2PStatus) -> list[Check]:
     """The data plane as the running agent sees it: engine, buffers, relay, each peer's path."""
-    buffers = p2p["buffers"]
-    small = buffers["receive"] < MIN_SOCKET_BUFFER
+    buffers = p2p.buffers
+    small = buffers.receive < MIN_SOCKET_BUFFER
     checks = [
-        Check("quic engine", "ok", f"{p2p['engine']} ({p2p['io']} socket I/O) on {p2p['local']}"),
+        Check("quic engine", "ok", f"{p2p.engine} ({p2p.io} socket I/O) on {p2p.local}"),
         Check(
             "socket buffers",
             "warn" if small else "ok",
-            f"receive {buffers['receive'] // 1024} KiB, send {buffers['send'] // 1024} KiB"
-            f" (asked {buffers['requested'] // 1024} KiB)"
+            f"receive {buffers.receive // 1024} KiB, send {buffers.send // 1024} KiB"
+            f" (asked {buffers.requested // 1024} KiB)"
             + (" - raise net.core.rmem_max for full speed" if small else ""),
         ),
-        Check("relay", "ok" if p2p["relay"] == "online" else "warn", str(p2p["relay"])),
-        Check("nat", "ok", f"{p2p['nat']} (guessed from the server's STUN answer)"),
+        Check("relay", "ok" if p2p.relay == "online" else "warn", p2p.relay),
+        Check("nat", "ok", f"{p2p.nat} (guessed from the server's STUN answer)"),
     ]
-    for peer in p2p["peers"]:
-        rtt = "?" if peer["rtt_ms"] is None else f"{peer['rtt_ms']:.2f} ms"
+    for peer in p2p.peers:
+        rtt = "?" if peer.rtt_ms is None else f"{peer.rtt_ms:.2f} ms"
         checks.append(
             Check(
-                f"peer {peer['name']}",
+                f"peer {peer.name}",
                 "ok",
-                f"{peer['path']} {peer['remote']}  rtt {rtt}  sent {peer['bytes_sent']} B"
-                f"  received {peer['bytes_received']} B",
+                f"{peer.path} {peer.remote}  rtt {rtt}  sent {peer.bytes_sent} B"
+                f"  received {peer.bytes_received} B",
             )
         )
     return checks

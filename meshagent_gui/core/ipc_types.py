@@ -135,12 +135,79 @@ class SendReply(msgspec.Struct, frozen=True, kw_only=True):
     items: list[SentItem]
 
 
-class SendProgress(msgspec.Struct, frozen=True, kw_only=True):
-    """A progress line of ``send`` (unknown fields ignored)."""
+class SendProgress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A progress line of ``send`` (unknown fields ignored): bytes verified of ``total``, the
+    smoothed rate (B/s) and ETA (s); ``waiting_for`` (only then on the wire) names the receiver
+    the send waits for to come back."""
 
-    done: int = 0
-    total: int | None = None
+    transfer_id: str
+    done: int
+    total: int
+    rate: float
+    eta: float | None
     waiting_for: str | None = None
+
+
+class TransferInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A transfer running now, as ``transfers`` lists it."""
+
+    transfer_id: str
+    direction: str  # "send" or "receive"
+    peer: str  # the peer's device id
+    name: str
+    total: int
+
+
+class SocketBuffers(msgspec.Struct, frozen=True, kw_only=True):
+    """The UDP socket's buffers (bytes): asked for, granted, and whether forced past the cap."""
+
+    requested: int
+    receive: int
+    send: int
+    forced: bool
+
+
+class PeerStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """One open peer session as ``status`` reports it."""
+
+    device_id: str
+    name: str
+    path: str
+    remote: str
+    rtt_ms: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    datagrams_sent: int = 0
+    datagrams_received: int = 0
+
+
+class P2PStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The data plane: QUIC engine, socket, relay, NAT guess and the open peer sessions."""
+
+    engine: str
+    io: str
+    local: str
+    buffers: SocketBuffers
+    relay: str
+    nat: str
+    peers: list[PeerStatus]
+
+
+class StatusReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The agent's answer to ``status``."""
+
+    p2p: P2PStatus
+    device_id: str
+    device_name: str
+    user: str
+    server: str
+    link: str
+    session_id: str | None = None
+    clock_skew: float | None = None
+    last_error: str | None = None
+    connects: int = 0
+    online_peers: list[str]
+    uptime: float
 
 
 class ShareOpened(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,6 +224,93 @@ class ViewOpened(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str = ""
     device: str = ""
     size: tuple[int, int] | None = None
+
+
+# ------------------------------------------------------------------ agent events to a console
+
+
+class AgentFrame(msgspec.Struct, frozen=True, kw_only=True, tag_field="event"):
+    """A JSON frame from the agent to an attached console: ``{"event": <tag>, ...}``.
+
+    The defaults make the console's reading lenient (a field missing is its default); every
+    field is still sent (``ControlFrame.reason`` only by a host)."""
+
+
+class ControlRequestFrame(AgentFrame, frozen=True, kw_only=True, tag="control_request"):
+    """A viewer asks the host's user for control; the console answers ``consent`` ``id``."""
+
+    id: int = 0
+    name: str = ""
+
+
+class ControlRequestClosedFrame(
+    AgentFrame, frozen=True, kw_only=True, tag="control_request_closed"
+):
+    id: int = 0
+
+
+class ViewerJoinedFrame(AgentFrame, frozen=True, kw_only=True, tag="viewer_joined"):
+    name: str = ""
+
+
+class ViewerLeftFrame(AgentFrame, frozen=True, kw_only=True, tag="viewer_left"):
+    name: str = ""
+
+
+class ControlFrame(AgentFrame, frozen=True, kw_only=True, tag="control"):
+    """Control changed hands (``controller`` None: the host); ``reason`` only to a host."""
+
+    controller: str | None = None
+    reason: str | msgspec.UnsetType = msgspec.UNSET
+    you: bool = False
+
+
+class RefusedFrame(AgentFrame, frozen=True, kw_only=True, tag="refused"):
+    reason: str = ""
+
+
+class ErrorFrame(AgentFrame, frozen=True, kw_only=True, tag="error"):
+    message: str = ""
+
+
+class EndedFrame(AgentFrame, frozen=True, kw_only=True, tag="ended"):
+    exit_code: int | None = None
+    signal: int | None = None
+    message: str = ""
+
+
+class ScreenFrame(AgentFrame, frozen=True, kw_only=True, tag="screen"):
+    cols: int = 0
+    rows: int = 0
+
+
+class SizeFrame(AgentFrame, frozen=True, kw_only=True, tag="size"):
+    cols: int = 0
+    rows: int = 0
+
+
+AgentEvent = (
+    ControlRequestFrame
+    | ControlRequestClosedFrame
+    | ViewerJoinedFrame
+    | ViewerLeftFrame
+    | ControlFrame
+    | RefusedFrame
+    | ErrorFrame
+    | EndedFrame
+    | ScreenFrame
+    | SizeFrame
+)
+"""Every frame the agent sends an attached console."""
+
+
+def agent_event(frame: object) -> AgentEvent | None:
+    """An agent's JSON frame, typed; None (ignored) when unknown or malformed."""
+    try:
+        event: AgentEvent = msgspec.convert(frame, AgentEvent)
+    except msgspec.ValidationError:
+        return None
+    return event
 
 
 # ------------------------------------------------------------------ console frames

@@ -23,6 +23,7 @@ from meshagent_gui.compose.onboarding import JoinCodeWithUrl, needs_onboarding, 
 from meshagent_gui.context import Context
 from meshagent_gui.core import ipc
 from meshagent_gui.core.agent import Agent
+from meshagent_gui.core.ipc_types import NoParams
 from meshagent_gui.errors import UserError
 
 from .bridge import AgentBridge
@@ -228,7 +229,9 @@ class GuiApp:
         """The choice dialog; meanwhile a second launch can still bring it forward."""
         lock = ipc.AgentLock(self.ctx.paths.lock_file)
         lock.acquire()  # an agent already running for this home: one clear UserError
-        server = ipc.IpcServer(self.ctx.paths.ipc_path, {"show": self._show_request})
+        server = ipc.IpcServer(
+            self.ctx.paths.ipc_path, {"show": ipc.Route(NoParams, self._show_request)}
+        )
         await server.start()
         try:
             return await ask_first_run(self.ctx)
@@ -236,7 +239,7 @@ class GuiApp:
             await server.close()
             lock.release()
 
-    async def _show_request(self, _: dict[str, Any]) -> Any:
+    async def _show_request(self, _: NoParams) -> dict[str, bool]:
         for widget in QApplication.topLevelWidgets():
             if widget.isVisible():
                 widget.raise_()

@@ -32,6 +32,7 @@ from meshagent_gui.core.events import (
     TransferProgressed,
     TransferWaiting,
 )
+from meshagent_gui.core.ipc_types import SendReply
 from meshagent_gui.core.notify.router import NotificationSink
 from meshagent_gui.errors import UserError
 
@@ -201,7 +202,7 @@ class AgentBridge(QObject):
             except UserError as exc:
                 log.info("device list not refreshed: %s", exc.message)
                 return
-            paths = {p["device_id"]: str(p["path"]) for p in agent.p2p_status()["peers"]}
+            paths = {p.device_id: p.path for p in agent.p2p_status().peers}
             entries = [
                 DeviceEntry(v.id, v.name, v.user, v.platform, v.online, paths.get(v.id, ""))
                 for v in views
@@ -233,19 +234,10 @@ class AgentBridge(QObject):
             return
         try:
             async for update in agent.send(list(row.paths), row.peer_id):
-                transfer_id = update.get("transfer_id")
-                if row.transfer_id is None and isinstance(transfer_id, str):
-                    self.transfers.claim(row, transfer_id)
-                if "items" in update:
+                if isinstance(update, SendReply):
                     self.transfers.happen(row, "completed")
-                elif row.transfer_id is None:  # bus events carry it once known
-                    self.transfers.progress(
-                        row,
-                        int(update["done"]),
-                        int(update["total"]),
-                        update["rate"],
-                        update["eta"],
-                    )
+                elif row.transfer_id is None:  # claimed, the row follows the bus's progress
+                    self.transfers.claim(row, update.transfer_id)
         except asyncio.CancelledError:
             self.transfers.happen(row, "cancelled", error="")
             raise

@@ -81,6 +81,8 @@ def test_doctor_reports_each_part(server: Server, make_agent) -> None:  # type: 
     agent.up()
     checks = {c["name"]: c for c in map(json.loads, agent.ok("doctor", "--json").splitlines())}
     assert checks["agent"]["status"] == "ok", checks["agent"]
+    # The running agent's typed status reply decoded: its data-plane checks are there.
+    assert {"quic engine", "socket buffers"} <= checks.keys(), sorted(checks)
     server.stop()
     done = agent.cli("doctor")
     assert done.returncode == 1

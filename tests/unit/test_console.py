@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 from meshagent_gui import console
 from meshagent_gui.console import ESCAPE, Console, share_banner
+from meshagent_gui.core.ipc_types import ShareOpened
 
 
 class FakeStream:
@@ -114,8 +116,8 @@ def test_windows_raw_mode_restores_even_after_an_error_and_skips_a_redirected_co
 
 
 def test_the_share_banner_says_who_can_watch_how_and_the_keys() -> None:
-    opened = {"session_id": "3f2a9c1b77e0", "title": "bash on my desk"}
-    own = share_banner("my desk", {**opened, "rooms": None}, allow_control=False)
+    opened = ShareOpened(session_id="3f2a9c1b77e0", title="bash on my desk")
+    own = share_banner("my desk", opened, allow_control=False)
     lines = own.split("\r\n")
     assert lines[0] == "[meshagent] Sharing bash on my desk (session 3f2a9c1b)"
     assert "sharing with your own devices only" in lines[1]
@@ -123,7 +125,9 @@ def test_the_share_banner_says_who_can_watch_how_and_the_keys() -> None:
     assert "meshagent terminal view 'my desk'" in own  # a command that runs as shown
     assert "Ctrl-] q stop sharing" in own and "Ctrl-] r take control back" in own
     assert "you answer here [y/n]" in own
-    rooms = share_banner("desk", {**opened, "rooms": ["team", "ops"]}, allow_control=True)
+    rooms = share_banner(
+        "desk", msgspec.structs.replace(opened, rooms=("team", "ops")), allow_control=True
+    )
     assert "sharing with rooms team and ops" in rooms
     assert "your own devices take it without asking" in rooms
     assert "\n" not in own.replace("\r\n", "")  # raw mode: every line ends in CR LF

@@ -22,7 +22,7 @@ import socket
 import weakref
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, get_args
+from typing import Final, Literal, TypedDict, get_args
 
 import ifaddr
 from aioice import stun
@@ -53,6 +53,15 @@ IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 class StunError(Exception):
     """The STUN server answered with an error, or with no usable address."""
+
+
+class WireCandidate(TypedDict):
+    """A candidate as an offer or answer carries it (:meth:`Candidate.to_wire`); what a peer
+    sends is read by :meth:`Candidate.from_wire`, which checks every field."""
+
+    kind: CandidateKind
+    address: str
+    port: int
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ class Candidate:
             return relay_address(self.address)
         return (self.address, self.port)
 
-    def to_wire(self) -> dict[str, Any]:
+    def to_wire(self) -> WireCandidate:
         return {"kind": self.kind, "address": self.address, "port": self.port}
 
     @classmethod

@@ -356,7 +356,7 @@ def item_results(
 ) -> list[ItemResult]:
     digests, sent, skipped = totals.digests, totals.sent, totals.skipped or {}
     results: dict[str, ItemResult] = {}
-    hashers: dict[str, Any] = {}
+    hashers: dict[str, blake3] = {}  # a folder's digest, by the folder's name
     for index, entry in enumerate(entries):
         top = entry.path.split("/", 1)[0]
         item = results.setdefault(top, ItemResult(top, 0, seconds=seconds, path=path_kind))

@@ -42,6 +42,7 @@ from meshagent_gui.core.events import (
     TransferProgressed,
     TransferWaiting,
 )
+from meshagent_gui.core.ipc_types import SendProgress, TransferInfo
 from meshagent_gui.core.mesh.client import MeshClient
 from meshagent_gui.core.p2p.errors import P2PError
 from meshagent_gui.core.p2p.peers import PeerManager, PeerUnreachable, Service
@@ -81,14 +82,14 @@ class ActiveTransfer:
     cancel_requested: bool = field(default=False, repr=False)
     """Our user cancelled it (not: this agent is stopping, which only pauses a receive)."""
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "transfer_id": self.transfer_id,
-            "direction": self.direction,
-            "peer": self.peer,
-            "name": self.name,
-            "total": self.total,
-        }
+    def describe(self) -> TransferInfo:
+        return TransferInfo(
+            transfer_id=self.transfer_id,
+            direction=self.direction,
+            peer=self.peer,
+            name=self.name,
+            total=self.total,
+        )
 
 
 PeerUser = Callable[[str], Awaitable[str | None]]
@@ -152,7 +153,7 @@ class TransferService:
         *,
         rate: float | None = None,
         wait: bool = False,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        on_progress: Callable[[SendProgress], None] | None = None,
     ) -> list[ItemResult]:
         """Send files and folders to ``peer_id``; resumes by itself across reconnects."""
         manifest = await asyncio.to_thread(walk, paths)
@@ -199,7 +200,7 @@ class TransferService:
         peer_id: str,
         rate: float | None,
         wait: bool,
-        on_progress: Callable[[dict[str, Any]], None] | None,
+        on_progress: Callable[[SendProgress], None] | None,
         total_bytes: int,
     ) -> list[ItemResult]:
         buckets = [TokenBucket(rate)] if rate else []
@@ -257,7 +258,7 @@ class TransferService:
         transfer_id: str,
         peer_id: str,
         progress: RateMeter,
-        on_progress: Callable[[dict[str, Any]], None] | None,
+        on_progress: Callable[[SendProgress], None] | None,
         *,
         first: bool,
     ) -> None:
@@ -269,14 +270,14 @@ class TransferService:
             self._bus.publish(TransferWaiting(transfer_id, peer_id, name))
         if on_progress is not None:
             on_progress(
-                {
-                    "transfer_id": transfer_id,
-                    "done": progress.done,
-                    "total": progress.total,
-                    "rate": 0.0,
-                    "eta": None,
-                    "waiting_for": name,
-                }
+                SendProgress(
+                    transfer_id=transfer_id,
+                    done=progress.done,
+                    total=progress.total,
+                    rate=0.0,
+                    eta=None,
+                    waiting_for=name,
+                )
             )
 
     def _global_buckets(self) -> list[TokenBucket]:
@@ -294,7 +295,7 @@ class TransferService:
         verified: int,
         *,
         peer_id: str,
-        on_progress: Callable[[dict[str, Any]], None] | None,
+        on_progress: Callable[[SendProgress], None] | None,
     ) -> None:
         rate, eta = progress.update(verified)
         event = TransferProgressed(
@@ -310,13 +311,13 @@ class TransferService:
         self._bus.publish(event)
         if on_progress is not None:
             on_progress(
-                {
-                    "transfer_id": sender.transfer_id,
-                    "done": verified,
-                    "total": sender.total_bytes,
-                    "rate": rate,
-                    "eta": eta,
-                }
+                SendProgress(
+                    transfer_id=sender.transfer_id,
+                    done=verified,
+                    total=sender.total_bytes,
+                    rate=rate,
+                    eta=eta,
+                )
             )
 
     # ================================================================ receiving

@@ -16,13 +16,24 @@ import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from meshagent_gui.core.ipc import IpcStream, IpcStreamClosed
 from meshagent_gui.core.ipc_types import (
+    AgentEvent,
+    ControlFrame,
+    ControlRequestClosedFrame,
+    ControlRequestFrame,
+    EndedFrame,
+    ErrorFrame,
+    RefusedFrame,
+    ScreenFrame,
     ShareOpened,
+    SizeFrame,
     TerminalShareParams,
     TerminalViewParams,
+    ViewerJoinedFrame,
+    ViewerLeftFrame,
     ViewOpened,
     console_frame,
 )
@@ -81,23 +92,21 @@ async def share_console(
         number = next(numbers)
         answer: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         asks[number] = answer
-        stream.write_json({"event": "control_request", "id": number, "name": ask.device_name})
+        stream.write_json(ControlRequestFrame(id=number, name=ask.device_name))
         try:
             return await answer
         finally:
             asks.pop(number, None)
-            stream.write_json({"event": "control_request_closed", "id": number})
+            stream.write_json(ControlRequestClosedFrame(id=number))
 
     def on_event(event: h.HostEvent) -> None:
         match event:
             case h.ViewerJoined(party=party):
-                stream.write_json({"event": "viewer_joined", "name": party})
+                stream.write_json(ViewerJoinedFrame(name=party))
             case h.ViewerLeft(party=party):
-                stream.write_json({"event": "viewer_left", "name": party})
+                stream.write_json(ViewerLeftFrame(name=party))
             case h.HostControlChanged(controller=controller, reason=reason):
-                stream.write_json(
-                    {"event": "control", "controller": controller, "reason": reason, "you": False}
-                )
+                stream.write_json(ControlFrame(controller=controller, reason=reason, you=False))
 
     async def read_console() -> None:
         try:
@@ -127,25 +136,23 @@ async def share_console(
         reader = tasks.create_task(read_console(), name="terminal-console-in")
         status = await shared.run()
         reader.cancel()
-    stream.write_json(
-        {"event": "ended", "exit_code": status.code, "signal": status.signal, "message": ""}
-    )
+    stream.write_json(EndedFrame(exit_code=status.code, signal=status.signal, message=""))
     with contextlib.suppress(IpcStreamClosed):
         await stream.drain()
 
 
-def _event_json(event: ViewerEvent) -> dict[str, Any]:
+def _event_frame(event: ViewerEvent) -> AgentEvent:
     match event:
         case ScreenReplaced(cols=cols, rows=rows):
-            return {"event": "screen", "cols": cols, "rows": rows}
+            return ScreenFrame(cols=cols, rows=rows)
         case SizeChanged(cols=cols, rows=rows):
-            return {"event": "size", "cols": cols, "rows": rows}
+            return SizeFrame(cols=cols, rows=rows)
         case ControlChanged(controller=controller, you=you):
-            return {"event": "control", "controller": controller, "you": you}
+            return ControlFrame(controller=controller, you=you)
         case ControlRefused(reason=reason):
-            return {"event": "refused", "reason": reason}
+            return RefusedFrame(reason=reason)
         case SessionEnded(exit_code=code, signal=signal, message=message):
-            return {"event": "ended", "exit_code": code, "signal": signal, "message": message}
+            return EndedFrame(exit_code=code, signal=signal, message=message)
     raise AssertionError(event)
 
 
@@ -171,7 +178,7 @@ async def view_console(
         try:
             await view.request_control()
         except UserError as exc:
-            stream.write_json({"event": "refused", "reason": exc.message})
+            stream.write_json(RefusedFrame(reason=exc.message))
 
     async def show() -> None:
         try:
@@ -181,9 +188,9 @@ async def view_console(
                     if stream.buffered > CONSOLE_HIGH_WATER:
                         await stream.drain()
                 else:
-                    stream.write_json(_event_json(event))
+                    stream.write_json(_event_frame(event))
         except UserError as exc:
-            stream.write_json({"event": "error", "message": exc.message})
+            stream.write_json(ErrorFrame(message=exc.message))
         await stream.drain()
 
     async def read_console() -> None:
@@ -199,7 +206,7 @@ async def view_console(
                 try:
                     await view.request_control()
                 except UserError as exc:
-                    stream.write_json({"event": "refused", "reason": exc.message})
+                    stream.write_json(RefusedFrame(reason=exc.message))
             elif frame.control == "release":
                 await view.release_control()
 

@@ -35,7 +35,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
+
+import msgspec
 
 from meshagent_gui.core.bus import EventBus
 from meshagent_gui.core.events import (
@@ -94,6 +96,20 @@ REPORT_TIMEOUT: Final = 5.0
 """How long one control report to the server may take before it is given up (and logged)."""
 REPORT_BACKLOG: Final = 64
 """Control reports waiting for the server; in a flood the oldest go, the newest is told."""
+
+
+class SessionAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of a shared session's standing announcement (``ANNOUNCE_KIND``), as sent.
+
+    Read back leniently by :meth:`TerminalService._announcement`: a peer of another version may
+    send less, and what it sends is checked there field by field."""
+
+    session_id: str
+    title: str
+    cols: int
+    rows: int
+    allow_control: bool
+    started_at: float
 
 
 @dataclass(frozen=True)
@@ -174,7 +190,10 @@ class SharedTerminal:
         try:
             with contextlib.suppress(MeshError):
                 await self.service._link.announce(
-                    ANNOUNCE_KIND, self.describe(), key=self._key, rooms=list(self.rooms)
+                    ANNOUNCE_KIND,
+                    msgspec.to_builtins(self.describe()),
+                    key=self._key,
+                    rooms=list(self.rooms),
                 )  # offline: the link sends it when it connects (standing announcement)
             return await self.host.run()
         finally:
@@ -186,16 +205,16 @@ class SharedTerminal:
             with contextlib.suppress(MeshError):
                 await self.service._link.withdraw(self._key)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> SessionAnnouncement:
         cols, rows = self.host.size
-        return {
-            "session_id": self.session_id,
-            "title": self.title,
-            "cols": cols,
-            "rows": rows,
-            "allow_control": self.allow_control,
-            "started_at": self.started_at,
-        }
+        return SessionAnnouncement(
+            session_id=self.session_id,
+            title=self.title,
+            cols=cols,
+            rows=rows,
+            allow_control=self.allow_control,
+            started_at=self.started_at,
+        )
 
     def stop(self) -> None:
         """End the session: hang up the command; :meth:`run` then returns."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -16,6 +15,7 @@ from meshagent_gui.core.events import (
     TransferOutcome,
     TransferWaiting,
 )
+from meshagent_gui.core.ipc_types import SendProgress
 from meshagent_gui.core.share.service import CHUNK_SIZE, TransferError
 
 from .fakes import FakeNetwork, Side, closing, make_service, wait_for
@@ -208,7 +208,7 @@ async def test_a_receiver_stopped_cleanly_is_waited_for_and_the_send_resumes(
     receiver = make_service(network, RECEIVER, tmp_path / "r")
     size = 12 * CHUNK_SIZE
     source = _random_file(tmp_path / "big.bin", size)
-    updates: list[dict[str, Any]] = []
+    updates: list[SendProgress] = []
     with closing(sender, receiver):
         sending = asyncio.create_task(
             sender.service.send([source], RECEIVER, on_progress=updates.append)
@@ -221,7 +221,7 @@ async def test_a_receiver_stopped_cleanly_is_waited_for_and_the_send_resumes(
         assert not sending.done()
         [waiting] = sender.events.of(TransferWaiting)
         assert waiting.peer_name == f"name-of-{RECEIVER}"
-        assert any(u.get("waiting_for") == f"name-of-{RECEIVER}" for u in updates)
+        assert any(u.waiting_for == f"name-of-{RECEIVER}" for u in updates)
         [interrupted] = receiver.events.of(TransferFailed)
         assert "cancel" not in interrupted.reason and not receiver.events.of(TransferCompleted)
         assert interrupted.outcome is TransferOutcome.INTERRUPTED
