@@ -32,18 +32,17 @@ def enrolled(tmp_path: Path) -> Iterator[tuple[AgentHome, Path]]:
         yield desk, payload
 
 
-def test_send_with_the_server_down_is_one_clear_line_quickly(
+def test_send_with_the_server_down_is_one_clear_line(
     enrolled: tuple[AgentHome, Path],
 ) -> None:
+    """The line `devices` gives, from the same early check (how fast is a benchmark's business:
+    a wall-clock bound here would flake on a loaded machine)."""
     desk, payload = enrolled
-    started = time.monotonic()
     done = desk.cli("send", str(payload), "--to", "laptop")
-    took = time.monotonic() - started
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0
     assert len(lines) == 1, done.stderr
     assert "Mesh Server" in lines[0] and "Errno" not in lines[0], lines[0]
-    assert took < 6, f"{took:.1f} s to say the server is down"
 
 
 def _spawn(desk: AgentHome, *args: str) -> subprocess.Popen[str]:

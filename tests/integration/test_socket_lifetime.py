@@ -82,10 +82,9 @@ def test_refresh_token_reuse_closes_the_sessions_sockets(
         hello = json.loads(ws.recv(timeout=WAIT))
         assert set(hello["online"]) == {ids["watcher"], ids["victim"]}
         reuse_refresh_token(server, refresh)
-        started = time.monotonic()
         frames, code = frames_until_closed(ws)
+    # 4403 within WAIT: the revocation closed it (the token itself expires only in an hour).
     assert code == 4403
-    assert time.monotonic() - started < 5, "closed within seconds of the revocation"
     assert [f for f in frames if f["type"] in ("presence", "signal")] == []
 
     # A running agent whose session is revoked: offline for its peers, and it says why.
