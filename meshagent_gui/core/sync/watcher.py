@@ -1,0 +1,251 @@
+"""Filesystem events of a synced folder (watchdog: inotify on Linux) as settled batches of names.
+
+The observer's threads hand each event to the event loop (``call_soon_threadsafe``); the loop
+gathers names until ``settle`` seconds pass without a new event, but never holds a batch more
+than ``max_delay`` after its first event (a file written without pause for minutes still syncs
+as it goes). ``None`` instead of a batch means "events were lost: rescan everything" (the
+kernel queue overflowed, too many names at once, the observer died and was restarted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import unicodedata
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+from watchdog.events import (
+    DirAttribEvent,
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirModifiedEvent,
+    DirMovedEvent,
+    EventsLostEvent,
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+
+from .ignore import STATE_DIR
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING: Final = 20_000
+"""More distinct names than this in one batch: a full rescan is cheaper than a name-by-name one."""
+HEALTH_INTERVAL: Final = 2.0
+"""How often an idle watcher checks that its observer threads are still alive."""
+MAX_RESTART_DELAY: Final = 60.0
+
+# Opens and read-only closes are left out: the scanner's own reads would trigger rescans.
+# Parents' "modified" events (watchdog adds one per create/delete) are dropped in _names: they
+# would make the scanner walk a whole folder for one file.
+_EVENTS: Final[list[type[FileSystemEvent]]] = [
+    FileCreatedEvent,
+    DirCreatedEvent,
+    FileDeletedEvent,
+    DirDeletedEvent,
+    FileMovedEvent,
+    DirMovedEvent,
+    FileModifiedEvent,
+    FileAttribEvent,
+    DirAttribEvent,
+    FileClosedEvent,
+    EventsLostEvent,
+]
+
+_RESCAN: Final = object()
+"""Stands for "rescan all" among the names an event reports."""
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: FolderWatcher) -> None:
+        self._watcher = watcher
+
+    def dispatch(self, event: FileSystemEvent) -> None:  # observer thread
+        self._watcher._from_thread(event)
+
+
+class FolderWatcher:
+    """Changes under ``root``, in settled batches of relative NFC names (see the module doc).
+
+    ``async with FolderWatcher(root) as watcher: async for names in watcher.changes(): ...``
+    """
+
+    def __init__(self, root: Path, *, settle: float = 0.1, max_delay: float = 1.0) -> None:
+        self._root = root
+        self._prefix = os.path.join(str(root), "")
+        self._settle = settle
+        self._max_delay = max_delay
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._observer: BaseObserver | None = None
+        self._pending: set[str] = set()
+        self._overflow = False
+        self._first = 0.0
+        self._last = 0.0
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        self._loop = asyncio.get_running_loop()
+        self._closed = False
+        # Starting adds one inotify watch per folder below the root: a walk, off the loop.
+        self._observer = await asyncio.to_thread(self._start_observer)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._closed = True
+        self._wake.set()
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            await asyncio.to_thread(_stop_observer, observer)
+
+    def _start_observer(self) -> BaseObserver:
+        observer = Observer()
+        try:
+            observer.schedule(_Handler(self), str(self._root), recursive=True, event_filter=_EVENTS)
+            observer.start()
+        except BaseException:
+            _stop_observer(observer)
+            raise
+        return observer
+
+    # ----------------------------------------------------------------- events (any thread)
+
+    def _from_thread(self, event: FileSystemEvent) -> None:
+        loop = self._loop
+        if loop is None or self._closed:
+            return
+        names = self._names(event)
+        if names:
+            # RuntimeError: the loop closed under us, nothing is listening any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._add, names)
+
+    def _names(self, event: FileSystemEvent) -> list[str | object]:
+        if isinstance(event, EventsLostEvent):
+            return [_RESCAN]
+        if isinstance(event, DirModifiedEvent):
+            return []
+        paths = [event.src_path, event.dest_path] if event.dest_path else [event.src_path]
+        names: list[str | object] = []
+        for path in paths:
+            name = self._relative(os.fsdecode(path))
+            if name is None:
+                names.append(_RESCAN)  # the root itself (deleted, moved): look at everything
+            elif name and STATE_DIR not in name.split("/"):
+                names.append(name)
+        return names
+
+    def _relative(self, path: str) -> str | None:
+        """``path``'s NFC name under the root; None for the root itself, "" for outside."""
+        if not path.startswith(self._prefix):
+            return None if path.rstrip(os.sep) == self._prefix.rstrip(os.sep) else ""
+        name = path[len(self._prefix) :]
+        if os.sep != "/":
+            name = name.replace(os.sep, "/")
+        return unicodedata.normalize("NFC", name.strip("/"))
+
+    # ----------------------------------------------------------------- the loop's side
+
+    def _add(self, names: list[str | object]) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        if not self._pending and not self._overflow:
+            self._first = now
+        self._last = now
+        for name in names:
+            if isinstance(name, str) and not self._overflow:
+                self._pending.add(name)
+            else:
+                self._overflow = True
+        if len(self._pending) > MAX_PENDING:
+            self._overflow = True
+        if self._overflow:
+            self._pending.clear()
+        self._wake.set()
+
+    async def changes(self) -> AsyncIterator[set[str] | None]:
+        """Settled batches of changed names (NFC, relative, '/'-separated), or None for
+        "rescan everything". Ends when the watcher is closed."""
+        if self._loop is None:
+            raise RuntimeError("use FolderWatcher as an async context manager first")
+        loop = self._loop
+        restart_delay = HEALTH_INTERVAL
+        while not self._closed:
+            if not self._pending and not self._overflow:
+                self._wake.clear()
+                try:
+                    # asyncio.timeout, not wait_for: 3.11's wait_for may swallow a cancel that
+                    # lands as the event is set, and the folder's task then never stops.
+                    async with asyncio.timeout(HEALTH_INTERVAL):
+                        await self._wake.wait()
+                except TimeoutError:
+                    if not self._observer_alive():
+                        restarted = await self._restart()
+                        yield None  # events may have been lost meanwhile
+                        restart_delay = HEALTH_INTERVAL if restarted else restart_delay
+                        if not restarted:
+                            await asyncio.sleep(restart_delay)
+                            restart_delay = min(restart_delay * 2, MAX_RESTART_DELAY)
+                continue
+            # Settle: until `settle` passed since the last event, or `max_delay` since the first.
+            while not self._closed:
+                deadline = min(self._last + self._settle, self._first + self._max_delay)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()
+            if self._closed:
+                return
+            batch: set[str] | None = None if self._overflow else self._pending
+            self._pending = set()
+            self._overflow = False
+            yield batch
+
+    def _observer_alive(self) -> bool:
+        observer = self._observer
+        if observer is None or not observer.is_alive():
+            return False
+        # An emitter stops by itself when the root is deleted; the observer thread lives on.
+        return all(emitter.is_alive() for emitter in tuple(observer.emitters))
+
+    async def _restart(self) -> bool:
+        """A new observer for a dead one (root deleted and made again, watch limit reached)."""
+        old, self._observer = self._observer, None
+        if old is not None:
+            await asyncio.to_thread(_stop_observer, old)
+        if self._closed:
+            return False
+        try:
+            self._observer = await asyncio.to_thread(self._start_observer)
+        except OSError as exc:
+            log.warning("cannot watch %s: %s", self._root, exc)
+            return False
+        return True
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    """Stop and join (blocking: the caller runs it off the loop)."""
+    observer.stop()
+    if observer.is_alive():
+        observer.join()
