@@ -1,0 +1,807 @@
+"""Apply one peer row to the local folder: assemble, dedup, verify, keep versions, conflicts.
+
+docs/sync.md ("Safety") is the contract. A pulled file is assembled in ``.meshsync/tmp/`` (same
+filesystem), every block blake3-verified, fsynced, then ``os.replace``d over the old one, so a
+reader sees the old file or the new one, never neither and never half. The old content is first
+hard-linked (else copied) into ``.meshsync/versions/<name>~YYYYMMDD-HHMMSS`` (UTC). The index is
+written only once the file is in place: after a kill -9 the rescan finds what was done.
+
+Before anything replaces or deletes a local path, the path must still match our index row (size
+and mtime_ns): otherwise it changed since the last scan, which is newer information than the
+peer's row, and the outcome is ``"deferred"`` (the caller rescans it, then decides again).
+
+Blocks come from local copies first (any file of the folder holding that digest, re-hashed when
+read: a mismatch means that file changed, and the source is asked instead), then from the
+:class:`BlockSource`, a window of ~32 MiB of requests in flight at a time. Identical blocks of
+one file are fetched once.
+
+Every disk and index call runs in the given executor; the index (SQLite) is only ever touched
+from there, so the executor should be the folder's single worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import contextlib
+import dataclasses
+import errno
+import functools
+import os
+import re
+import secrets
+import shutil
+import stat
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
+
+from meshagent_gui.core.protocol.sync import (
+    Action,
+    Block,
+    Decision,
+    FileRow,
+    Segment,
+    conflict_name,
+    same_content,
+)
+from meshagent_gui.core.share.disk import DISK, NOT_SUPPORTED, Disk
+from meshagent_gui.core.share.partial import HashMismatch, _disk_errors
+from meshagent_gui.core.share.paths import (
+    UnsafePath,
+    clash_names,
+    is_link,
+    move_to_unique,
+    safe_relative_path,
+)
+from meshagent_gui.core.sync.blocks import digest, segment_digest
+from meshagent_gui.errors import UserError
+
+if TYPE_CHECKING:
+    from meshagent_gui.core.sync.index import FolderIndex
+
+T = TypeVar("T")
+
+MiB: Final = 1024 * 1024
+WINDOW_BYTES: Final = 32 * MiB
+"""Block bytes requested at once (docs/sync.md: the puller keeps up to 32 MiB in flight)."""
+SEGMENT_WINDOW: Final = 32
+META_DIR: Final = ".meshsync"
+TMP_SUFFIX: Final = ".tmp"
+VERSION_STAMP: Final = "%Y%m%d-%H%M%S"
+_VERSION_NAME: Final = re.compile(r"~(\d{8}-\d{6})(?:-\d+)?$")
+_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_BINARY: Final = getattr(os, "O_BINARY", 0)
+_NOT_EMPTY: Final = frozenset({errno.ENOTEMPTY, errno.EEXIST})
+_SHOWN_ENTRIES: Final = 3
+
+Outcome = Literal["done", "conflict", "skipped", "deferred"]
+
+
+class BlockUnavailable(Exception):
+    """The peer no longer has that block (its file changed since the row was sent)."""
+
+
+class BlockSource(Protocol):
+    """Where blocks and segment lists come from (the pull stream). Concurrent-safe."""
+
+    async def block(self, digest: bytes, name: str, offset: int, size: int) -> bytes:
+        """One block's bytes; ``name``/``offset`` are where the peer's index has it.
+        Raises :class:`BlockUnavailable`."""
+        ...
+
+    async def segment(self, digest: bytes) -> tuple[Block, ...]:
+        """A segment's block list (verified here against ``digest``)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What :meth:`Applier.apply` did with one row.
+
+    ``done``: applied (or nothing to do); ``conflict``: ours was renamed to ``conflict_name``,
+    then theirs taken; ``skipped``: not applied, ``detail`` says why (report it); ``deferred``:
+    the local path changed since the last scan, rescan it and decide again.
+    """
+
+    name: str
+    outcome: Outcome
+    detail: str = ""
+    conflict_name: str = ""
+
+
+class _Stop(Exception):
+    """Ends one apply early with a skipped/deferred outcome (raised inside executor jobs)."""
+
+    def __init__(self, outcome: Outcome, detail: str) -> None:
+        super().__init__(detail)
+        self.outcome: Outcome = outcome
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """A row's local path and what is there now (checked against our index row)."""
+
+    path: Path
+    info: os.stat_result | None
+    case_of: str = ""
+    """On a case-insensitive filesystem: the existing entry's real name, when it differs from
+    the row's name only by case."""
+
+
+# ---------------------------------------------------------------------------- the temp file
+
+
+class _TmpFile:
+    """One file being assembled. A lock serialises writes with :meth:`discard`, so a cancelled
+    apply never closes the descriptor under a write still running in the executor."""
+
+    def __init__(self, path: Path, fd: int, disk: Disk) -> None:
+        self.path = path
+        self._fd = fd
+        self._disk = disk
+        self._lock = threading.Lock()
+        self._placed = False
+
+    def write(self, data: bytes, offset: int) -> None:
+        with self._lock:
+            if self._fd < 0:
+                raise OSError(errno.EBADF, "the temp file was discarded", str(self.path))
+            self._disk.write_all(self._fd, data, offset)
+
+    def read(self, size: int, offset: int) -> bytes:
+        with self._lock:
+            return self._disk.read_exact(self._fd, size, offset)
+
+    def finish(self, mtime_ns: int, mode: int | None) -> None:
+        """Metadata, then fsync (which makes the metadata durable too), then close."""
+        with self._lock:
+            if mode is not None:
+                os.chmod(self.path, mode)
+            os.utime(self.path, ns=(time.time_ns(), mtime_ns))
+            self._disk.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    def placed(self) -> None:
+        self._placed = True
+
+    def discard(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+                self._fd = -1
+            if not self._placed:
+                with contextlib.suppress(OSError):
+                    self._disk.unlink(self.path)
+
+
+# ---------------------------------------------------------------------------- the applier
+
+
+class Applier:
+    """Applies peers' rows to one folder (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: Path,
+        index: FolderIndex,
+        *,
+        executor: Executor,
+        device_name: str,
+        versions_days: float = 30,
+        disk: Disk = DISK,
+    ) -> None:
+        self.root = root
+        self.index = index
+        self.device_name = device_name
+        self.versions_days = versions_days
+        self._executor = executor
+        self._disk = disk
+        self._tmp_dir = root / META_DIR / "tmp"
+        self._versions_dir = root / META_DIR / "versions"
+        self._windows = os.name == "nt"
+        self._case_insensitive: bool | None = None
+
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+
+    # ---------------------------------------------------------------- housekeeping
+
+    async def clean_tmp(self) -> int:
+        """Remove what interrupted applies left in ``.meshsync/tmp`` (call at start, before any
+        :meth:`apply`). Returns how many entries were removed."""
+        return await self._run(self._clean_tmp)
+
+    async def clean_versions(self, *, now: float | None = None) -> int:
+        """Drop versions older than ``versions_days`` (by the time in their name). Returns how
+        many were removed."""
+        cutoff = (time.time() if now is None else now) - self.versions_days * 86400
+        return await self._run(self._clean_versions, cutoff)
+
+    def _clean_tmp(self) -> int:
+        self._ensure_tmp_dir()
+        removed = 0
+        with os.scandir(self._tmp_dir) as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        self._disk.unlink(Path(entry.path))
+                    removed += 1
+        return removed
+
+    def _clean_versions(self, cutoff: float) -> int:
+        removed = 0
+        if not self._versions_dir.is_dir():
+            return 0
+        for folder, dirs, files in os.walk(self._versions_dir, topdown=False):
+            for name in files:
+                match = _VERSION_NAME.search(name)
+                if match is None:
+                    continue
+                when = calendar.timegm(time.strptime(match.group(1), VERSION_STAMP))
+                if when < cutoff:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._disk.unlink(Path(folder, name))
+                        removed += 1
+            for name in dirs:
+                with contextlib.suppress(OSError):  # not empty: some versions are still kept
+                    os.rmdir(os.path.join(folder, name))
+        return removed
+
+    def _ensure_tmp_dir(self) -> None:
+        # Never recreate the root itself: a missing root is an unmounted disk, not a folder.
+        if not self.root.is_dir():
+            raise UserError(f"the synced folder {self.root} is missing", code="root_missing")
+        self._tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _case_insensitive_fs(self) -> bool:
+        if self._case_insensitive is None:
+            self._ensure_tmp_dir()
+            probe = self._tmp_dir / f"case-{secrets.token_hex(8)}{TMP_SUFFIX}"
+            probe.touch()
+            try:
+                self._case_insensitive = os.path.lexists(probe.with_name(probe.name.upper()))
+            finally:
+                probe.unlink()
+        return self._case_insensitive
+
+    # ---------------------------------------------------------------- apply
+
+    async def apply(self, remote: FileRow, decision: Decision, source: BlockSource) -> Applied:
+        """Apply ``remote`` as ``decision`` says; see :class:`Applied` for the outcomes.
+
+        Raises :class:`~meshagent_gui.core.share.partial.DiskFull` (a UserError, code
+        ``disk_full``) when the disk fills up and
+        :class:`~meshagent_gui.core.share.partial.HashMismatch` (code ``hash_mismatch``) when
+        the source sent a block or segment that is not what the row names, and lets the
+        source's :class:`BlockUnavailable` through (the peer's file changed: its new row will
+        come); in every case the temp file is gone and nothing local changed.
+        """
+        name = remote.name
+        action = decision.action
+        if action is Action.NOTHING:
+            return Applied(name, "done")
+        try:
+            if action in (Action.ADOPT_VERSION, Action.KEEP_LOCAL):
+                return await self._run(self._restamp, name, decision)
+            problem = self._name_problem(name)
+            if problem:
+                return Applied(name, "skipped", problem)
+            if remote.deleted:
+                return await self._run(self._delete, remote, decision)
+            if remote.kind == "dir":
+                return await self._run(self._make_dir, remote, decision)
+            return await self._pull_file(remote, decision, source)
+        except _Stop as stop:
+            return Applied(name, stop.outcome, stop.detail)
+
+    def _restamp(self, name: str, decision: Decision) -> Applied:
+        """KEEP_LOCAL / ADOPT_VERSION: our row, with the decided version; no disk I/O."""
+        ours = self.index.get(name)
+        if ours is None:
+            return Applied(name, "skipped", "no local row to keep")
+        self.index.put([dataclasses.replace(ours, version=decision.version)])
+        return Applied(name, "done")
+
+    def _name_problem(self, name: str) -> str:
+        """Why ``name`` cannot exist here ('' if it can). The peer's validate_row already
+        refused unsafe names; this adds what only this OS refuses (``a:b``, ``CON`` on
+        Windows). paths.py's rules are those of Windows, applied everywhere for transfers;
+        sync keeps such names on systems that allow them."""
+        parts = name.split("/")
+        if parts[0] == META_DIR or any(part in ("", ".", "..") for part in parts):
+            return "not a name inside the folder"
+        if self._windows:
+            try:
+                safe_relative_path(name)
+            except UnsafePath as exc:
+                return f"not a valid name on this system: {exc.reason}"
+        return ""
+
+    # ---------------------------------------------------------------- paths
+
+    def _locate(
+        self, name: str, *, case_check: Literal["never", "unknown", "always"] = "unknown"
+    ) -> _Place:
+        """The local path of ``name`` (never through a link) and what is there now.
+
+        Each component is looked up as given (NFC), then NFD (names written on macOS).
+        A file or link where a folder is needed: skipped.
+        """
+        if not self.root.is_dir():
+            raise UserError(f"the synced folder {self.root} is missing", code="root_missing")
+        current = self.root
+        parts = name.split("/")
+        info: os.stat_result | None = None
+        for position, part in enumerate(parts):
+            path = current / part
+            info = _lstat(path)
+            if info is None and (nfd := unicodedata.normalize("NFD", part)) != part:
+                alternative = current / nfd
+                if (found := _lstat(alternative)) is not None:
+                    path, info = alternative, found
+            current = path
+            if info is None:
+                current = current.joinpath(*parts[position + 1 :])
+                break
+            if is_link(info):
+                raise _Stop("skipped", f"{_rel(self.root, path)} is a symbolic link")
+            if position < len(parts) - 1 and not stat.S_ISDIR(info.st_mode):
+                raise _Stop("skipped", f"{_rel(self.root, path)} is a file, not a folder")
+        case_of = ""
+        # The directory listing that tells a case variant apart costs O(folder size): only
+        # where it can matter (a name we do not hold live; a deletion, always).
+        if info is not None and case_check != "never" and self._case_insensitive_fs():
+            row = self.index.get(name) if case_check == "unknown" else None
+            if row is None or row.deleted:
+                case_of = _case_variant(current)
+        return _Place(current, info, case_of)
+
+    def _check_local(self, name: str, place: _Place) -> FileRow | None:
+        """Our live row for ``name``, after checking that the disk still matches it.
+
+        Anything else on disk (changed, deleted, new and not yet indexed) is newer than what
+        we know: deferred, so the caller rescans it before deciding again.
+        """
+        row = self.index.get(name)
+        live = row if row is not None and not row.deleted else None
+        info = place.info
+        if info is None:
+            if live is not None:
+                raise _Stop("deferred", "deleted here since the last scan")
+            return None
+        if live is None:
+            raise _Stop("deferred", "created here since the last scan")
+        if live.kind == "dir":
+            if not stat.S_ISDIR(info.st_mode):
+                raise _Stop("deferred", "changed here since the last scan")
+        elif (
+            not stat.S_ISREG(info.st_mode)
+            or info.st_size != live.size
+            or info.st_mtime_ns != live.mtime_ns
+        ):
+            raise _Stop("deferred", "changed here since the last scan")
+        return live
+
+    def _make_parents(self, path: Path) -> None:
+        """Create the missing folders above ``path`` (below the root only)."""
+        missing: list[Path] = []
+        parent = path.parent
+        while parent != self.root and _lstat(parent) is None:
+            missing.append(parent)
+            parent = parent.parent
+        for folder in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder)
+            info = os.lstat(folder)
+            if is_link(info) or not stat.S_ISDIR(info.st_mode):
+                raise _Stop("skipped", f"{_rel(self.root, folder)} is not a folder")
+        if missing:
+            self._disk.sync_directories({folder.parent for folder in missing})
+
+    # ---------------------------------------------------------------- versions, conflicts
+
+    def _version_path(self, name: str) -> Iterator[Path]:
+        stamp = time.strftime(VERSION_STAMP, time.gmtime())
+        base = self._versions_dir / name
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for counter in range(1000):
+            tag = f"~{stamp}" + (f"-{counter}" if counter else "")
+            yield base.with_name(_fit(base.name, tag) + tag)
+
+    def _keep_version(self, path: Path, name: str) -> Path:
+        """Hard-link the current file into versions (the replace then takes its name only)."""
+        for candidate in self._version_path(name):
+            try:
+                self._disk.link(path, candidate)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno not in NOT_SUPPORTED | {errno.EMLINK}:
+                    raise
+                if self._disk.lexists(candidate):
+                    continue
+                shutil.copy2(path, candidate, follow_symlinks=False)
+            return candidate
+        raise UserError(f"too many versions of {name} kept at once", code="name_clash")
+
+    def _move_to_versions(self, path: Path, name: str) -> None:
+        for candidate in self._version_path(name):
+            if not self._disk.lexists(candidate):
+                landed = move_to_unique(path, candidate, disk=self._disk)
+                self._disk.sync_directories([landed.parent])
+                return
+        raise UserError(f"too many versions of {name} kept at once", code="name_clash")
+
+    def _conflict_copy(self, place: _Place, name: str, *, keep_original: bool) -> str:
+        """Put our current file under its conflict name; returns that name (relative).
+
+        With ``keep_original`` it is hard-linked, so the original name never goes missing
+        before the replace (where links are impossible: renamed)."""
+        assert place.info is not None
+        wanted = conflict_name(name, when_ns=place.info.st_mtime_ns, device=self.device_name)
+        target = place.path.with_name(wanted.rsplit("/", 1)[-1])
+        if keep_original:
+            for candidate in clash_names(target.name):
+                try:
+                    self._disk.link(place.path, target.with_name(candidate))
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in NOT_SUPPORTED | {errno.EMLINK}:
+                        raise
+                    break
+                else:
+                    return _rel(self.root, target.with_name(candidate))
+        landed = move_to_unique(place.path, target, disk=self._disk)
+        return _rel(self.root, landed)
+
+    # ---------------------------------------------------------------- deletions, folders
+
+    def _delete(self, remote: FileRow, decision: Decision) -> Applied:
+        name = remote.name
+        place = self._locate(name, case_check="always")
+        tombstone = dataclasses.replace(remote, version=decision.version)
+        if place.case_of:
+            # Only a name differing by case is here: the row's exact name is already gone.
+            self.index.put([tombstone])
+            return Applied(name, "done")
+        ours = self._check_local(name, place)
+        if place.info is None or ours is None:
+            self.index.put([tombstone])
+            return Applied(name, "done")
+        if stat.S_ISDIR(place.info.st_mode):
+            try:
+                os.rmdir(place.path)
+            except OSError as exc:
+                if exc.errno not in _NOT_EMPTY:
+                    raise
+                # Files we do not sync (ignored ones) or not yet deleted: keep the folder and
+                # its row, so nothing resurrects it on the peers; reported, retried next pass.
+                return Applied(name, "skipped", _not_empty(place.path))
+            self._disk.sync_directories([place.path.parent])
+            self.index.put([tombstone])
+            return Applied(name, "done")
+        copy = ""
+        if decision.action is Action.CONFLICT:
+            copy = self._conflict_copy(place, name, keep_original=False)
+        else:
+            self._move_to_versions(place.path, name)
+        self._disk.sync_directories([place.path.parent])
+        self.index.put([tombstone])
+        return Applied(name, "conflict", conflict_name=copy) if copy else Applied(name, "done")
+
+    def _make_dir(self, remote: FileRow, decision: Decision) -> Applied:
+        name = remote.name
+        place = self._locate(name)
+        if place.case_of:
+            return Applied(name, "skipped", f"differs only by case from {place.case_of!r} here")
+        ours = self._check_local(name, place)
+        row = dataclasses.replace(remote, version=decision.version)
+        copy = ""
+        if place.info is not None and stat.S_ISDIR(place.info.st_mode):
+            self.index.put([row])
+            return Applied(name, "done")
+        if place.info is not None and ours is not None:  # our file where their folder goes
+            if decision.action is Action.CONFLICT:
+                copy = self._conflict_copy(place, name, keep_original=False)
+            else:
+                self._move_to_versions(place.path, name)
+        self._make_parents(place.path)
+        os.mkdir(place.path)
+        self._disk.sync_directories([place.path.parent])
+        self.index.put([row])
+        return Applied(name, "conflict", conflict_name=copy) if copy else Applied(name, "done")
+
+    # ---------------------------------------------------------------- files
+
+    async def _pull_file(self, remote: FileRow, decision: Decision, source: BlockSource) -> Applied:
+        place = await self._run(self._plan_file, remote)
+        if place.case_of:
+            return await self._run(self._case_rename, remote, decision, place)
+        blocks = await self._block_list(remote, place.path, source)
+        tmp = await self._run(self._open_tmp)
+        try:
+            await self._assemble(tmp, remote, blocks, place.path, source)
+            return await self._run(self._commit_file, tmp, remote, decision)
+        finally:
+            await asyncio.shield(self._run(tmp.discard))  # a no-op once it is in place
+
+    def _plan_file(self, remote: FileRow) -> _Place:
+        place = self._locate(remote.name)
+        if not place.case_of:
+            self._check_local(remote.name, place)
+        return place
+
+    def _open_tmp(self) -> _TmpFile:
+        self._ensure_tmp_dir()
+        path = self._tmp_dir / f"{secrets.token_hex(12)}{TMP_SUFFIX}"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY
+        return _TmpFile(path, self._disk.open(path, flags, 0o600), self._disk)
+
+    async def _block_list(
+        self, remote: FileRow, path: Path, source: BlockSource
+    ) -> tuple[Block, ...]:
+        blocks = await self._run(self.index.blocks_of, remote)
+        if blocks is None:
+            unknown: list[Segment] = []
+            for segment in remote.segments:
+                if await self._run(self.index.segment, segment.digest) is None:
+                    unknown.append(segment)
+            for start in range(0, len(unknown), SEGMENT_WINDOW):
+                batch = unknown[start : start + SEGMENT_WINDOW]
+                lists = await _gather([source.segment(s.digest) for s in batch])
+                await self._run(self._store_segments, batch, lists, path)
+            blocks = await self._run(self.index.blocks_of, remote)
+        if blocks is None or sum(block.size for block in blocks) != remote.size:
+            raise HashMismatch(path, None)
+        return blocks
+
+    def _store_segments(
+        self, segments: Sequence[Segment], lists: Sequence[tuple[Block, ...]], path: Path
+    ) -> None:
+        for segment, blocks in zip(segments, lists, strict=True):
+            if (
+                len(blocks) != segment.blocks
+                or sum(block.size for block in blocks) != segment.size
+                or segment_digest(blocks) != segment.digest
+            ):
+                raise HashMismatch(path, None)
+            self.index.store_segment(segment.digest, blocks)
+
+    async def _assemble(
+        self,
+        tmp: _TmpFile,
+        remote: FileRow,
+        blocks: Sequence[Block],
+        path: Path,
+        source: BlockSource,
+    ) -> None:
+        """Fill ``tmp`` window by window: local copies, then the source for the rest."""
+        written: dict[bytes, tuple[int, int]] = {}  # digest -> (offset in tmp, block number)
+        for window in _block_windows(blocks):
+            wanted = {block.digest: (block, offset) for offset, block, _ in window}
+            found = await self._run(self._read_local, wanted, written, tmp)
+            missing = [(b, offset) for d, (b, offset) in wanted.items() if d not in found]
+            data = await _gather(
+                [source.block(b.digest, remote.name, offset, b.size) for b, offset in missing]
+            )
+            fetched = {b.digest: piece for (b, _), piece in zip(missing, data, strict=True)}
+            await self._run(self._write_window, tmp, window, found, fetched, path, remote.size)
+            for offset, block, number in window:
+                written.setdefault(block.digest, (offset, number))
+
+    def _read_local(
+        self,
+        wanted: dict[bytes, tuple[Block, int]],
+        written: dict[bytes, tuple[int, int]],
+        tmp: _TmpFile,
+    ) -> dict[bytes, bytes]:
+        """Blocks found here: already in ``tmp``, or in a file of the folder (re-hashed: a file
+        that changed since it was indexed no longer has it)."""
+        found: dict[bytes, bytes] = {}
+        opened: dict[str, int] = {}
+        try:
+            for block_digest, (block, _) in wanted.items():
+                if block_digest in written:
+                    found[block_digest] = tmp.read(block.size, written[block_digest][0])
+                    continue
+                for name, offset in self.index.find_block(block_digest):
+                    data = self._read_block(opened, name, offset, block.size)
+                    if data is not None and digest(data) == block_digest:
+                        found[block_digest] = data
+                        break
+        finally:
+            for fd in opened.values():
+                if fd >= 0:
+                    os.close(fd)
+        return found
+
+    def _read_block(
+        self, opened: dict[str, int], name: str, offset: int, size: int
+    ) -> bytes | None:
+        fd = opened.get(name)
+        try:
+            if fd is None:
+                opened[name] = fd = -1
+                place = self._locate(name, case_check="never")  # the bytes are re-hashed
+                if place.info is None or not stat.S_ISREG(place.info.st_mode):
+                    return None
+                opened[name] = fd = self._disk.open(place.path, os.O_RDONLY | _NOFOLLOW | _BINARY)
+            if fd < 0:
+                return None
+            data = self._disk.read_exact(fd, size, offset)
+        except (OSError, _Stop, UserError):
+            return None  # gone, changed, unreadable: the source has it
+        return data if len(data) == size else None
+
+    def _write_window(
+        self,
+        tmp: _TmpFile,
+        window: Sequence[tuple[int, Block, int]],
+        found: dict[bytes, bytes],
+        fetched: dict[bytes, bytes],
+        path: Path,
+        size: int,
+    ) -> None:
+        for _, block, number in window:
+            if block.digest in fetched and block.digest not in found:
+                data = fetched[block.digest]
+                if len(data) != block.size or digest(data) != block.digest:
+                    raise HashMismatch(path, number)
+                found[block.digest] = data  # verified once, written wherever it recurs
+        with _disk_errors(path, size):
+            for offset, block, _ in window:
+                tmp.write(found[block.digest], offset)
+
+    def _commit_file(self, tmp: _TmpFile, remote: FileRow, decision: Decision) -> Applied:
+        name = remote.name
+        # Checked again just before the replace: a change while we assembled wins.
+        place = self._locate(name)
+        ours = self._check_local(name, place)
+        old = place.info if ours is not None else None
+        base = stat.S_IMODE(old.st_mode) & 0o666 if old is not None else 0o644
+        mode = None if self._windows else base | (remote.permissions & 0o111)
+        with _disk_errors(place.path, remote.size):
+            tmp.finish(remote.mtime_ns, mode)
+            self._make_parents(place.path)
+            copy = ""
+            if old is not None and stat.S_ISDIR(old.st_mode):
+                try:  # their file where our (empty) folder is
+                    os.rmdir(place.path)
+                except OSError as exc:
+                    if exc.errno not in _NOT_EMPTY:
+                        raise
+                    raise _Stop("skipped", _not_empty(place.path)) from None
+            elif old is not None:
+                if decision.action is Action.CONFLICT:
+                    copy = self._conflict_copy(place, name, keep_original=True)
+                else:
+                    # Durable before the replace: a power cut must not keep the new file
+                    # and lose the link that holds the old one.
+                    self._disk.sync_directories([self._keep_version(place.path, name).parent])
+            os.replace(tmp.path, place.path)
+            tmp.placed()
+        self._disk.sync_directories([place.path.parent])
+        self.index.put([dataclasses.replace(remote, version=decision.version)])
+        return Applied(name, "conflict", conflict_name=copy) if copy else Applied(name, "done")
+
+    def _case_rename(self, remote: FileRow, decision: Decision, place: _Place) -> Applied:
+        """On a case-insensitive filesystem, ``remote.name`` differs only by case from a file
+        here. When that file is ours, unchanged, with the same content, this is a case-only
+        rename: done in two steps through a temp name (some filesystems ignore a rename that
+        changes only the case). Anything else would overwrite a different file: skipped."""
+        name = remote.name
+        other_name = _rel(self.root, place.path.with_name(place.case_of))
+        other = place.path.with_name(place.case_of)
+        info = place.info
+        ours = self.index.get(other_name)
+        if (
+            info is None
+            or ours is None
+            or ours.deleted
+            or ours.kind != "file"
+            or not stat.S_ISREG(info.st_mode)
+            or (info.st_size, info.st_mtime_ns) != (ours.size, ours.mtime_ns)
+            or not same_content(ours, remote)
+        ):
+            return Applied(name, "skipped", f"differs only by case from {place.case_of!r} here")
+        # Beside it, not in .meshsync/tmp: a crash between the steps must not lose it to
+        # clean_tmp (the default ignores skip "*.tmp").
+        step = other.with_name(f".{secrets.token_hex(6)}{TMP_SUFFIX}")
+        os.rename(other, step)
+        os.rename(step, place.path)
+        if not self._windows:
+            mode = stat.S_IMODE(info.st_mode) & 0o666 | (remote.permissions & 0o111)
+            os.chmod(place.path, mode)
+        os.utime(place.path, ns=(time.time_ns(), remote.mtime_ns))
+        self._disk.sync_directories([place.path.parent])
+        self.index.put([dataclasses.replace(remote, version=decision.version)])
+        return Applied(name, "done")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _case_variant(path: Path) -> str:
+    """The real name of the existing entry ``path`` when it differs from ``path.name`` other
+    than by Unicode normalisation (on a case-insensitive filesystem: by case); else ''."""
+    wanted = unicodedata.normalize("NFC", path.name)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return ""
+    if any(unicodedata.normalize("NFC", entry) == wanted for entry in names):
+        return ""
+    folded = wanted.casefold()
+    for entry in names:
+        if unicodedata.normalize("NFC", entry).casefold() == folded:
+            return entry
+    return ""
+
+
+def _fit(name: str, tag: str, limit: int = 255) -> str:
+    """``name`` shortened so that ``name + tag`` fits in one path component."""
+    room = limit - len(tag.encode())
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) <= room:
+        return name
+    return encoded[:room].decode("utf-8", "ignore")
+
+
+def _not_empty(path: Path) -> str:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        names = []
+    shown = ", ".join(names[:_SHOWN_ENTRIES]) + (", ..." if len(names) > _SHOWN_ENTRIES else "")
+    return f"the folder still holds files that are not synced ({shown}); it was kept"
+
+
+def _block_windows(blocks: Sequence[Block]) -> Iterator[list[tuple[int, Block, int]]]:
+    """``(offset, block, number)`` runs of about :data:`WINDOW_BYTES`."""
+    window: list[tuple[int, Block, int]] = []
+    offset = size = 0
+    for number, block in enumerate(blocks):
+        window.append((offset, block, number))
+        offset += block.size
+        size += block.size
+        if size >= WINDOW_BYTES:
+            yield window
+            window, size = [], 0
+    if window:
+        yield window
+
+
+async def _gather(calls: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run ``calls`` concurrently; the first failure cancels the others and is raised as is."""
+    if not calls:
+        return []
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call) for call in calls]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
