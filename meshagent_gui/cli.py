@@ -38,12 +38,17 @@ ROOM_ROLES: Final = ("member", "viewer", "owner")
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 1  # as Python's docs do; `| head` never looks at it
+GUI_INSTALL: Final = ".venv/bin/pip install -e '.[gui]'"  # as README's quick start says it
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors in our one-line style (exit 2)."""
 
     def error(self, message: str) -> NoReturn:
+        if message == "the following arguments are required: ACTION":
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    message = f"say what to do: {' | '.join(action.choices)}"
         self.exit(2, f"meshagent: {message} (see `{self.prog} --help`)\n")
 
 
@@ -63,38 +68,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = command("server", "run the reference Mesh Server (control plane)")
     _server_data_dir(server, default=None)
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8765)
-    server.add_argument("--tls-cert", type=Path)
-    server.add_argument("--tls-key", type=Path)
+    server.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: this computer only)"
+    )
+    server.add_argument("--port", type=int, default=8765, help="the TCP port (default 8765)")
+    server.add_argument(
+        "--tls-cert", type=Path, metavar="FILE", help="serve HTTPS with this certificate (PEM)"
+    )
+    server.add_argument(
+        "--tls-key", type=Path, metavar="FILE", help="the certificate's private key (PEM)"
+    )
     server.add_argument(
         "--insecure", action="store_true", help="allow plain HTTP on a non-loopback address"
     )
     server.add_argument("--heartbeat", type=float, default=10.0, help=argparse.SUPPRESS)
-    server_commands = server.add_subparsers(dest="server_command", parser_class=_Parser)
+    server_commands = server.add_subparsers(
+        dest="server_command", metavar="ACTION", parser_class=_Parser
+    )
     add_user = server_commands.add_parser("add-user", help="create a user", parents=[common])
     _server_data_dir(add_user)
-    add_user.add_argument("name")
-    add_user.add_argument("--admin", action="store_true")
-    add_user.add_argument("--password-stdin", action="store_true", required=True)
+    add_user.add_argument("name", help="the new user's name")
+    add_user.add_argument("--admin", action="store_true", help="the user may manage the server")
+    add_user.add_argument(
+        "--password-stdin",
+        action="store_true",
+        required=True,
+        help="read the password (8 characters or more) from standard input",
+    )
     join_code = server_commands.add_parser(
         "join-code", help="print a one-time enrolment code", parents=[common]
     )
     _server_data_dir(join_code)
-    join_code.add_argument("--user")
-    join_code.add_argument("--room")
-    join_code.add_argument("--ttl", type=int, default=600)
+    join_code.add_argument("--user", metavar="NAME", help="the device joins as this user's")
+    join_code.add_argument("--room", metavar="ROOM", help="and the user joins this room")
+    join_code.add_argument(
+        "--ttl", type=int, default=600, metavar="SECONDS", help="valid this long (default 600)"
+    )
     rotate = server_commands.add_parser(
         "rotate-key", help="start signing with a new key", parents=[common]
     )
     _server_data_dir(rotate)
 
     login = command("login", "enrol this device with a Mesh Server")
-    login.add_argument("url")
+    login.add_argument("url", help="the Mesh Server's address, e.g. http://server:8765")
     how = login.add_mutually_exclusive_group(required=True)
-    how.add_argument("--join-code")
-    how.add_argument("--user")
-    login.add_argument("--password-stdin", action="store_true")
+    how.add_argument("--join-code", metavar="CODE", help="a one-time code from the server's owner")
+    how.add_argument("--user", metavar="NAME", help="log in as this user (with --password-stdin)")
+    login.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
     login.add_argument("--name", help="this device's name")
 
     command("gui", "the desktop app (the same as `meshagent` alone)")
@@ -105,40 +127,68 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     config = command("config", "read and change settings")
+    # metavar: an error names ACTION, not the internal dest ("config_command").
     config_commands = config.add_subparsers(
-        dest="config_command", required=True, parser_class=_Parser
+        dest="config_command", metavar="ACTION", required=True, parser_class=_Parser
     )
-    config_get = config_commands.add_parser("get", parents=[common])
-    config_get.add_argument("key")
-    config_set = config_commands.add_parser("set", parents=[common])
-    config_set.add_argument("key")
-    config_set.add_argument("value")
-    config_unset = config_commands.add_parser("unset", parents=[common])
-    config_unset.add_argument("key")
-    config_commands.add_parser("list", parents=[common])
+    key_help = "the setting's name (meshagent config list shows them all)"
+    config_get = config_commands.add_parser("get", parents=[common], help="show a setting")
+    config_get.add_argument("key", help=key_help)
+    config_set = config_commands.add_parser("set", parents=[common], help="change a setting")
+    config_set.add_argument("key", help=key_help)
+    config_set.add_argument("value", help="its new value (checked before it is saved)")
+    config_unset = config_commands.add_parser("unset", parents=[common], help="back to the default")
+    config_unset.add_argument("key", help=key_help)
+    config_commands.add_parser("list", parents=[common], help="every setting and its value")
 
     command("devices", "devices this one may reach")
     rooms = command("rooms", "rooms: who may reach your devices, and with what role")
     _rooms_parser(rooms, common)
 
     send = command("send", "send files and folders to a device (resumes by itself)")
-    send.add_argument("paths", nargs="+", metavar="PATH")
-    send.add_argument("--to", required=True, dest="device", metavar="DEVICE")
+    send.add_argument("paths", nargs="+", metavar="PATH", help="files and folders to send")
+    send.add_argument(
+        "--to",
+        required=True,
+        dest="device",
+        metavar="DEVICE",
+        help="the device: name, id or id prefix (see meshagent devices)",
+    )
     send.add_argument("--rate", default="", help="at most this many bytes/s, e.g. 5M")
     send.add_argument("--wait", action="store_true", help="wait for the device to come online")
 
+    transfers = command("transfers", "running transfers, and offers waiting for your answer")
+    transfers.description = "Running transfers and offers waiting for your answer (no ACTION)."
+    transfers.add_argument(
+        "--all", action="store_true", help="the finished ones too (the last 1,000, either way)"
+    )
+    transfer_actions = transfers.add_subparsers(
+        dest="transfers_command", metavar="ACTION", parser_class=_Parser
+    )
+    for verb, text in (("accept", "accept an offer"), ("decline", "decline an offer")):
+        answer = transfer_actions.add_parser(verb, parents=[common], help=text, description=text)
+        answer.add_argument("id", metavar="ID", help="the offer's id, or its first characters")
+        if verb == "accept":
+            answer.add_argument(
+                "--to", metavar="DIR", help="save it in DIR (made if need be), not in Downloads"
+            )
+
     ping = command("ping", "connect to a device and measure the path and round trips")
     ping.add_argument("device", help="name, id or id prefix (see meshagent devices)")
-    ping.add_argument("--count", "-c", type=int, default=4)
+    ping.add_argument(
+        "--count", "-c", type=int, default=4, metavar="N", help="round trips to time (default 4)"
+    )
 
     notify = command("notify", "send a notification to Gotify")
-    notify.add_argument("title")
-    notify.add_argument("message")
-    notify.add_argument("--priority", type=int, default=5)
+    notify.add_argument("title", help="the notification's title")
+    notify.add_argument("message", help="its text")
+    notify.add_argument(
+        "--priority", type=int, default=5, metavar="N", help="Gotify's priority, 0-10 (default 5)"
+    )
 
     terminal = command("terminal", "share this computer's terminal, or watch a shared one")
     terminal_commands = terminal.add_subparsers(
-        dest="terminal_command", required=True, parser_class=_Parser
+        dest="terminal_command", metavar="ACTION", required=True, parser_class=_Parser
     )
     share = terminal_commands.add_parser(
         "share",
@@ -160,7 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ROOM",
         help="share with this room's members (repeatable; default: your own devices only)",
     )
-    share.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    share.add_argument(
+        "cmd",
+        nargs=argparse.REMAINDER,
+        metavar="-- COMMAND",
+        help="a program to share instead of your shell",
+    )
     view = terminal_commands.add_parser(
         "view",
         parents=[common],
@@ -170,41 +225,76 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--session", help="which session, when the device shares several")
     view.add_argument("--control", action="store_true", help="ask for control at once")
 
+    _sync_parser(command("sync", SYNC_HELP))
+
     autostart = command("autostart", "start Mesh Agent when you log in")
-    autostart.add_argument("state", choices=("on", "off", "status"))
+    autostart.add_argument(
+        "state", choices=("on", "off", "status"), help="turn it on or off, or say which it is"
+    )
 
     command("doctor", "check everything and say what is wrong")
     return parser
 
 
 def _rooms_parser(rooms: argparse.ArgumentParser, common: _Parser) -> None:
-    actions = rooms.add_subparsers(dest="rooms_command", required=True, parser_class=_Parser)
+    actions = rooms.add_subparsers(
+        dest="rooms_command", metavar="ACTION", required=True, parser_class=_Parser
+    )
+    room_help, user_help = "the room's name", "a user's name"
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         return actions.add_parser(name, help=help_text, description=help_text, parents=[common])
 
     action("list", "your rooms, your role in each and their members")
-    action("create", "a new room that you own").add_argument("room", metavar="NAME")
+    action("create", "a new room that you own").add_argument(
+        "room", metavar="NAME", help="the new room's name"
+    )
     invite = action("invite", "invite a user to a room you own (they must accept)")
-    invite.add_argument("room")
-    invite.add_argument("user")
-    invite.add_argument("--role", choices=ROOM_ROLES, default="member")
+    invite.add_argument("room", help=room_help)
+    invite.add_argument("user", help=user_help)
+    invite.add_argument(
+        "--role", choices=ROOM_ROLES, default="member", help="their role (default: member)"
+    )
     action("invitations", "invitations waiting for your answer")
-    action("accept", "accept an invitation: join the room").add_argument("room")
-    action("decline", "decline an invitation").add_argument("room")
-    action("leave", "leave a room").add_argument("room")
+    action("accept", "accept an invitation: join the room").add_argument("room", help=room_help)
+    action("decline", "decline an invitation").add_argument("room", help=room_help)
+    action("leave", "leave a room").add_argument("room", help=room_help)
     role = action("role", "change a member's role in a room you own")
-    role.add_argument("room")
-    role.add_argument("user")
-    role.add_argument("role", choices=ROOM_ROLES)
+    role.add_argument("room", help=room_help)
+    role.add_argument("user", help=user_help)
+    role.add_argument("role", choices=ROOM_ROLES, help="the new role")
     audit = action("audit", "what happened in a room you own: grants, control, members")
-    audit.add_argument("room")
-    audit.add_argument("--limit", type=int, default=50)
+    audit.add_argument("room", help=room_help)
+    audit.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="the last N entries (default 50)"
+    )
     join = action("join", "join a room with a code its owner gave you")
-    join.add_argument("code")
+    join.add_argument("code", help="the code")
     code = action("join-code", "a one-time code that lets a user join a room you own")
-    code.add_argument("room")
-    code.add_argument("--ttl", type=int, metavar="SECONDS")
+    code.add_argument("room", help=room_help)
+    code.add_argument(
+        "--ttl", type=int, metavar="SECONDS", help="valid this long (default: the server's)"
+    )
+
+
+SYNC_HELP: Final = "keep a folder the same on this device and others, live (in the running agent)"
+SYNC_ACTIONS: Final = ("list", "pause", "resume", "remove", "offers", "accept", "decline")
+
+
+def _sync_parser(sync: argparse.ArgumentParser) -> None:
+    # `sync DIR --with DEVICE` and `sync list|pause|...` share one positional: a subparser
+    # would take DIR for an unknown action. --with says which one it is.
+    sync.description = (
+        "meshagent sync DIR --with DEVICE [--remote-dir NAME]: sync a folder with a device;"
+        " meshagent sync list | pause FOLDER | resume FOLDER | remove FOLDER | offers |"
+        " accept ID [--to DIR] | decline ID"
+    )
+    sync.add_argument("words", nargs="+", metavar="DIR | ACTION [ARG]")
+    sync.add_argument("--with", dest="device", metavar="DEVICE", help="the device to sync with")
+    sync.add_argument(
+        "--remote-dir", default="", metavar="NAME", help="the folder's name on that device"
+    )
+    sync.add_argument("--to", dest="to", metavar="DIR", help="accept: where the folder goes")
 
 
 def _server_data_dir(parser: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
@@ -338,7 +428,6 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from meshagent_gui.core.agent import Agent
-    from meshagent_gui.core.events import InvitationReceived
     from meshagent_gui.core.mesh.enroll import load_enrollment
 
     ctx = _context(args.home)
@@ -355,12 +444,50 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"Mesh Agent up: {ctx.device_name} ({ctx.identity.short_id}) on {url}",
             )
             async for event in events:
-                if isinstance(event, InvitationReceived):
-                    _print_invitation(args, event)
+                _print_event(args, agent, event)
 
     with contextlib.suppress(asyncio.CancelledError):
         _run(agent.run(on_ready=ready))
     return 0
+
+
+def _print_event(args: argparse.Namespace, agent: Agent, event: object) -> None:
+    """What a headless agent tells its console: invitations, offers to answer, arrivals."""
+    from meshagent_gui.core.events import InvitationReceived, TransferCompleted, TransferOffered
+    from meshagent_gui.core.share.service import SHORT_ID
+    from meshagent_gui.units import human_size
+
+    if isinstance(event, InvitationReceived):
+        _print_invitation(args, event)
+    elif isinstance(event, TransferOffered) and not event.auto_accepted:
+        short = event.transfer_id[:SHORT_ID]
+        what = event.names[0] if len(event.names) == 1 else f"{len(event.names)} items"
+        emit(
+            args,
+            {
+                "event": "offer",
+                "transfer_id": event.transfer_id,
+                "from": event.peer_name,
+                "names": list(event.names),
+                "size": event.total,
+            },
+            f"{event.peer_name} offers {what} ({human_size(event.total)}):"
+            f" meshagent transfers accept {short} / decline {short}",
+        )
+    elif isinstance(event, TransferCompleted):
+        peer = agent.name_of(event.peer)
+        emit(
+            args,
+            {
+                "event": "received",
+                "transfer_id": event.transfer_id,
+                "name": event.name,
+                "from": peer,
+                "size": event.size,
+                "where": event.where,
+            },
+            f"received {event.name} ({human_size(event.size)}) from {peer} -> {event.where}",
+        )
 
 
 def _print_invitation(args: argparse.Namespace, event: InvitationReceived) -> None:
@@ -375,14 +502,17 @@ def _print_invitation(args: argparse.Namespace, event: InvitationReceived) -> No
 async def _up_local(args: argparse.Namespace, ctx: Context) -> int:
     from meshagent_gui.compose.onboarding import JoinCodeWithUrl, run_agent
 
-    def ready(_agent: Agent, join: JoinCodeWithUrl | None) -> None:
+    async def ready(agent: Agent, join: JoinCodeWithUrl | None) -> None:
         assert join is not None  # a local mesh always has one
-        emit(
-            args,
-            {"event": "up", "server": join.url, "join_code": join.code},
-            f"Local mesh on {join.url}; this device is enrolled as its owner.\n"
-            f"Add another device: meshagent login {join.url} --join-code {join.code}",
-        )
+        with agent.bus.subscribed() as events:  # before saying "up": nothing is missed
+            emit(
+                args,
+                {"event": "up", "server": join.url, "join_code": join.code},
+                f"Local mesh on {join.url}; this device is enrolled as its owner.\n"
+                f"Add another device: meshagent login {join.url} --join-code {join.code}",
+            )
+            async for event in events:
+                _print_event(args, agent, event)
 
     with contextlib.suppress(asyncio.CancelledError):
         await run_agent(ctx, local=True, on_ready=ready)
@@ -460,10 +590,15 @@ def cmd_devices(args: argparse.Namespace) -> int:
     from meshagent_gui.core.ipc_types import NoParams
 
     devices = _run(_ask(_context(args.home), "devices", NoParams(), list[DeviceView]))
-    for device in devices:
-        state = "online" if device.online else "offline"
-        emit(args, vars(device), f"{device.name:<24} {device.id[:16]}  {state:<8} {device.user}")
-    if not devices and not args.json:
+    if args.json:
+        for device in devices:
+            emit(args, vars(device), "")
+    elif devices:
+        rows = [
+            [d.name, _short_id(d.id), "online" if d.online else "offline", d.user] for d in devices
+        ]
+        print(_table(["NAME", "ID", "STATE", "USER"], rows))
+    else:
         print("no other devices share a room with this one yet")
     return 0
 
@@ -567,10 +702,20 @@ def _invitation_text(invitation: dict[str, Any]) -> str:
     )
 
 
+def _short_id(device_id: str) -> str:
+    """A device id as people see it everywhere (ABCD-EFGH-IJKL-MNOP: identity.short_id)."""
+    from meshagent_gui.identity import short_id
+
+    try:
+        return short_id(device_id)
+    except ValueError:  # not a device id (a server of another make): shown as it came
+        return device_id[:19]
+
+
 def _audit_text(entry: dict[str, Any]) -> str:
     actor = entry.get("actor_user") or "-"
     if entry.get("actor_device"):
-        actor += f"/{entry['actor_device'][:12]}"
+        actor += f"/{_short_id(entry['actor_device'])}"
     detail = " ".join(f"{k}={v}" for k, v in (entry.get("detail") or {}).items())
     subject = entry.get("subject") or ""
     return f"{_when(entry['at'])}  {entry['kind']:<18} {actor:<28} {subject} {detail}".rstrip()
@@ -706,8 +851,8 @@ def cmd_gui(args: argparse.Namespace) -> int:
         from meshagent_gui.ui.app import run_gui
     except ImportError as exc:
         raise UserError(
-            f"the desktop app needs PySide6 and qasync ({exc.name} is missing):"
-            " pip install 'meshagent-gui[gui]' (in a clone: .venv/bin/pip install -e '.[gui]')",
+            f"the desktop app needs PySide6 and qasync ({exc.name} is missing): install them"
+            f" as README's quick start does, from the clone: {GUI_INSTALL}",
             code="no_gui",
         ) from None
     paths = Paths.resolve(args.home)
@@ -776,7 +921,8 @@ def cmd_ping(args: argparse.Namespace) -> int:
     result = _run(_through_agent(ctx, "ping", params, PingReply))
     if not args.json:
         print(
-            f"ping {result.device} ({result.device_id[:12]}): connected in {result.setup_ms:.0f} ms"
+            f"ping {result.device} ({_short_id(result.device_id)}):"
+            f" connected in {result.setup_ms:.0f} ms"
         )
     failures = 0
     for attempt in result.tries:
@@ -791,7 +937,23 @@ def cmd_ping(args: argparse.Namespace) -> int:
                 f"  {attempt.seq}: {attempt.path:<6} {attempt.local} -> "
                 f"{attempt.remote}  rtt {attempt.rtt_ms or 0.0:.3f} ms",
             )
+    if not args.json:
+        print(ping_summary(result))
     return 1 if failures == len(result.tries) else 0
+
+
+def ping_summary(result: Any) -> str:
+    """ping(8)'s last lines for a PingReply: sent, received, loss, min/avg/max, the path."""
+    tries = result.tries
+    rtts = [t.rtt_ms for t in tries if t.error is None and t.rtt_ms is not None]
+    loss = 100 * (len(tries) - len(rtts)) // len(tries) if tries else 0
+    text = f"{len(tries)} sent, {len(rtts)} received, {loss}% loss"
+    if rtts:
+        low, mean, high = min(rtts), sum(rtts) / len(rtts), max(rtts)
+        text += f", rtt min/avg/max = {low:.3f}/{mean:.3f}/{high:.3f} ms"
+    paths = list(dict.fromkeys(t.path for t in tries))  # in order, once each
+    text += f", path {' then '.join(paths) or 'none'}"
+    return f"--- {result.device} ping statistics ---\n{text}"
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -845,11 +1007,14 @@ def cmd_send(args: argparse.Namespace) -> int:
         def progress(item: object) -> None:
             update = as_reply(item, SendProgress)
             description = f"to {args.device}"
-            if update.waiting_for:
-                description = f"waiting for {update.waiting_for} to come back"
-                if bar.disable and not said:  # no bar to show it on: one line on stderr
+            if update.waiting_for or update.answer_from:
+                if update.answer_from:  # another user's device: its user is being asked
+                    description = f"waiting for {update.answer_from} to accept…"
+                else:
+                    description = f"waiting for {update.waiting_for} to come back"
+                if bar.disable and description not in said:  # no bar: one line on stderr
                     print(f"meshagent: {description}", file=sys.stderr, flush=True)
-                    said.append(description)
+                    said[:] = [description]
             else:
                 said.clear()
             bar.update(task, description=description, completed=update.done, total=update.total)
@@ -867,14 +1032,248 @@ def cmd_send(args: argparse.Namespace) -> int:
         sending = _through_agent(ctx, "send", params, SendReply, progress, waiting)
         result = _run(sending)
     for item in result.items:
-        resumed = f", resumed at {item.resumed_from} B" if item.resumed_from else ""
+        emit(args, msgspec.to_builtins(item), _sent_text(item, result.device))
+    return 0
+
+
+def _sent_text(item: Any, device: str) -> str:
+    """One line per item sent (a SentItem): a resend of what is there already is no resume."""
+    from meshagent_gui.units import human_seconds, human_size
+
+    size = human_size(item.bytes)
+    if item.bytes and item.resumed_from >= item.bytes:
+        return f"{item.name} is on {device} already ({size}, identical): nothing sent"
+    text = f"sent {item.name} to {device}: {size} in {human_seconds(item.seconds)}"
+    text += f" over a {item.path} path"
+    if item.resumed_from:
+        text += f", resumed ({human_size(item.resumed_from)} was there already)"
+    return text
+
+
+def cmd_transfers(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from meshagent_gui.core import ipc
+    from meshagent_gui.core.ipc_types import (
+        AnswerParams,
+        AnswerReply,
+        TransferInfo,
+        TransfersParams,
+    )
+
+    ctx = _context(args.home)
+    if args.transfers_command is not None:
+        accept = args.transfers_command == "accept"
+        to = getattr(args, "to", None)
+        folder = str(Path(to).expanduser().absolute()) if to else ""
+        params = AnswerParams(transfer_id=args.id, accept=accept, to=folder)
+        try:
+            reply = _run(ipc.call(ctx.paths.ipc_path, "answer", params, reply=AnswerReply))
+        except ipc.AgentNotRunning:
+            raise UserError(
+                "no agent is running here, so no offer waits for an answer (`meshagent up`"
+                " runs one)",
+                code="agent_not_running",
+            ) from None
+        text = f"accepted: it goes to {reply.to}" if accept else "declined"
+        emit(args, msgspec.to_builtins(reply), text)
+        return 0
+    found = _run(_ask(ctx, "transfers", TransfersParams(all=args.all), list[TransferInfo]))
+    if args.json:
+        for item in found:
+            emit(args, msgspec.to_builtins(item), "")
+        return 0
+    if not found:
+        print("no transfers yet" if args.all else "no transfers running, no offers waiting")
+        return 0
+    print(_table(["ID", "STATE", "PEER", "SIZE", "WHEN", "WHAT"], _transfer_rows(found)))
+    if any(item.state == "offered" for item in found):
+        print("answer with: meshagent transfers accept ID [--to DIR] | decline ID")
+    return 0
+
+
+def _transfer_rows(items: Sequence[Any]) -> list[list[str]]:
+    """One row a transfer (a TransferInfo), running or finished, for `transfers`."""
+    from meshagent_gui.core.share.service import SHORT_ID
+    from meshagent_gui.units import human_size
+
+    rows = []
+    for item in items:
+        peer = item.peer_name or item.peer[:12]
+        state = "awaiting answer" if item.state == "asking" else item.state
+        if state == "running" and item.total:
+            state = f"{min(100, item.done * 100 // item.total)}%"
+        what = ", ".join(item.names) or item.name
+        if item.ended is not None and item.where and state == "completed":
+            what += f" -> {item.where}"
+        elif item.reason:
+            what += f": {item.reason}"
+        rows.append(
+            [
+                item.transfer_id[:SHORT_ID],
+                state,
+                f"{'to' if item.direction == 'send' else 'from'} {peer}",
+                human_size(item.total),
+                _when(item.ended if item.ended is not None else item.started),
+                what,
+            ]
+        )
+    return rows
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last one runs free."""
+    every = [list(header), *rows]
+    widths = [max(len(row[n]) for row in every) for n in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(w) for cell, w in zip(row, widths, strict=False)), row[-1]])
+        for row in every
+    )
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from meshagent_gui.core.ipc_types import (
+        FolderInfo,
+        NoParams,
+        SyncAddParams,
+        SyncAnswerParams,
+        SyncFolderParams,
+        SyncOfferInfo,
+    )
+
+    ctx = _context(args.home)
+    words: list[str] = args.words
+    if args.device is not None:
+        if len(words) != 1:
+            raise UserError("usage: meshagent sync DIR --with DEVICE", code="usage")
+        folder = Path(words[0]).expanduser().absolute()
+        if not folder.exists():
+            raise UserError(f"{folder}: no such folder", code="not_found")
+        if not folder.is_dir():
+            raise UserError(f"{folder} is a file: only folders can be synced", code="not_a_folder")
+        params = SyncAddParams(path=str(folder), device=args.device, remote_name=args.remote_dir)
+        info = _run(_sync_call(ctx, "sync.add", params, FolderInfo, timeout=180))
         emit(
             args,
-            msgspec.to_builtins(item),
-            f"sent {item.name} to {result.device}: {item.bytes} B in"
-            f" {item.seconds:.1f} s over a {item.path} path{resumed}",
+            msgspec.to_builtins(info),
+            f"syncing {info.label} ({info.path}) with {args.device}"
+            f" (folder {info.folder_id[:8]}; meshagent sync list shows how it goes)",
         )
+        return 0
+    action, rest = words[0], words[1:]
+    if action not in SYNC_ACTIONS:
+        if os.path.isdir(os.path.expanduser(action)):
+            raise UserError(
+                "say which device to sync it with: meshagent sync DIR --with DEVICE", code="usage"
+            )
+        raise UserError(
+            f"unknown sync action {action!r}: {', '.join(SYNC_ACTIONS)}, or DIR --with DEVICE",
+            code="usage",
+        )
+    wanted = {"pause": 1, "resume": 1, "remove": 1, "accept": 1, "decline": 1}.get(action, 0)
+    if len(rest) != wanted:
+        what = " FOLDER" if action in ("pause", "resume", "remove") else " ID" if wanted else ""
+        raise UserError(f"usage: meshagent sync {action}{what}", code="usage")
+    match action:
+        case "list":
+            folders = _run(_sync_call(ctx, "sync.list", NoParams(), list[FolderInfo]))
+            if args.json:
+                for info in folders:
+                    print(json.dumps(msgspec.to_builtins(info)))
+            else:
+                print(_sync_table(folders))
+        case "pause" | "resume":
+            info = _run(
+                _sync_call(ctx, f"sync.{action}", SyncFolderParams(folder=rest[0]), FolderInfo)
+            )
+            done = "paused" if action == "pause" else "resumed"
+            emit(args, msgspec.to_builtins(info), f"{done} {info.label} ({info.path})")
+        case "remove":
+            removed = _run(
+                _sync_call(ctx, "sync.remove", SyncFolderParams(folder=rest[0]), dict[str, str])
+            )
+            emit(
+                args,
+                removed,
+                f"stopped syncing {removed['label']}; its files stay in {removed['path']}",
+            )
+        case "offers":
+            offers = _run(_sync_call(ctx, "sync.offers", NoParams(), list[SyncOfferInfo]))
+            for offer in offers:
+                emit(
+                    args,
+                    msgspec.to_builtins(offer),
+                    f"{offer.offer_id}  {offer.label!r} from {offer.peer_name}:"
+                    f" meshagent sync accept|decline {offer.offer_id}",
+                )
+            if not offers and not args.json:
+                print("no folder sync offers are waiting")
+        case _:
+            accept = action == "accept"
+            to = str(Path(args.to).expanduser().absolute()) if accept and args.to else ""
+            answer = SyncAnswerParams(offer_id=rest[0], accept=accept, path=to)
+            _run(_sync_call(ctx, "sync.answer", answer, dict[str, bool]))
+            emit(
+                args,
+                {"offer_id": rest[0], "accepted": accept},
+                f"{'accepted' if accept else 'declined'} sync offer {rest[0]}",
+            )
     return 0
+
+
+async def _sync_call(
+    ctx: Context, method: str, params: object, reply: type[T], *, timeout: float = 30
+) -> T:
+    """Folder sync lives in the running agent: with none, one line saying so."""
+    from meshagent_gui.core import ipc
+
+    try:
+        return await ipc.call(ctx.paths.ipc_path, method, params, timeout=timeout, reply=reply)
+    except ipc.AgentNotRunning:
+        raise UserError(
+            "folder sync needs a running agent: start it with `meshagent up` (or the desktop"
+            " app), then try again",
+            code="no_agent",
+        ) from None
+
+
+def _sync_table(folders: Sequence[Any]) -> str:
+    """``sync list``: one line per folder, columns sized to fit."""
+    from meshagent_gui.core.notify.router import human_size
+
+    if not folders:
+        return "no synced folders (add one: meshagent sync DIR --with DEVICE)"
+    rows = [("FOLDER", "STATE", "PEERS", "FILES", "SIZE", "LAST CHANGE", "CONFLICTS", "PATH")]
+    for info in folders:
+        state = info.state + (f" ({info.error})" if info.error else "")
+        peers = ", ".join(
+            p.name
+            + ("" if p.connected else " (offline)")
+            + (f" ({p.needed_files} to pull)" if p.needed_files else "")
+            for p in info.peers
+        )
+        when = "-" if info.last_change is None else _when(info.last_change)
+        rows.append(
+            (
+                info.label,
+                state,
+                peers or "-",
+                str(info.files),
+                human_size(info.bytes),
+                when,
+                str(info.conflicts),
+                info.path,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join(
+        "  ".join(
+            [*(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True)), row[-1]]
+        )
+        for row in rows
+    )
 
 
 def cmd_notify(args: argparse.Namespace) -> int:
@@ -919,9 +1318,11 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "rooms": cmd_rooms,
     "ping": cmd_ping,
     "send": cmd_send,
+    "transfers": cmd_transfers,
     "notify": cmd_notify,
     "doctor": cmd_doctor,
     "terminal": cmd_terminal,
+    "sync": cmd_sync,
     "autostart": cmd_autostart,
     "gui": cmd_gui,
 }

@@ -208,6 +208,36 @@ KEYS: Final[dict[str, Key]] = {
             "",
             help="device ids whose offers are accepted without asking (comma-separated)",
         ),
+        Key(
+            "transfer.partial_days",
+            float,
+            7.0,
+            minimum=0,
+            help="days an unfinished receive (name.meshpart) is kept for a resume; older ones"
+            " are removed when the agent starts (0: kept for ever)",
+        ),
+        Key("sync.dir", str, "", help="where folders accepted for sync land (default: ~/Mesh)"),
+        Key(
+            "sync.versions_days",
+            float,
+            30.0,
+            minimum=0,
+            help="days a file replaced or deleted by a peer is kept in .meshsync/versions",
+        ),
+        Key(
+            "sync.rescan_interval",
+            float,
+            60.0,
+            minimum=1,
+            help="seconds between full rescans of each synced folder (the watcher's safety net)",
+        ),
+        Key(
+            "sync.auto_accept",
+            str,
+            "own",
+            help="folder sync offers accepted without asking: own | all | none",
+            choices=AUTO_ACCEPT,
+        ),
         Key("p2p.engine", str, "qh3", help="QUIC engine: qh3 | aioquic", choices=ENGINES),
         Key(
             "p2p.port",
@@ -237,6 +267,8 @@ KEYS: Final[dict[str, Key]] = {
         _priority("notify.transfer_completed", 4),
         _priority("notify.transfer_failed", 7),
         _priority("notify.control_requested", 8),
+        _priority("notify.sync_conflict", 6),
+        _priority("notify.sync_failed", 7),
         _priority("notify.peer_offline", -1),
         _priority("notify.peer_online", -1),
     )

@@ -28,11 +28,14 @@ from .bus import EventBus
 from .events import AnnouncementReceived, InvitationReceived, PeerCameOnline
 from .ipc import AgentLock, Handler, IpcServer, IpcStream, Route, StreamHandler, StreamRoute
 from .ipc_types import (
+    AnswerParams,
+    AnswerReply,
     CancelParams,
     CancelReply,
     ClientParams,
     ConfigChangedParams,
     ConfigChangedReply,
+    FolderInfo,
     NoParams,
     P2PStatus,
     PeerStatus,
@@ -45,9 +48,14 @@ from .ipc_types import (
     SentItem,
     SocketBuffers,
     StatusReply,
+    SyncAddParams,
+    SyncAnswerParams,
+    SyncFolderParams,
+    SyncOfferInfo,
     TerminalShareParams,
     TerminalViewParams,
     TransferInfo,
+    TransfersParams,
 )
 from .mesh.client import Enrollment, MeshClient, MeshError
 from .mesh.enroll import require_enrollment
@@ -67,9 +75,11 @@ from .protocol.captoken import (
     public_key_from_jwk_x,
 )
 from .protocol.messages import BASE_REGISTRY
+from .protocol.sync import SYNC_REGISTRY
 from .protocol.terminal import TERMINAL_REGISTRY
 from .protocol.transfer import TRANSFER_REGISTRY
 from .share.service import TransferService
+from .sync.service import SyncService
 from .terminal.bridge import share_console, view_console
 from .terminal.service import TerminalService
 
@@ -184,6 +194,40 @@ class Agent:
             peer_name=lambda device_id: self._names.get(device_id, device_id[:12]),
             device_name=lambda: str(config["device.name"]) or "this device",
         )
+        self.sync = self._build_sync(ctx, enrollment)
+
+    def _build_sync(self, ctx: Context, enrollment: Enrollment) -> SyncService:
+        config = ctx.config
+        return SyncService(
+            peers=self.peers,
+            client=self.client,
+            bus=self.bus,
+            data_dir=ctx.paths.data_dir,
+            device_id=enrollment.device_id,
+            own_user=enrollment.user,
+            peer_user=self._peer_user,
+            peer_name=self.name_of,
+            auto_accept=lambda: str(config["sync.auto_accept"]),
+            always_accept=lambda: always_accepted(config),
+            sync_root=self.sync_root,
+            versions_days=lambda: float(config["sync.versions_days"]),
+            rescan_interval=lambda: float(config["sync.rescan_interval"]),
+            device_name=lambda: ctx.device_name,
+        )
+
+    def sync_root(self) -> Path:
+        """Where folders accepted for sync land: ``sync.dir``, else <home>/sync, else ~/Mesh."""
+        configured = str(self.ctx.config["sync.dir"])
+        if configured:
+            return Path(configured).expanduser()
+        if self.ctx.paths.home is not None:
+            return self.ctx.paths.home / "sync"
+        return Path.home() / "Mesh"
+
+    async def sync_add(self, path: str, device: str, *, remote_name: str = "") -> FolderInfo:
+        """``meshagent sync DIR --with DEVICE``: offer the folder to the device, then sync it."""
+        target = await self.resolve_device(device)
+        return await self.sync.add(Path(path), target.id, remote_name=remote_name)
 
     @classmethod
     def from_context(cls, ctx: Context, *, front_end: FrontEnd | None = None) -> Agent:
@@ -271,7 +315,7 @@ class Agent:
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
-                names = ", ".join(f"{d.name} ({d.id[:12]})" for d in matches)
+                names = ", ".join(f"{d.name} ({short_id(d.id)})" for d in matches)
                 raise UserError(f"{text!r} matches several devices: {names}", code="ambiguous")
         raise UserError(
             f"no device {text!r} shares a room with this one (see meshagent devices)",
@@ -409,8 +453,19 @@ class Agent:
         def send(params: SendParams) -> AsyncIterator[SendProgress | SendReply]:
             return self.send(params.paths, params.device, rate=params.rate or "", wait=params.wait)
 
-        async def transfers(_: NoParams) -> list[TransferInfo]:
-            return [t.describe() for t in self.transfers.active.values()]
+        async def transfers(params: TransfersParams) -> list[TransferInfo]:
+            running = self.transfers.listing()
+            if not params.all:
+                return running
+            return [*await asyncio.to_thread(self.transfers.history.records), *running]
+
+        async def answer(params: AnswerParams) -> AnswerReply:
+            folder = Path(params.to) if params.to else None  # the command made it absolute
+            if folder is not None and not folder.is_absolute():
+                raise UserError(f"--to needs an absolute folder, not {params.to!r}", code="usage")
+            offer = await self.transfers.answer_offer(params.transfer_id, params.accept, folder)
+            where = str(folder or self.downloads_dir()) if params.accept else ""
+            return AnswerReply(transfer_id=offer.transfer_id, accepted=params.accept, to=where)
 
         async def cancel(params: CancelParams) -> CancelReply:
             await self.transfers.cancel(params.transfer_id)
@@ -426,15 +481,56 @@ class Agent:
             return await self.client.call(params.method, dict(params.args))
 
         return {
+            **self._sync_handlers(),
             "devices": Route(NoParams, devices),
             "status": Route(NoParams, status),
             "ping": Route(PingParams, ping),
             "send": Route(SendParams, send),
-            "transfers": Route(NoParams, transfers),
+            "transfers": Route(TransfersParams, transfers),
+            "answer": Route(AnswerParams, answer),
             "cancel": Route(CancelParams, cancel),
             "config_changed": Route(ConfigChangedParams, config_changed),
             "client": Route(ClientParams, client),
             **self._front_end_handlers(),
+        }
+
+    def _sync_handlers(self) -> dict[str, Handler]:
+        """``meshagent sync ...``: folder sync lives in the running agent only."""
+        sync = self.sync
+
+        async def add(params: SyncAddParams) -> FolderInfo:
+            return await self.sync_add(params.path, params.device, remote_name=params.remote_name)
+
+        async def folders(_: NoParams) -> list[FolderInfo]:
+            return sync.folders()
+
+        async def pause(params: SyncFolderParams) -> FolderInfo:
+            return await sync.pause(params.folder)
+
+        async def resume(params: SyncFolderParams) -> FolderInfo:
+            return await sync.resume(params.folder)
+
+        async def remove(params: SyncFolderParams) -> dict[str, str]:
+            folder = sync.find(params.folder)
+            await sync.remove(folder.folder_id)
+            return {"removed": folder.folder_id, "label": folder.label, "path": str(folder.root)}
+
+        async def offers(_: NoParams) -> list[SyncOfferInfo]:
+            return sync.offers()
+
+        async def answer(params: SyncAnswerParams) -> dict[str, bool]:
+            path = Path(params.path) if params.path else None
+            await sync.answer_offer(params.offer_id, params.accept, path=path)
+            return {"accepted": params.accept}
+
+        return {
+            "sync.add": Route(SyncAddParams, add),
+            "sync.list": Route(NoParams, folders),
+            "sync.pause": Route(SyncFolderParams, pause),
+            "sync.resume": Route(SyncFolderParams, resume),
+            "sync.remove": Route(SyncFolderParams, remove),
+            "sync.offers": Route(NoParams, offers),
+            "sync.answer": Route(SyncAnswerParams, answer),
         }
 
     def ipc_streams(self) -> dict[str, StreamHandler]:
@@ -473,7 +569,9 @@ class Agent:
                 tasks.create_task(self.peers.run(), name="p2p")
                 tasks.create_task(self._follow_events(), name="agent-events")
                 tasks.create_task(self.terminals.run(), name="terminal-announcements")
+                tasks.create_task(self.sync.run(), name="sync")
                 tasks.create_task(self._notify(router), name="agent-notify")
+                tasks.create_task(self._tidy_partials(), name="tidy-partials")
                 if on_ready is not None:
                     result = on_ready()
                     if result is not None:
@@ -487,6 +585,18 @@ class Agent:
             if gotify is not None:
                 await gotify.aclose()
             lock.release()
+
+    async def _tidy_partials(self) -> None:
+        """Partial files of receives abandoned for ``transfer.partial_days``: removed once, at
+        start (a receive resumed meanwhile keeps its own: it touched them)."""
+        days = float(self.ctx.config["transfer.partial_days"])
+        if days > 0:
+            try:
+                folder = await asyncio.to_thread(self.downloads_dir)
+            except OSError as exc:
+                log.warning("no downloads folder to tidy: %s", exc)
+                return
+            await self.transfers.remove_stale_partials(folder, days * 86400)
 
     def _front_end_handlers(self) -> dict[str, Handler]:
         """The IPC requests the front end answers (``show``), when it has them."""
@@ -548,9 +658,12 @@ class Agent:
 
 
 AGENT_REGISTRY = TRANSFER_REGISTRY.extended(
-    spec for spec in TERMINAL_REGISTRY.specs if spec.code not in BASE_REGISTRY.codes
+    spec
+    for registry in (TERMINAL_REGISTRY, SYNC_REGISTRY)
+    for spec in registry.specs
+    if spec.code not in BASE_REGISTRY.codes
 )
-"""Every message an agent speaks on its peer streams: transfers and terminals."""
+"""Every message an agent speaks on its peer streams: transfers, terminals, folder sync."""
 
 
 LIVE_SETTINGS: Final = frozenset(

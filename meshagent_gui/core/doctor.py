@@ -11,9 +11,10 @@ from typing import Literal
 from meshagent_gui.config import KEYS
 from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
+from meshagent_gui.units import human_size, plural
 
 from . import ipc
-from .ipc_types import P2PStatus, StatusReply
+from .ipc_types import FolderInfo, P2PStatus, StatusReply
 from .mesh.enroll import load_enrollment, mesh_client
 
 Status = Literal["ok", "warn", "fail", "skip"]
@@ -51,6 +52,10 @@ async def run_checks(ctx: Context) -> list[Check]:
         with contextlib.suppress(ipc.AgentNotRunning, UserError):
             status = await ipc.call(ctx.paths.ipc_path, "status", timeout=5, reply=StatusReply)
             checks.extend(p2p_checks(status.p2p))
+            folders = await ipc.call(
+                ctx.paths.ipc_path, "sync.list", timeout=5, reply=list[FolderInfo]
+            )
+            checks.extend(sync_checks(folders))
     checks.append(await _guard("gotify", _gotify, ctx))
     return checks
 
@@ -94,7 +99,7 @@ async def _agent(ctx: Context) -> Check:
     except ipc.AgentNotRunning:
         return Check("agent", "warn", "no agent running for this home (meshagent up)")
     link = status.link
-    detail = f"running; WebSocket {link}, {len(status.online_peers)} peers online"
+    detail = f"running; WebSocket {link}, {plural(len(status.online_peers), 'peer')} online"
     if link != "online" and status.last_error:
         detail += f" (last error: {status.last_error})"
     return Check("agent", "ok" if link == "online" else "warn", detail)
@@ -109,8 +114,8 @@ def p2p_checks(p2p: P2PStatus) -> list[Check]:
         Check(
             "socket buffers",
             "warn" if small else "ok",
-            f"receive {buffers.receive // 1024} KiB, send {buffers.send // 1024} KiB"
-            f" (asked {buffers.requested // 1024} KiB)"
+            f"receive {human_size(buffers.receive)}, send {human_size(buffers.send)}"
+            f" (asked {human_size(buffers.requested)})"
             + (" - raise net.core.rmem_max for full speed" if small else ""),
         ),
         Check("relay", "ok" if p2p.relay == "online" else "warn", p2p.relay),
@@ -122,10 +127,29 @@ def p2p_checks(p2p: P2PStatus) -> list[Check]:
             Check(
                 f"peer {peer.name}",
                 "ok",
-                f"{peer.path} {peer.remote}  rtt {rtt}  sent {peer.bytes_sent} B"
-                f"  received {peer.bytes_received} B",
+                f"{peer.path} {peer.remote}  rtt {rtt}  sent {human_size(peer.bytes_sent)}"
+                f"  received {human_size(peer.bytes_received)}",
             )
         )
+    return checks
+
+
+def sync_checks(folders: list[FolderInfo]) -> list[Check]:
+    """One row per synced folder: its state and how many of its peers are connected."""
+    checks = []
+    for folder in folders:
+        connected = sum(1 for peer in folder.peers if peer.connected)
+        status: Status = "ok"
+        if folder.state == "error":
+            status = "fail"
+        elif folder.state == "paused" or (folder.peers and not connected):
+            status = "warn"
+        detail = f"{folder.state}, {connected}/{len(folder.peers)} peers connected, {folder.path}"
+        if folder.error:
+            detail += f" ({folder.error})"
+        if folder.conflicts:
+            detail += f", {folder.conflicts} conflict copies"
+        checks.append(Check(f"sync {folder.label}", status, detail))
     return checks
 
 

@@ -76,6 +76,8 @@ class TransferCompleted(Event):
     peer: str
     size: int
     seconds: float
+    where: str = ""
+    """Where it landed: the one file, the one top folder, or the folder the items are in."""
 
 
 class TransferOutcome(StrEnum):
@@ -173,3 +175,82 @@ class TransferWaiting(Event):
     transfer_id: str
     peer: str
     peer_name: str
+
+
+# ------------------------------------------------------------------ folder sync (docs/sync.md)
+
+
+@dataclass(frozen=True)
+class SyncFolderOffered(Event):
+    """A peer asks to sync a folder with us; the UI answers with ``Agent.sync.answer_offer``
+    (unless auto-accepted, then this only tells)."""
+
+    offer_id: str
+    folder_id: str
+    peer: str
+    peer_name: str
+    label: str
+    auto_accepted: bool
+
+
+@dataclass(frozen=True)
+class SyncFolderAdded(Event):
+    folder_id: str
+    label: str
+    path: str
+
+
+@dataclass(frozen=True)
+class SyncFolderRemoved(Event):
+    """This device stopped syncing the folder (its files stay on disk)."""
+
+    folder_id: str
+    label: str
+
+
+@dataclass(frozen=True)
+class SyncStateChanged(Event):
+    """A folder's state (``core.protocol.sync.FolderState``: starting, scanning, idle, syncing,
+    paused, error); ``detail`` says why in words (the error, the files left)."""
+
+    folder_id: str
+    label: str
+    state: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SyncConflict(Event):
+    """Both sides changed ``name``; ours lost and was kept as ``conflict_name`` (both synced)."""
+
+    folder_id: str
+    label: str
+    name: str
+    conflict_name: str
+    peer_name: str
+
+
+@dataclass(frozen=True)
+class SyncFailed(Event):
+    """A folder stopped syncing because of an error (root gone, disk full); retried later."""
+
+    folder_id: str
+    label: str
+    message: str
+
+
+@dataclass(frozen=True)
+class SyncFileChanged(Event):
+    """A peer's change to ``name`` was applied here (lossy: for activity views)."""
+
+    lossy: ClassVar[bool] = True
+
+    folder_id: str
+    label: str
+    name: str
+    peer_name: str
+    deleted: bool
+
+    @property
+    def subject(self) -> object:
+        return (SyncFileChanged, self.folder_id)

@@ -23,7 +23,7 @@ class Params(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class NoParams(Params, frozen=True, kw_only=True):
-    """``devices``, ``status``, ``transfers``: nothing to say."""
+    """``devices``, ``status``: nothing to say."""
 
 
 class PingParams(Params, frozen=True, kw_only=True):
@@ -40,6 +40,22 @@ class SendParams(Params, frozen=True, kw_only=True):
 
 class CancelParams(Params, frozen=True, kw_only=True):
     transfer_id: str
+
+
+class TransfersParams(Params, frozen=True, kw_only=True):
+    """``transfers``: running ones and offers waiting for an answer; ``all``: the history too.
+    (An older command sends no field: the same list as before.)"""
+
+    all: bool = False
+
+
+class AnswerParams(Params, frozen=True, kw_only=True):
+    """``answer``: accept or decline an offer waiting for this device's answer; ``transfer_id``
+    may be a unique prefix, ``to`` a folder (absolute) to save it in instead of the downloads."""
+
+    transfer_id: str
+    accept: bool
+    to: str = ""
 
 
 class ConfigChangedParams(Params, frozen=True, kw_only=True):
@@ -70,10 +86,33 @@ class TerminalViewParams(Params, frozen=True, kw_only=True):
     size: tuple[Cells, Cells] | None = None
 
 
+class SyncAddParams(Params, frozen=True, kw_only=True):
+    """``sync DIR --with DEVICE [--remote-dir NAME]``: ``path`` absolute."""
+
+    path: str
+    device: str
+    remote_name: str = ""
+
+
+class SyncFolderParams(Params, frozen=True, kw_only=True):
+    """``sync pause|resume|remove FOLDER``: a folder id, an id prefix or a label."""
+
+    folder: str
+
+
+class SyncAnswerParams(Params, frozen=True, kw_only=True):
+    """``sync accept|decline ID [--to DIR]``: ``path`` where the folder goes (absolute)."""
+
+    offer_id: str
+    accept: bool
+    path: str = ""
+
+
 REQUESTS: Final[dict[str, type[Params]]] = {
     "devices": NoParams,
     "status": NoParams,
-    "transfers": NoParams,
+    "transfers": TransfersParams,
+    "answer": AnswerParams,
     "ping": PingParams,
     "send": SendParams,
     "cancel": CancelParams,
@@ -81,6 +120,13 @@ REQUESTS: Final[dict[str, type[Params]]] = {
     "client": ClientParams,
     "terminal.share": TerminalShareParams,
     "terminal.view": TerminalViewParams,
+    "sync.add": SyncAddParams,
+    "sync.list": NoParams,
+    "sync.pause": SyncFolderParams,
+    "sync.resume": SyncFolderParams,
+    "sync.remove": SyncFolderParams,
+    "sync.offers": NoParams,
+    "sync.answer": SyncAnswerParams,
 }
 """Each agent method's params type (``show`` of the desktop app takes :class:`NoParams`)."""
 
@@ -146,16 +192,80 @@ class SendProgress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     rate: float
     eta: float | None
     waiting_for: str | None = None
+    answer_from: str | None = None
+    """Set while the offer waits for the receiver (named here) to accept it."""
 
 
 class TransferInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """A transfer running now, as ``transfers`` lists it."""
+    """A transfer as ``transfers`` lists it: running, waiting for an answer, or (``--all``, and
+    each line of the history file) finished. The first five fields are the original reply."""
 
     transfer_id: str
     direction: str  # "send" or "receive"
     peer: str  # the peer's device id
     name: str
     total: int
+    state: str = "running"
+    """running; offered (waits for this device's answer); asking (waits for the peer's);
+    or how it ended: completed, failed, cancelled, declined, interrupted."""
+    peer_name: str = ""
+    names: list[str] = []  # the top-level files and folders
+    done: int = 0  # bytes verified so far
+    started: float = 0.0  # Unix time: offered, or the send began
+    ended: float | None = None
+    reason: str = ""  # why it ended unfinished
+    where: str = ""  # where it landed (a receive)
+
+
+class AnswerReply(msgspec.Struct, frozen=True, kw_only=True):
+    transfer_id: str
+    accepted: bool
+    to: str = ""  # the folder it lands in, when accepted
+
+
+class FolderPeerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One peer of a synced folder. ``needed_*``: what we still have to pull from it; the
+    counters (since this agent started) show what moved: a rename moves no block."""
+
+    device_id: str
+    name: str
+    connected: bool = False
+    needed_files: int = 0
+    needed_bytes: int = 0
+    fetched_blocks: int = 0
+    fetched_bytes: int = 0
+    served_blocks: int = 0
+    served_bytes: int = 0
+
+
+class FolderInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A synced folder as ``sync list`` shows it; ``state`` is a ``FolderState`` value."""
+
+    folder_id: str
+    label: str
+    path: str
+    state: str
+    paused: bool = False
+    error: str = ""
+    files: int = 0
+    bytes: int = 0
+    conflicts: int = 0
+    """Files named ``*.sync-conflict-*`` in the folder (both contents kept)."""
+    last_change: float | None = None
+    """Epoch seconds of the last change scanned or applied here (since this agent started)."""
+    peers: list[FolderPeerInfo] = []
+
+
+class SyncOfferInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A peer's offer to sync a folder, waiting for this device's answer (``sync offers``)."""
+
+    offer_id: str
+    folder_id: str
+    peer: str
+    peer_name: str
+    label: str
+    name: str
+    expires_at: float
 
 
 class SocketBuffers(msgspec.Struct, frozen=True, kw_only=True):

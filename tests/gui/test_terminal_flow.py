@@ -117,10 +117,14 @@ def test_host_window_shares_and_a_viewer_takes_control(
         )
         assert window.control_label.text() == "In control: you"
         window.stop_action.trigger()
-        qtbot.waitUntil(
-            lambda: any(f.get("event") == "ended" for f in frames if isinstance(f, dict)),
-            timeout=15_000,
-        )
+        try:
+            qtbot.waitUntil(
+                lambda: any(f.get("event") == "ended" for f in frames if isinstance(f, dict)),
+                timeout=30_000,
+            )
+        except Exception as exc:  # seen once in CI: say what the viewer got and what it logged
+            logs = "\n".join(p.read_text()[-3000:] for p in sorted(laptop.logs.glob("*.log")))
+            raise AssertionError(f"no ended frame; frames={frames[-8:]}\n{logs}") from exc
         qtbot.waitUntil(lambda: "Session ended" in window.status_label.text(), timeout=15_000)
     finally:
         reader.cancel()

@@ -14,11 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar
 
+from meshagent_gui import units
 from meshagent_gui.config import KEYS
 from meshagent_gui.core.events import (
     ControlRequested,
     PeerCameOnline,
     PeerWentOffline,
+    SyncConflict,
+    SyncFailed,
     TransferCompleted,
     TransferFailed,
     TransferOutcome,
@@ -77,14 +80,7 @@ def _clean(text: str) -> str:
     return kept if len(kept) <= _MAX_FIELD else kept[: _MAX_FIELD - 1] + "…"
 
 
-def human_size(size: int) -> str:
-    """Bytes in decimal units, as file managers show them: 999 B, 1.2 kB, 3.4 MB."""
-    value = float(size)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "TB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")  # pragma: no cover
+human_size = units.human_size  # one formatter (units.py); the app's windows import it here
 
 
 def _duration(seconds: float) -> str:
@@ -138,7 +134,21 @@ def _control_requested(event: ControlRequested, _: NameOf) -> tuple[str, str]:
     )
 
 
+def _sync_conflict(event: SyncConflict, _: NameOf) -> tuple[str, str]:
+    return (
+        f"Sync conflict in {_clean(event.label)}",
+        f"{_clean(event.name)} was changed here and on {_clean(event.peer_name)}: this"
+        f" device's version is kept as {_clean(event.conflict_name)}.",
+    )
+
+
+def _sync_failed(event: SyncFailed, _: NameOf) -> tuple[str, str]:
+    return f"Sync of {_clean(event.label)} stopped", _clean(event.message)
+
+
 RULES: Final[Mapping[type, NotificationRule[Any]]] = {
+    SyncConflict: NotificationRule("sync_conflict", _sync_conflict),
+    SyncFailed: NotificationRule("sync_failed", _sync_failed),
     TransferCompleted: NotificationRule("transfer_completed", _transfer_completed),
     TransferFailed: NotificationRule("transfer_failed", _transfer_failed),
     ControlRequested: NotificationRule("control_requested", _control_requested),

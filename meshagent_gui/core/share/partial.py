@@ -3,8 +3,10 @@
 Files beside the wanted destination ``<dir>/<name>``:
 
 ``<name>.meshpart``
-    The data, at its final size from the start (sparse), each chunk written at
-    ``chunk * chunk_size``.
+    The data, each chunk written at ``chunk * chunk_size``. Not sized up front: the file
+    grows as chunks land, so a partial left behind shows (in a file manager too) about what
+    arrived, not the whole size. Partials older than ``transfer.partial_max_age`` are removed
+    when an agent starts (:func:`remove_stale_partials`).
 ``<name>.meshpart.state``
     What is known to be there. A fixed 128-byte header, then the digest table:
 
@@ -284,6 +286,52 @@ def _close_quietly(*fds: int) -> None:
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+# ---------------------------------------------------------------------------- leftovers
+
+
+def remove_stale_partials(folder: Path, max_age: float, *, now: float | None = None) -> list[Path]:
+    """(Blocking) delete the partials under ``folder`` (data and state) that nothing touched
+    for ``max_age`` seconds: receives abandoned for good. A state file that is not ours (no
+    magic), or that a live writer holds (locked), is left alone; links are not followed.
+    Returns the data paths removed."""
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    for where, _, names in os.walk(folder):
+        for name in names:
+            if name.endswith(STATE_SUFFIX):
+                state = Path(where) / name
+                data = state.with_name(name.removesuffix(".state"))
+                with contextlib.suppress(OSError):
+                    if _remove_if_stale(state, data, now - max_age):
+                        removed.append(data)
+    return removed
+
+
+def _remove_if_stale(state: Path, data: Path, before: float) -> bool:
+    times = [os.lstat(state).st_mtime]
+    with contextlib.suppress(FileNotFoundError):
+        times.append(os.lstat(data).st_mtime)
+    if max(times) >= before:
+        return False
+    fd = os.open(state, os.O_RDWR | _NOFOLLOW | _BINARY)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or os.read(fd, len(MAGIC)) != MAGIC:
+            return False
+        if not _try_lock(fd):
+            return False  # a receive is writing it right now
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISREG(os.lstat(data).st_mode):
+                os.unlink(data)
+        if _OPEN_FILES_PINNED:
+            _close_quietly(fd)
+            fd = -1
+        os.unlink(state)  # while locked where we can, as finish() does: nobody adopts it
+        return True
+    finally:
+        _close_quietly(fd)
 
 
 # ---------------------------------------------------------------------------- the partial file
@@ -570,7 +618,7 @@ class PartialFile:
         if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
             _close_quietly(fd)  # not a file we made: start over with a new one
             return -1
-        if info.st_size != size:
+        if info.st_size > size:  # never grown to the size: it grows as chunks land
             os.ftruncate(fd, size)
         return fd
 
@@ -581,7 +629,6 @@ class PartialFile:
             disk.unlink(data_path)
         fd = disk.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY, 0o666)
         try:
-            os.ftruncate(fd, header.size)
             fresh = header.encode() + bytes(header.chunks * DIGEST_SIZE)
             disk.write_all(state_fd, fresh, 0)
             # Cut any old tail only now: truncating to zero would make ext4 flush the file

@@ -59,8 +59,21 @@ _WRITE, _FINISH, _BATCH = "write", "finish", "batch"
 _JOB_LIMITS: Final = {_WRITE: MAX_CHUNK_WRITES, _FINISH: MAX_FINISHING, _BATCH: MAX_BATCHES}
 _EMPTY_DIGEST: Final = blake3(b"").digest()
 
-Decide = Callable[[str, tp.OfferReceived, tuple[str, ...]], Awaitable[bool]]
-"""(peer, offer, top-level names) -> accept? The accept policy, or the user asked."""
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to an offer: the accept policy's, or the user's."""
+
+    accept: bool
+    reason: str = ""  # why not
+    folder: Path | None = None
+    """Where to save it instead of the downloads folder (the user chose; it exists)."""
+    timed_out: bool = False
+    """Nobody answered in time: the sender is told so (OFFER_TIMEOUT), not "declined"."""
+
+
+Decide = Callable[[str, tp.OfferReceived, tuple[str, ...]], Awaitable[Decision]]
+"""(peer, offer, top-level names) -> the decision: the accept policy, or the user asked."""
 
 
 @dataclass(frozen=True)
@@ -91,10 +104,10 @@ class IncomingTransfer:
         receiver: tp.TransferReceiver,
         peer_id: str,
         *,
-        offered: Callable[[str, int], None],
+        offered: Callable[[str, int, tuple[str, ...]], None],
     ) -> None:
         self.tools = tools
-        self.offered = offered  # told the offer's title and size once it is known
+        self.offered = offered  # told the offer's title, size and top names once it is known
         self.channel = channel
         self.receiver = receiver
         self.peer_id = peer_id
@@ -109,6 +122,7 @@ class IncomingTransfer:
         self.getter: asyncio.Future[object] | None = None
         self.already: dict[int, Path] = {}  # files received whole before: where they are
         self.title = ""
+        self.landed: dict[int, Path] = {}  # the files made whole: where each one is
         self.completed = False
         self.declined = ""  # why, when we declined the offer
         self.started = time.monotonic()
@@ -117,21 +131,20 @@ class IncomingTransfer:
     async def run(self, capability: Capability | None) -> None:
         offer = await self._offer()
         self.title = transfer_title(offer.entries)
-        self.offered(self.title, offer.total_bytes)
+        names = tuple(sorted({e.path.split("/", 1)[0] for e in offer.entries}))
+        self.offered(self.title, offer.total_bytes, names)
         folders = any(e.kind == "dir" or "/" in e.path for e in offer.entries)
         if folders and capability is not None and capability.scope != "share:folder":
             await self._decline("a folder needs a share:folder capability")
             return
-        self.root = self.tools.downloads()
-        try:
-            await self._disk(self._plan_destinations, offer)
-        except UnsafePath as exc:
-            await self._decline(f"unsafe name: {exc.message}")
-            log.warning("refused an offer from %s: %s", self.peer_id[:12], exc.message)
+        # Names are checked before anyone is asked: an offer we would refuse asks nobody.
+        if not await self._plan(offer, self.tools.downloads()):
             return
-        names = tuple(sorted({e.path.split("/", 1)[0] for e in offer.entries}))
-        if not await self.tools.decide(self.peer_id, offer, names):
-            await self._decline("declined by the user")
+        decision = await self.tools.decide(self.peer_id, offer, names)
+        if not decision.accept:
+            await self._decline(decision.reason, timed_out=decision.timed_out)
+            return
+        if decision.folder is not None and not await self._plan(offer, decision.folder):
             return
         self.tools.publish(TransferAccepted(offer.transfer_id, self.peer_id))
         have = await self._prepare(offer)
@@ -146,10 +159,40 @@ class IncomingTransfer:
                 if isinstance(event, tp.OfferReceived):
                     return event
 
-    async def _decline(self, reason: str) -> None:
+    async def _plan(self, offer: tp.OfferReceived, root: Path) -> bool:
+        """Where each file goes under ``root``; False (offer declined) for a name we refuse."""
+        self.root = root
+        try:
+            await self._disk(self._plan_destinations, offer)
+        except UnsafePath as exc:
+            await self._decline(f"unsafe name: {exc.message}")
+            log.warning("refused an offer from %s: %s", self.peer_id[:12], exc.message)
+            return False
+        return True
+
+    async def _decline(self, reason: str, *, timed_out: bool = False) -> None:
         self.declined = reason
-        await self.channel.send(self.receiver.decline(reason))
+        if timed_out:  # a Cancel with its own code: the sender words it as "did not answer"
+            message: object = self.receiver.cancel(reason, tp.TransferErrorCode.OFFER_TIMEOUT)
+        else:
+            message = self.receiver.decline(reason)
+        await self.channel.send(message)
         await quietly(self.channel.close())
+
+    @property
+    def where(self) -> str:
+        """Where the transfer landed: the one file, the one top folder, or the folder they are
+        in (a file found whole from an earlier transfer counts where it was found)."""
+        finals = list(self.landed.values())
+        if len(finals) == 1 and self.receiver.offer and len(self.receiver.offer.entries) == 1:
+            return str(finals[0])
+        tops: set[str] = set()
+        for final in finals:
+            try:
+                tops.add(final.relative_to(self.root).parts[0])
+            except (ValueError, IndexError):
+                return str(self.root)
+        return str(self.root / tops.pop()) if len(tops) == 1 else str(self.root)
 
     def _plan_destinations(self, offer: tp.OfferReceived) -> None:
         """(Blocking) where each file goes; UnsafePath for a name or a folder we refuse."""
@@ -264,6 +307,7 @@ class IncomingTransfer:
                 self.peer_id,
                 offer.total_bytes,
                 time.monotonic() - self.started,
+                self.where,
             )
         )
         with contextlib.suppress(ChannelClosed):
@@ -416,6 +460,7 @@ class IncomingTransfer:
         self, index: int, entry: tp.Entry, ok: bool, reason: str, final: Path
     ) -> None:
         if ok:
+            self.landed[index] = final
             index_file = self.tools.completed
             index_file.add(self.peer_id, entry.key, final, entry.size)
             # A receiver killed later must still know this file is whole (else it would come

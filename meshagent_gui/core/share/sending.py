@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from blake3 import blake3
 from meshagent_gui.core.p2p.session import Channel, ChannelClosed
 from meshagent_gui.core.protocol import transfer as tp
 from meshagent_gui.core.protocol.errors import ProtocolError
+from meshagent_gui.units import human_seconds
 
 from .errors import TransferError, ended_by_receiver, quietly
 from .ratelimit import TokenBucket, take_all
@@ -35,7 +37,8 @@ from .source import (
 )
 
 CHUNK_SIZE: Final = 1024 * 1024
-OFFER_TIMEOUT: Final = 120.0  # the receiver may be asking its user
+OFFER_TIMEOUT: Final = 120.0  # the receiver may be asking its user (it gives up after 90 s)
+ASKING_AFTER: Final = 1.0  # no answer for this long: the receiver's user is being asked
 READ_AHEAD: Final = 4
 SEND_BATCH_FILES: Final = 64  # small files read per trip to the disk and sent together
 SEND_BATCH_BYTES: Final = 2 * 1024 * 1024
@@ -92,7 +95,11 @@ class OutgoingTransfer:
         totals: Totals,
         executor: Executor,
         report: Callable[[int], None],
+        peer_name: str = "the receiver",
+        asking: Callable[[bool], None] | None = None,
     ) -> None:
+        self.peer_name = peer_name
+        self.asking = asking  # told when an answer is slow to come (True), then when it came
         self.channel = channel
         self.sender = sender
         self.entries = entries
@@ -195,14 +202,45 @@ class OutgoingTransfer:
 
     async def _wait_answer(self) -> tp.AnswerReceived:
         channel, sender = self.channel, self.sender
-        async with asyncio.timeout(OFFER_TIMEOUT):
-            while True:
-                message = await channel.receive()
-                for event in sender.receive(message):
-                    if isinstance(event, tp.AnswerReceived):
-                        return event
-                    if isinstance(event, tp.CancelledByPeer):
-                        raise ended_by_receiver(event.reason, event.code)
+        offered = time.monotonic()
+        asked: list[bool] = []
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def slow() -> None:
+            # Said again every ASKING_AFTER: over IPC an update goes out when the next comes.
+            nonlocal timer
+            asked.append(True)
+            if self.asking is not None:
+                self.asking(True)
+            timer = loop.call_later(ASKING_AFTER, slow)
+
+        # A timer, not a timeout on the receive: a cancelled receive could lose the answer.
+        timer = loop.call_later(ASKING_AFTER, slow)
+        try:
+            async with asyncio.timeout(OFFER_TIMEOUT):
+                while True:
+                    message = await channel.receive()
+                    for event in sender.receive(message):
+                        if isinstance(event, tp.AnswerReceived):
+                            return event
+                        if isinstance(event, tp.CancelledByPeer):
+                            if event.code is tp.TransferErrorCode.OFFER_TIMEOUT:
+                                raise self._no_answer(time.monotonic() - offered)
+                            raise ended_by_receiver(event.reason, event.code)
+        except TimeoutError:
+            await tell_cancel(channel, sender, "no answer", tp.TransferErrorCode.OFFER_TIMEOUT)
+            raise self._no_answer(OFFER_TIMEOUT) from None
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if asked and self.asking is not None:
+                self.asking(False)
+
+    def _no_answer(self, waited: float) -> TransferError:
+        return TransferError(
+            f"{self.peer_name} did not answer within {human_seconds(waited)}", code="no_answer"
+        )
 
     async def _stream(self) -> None:
         """Send every chunk the plan asks for, file by file, resends first.

@@ -8,8 +8,9 @@ verified rename) and whole.py (small files in batches). Around them:
 - receiving.py runs one incoming transfer (decide, plan, pump the chunks to disk), its disk
   work bounded by jobs.py, and remembers whole files in completed.py;
 - this module is the service both hang from: ``send`` (its retry loop across reconnects, the
-  rate limits, progress), the receive handler with its one terminal event, the accept policy,
-  the list of running transfers, cancel.
+  rate limits, progress), the receive handler with its one terminal event, the accept policy
+  and the offers waiting for an answer (``answer_offer``, from the app or ``meshagent
+  transfers accept``), the list of running transfers, cancel, and the history (history.py).
 
 Resume, either side:
 
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import msgspec
+
 from meshagent_gui.core.bus import EventBus
 from meshagent_gui.core.events import (
     TransferFailed,
@@ -52,13 +55,16 @@ from meshagent_gui.core.protocol.captoken import Capability
 from meshagent_gui.core.protocol.errors import ProtocolError
 from meshagent_gui.core.protocol.messages import StreamRole
 from meshagent_gui.errors import UserError
+from meshagent_gui.units import human_seconds, human_size
 
 from .completed import CompletedIndex
 from .disk import DISK, Disk
 from .errors import TransferError, describe
+from .history import TransferHistory
+from .partial import remove_stale_partials
 from .progress import RateMeter, transfer_title
 from .ratelimit import TokenBucket
-from .receiving import IncomingTransfer, ReceiverTools
+from .receiving import Decision, IncomingTransfer, ReceiverTools
 from .sending import CHUNK_SIZE, Interrupted, ItemResult, OutgoingTransfer, Totals, item_results
 from .source import SourceEntry, walk
 
@@ -67,6 +73,7 @@ __all__ = ["CHUNK_SIZE", "ActiveTransfer", "ItemResult", "TransferError", "Trans
 log = logging.getLogger(__name__)
 
 ASK_TIMEOUT: Final = 90.0  # how long an offer waits for an answer from the UI
+SHORT_ID: Final = 8  # hex digits of a transfer id shown to people (any unique prefix works)
 
 
 @dataclass
@@ -81,6 +88,12 @@ class ActiveTransfer:
     task: asyncio.Task[Any] | None = field(default=None, repr=False)
     cancel_requested: bool = field(default=False, repr=False)
     """Our user cancelled it (not: this agent is stopping, which only pauses a receive)."""
+    peer_name: str = ""
+    names: tuple[str, ...] = ()
+    started: float = field(default_factory=time.time)
+    state: str = "running"  # or "offered" / "asking": an offer waits for an answer
+    done: int = 0
+    where: str = ""  # a receive: the folder it lands in, once known
 
     def describe(self) -> TransferInfo:
         return TransferInfo(
@@ -89,7 +102,24 @@ class ActiveTransfer:
             peer=self.peer,
             name=self.name,
             total=self.total,
+            state=self.state,
+            peer_name=self.peer_name,
+            names=list(self.names),
+            done=self.done,
+            started=self.started,
+            where=self.where,
         )
+
+
+@dataclass
+class PendingOffer:
+    """An offer waiting for this device's answer (the app's dialog, or `transfers accept`)."""
+
+    transfer_id: str
+    peer_name: str
+    names: tuple[str, ...]
+    total: int
+    answer: asyncio.Future[Decision] = field(repr=False)
 
 
 PeerUser = Callable[[str], Awaitable[str | None]]
@@ -113,6 +143,7 @@ class TransferService:
         global_rate: Callable[[], float | None],
         reconnect_window: float = 600.0,
         retry_delay: float = 1.0,
+        ask_timeout: float = ASK_TIMEOUT,
         disk: Disk = DISK,
     ) -> None:
         self._peers = peers
@@ -128,6 +159,8 @@ class TransferService:
         self.reconnect_window = reconnect_window
         self.retry_delay = retry_delay  # between tries to reach a receiver that went away
         self._completed = CompletedIndex(data_dir / "completed.jsonl")
+        self.history = TransferHistory(data_dir / "transfers.jsonl")
+        self.ask_timeout = ask_timeout
         # Disk work (reads, writes, hashing, fsync, rename) runs here, never on the loop; more
         # threads than cores because most of it waits on the disk, not the CPU.
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="meshagent-disk")
@@ -139,7 +172,7 @@ class TransferService:
             completed=self._completed,
             disk=disk,
         )
-        self._pending_answers: dict[str, asyncio.Future[bool]] = {}
+        self.offers: dict[str, PendingOffer] = {}
         self.active: dict[str, ActiveTransfer] = {}
         self._titles: dict[str, str] = {}  # per transfer: progress events name it often
         peers.register(Service(StreamRole.TRANSFER, ("share:file", "share:folder"), self._receive))
@@ -165,16 +198,20 @@ class TransferService:
         ]
         scope = "share:folder" if manifest.has_folders else "share:file"
         transfer_id = uuid.uuid4().hex
-        self.active[transfer_id] = ActiveTransfer(
+        active = ActiveTransfer(
             transfer_id,
             "send",
             peer_id,
             transfer_title(entries),
             manifest.total_bytes,
             asyncio.current_task(),
+            peer_name=self._peer_name(peer_id),
+            names=tuple(sorted({e.path.split("/", 1)[0] for e in entries})),
         )
+        self.active[transfer_id] = active
+        state, reason = TransferOutcome.FAILED.value, "ended before it finished"
         try:
-            return await self._send(
+            results = await self._send(
                 paths,
                 entries,
                 offer_entries,
@@ -186,9 +223,25 @@ class TransferService:
                 on_progress,
                 manifest.total_bytes,
             )
+            state, reason = "completed", ""
+            return results
+        except asyncio.CancelledError:
+            state, reason = TransferOutcome.CANCELLED.value, "cancelled by the sender"
+            raise
+        except UserError as exc:
+            reason = exc.message
+            if exc.code in ("declined", "no_answer"):
+                state = TransferOutcome.DECLINED.value
+            elif exc.code == "cancelled":
+                state = TransferOutcome.CANCELLED.value
+            raise
+        except Exception as exc:
+            reason = describe(exc)
+            raise
         finally:
             self.active.pop(transfer_id, None)
             self._titles.pop(transfer_id, None)
+            self._remember(active, state, reason)
 
     async def _send(
         self,
@@ -220,6 +273,9 @@ class TransferService:
                 )
                 sender = tp.TransferSender(offer_entries, CHUNK_SIZE, transfer_id)
                 waiting = False
+                asking = functools.partial(
+                    self._asking, transfer_id, peer_id, progress, on_progress
+                )
                 attempt = OutgoingTransfer(
                     channel,
                     sender,
@@ -230,6 +286,8 @@ class TransferService:
                     report=functools.partial(
                         self._report, sender, progress, peer_id=peer_id, on_progress=on_progress
                     ),
+                    peer_name=self._peer_name(peer_id),
+                    asking=asking,
                 )
                 await attempt.run()
                 break
@@ -252,6 +310,53 @@ class TransferService:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def remove_stale_partials(self, folder: Path, max_age: float) -> None:
+        """Delete the partials of receives abandoned longer than ``max_age`` seconds ago (the
+        agent does it at start); never fatal: a folder we cannot read is only logged."""
+        try:
+            removed = await asyncio.to_thread(remove_stale_partials, folder, max_age)
+        except OSError as exc:
+            log.warning("could not look for old partial files in %s: %s", folder, describe(exc))
+            return
+        for path in removed:
+            log.info("removed %s: an unfinished receive, untouched for a long time", path)
+
+    def _asking(
+        self,
+        transfer_id: str,
+        peer_id: str,
+        progress: RateMeter,
+        on_progress: Callable[[SendProgress], None] | None,
+        asking: bool,
+    ) -> None:
+        """The offer is out and the receiver has not answered for a moment (its user is being
+        asked), or (``asking`` False) it just answered."""
+        active = self.active.get(transfer_id)
+        if active is not None:
+            active.state = "asking" if asking else "running"
+        if asking and on_progress is not None:
+            on_progress(
+                SendProgress(
+                    transfer_id=transfer_id,
+                    done=progress.done,
+                    total=progress.total,
+                    rate=0.0,
+                    eta=None,
+                    answer_from=self._peer_name(peer_id),
+                )
+            )
+
+    def _remember(self, active: ActiveTransfer, state: str, reason: str) -> None:
+        """Append a finished transfer to the history (off the loop: it is a file write)."""
+        record = msgspec.structs.replace(
+            active.describe(), state=state, reason=reason, ended=time.time()
+        )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.run_in_executor(None, self.history.add, record)
 
     def _waiting(
         self,
@@ -298,6 +403,8 @@ class TransferService:
         on_progress: Callable[[SendProgress], None] | None,
     ) -> None:
         rate, eta = progress.update(verified)
+        if (active := self.active.get(sender.transfer_id)) is not None:
+            active.done = verified
         event = TransferProgressed(
             sender.transfer_id,
             "send",
@@ -322,12 +429,42 @@ class TransferService:
 
     # ================================================================ receiving
 
-    async def answer_offer(self, transfer_id: str, accept: bool) -> None:
-        """The UI's answer to a TransferOffered event that was not auto-accepted."""
-        future = self._pending_answers.get(transfer_id)
-        if future is None or future.done():
-            raise UserError("no such offer is waiting for an answer", code="unknown_offer")
-        future.set_result(accept)
+    def listing(self) -> list[TransferInfo]:
+        """What `transfers` shows: running transfers and offers waiting for an answer."""
+        return [active.describe() for active in self.active.values()]
+
+    def find_offer(self, text: str) -> PendingOffer:
+        """A waiting offer by its id or a unique prefix of it (as the log line shows it)."""
+        wanted = text.strip().lower()
+        found = [
+            offer
+            for key, offer in self.offers.items()
+            if key == wanted or (len(wanted) >= 4 and key.startswith(wanted))
+        ]
+        if len(found) > 1:
+            raise UserError(f"{text!r} matches several offers: give more of the id", code="usage")
+        if not found or found[0].answer.done():
+            raise UserError(
+                f"no offer {text!r} is waiting for an answer (see meshagent transfers)",
+                code="unknown_offer",
+            )
+        return found[0]
+
+    async def answer_offer(
+        self, transfer_id: str, accept: bool, destination: Path | None = None
+    ) -> PendingOffer:
+        """The user's answer to a TransferOffered event that was not auto-accepted (the app's
+        dialog, `meshagent transfers accept|decline`); ``destination``: a folder to save it
+        in instead of the downloads folder, made if need be (an error here leaves the offer
+        waiting)."""
+        offer = self.find_offer(transfer_id)
+        if accept and destination is not None:
+            await asyncio.to_thread(_usable_folder, destination)
+        if offer.answer.done():  # answered (or timed out) while the folder was checked
+            raise UserError("that offer is no longer waiting for an answer", code="unknown_offer")
+        reason = "" if accept else "declined by the user"
+        offer.answer.set_result(Decision(accept, reason, folder=destination if accept else None))
+        return offer
 
     async def cancel(self, transfer_id: str) -> None:
         """Stop a transfer in either direction; the receiver keeps its partials for a resume.
@@ -349,10 +486,18 @@ class TransferService:
         peer_id = channel.peer_id
         receiver = tp.TransferReceiver(transfer_id=channel.resource)
         capability = channel.grant if isinstance(channel.grant, Capability) else None
-        active = ActiveTransfer(channel.resource, "receive", peer_id, "", 0, asyncio.current_task())
+        active = ActiveTransfer(
+            channel.resource,
+            "receive",
+            peer_id,
+            "",
+            0,
+            asyncio.current_task(),
+            peer_name=self._peer_name(peer_id),
+        )
 
-        def offered(title: str, total: int) -> None:
-            active.name, active.total = title, total
+        def offered(title: str, total: int, names: tuple[str, ...]) -> None:
+            active.name, active.total, active.names = title, total, names
 
         incoming = IncomingTransfer(self._receiving, channel, receiver, peer_id, offered=offered)
         self.active[channel.resource] = active
@@ -395,34 +540,94 @@ class TransferService:
             await incoming.failed(why, tp.TransferErrorCode.INTERNAL_ERROR)
         finally:
             self.active.pop(channel.resource, None)
-            if not incoming.completed:
+            active.done = receiver.bytes_verified if receiver.offer is not None else 0
+            active.where = incoming.where if incoming.root != Path() else ""
+            if incoming.completed:
+                self._arrived(active)
+                self._remember(active, "completed", "")
+            else:
                 self._bus.publish(
                     TransferFailed(channel.resource, incoming.title, peer_id, why, outcome)
                 )
+                if incoming.title:  # nothing was offered: nothing to remember
+                    self._remember(active, outcome.value, why)
 
-    async def decide(self, peer_id: str, offer: tp.OfferReceived, names: tuple[str, ...]) -> bool:
+    def _arrived(self, active: ActiveTransfer) -> None:
+        log.info(
+            "received %s (%s) from %s -> %s",
+            active.name,
+            human_size(active.total),
+            active.peer_name,
+            active.where,
+        )
+
+    async def decide(
+        self, peer_id: str, offer: tp.OfferReceived, names: tuple[str, ...]
+    ) -> Decision:
         policy = self._auto_accept()
         own = policy in ("own", "") and await self._peer_user(peer_id) == self._own_user
         auto = policy == "all" or own or peer_id in self._always_accept()
-        event = TransferOffered(
+        peer_name = self._peer_name(peer_id)
+        if auto:
+            self._bus.publish(self._offered(offer, peer_id, peer_name, names, auto=True))
+            return Decision(True)
+        if policy == "none":
+            self._bus.publish(self._offered(offer, peer_id, peer_name, names, auto=False))
+            return Decision(False, "declined by the user")
+        # Registered before the event goes out: a front end may answer at once.
+        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        pending = PendingOffer(offer.transfer_id, peer_name, names, offer.total_bytes, future)
+        self.offers[offer.transfer_id] = pending
+        if (active := self.active.get(offer.transfer_id)) is not None:
+            active.state = "offered"
+        short = offer.transfer_id[:SHORT_ID]
+        log.info(
+            "%s offers %s (%s): meshagent transfers accept %s / decline %s",
+            peer_name,
+            transfer_title(offer.entries),
+            human_size(offer.total_bytes),
+            short,
+            short,
+        )
+        self._bus.publish(self._offered(offer, peer_id, peer_name, names, auto=False))
+        try:
+            return await asyncio.wait_for(future, self.ask_timeout)
+        except TimeoutError:
+            # Not "declined": nobody said no. The sender hears it as a timeout (OFFER_TIMEOUT).
+            reason = f"no answer within {human_seconds(self.ask_timeout)}"
+            return Decision(False, reason, timed_out=True)
+        finally:
+            self.offers.pop(offer.transfer_id, None)
+            if (active := self.active.get(offer.transfer_id)) is not None:
+                active.state = "running"
+
+    def _offered(
+        self,
+        offer: tp.OfferReceived,
+        peer_id: str,
+        peer_name: str,
+        names: tuple[str, ...],
+        *,
+        auto: bool,
+    ) -> TransferOffered:
+        return TransferOffered(
             offer.transfer_id,
             peer_id,
-            self._peer_name(peer_id),
+            peer_name,
             names,
             sum(1 for e in offer.entries if e.kind == "file"),
             offer.total_bytes,
             auto,
         )
-        self._bus.publish(event)
-        if auto:
-            return True
-        if policy == "none":
-            return False
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._pending_answers[offer.transfer_id] = future
-        try:
-            return await asyncio.wait_for(future, ASK_TIMEOUT)
-        except TimeoutError:
-            return False
-        finally:
-            self._pending_answers.pop(offer.transfer_id, None)
+
+
+def _usable_folder(folder: Path) -> None:
+    """(Blocking) make ``folder`` if need be; one clear UserError if files cannot go there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{folder} is a file, not a folder", code="bad_folder") from None
+    except OSError as exc:
+        raise UserError(f"cannot use {folder}: {describe(exc)}", code="bad_folder") from None
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder", code="bad_folder")

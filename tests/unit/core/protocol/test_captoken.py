@@ -211,7 +211,9 @@ def test_a_wrong_type_is_refused(verifier: CapabilityVerifier, typ: Any) -> None
     assert refused.value.code == "bad_type"
 
 
-@pytest.mark.parametrize("secret", [RAW_PUBLIC, PEM_PUBLIC, b64(RAW_PUBLIC).encode()])
+@pytest.mark.parametrize(
+    "secret", [RAW_PUBLIC, PEM_PUBLIC, b64(RAW_PUBLIC).encode()], ids=["raw", "pem", "base64"]
+)
 def test_alg_confusion_with_the_public_key_as_hmac_secret_is_refused(
     verifier: CapabilityVerifier, secret: bytes
 ) -> None:
@@ -603,7 +605,9 @@ def test_a_jwk_x_gives_back_the_public_key() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "AAAA", b64(RAW_PUBLIC) + "==", b64(RAW_PUBLIC + b"x"), "!" * 43]
+    "bad",
+    ["", "AAAA", b64(RAW_PUBLIC) + "==", b64(RAW_PUBLIC + b"x"), "!" * 43],
+    ids=["empty", "short", "padded", "too-long", "not-base64"],  # the same on every worker
 )
 def test_a_bad_jwk_x_is_rejected(bad: str) -> None:
     with pytest.raises(ValueError, match="JWK"):
