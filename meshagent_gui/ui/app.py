@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import traceback
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
@@ -24,6 +25,7 @@ from meshagent_gui.context import Context
 from meshagent_gui.core import ipc
 from meshagent_gui.core.agent import Agent
 from meshagent_gui.core.ipc_types import NoParams
+from meshagent_gui.core.share.paths import unique_destination
 from meshagent_gui.errors import UserError
 
 from .bridge import AgentBridge
@@ -33,6 +35,7 @@ from .main_window import MainWindow
 from .resources import app_icon
 from .rooms import Rooms
 from .settings import SettingsDialog
+from .sync import SyncUi
 from .terminal_host_window import HostTerminalWindow
 from .terminal_window import TerminalWindow
 from .toasts import ToastSink
@@ -132,6 +135,9 @@ class GuiApp:
         self.window.open_terminal = self.open_terminal
         self.rooms = Rooms(self.bridge, parent_widget=self.window)
         self.window.rooms_requested.connect(self.rooms.open)
+        self.sync = SyncUi(self.bridge, default_path=self._sync_default, parent_widget=self.window)
+        self.window.sync_requested.connect(self.sync.open)
+        self.window.sync_folder_with = self.sync.sync_with
         self.tray = Tray(
             self.bridge,
             ctx.paths,
@@ -141,6 +147,8 @@ class GuiApp:
             share_terminal=share_terminal or self.share_terminal,
             parent_widget=self.window,
             open_rooms=self.rooms.open,
+            open_sync=self.sync.open,
+            sync_folder=self.sync.add_folder,
         )
         self.toasts = ToastSink(
             self.tray.icon if self.has_tray else None, without_tray=self.window.show_toast
@@ -289,6 +297,22 @@ class GuiApp:
         if self._settings is not None:
             self._settings.server.setText(str(self.ctx.config["server.url"]))
         self._switched.set()
+
+    def _sync_default(self, name: str) -> Path | None:
+        """Where a peer's folder lands unless the user picks another place: a new folder in
+        ``agent.sync_root()``, with the service's clash name if that one is taken."""
+        agent = self.bridge.agent
+        if agent is None:
+            return None
+        # Only shown (the service names the folder): still, a peer's name is no path.
+        name = name.replace("/", "_").replace("\\", "_").strip()
+        root = agent.sync_root()
+        if name in ("", ".", ".."):
+            return root
+        try:
+            return unique_destination(root / name)
+        except UserError:
+            return root / name
 
     def _settings_closed(self, _: int) -> None:
         if self._settings is not None:

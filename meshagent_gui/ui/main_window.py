@@ -152,6 +152,7 @@ class MainWindow(QMainWindow):
     share_terminal_requested = Signal()
     closed = Signal()  # closed for good (no tray to keep the app): the app quits
     rooms_requested = Signal()
+    sync_requested = Signal()  # "Synced folders"
 
     def __init__(self, bridge: AgentBridge, *, keep_running_on_close: bool = True) -> None:
         super().__init__()
@@ -160,6 +161,7 @@ class MainWindow(QMainWindow):
         self.offers: dict[str, OfferDialog] = {}
         self.drop_zone = DropZone()
         self.open_terminal: Callable[[DeviceEntry], None] | None = None
+        self.sync_folder_with: Callable[[DeviceEntry], None] | None = None
         self.choose_paths: Callable[[bool], list[str]] = self._choose_paths
         self.setWindowTitle("Mesh Agent")
         self.setWindowIcon(app_icon())
@@ -198,12 +200,15 @@ class MainWindow(QMainWindow):
         self.settings_button.clicked.connect(self.settings_requested.emit)
         self.rooms_button = QPushButton("Rooms")
         self.rooms_button.clicked.connect(self.rooms_requested.emit)
+        self.sync_button = QPushButton("Synced folders")
+        self.sync_button.clicked.connect(self.sync_requested.emit)
         header.addWidget(logo)
         header.addSpacing(6)
         header.addLayout(titles)
         header.addStretch(1)
         header.addWidget(self.pill)
         header.addSpacing(8)
+        header.addWidget(self.sync_button)
         header.addWidget(self.rooms_button)
         header.addWidget(self.settings_button)
         outer.addLayout(header)
@@ -448,6 +453,11 @@ class MainWindow(QMainWindow):
         if self.open_terminal is not None:
             opener = self.open_terminal
             terminal.triggered.connect(lambda: opener(device))
+        sync = menu.addAction("Sync a folder…")
+        sync.setEnabled(device.online and self.sync_folder_with is not None)
+        if self.sync_folder_with is not None:
+            syncer = self.sync_folder_with
+            sync.triggered.connect(lambda: syncer(device))
         menu.exec(self.device_list.viewport().mapToGlobal(position))
 
     # ------------------------------------------------------------ transfer buttons

@@ -46,6 +46,8 @@ class Tray(QObject):
         share_terminal: ShareTerminal | None = None,
         parent_widget: QWidget | None = None,
         open_rooms: Callable[[], None] | None = None,
+        open_sync: Callable[[], None] | None = None,
+        sync_folder: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
         self.bridge = bridge
@@ -61,6 +63,10 @@ class Tray(QObject):
         self.send_file_action.triggered.connect(lambda: self.send(folder=False))
         self.send_folder_action = self.menu.addAction("Send folder…")
         self.send_folder_action.triggered.connect(lambda: self.send(folder=True))
+        self.sync_folder_action = self.menu.addAction("Sync a folder…")
+        self.sync_folder_action.setEnabled(sync_folder is not None)
+        if sync_folder is not None:
+            self.sync_folder_action.triggered.connect(sync_folder)
         self.share_terminal_action = self.menu.addAction("Share terminal…")
         self.share_terminal_action.setEnabled(share_terminal is not None)
         self.share_terminal_action.triggered.connect(self._share_terminal)
@@ -71,6 +77,10 @@ class Tray(QObject):
         self.rooms_action.setEnabled(open_rooms is not None)
         if open_rooms is not None:
             self.rooms_action.triggered.connect(open_rooms)
+        self.synced_folders_action = self.menu.addAction("Synced folders")
+        self.synced_folders_action.setEnabled(open_sync is not None)
+        if open_sync is not None:
+            self.synced_folders_action.triggered.connect(open_sync)
         self.devices_menu = self.menu.addMenu("Devices")
         self.menu.addSeparator()
         self.autostart_action = self.menu.addAction("Start at login")

@@ -420,6 +420,9 @@ def test_without_a_tray_every_tray_action_is_in_the_window(
     extra = getattr(gui.tray, "rooms_action", None)
     if extra is not None:
         in_window[extra] = window.rooms_button  # type: ignore[attr-defined]
+    # Folder sync: "Synced folders" in the window, with its "Add folder…".
+    in_window[gui.tray.sync_folder_action] = window.sync_button
+    in_window[gui.tray.synced_folders_action] = window.sync_button
     menu = [a for a in gui.tray.menu.actions() if not a.isSeparator() and a.menu() is None]
     assert set(menu) == set(in_window)
     window.bring_to_front()
