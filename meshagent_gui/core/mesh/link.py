@@ -33,6 +33,7 @@ from meshagent_gui.core.events import (
     ServerDisconnected,
     SignalReceived,
 )
+from meshagent_gui.units import plural
 
 from .authed_socket import ENROL_AGAIN, refreshable, run_authed_socket
 from .backoff import Backoff
@@ -217,7 +218,7 @@ class MeshLink:
         self.state = "online"
         self._backoff.reset()
         self._told_enrol_again = False
-        log.info("connected to %s (%d peers online)", self._client.url, len(self.online))
+        log.info("connected to %s (%s online)", self._client.url, plural(len(self.online), "peer"))
         for message in list(self._standing.values()):
             # Inside the session: a drop here ends it like any other (ConnectionClosed).
             assert self._ws is not None

@@ -289,6 +289,11 @@ class Endpoint:
         return self._credentials.device_id
 
     @property
+    def credentials(self) -> auth.DeviceCredentials:
+        """The device identity (the WebRTC path presents the same certificate in DTLS)."""
+        return self._credentials
+
+    @property
     def connections(self) -> list[PeerConnection]:
         return list(self._connections)
 

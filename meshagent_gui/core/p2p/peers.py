@@ -65,6 +65,8 @@ from .relay import RelayLink
 from .session import Channel, ChannelClosed, HandshakeRefusedError, MeshSession
 from .signals import SIGNAL_KEY, Answer, Offer, decode_signal, encode_signal
 from .streams import PeerStream
+from .webrtc import DataChannelConnection
+from .webrtc_peers import WEBRTC_KEY, WebRTCPeers
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,17 @@ class PeerManager:
         self._stun_server: tuple[str, int] | None = None
         self.nat: str = "unknown"  # a rough guess from STUN: open / cone / symmetric / unknown
         self._tasks: asyncio.TaskGroup | None = None
+        # The second transport (browsers, and agents asked to): same tokens, same services.
+        self.webrtc = WebRTCPeers(
+            credentials=lambda: self.endpoint.credentials,
+            link=link,
+            stun=self._stun,
+            admit_offer=self._offer_admitted,
+            validator=self._validator,
+            adopt=lambda mesh, dialer: self._adopt(mesh, dialer=dialer),
+            local_addresses=local_addresses,
+            registry=registry,
+        )
 
     # ------------------------------------------------------------ public API
 
@@ -180,9 +193,33 @@ class PeerManager:
             pending.add_done_callback(lambda _: self._dialing.pop(peer_id, None))
         return await asyncio.wait_for(asyncio.shield(pending), timeout)
 
+    async def webrtc_session(self, peer_id: str, *, timeout: float = 20.0) -> MeshSession:
+        """The live session with ``peer_id``, dialing it over WebRTC if there is none (a
+        browser session has no other transport)."""
+        current = self._sessions.get(peer_id)
+        if current is not None and not current.closed.is_set():
+            return await self.session(peer_id, timeout=timeout)  # probed, then reused
+        if peer_id not in self._link.online:
+            raise PeerUnreachable(
+                "that device is offline (not connected to the Mesh Server)", code="peer_offline"
+            )
+        async with asyncio.timeout(timeout):
+            grant = await self._client.capability(peer_id, CONNECT_SCOPE)
+            try:
+                mesh = await self.webrtc.dial(peer_id, grant.token)
+            except HandshakeRefusedError as exc:
+                raise PeerUnreachable(
+                    f"the peer refused this device: {exc}", code="refused"
+                ) from exc
+        if not self._adopt(mesh, dialer=self.endpoint.device_id):
+            return self._sessions[peer_id]
+        return mesh
+
     def path_of(self, session: MeshSession) -> PathInfo:
         conn = session.connection
         remote = conn.remote_address
+        if isinstance(conn, DataChannelConnection):
+            return PathInfo("direct", "webrtc", f"webrtc {_fmt(remote)}")
         kind: PathKind = "relay" if relay_peer(remote) is not None else "direct"
         local = self.endpoint.local_address
         return PathInfo(
@@ -312,13 +349,18 @@ class PeerManager:
                 code="peer_unreachable",
             ) from exc
 
-    async def _candidates(self) -> list[Candidate]:
+    async def _stun(self) -> tuple[str, int] | None:
+        """The server's STUN responder (host, port), asked of ``/info`` once."""
         if self._stun_server is None:
             with contextlib.suppress(MeshError):
                 info = await self._client.info()
                 if info.stun_port:
                     host = _url_host(self._client.url)
                     self._stun_server = (host, info.stun_port)
+        return self._stun_server
+
+    async def _candidates(self) -> list[Candidate]:
+        await self._stun()
         candidates = await gather(
             self.endpoint, self._stun_server, include_loopback=self._include_loopback
         )
@@ -337,6 +379,9 @@ class PeerManager:
             async for event in events:
                 if isinstance(event, SignalReceived) and SIGNAL_KEY in event.payload:
                     self._spawn(self.on_signal(event.sender, event.payload), "p2p-signal")
+                elif isinstance(event, SignalReceived) and WEBRTC_KEY in event.payload:
+                    handle = self.webrtc.on_signal(event.sender, event.payload)
+                    self._spawn(handle, "p2p-webrtc-signal")
                 elif isinstance(event, PeerWentOffline) and event.device_id in self._sessions:
                     self._spawn(self._probe(event.device_id), "p2p-probe")
 
@@ -547,6 +592,8 @@ class PeerManager:
     async def aclose(self) -> None:
         for mesh in [*self._sessions.values(), *self._draining]:
             await mesh.aclose()
+            if isinstance(mesh.connection, DataChannelConnection):
+                await mesh.connection.aclose()  # its peer connection's teardown too
 
 
 def capability_validator(

@@ -1,4 +1,5 @@
-"""The application layer of one peer connection: the sans-IO protocol Session driven over QUIC.
+"""The application layer of one peer connection: the sans-IO protocol Session driven over QUIC
+or WebRTC DataChannels (any :class:`~.transport.Transport`; both carry :class:`PeerStream`s).
 
 Like aioquic's asyncio protocol around ``QuicConnection``, this module is a thin router: bytes
 read from each :class:`PeerStream` go into :class:`~meshagent_gui.core.protocol.handshake.Session`,
@@ -47,9 +48,9 @@ from meshagent_gui.core.protocol.handshake import (
 from meshagent_gui.core.protocol.messages import BASE_REGISTRY, StreamRole
 from meshagent_gui.core.protocol.registry import MessageRegistry
 
-from .connection import PeerConnection
 from .errors import CloseCode, P2PError, StreamResetError, Unauthorized
 from .streams import PeerStream
+from .transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ class Channel:
         self._drained.clear()
         self._wake_writer.set()
 
-    async def write_loop(self, connection: PeerConnection) -> None:
+    async def write_loop(self, connection: Transport) -> None:
         """Carry out this stream's commands in order; a blocked write blocks only this stream."""
         while True:
             if not self._outbox:
@@ -335,9 +336,7 @@ def _bulk_size(message: object) -> int:
 class MeshSession:
     """The protocol session of one authenticated peer connection."""
 
-    def __init__(
-        self, connection: PeerConnection, session: Session, registry: MessageRegistry
-    ) -> None:
+    def __init__(self, connection: Transport, session: Session, registry: MessageRegistry) -> None:
         self.connection = connection
         self.session = session
         self.registry = registry
@@ -363,7 +362,7 @@ class MeshSession:
     @classmethod
     async def dial(
         cls,
-        connection: PeerConnection,
+        connection: Transport,
         *,
         tokens: Sequence[str],
         validate: Validator,
@@ -386,7 +385,7 @@ class MeshSession:
     @classmethod
     async def accept(
         cls,
-        connection: PeerConnection,
+        connection: Transport,
         first: PeerStream,
         *,
         validate: Validator,
