@@ -265,33 +265,57 @@ def wanted_winner() -> bytes:
     return b"desk's edit, made later"
 
 
-def test_a_receiver_killed_mid_file_completes_after_a_restart(
-    mesh: dict[str, Any], tmp_path: Path
+BIG_MIB = 200
+"""Big enough that the receiver is still assembling it when the test looks (~1-2 s)."""
+
+
+def _write_big(source: Path) -> None:
+    with open(source.with_suffix(".tmp"), "wb") as handle:  # *.tmp: ignored while written
+        for _ in range(BIG_MIB):
+            handle.write(os.urandom(1 << 20))
+    source.with_suffix(".tmp").rename(source)
+
+
+def _partial_in(landed: Path) -> bool:
+    """A temp file with some of the content in the receiver's .meshsync/tmp."""
+    with contextlib.suppress(OSError):
+        return any(entry.stat().st_size > 0 for entry in (landed / ".meshsync" / "tmp").iterdir())
+    return False
+
+
+def _kill_mid_file(killed: AgentHome, landed: Path, name: str) -> None:
+    """SIGKILL ``killed`` while the receiver holds a partial of ``name`` and not the file."""
+    wait_until(
+        lambda: _partial_in(landed) and not (landed / name).exists(),
+        TIMEOUT,
+        "a partial on the receiver",
+        0.005,
+    )
+    killed.stop(signal.SIGKILL)
+    # The file was partial when the agent died: assembled in .meshsync/tmp, never in place.
+    # (A receiver that was killed cannot have placed it since; a sender cannot place it.)
+    if killed.name == "desk":
+        assert _partial_in(landed) and not (landed / name).exists()
+
+
+@pytest.mark.parametrize("killed", ["desk", "laptop"])  # the receiver, then the sender
+def test_an_agent_killed_mid_file_loses_nothing(
+    mesh: dict[str, Any], tmp_path: Path, killed: str
 ) -> None:
     laptop, desk = mesh["laptop"], mesh["desk"]
-    folder = tmp_path / "big"
+    folder = tmp_path / f"big-{killed}"
     folder.mkdir()
     _, landed = setup(laptop, desk, folder)
     source = folder / "video.bin"
-    with open(source.with_suffix(".tmp"), "wb") as handle:  # *.tmp: ignored while written
-        for _ in range(50):
-            handle.write(os.urandom(1 << 20))
-    source.with_suffix(".tmp").rename(source)
-    tmp_dir = landed / ".meshsync" / "tmp"
-
-    def partial() -> bool:
-        with contextlib.suppress(OSError):
-            return any(entry.stat().st_size > 0 for entry in tmp_dir.iterdir())
-        return False
-
-    wait_until(lambda: partial() or (landed / "video.bin").exists(), TIMEOUT, "a partial", 0.01)
-    desk.stop(signal.SIGKILL)
-    desk.up()
+    _write_big(source)
+    _kill_mid_file(mesh[killed], landed, "video.bin")
+    mesh[killed].up()
     wait_until(
         lambda: (landed / "video.bin").exists() and b3(landed / "video.bin") == b3(source),
         TIMEOUT * 2,
         "the whole file after the restart",
     )
+    wait_until(lambda: not _partial_in(landed), TIMEOUT, "the partial to be gone")
 
 
 # ---------------------------------------------------------------- who may open a SYNC stream

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import functools
@@ -50,7 +51,7 @@ from meshagent_gui.core.protocol.sync import (
     conflict_name,
     same_content,
 )
-from meshagent_gui.core.share.disk import DISK, NOT_SUPPORTED, Disk
+from meshagent_gui.core.share.disk import AT_FDCWD, DISK, NOT_SUPPORTED, Disk, libc
 from meshagent_gui.core.share.partial import HashMismatch, _disk_errors
 from meshagent_gui.core.share.paths import (
     UnsafePath,
@@ -59,6 +60,7 @@ from meshagent_gui.core.share.paths import (
     move_to_unique,
     safe_relative_path,
 )
+from meshagent_gui.core.share.whole import WholeFile, _Unsupported, make_durable, write_unnamed
 from meshagent_gui.core.sync.blocks import digest, segment_digest
 from meshagent_gui.errors import UserError
 
@@ -79,6 +81,9 @@ _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _BINARY: Final = getattr(os, "O_BINARY", 0)
 _NOT_EMPTY: Final = frozenset({errno.ENOTEMPTY, errno.EEXIST})
 _SHOWN_ENTRIES: Final = 3
+_AT_SYMLINK_FOLLOW: Final = 0x400
+_PROC_FD: Final = "/proc/self/fd"
+_ECHOES_KEPT: Final = 100_000
 
 Outcome = Literal["done", "conflict", "skipped", "deferred"]
 
@@ -113,6 +118,28 @@ class Applied:
     outcome: Outcome
     detail: str = ""
     conflict_name: str = ""
+
+
+def is_small(row: FileRow) -> bool:
+    """A file of at most one block: :meth:`Applier.apply_small` stores many at a time."""
+    return row.kind == "file" and not row.deleted and not row.segments and len(row.blocks) <= 1
+
+
+SmallOutcome = Applied | BaseException
+
+
+@dataclass(slots=True)
+class _Small:
+    """One file of a small-file batch as it goes through :meth:`Applier.apply_small`."""
+
+    remote: FileRow
+    decision: Decision
+    place: _Place | None = None
+    data: bytes | None = None
+    outcome: SmallOutcome | None = None
+    fd: int = -1  # an unnamed file (a new name, linked in) ...
+    tmp: _TmpFile | None = None  # ... or a temp file in .meshsync/tmp (it replaces a file)
+    old: os.stat_result | None = None
 
 
 class _Stop(Exception):
@@ -169,6 +196,18 @@ class _TmpFile:
             os.close(self._fd)
             self._fd = -1
 
+    def stamp(self, mtime_ns: int, mode: int | None) -> None:
+        """Metadata only, the descriptor left open: a batch makes many files durable with one
+        ``syncfs`` (:func:`~meshagent_gui.core.share.whole.make_durable`), then closes them."""
+        with self._lock:
+            if mode is not None:
+                os.chmod(self.path, mode)
+            os.utime(self.path, ns=(time.time_ns(), mtime_ns))
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
     def placed(self) -> None:
         self._placed = True
 
@@ -209,6 +248,10 @@ class Applier:
         self._versions_dir = root / META_DIR / "versions"
         self._windows = os.name == "nt"
         self._case_insensitive: bool | None = None
+        self._unnamed_ok = disk.unnamed_files() and os.path.isdir(_PROC_FD)
+        self.placed: dict[str, tuple[str, int, int, int]] = {}
+        """Files put in place by a batch: name -> (path, size, mtime_ns, mode) as written, so
+        the watcher's echo of our own writes need not be scanned (see :meth:`echo`)."""
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -588,19 +631,68 @@ class Applier:
         path: Path,
         source: BlockSource,
     ) -> None:
-        """Fill ``tmp`` window by window: local copies, then the source for the rest."""
+        """Fill ``tmp`` window by window: local copies, then the source for the rest. The next
+        window's blocks are on their way while this one is verified and written (two windows
+        in memory at most)."""
+        windows = list(_block_windows(blocks))
+        if not windows:
+            return  # an empty file
         written: dict[bytes, tuple[int, int]] = {}  # digest -> (offset in tmp, block number)
-        for window in _block_windows(blocks):
-            wanted = {block.digest: (block, offset) for offset, block, _ in window}
-            found = await self._run(self._read_local, wanted, written, tmp)
-            missing = [(b, offset) for d, (b, offset) in wanted.items() if d not in found]
-            data = await _gather(
-                [source.block(b.digest, remote.name, offset, b.size) for b, offset in missing]
-            )
-            fetched = {b.digest: piece for (b, _), piece in zip(missing, data, strict=True)}
-            await self._run(self._write_window, tmp, window, found, fetched, path, remote.size)
-            for offset, block, number in window:
-                written.setdefault(block.digest, (offset, number))
+        try:
+            async with asyncio.TaskGroup() as group:
+                found = await self._find_local(windows[0], {}, written, tmp)
+                fetching = group.create_task(self._fetch(windows[0], found, remote, source))
+                for position, window in enumerate(windows):
+                    fetched = await fetching
+                    if position + 1 < len(windows):
+                        # Looked up before this window is written: what it holds is in memory.
+                        memory = {**found, **fetched}
+                        following = windows[position + 1]
+                        next_found = await self._find_local(following, memory, written, tmp)
+                        fetching = group.create_task(
+                            self._fetch(following, next_found, remote, source)
+                        )
+                    await self._run(
+                        self._write_window, tmp, window, found, fetched, path, remote.size
+                    )
+                    for offset, block, number in window:
+                        written.setdefault(block.digest, (offset, number))
+                    if position + 1 < len(windows):
+                        found = next_found
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+
+    async def _find_local(
+        self,
+        window: Sequence[tuple[int, Block, int]],
+        memory: dict[bytes, bytes],
+        written: dict[bytes, tuple[int, int]],
+        tmp: _TmpFile,
+    ) -> dict[bytes, bytes]:
+        """The window's blocks at hand: in the previous window (``memory``, verified when it is
+        written), in ``tmp`` already, or in a file of the folder."""
+        wanted = {block.digest: (block, offset) for offset, block, _ in window}
+        found = {d: memory[d] for d in wanted if d in memory}
+        rest = {d: item for d, item in wanted.items() if d not in found}
+        if rest:
+            found.update(await self._run(self._read_local, rest, written, tmp))
+        return found
+
+    async def _fetch(
+        self,
+        window: Sequence[tuple[int, Block, int]],
+        found: dict[bytes, bytes],
+        remote: FileRow,
+        source: BlockSource,
+    ) -> dict[bytes, bytes]:
+        missing: dict[bytes, tuple[Block, int]] = {}
+        for offset, block, _ in window:
+            if block.digest not in found:
+                missing.setdefault(block.digest, (block, offset))
+        data = await _gather(
+            [source.block(b.digest, remote.name, offset, b.size) for b, offset in missing.values()]
+        )
+        return dict(zip(missing, data, strict=True))
 
     def _read_local(
         self,
@@ -730,6 +822,221 @@ class Applier:
         self.index.put([dataclasses.replace(remote, version=decision.version)])
         return Applied(name, "done")
 
+    # ---------------------------------------------------------------- small files, batched
+
+    async def apply_small(
+        self, items: Sequence[tuple[FileRow, Decision]], source: BlockSource
+    ) -> list[SmallOutcome]:
+        """Apply many files of at most one block (:func:`is_small`, action TAKE) in three trips
+        to the worker: plan and copy local blocks, fetch the rest (all at once), then write
+        them all, make them durable with one ``syncfs``, put them in place and index them in
+        one transaction.
+
+        The safety rules of :meth:`apply` hold for each file: a new name is written into an
+        unnamed file (``O_TMPFILE``) and linked in (never over anything), a replaced file goes
+        through a temp file, its version kept, and ``os.replace``; every local path is checked
+        against the index again just before it changes. Per file: its :class:`Applied`, or the
+        error that stopped it (:class:`BlockUnavailable`, ``DiskFull``, ``HashMismatch``,
+        ``OSError``...). An error of the stream itself (the peer gone) is raised.
+        """
+        entries = await self._run(self._prepare_small, items)
+        missing = [e for e in entries if e.outcome is None and e.data is None]
+        if missing:
+            replies = await asyncio.gather(
+                *(
+                    source.block(e.remote.blocks[0].digest, e.remote.name, 0, e.remote.size)
+                    for e in missing
+                ),
+                return_exceptions=True,
+            )
+            for entry, reply in zip(missing, replies, strict=True):
+                if isinstance(reply, BlockUnavailable):
+                    entry.outcome = reply
+                elif isinstance(reply, BaseException):
+                    raise reply  # the stream broke: the whole batch is tried again later
+                else:
+                    entry.data = reply
+        if any(e.outcome is None for e in entries):
+            # Shielded: once the worker writes, it finishes (and closes what it opened).
+            await asyncio.shield(self._run(self._store_small, entries))
+        return [
+            e.outcome if e.outcome is not None else Applied(e.remote.name, "done") for e in entries
+        ]
+
+    def _prepare_small(self, items: Sequence[tuple[FileRow, Decision]]) -> list[_Small]:
+        entries = [_Small(remote, decision) for remote, decision in items]
+        for entry in entries:
+            remote = entry.remote
+            try:
+                problem = self._name_problem(remote.name)
+                if problem:
+                    entry.outcome = Applied(remote.name, "skipped", problem)
+                    continue
+                place = entry.place = self._locate(remote.name)
+                if place.case_of:
+                    entry.outcome = self._case_rename(remote, entry.decision, place)
+                    continue
+                self._check_local(remote.name, place)
+                entry.data = self._local_copy(remote.blocks[0]) if remote.blocks else b""
+            except _Stop as stop:
+                entry.outcome = Applied(remote.name, stop.outcome, stop.detail)
+            except (OSError, UserError) as exc:
+                entry.outcome = exc
+        return entries
+
+    def _local_copy(self, block: Block) -> bytes | None:
+        """The block's bytes from a file of the folder that holds it (re-hashed), or None."""
+        opened: dict[str, int] = {}
+        try:
+            for name, offset in self.index.find_block(block.digest):
+                data = self._read_block(opened, name, offset, block.size)
+                if data is not None and digest(data) == block.digest:
+                    return data
+        finally:
+            for fd in opened.values():
+                if fd >= 0:
+                    os.close(fd)
+        return None
+
+    def _store_small(self, entries: list[_Small]) -> None:
+        """(Worker) Write, sync once, place, index: see :meth:`apply_small`."""
+        try:
+            for entry in entries:
+                if entry.outcome is None:
+                    self._write_small(entry)
+            writing = [e for e in entries if e.outcome is None]
+            if not writing:
+                return
+            fds = [e.fd if e.fd >= 0 else _tmp_fd(e) for e in writing]
+            with _disk_errors(self.root, None):
+                make_durable(fds, disk=self._disk)  # one journal commit for the whole batch
+            self._place_small(writing)
+        finally:
+            for entry in entries:
+                if entry.fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(entry.fd)
+                    entry.fd = -1
+                if entry.tmp is not None:
+                    entry.tmp.discard()  # a no-op for those in place
+
+    def _write_small(self, entry: _Small) -> None:
+        remote, place, data = entry.remote, entry.place, entry.data
+        assert place is not None and data is not None
+        if remote.blocks and (len(data) != remote.size or digest(data) != remote.blocks[0].digest):
+            entry.outcome = HashMismatch(place.path, 0)
+            return
+        try:
+            self._make_parents(place.path)
+            if place.info is None and self._unnamed_ok:
+                whole = WholeFile(place.path, data, remote.permissions, remote.mtime_ns)
+                try:
+                    entry.fd = write_unnamed(whole, disk=self._disk)
+                    return
+                except _Unsupported:  # this filesystem cannot: temp files from now on
+                    self._unnamed_ok = False
+            old = place.info
+            base = stat.S_IMODE(old.st_mode) & 0o666 if old is not None else 0o644
+            mode = None if self._windows else base | (remote.permissions & 0o111)
+            tmp = entry.tmp = self._open_tmp()
+            with _disk_errors(place.path, remote.size):
+                tmp.write(data, 0)
+                tmp.stamp(remote.mtime_ns, mode)
+        except _Stop as stop:
+            entry.outcome = Applied(remote.name, stop.outcome, stop.detail)
+        except (OSError, UserError) as exc:
+            entry.outcome = exc
+
+    def _place_small(self, writing: list[_Small]) -> None:
+        """Check each path again, keep the versions of what is replaced (made durable before
+        any replace), put the files in place, sync their folders, index them (one put)."""
+        kept: set[Path] = set()
+        for entry in writing:
+            name = entry.remote.name
+            try:
+                now = entry.place = self._locate(name)
+                ours = self._check_local(name, now)
+                entry.old = now.info if ours is not None else None
+                if entry.old is not None and entry.fd >= 0:
+                    raise _Stop("deferred", "created here since the last scan")
+                if entry.old is not None and not stat.S_ISDIR(entry.old.st_mode):
+                    kept.add(self._keep_version(now.path, name).parent)
+            except _Stop as stop:
+                entry.outcome = Applied(name, stop.outcome, stop.detail)
+            except (OSError, UserError) as exc:
+                entry.outcome = exc
+        self._disk.sync_directories(kept)
+        done: list[FileRow] = []
+        folders: set[Path] = set()
+        for entry in writing:
+            if entry.outcome is not None:
+                continue
+            name = entry.remote.name
+            place = entry.place
+            assert place is not None
+            try:
+                with _disk_errors(place.path, entry.remote.size):
+                    if entry.fd >= 0:
+                        if not self._link_exact(entry.fd, place.path):
+                            raise _Stop("deferred", "created here since the last scan")
+                    else:
+                        assert entry.tmp is not None
+                        if entry.old is not None and stat.S_ISDIR(entry.old.st_mode):
+                            try:  # their file where our (empty) folder is
+                                os.rmdir(place.path)
+                            except OSError as exc:
+                                if exc.errno not in _NOT_EMPTY:
+                                    raise
+                                raise _Stop("skipped", _not_empty(place.path)) from None
+                        os.replace(entry.tmp.path, place.path)
+                        entry.tmp.placed()
+            except _Stop as stop:
+                entry.outcome = Applied(name, stop.outcome, stop.detail)
+                continue
+            except (OSError, UserError) as exc:
+                entry.outcome = exc
+                continue
+            folders.add(place.path.parent)
+            done.append(dataclasses.replace(entry.remote, version=entry.decision.version))
+            with contextlib.suppress(OSError):
+                written = os.fstat(entry.fd if entry.fd >= 0 else _tmp_fd(entry))
+                self._remember(name, place.path, written)
+        self._disk.sync_directories(folders)
+        if done:
+            self.index.put(done)
+
+    def _remember(self, name: str, path: Path, info: os.stat_result) -> None:
+        if len(self.placed) >= _ECHOES_KEPT:
+            self.placed.clear()  # only an optimisation: those names are scanned after all
+        self.placed[name] = (str(path), info.st_size, info.st_mtime_ns, info.st_mode)
+
+    def echo(self, name: str) -> bool:
+        """(Worker) Whether ``name`` is still exactly as a batch wrote it (then a watcher event
+        for it is our own write, and scanning it would find nothing). Asked once per write."""
+        written = self.placed.pop(name, None)
+        if written is None:
+            return False
+        try:
+            info = os.lstat(written[0])
+        except OSError:
+            return False
+        return (info.st_size, info.st_mtime_ns, info.st_mode) == written[1:]
+
+    def _link_exact(self, fd: int, path: Path) -> bool:
+        """Give the unnamed file ``fd`` the name ``path``; False if the name is taken (never
+        replaces anything: ``linkat`` fails on an existing name)."""
+        lib = libc()
+        assert lib is not None
+        target = os.fsencode(path)
+        source = f"{_PROC_FD}/{fd}".encode()
+        if lib.linkat(AT_FDCWD, source, AT_FDCWD, target, _AT_SYMLINK_FOLLOW) == 0:
+            return True
+        code = ctypes.get_errno()
+        if code == errno.EEXIST:
+            return False
+        self._unnamed_ok = False  # e.g. no /proc: the next batches use temp files
+        raise OSError(code, os.strerror(code), str(path))
+
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -760,6 +1067,11 @@ def _case_variant(path: Path) -> str:
         if unicodedata.normalize("NFC", entry).casefold() == folded:
             return entry
     return ""
+
+
+def _tmp_fd(entry: _Small) -> int:
+    assert entry.tmp is not None
+    return entry.tmp.fd
 
 
 def _fit(name: str, tag: str, limit: int = 255) -> str:

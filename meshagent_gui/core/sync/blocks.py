@@ -17,7 +17,6 @@ import stat
 import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from blake3 import blake3
@@ -70,7 +69,10 @@ def cut(data: bytes | memoryview) -> list[Block]:
 
 
 def chunk_file(
-    path: Path, *, expect: os.stat_result | None = None, piece_size: int = PIECE_SIZE
+    path: str | os.PathLike[str],
+    *,
+    expect: os.stat_result | None = None,
+    piece_size: int = PIECE_SIZE,
 ) -> list[Block]:
     """The blocks of the file at ``path``, equal to ``cut()`` of its whole content.
 
@@ -100,6 +102,14 @@ def chunk_file(
         reference = before if expect is None else expect
         if _differs(before, reference):
             raise FileChangedError(f"{path} changed before it was read")
+        if reference.st_size < MIN_BLOCK:
+            # One block, whatever FastCDC would say: one read (a byte more than expected, so
+            # a file that grew is seen), no buffer, no cutting, no file object.
+            data = _read_small(fd, reference.st_size + 1)
+            total = len(data)
+            blocks = [Block(total, blake3(data).digest())] if data else []
+            after = os.fstat(fd)
+            return _checked(path, blocks, total, after, reference)
         if _SEQUENTIAL is not None and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, _SEQUENTIAL)
         with open(fd, "rb", buffering=0, closefd=False) as file:
@@ -113,6 +123,20 @@ def chunk_file(
         after = os.fstat(fd)
     finally:
         os.close(fd)
+    return _checked(path, blocks, total, after, reference)
+
+
+def _read_small(fd: int, limit: int) -> bytes:
+    return os.read(fd, limit)
+
+
+def _checked(
+    path: str | os.PathLike[str],
+    blocks: list[Block],
+    total: int,
+    after: os.stat_result,
+    reference: os.stat_result,
+) -> list[Block]:
     if total != reference.st_size or _differs(after, reference):
         raise FileChangedError(f"{path} changed while it was read")
     return blocks

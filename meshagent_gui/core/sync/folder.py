@@ -68,7 +68,7 @@ from meshagent_gui.core.protocol.sync import (
     validate_row,
 )
 from meshagent_gui.core.share.disk import DISK
-from meshagent_gui.core.share.paths import UnsafePath, resolve_inside
+from meshagent_gui.core.share.paths import UnsafePath, resolve_inside, resolve_many
 from meshagent_gui.errors import UserError
 
 from .apply import Applied, Applier, BlockUnavailable, SmallOutcome, is_small
@@ -98,7 +98,7 @@ SERVE_READS: Final = 16
 SERVE_BATCH: Final = 256
 SERVE_BATCH_BYTES: Final = 4 * 1024 * 1024
 """Block requests read in one trip to a reader thread, at most (count, bytes)."""
-_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
+_READ_FLAGS: Final = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
 BACKOFF_MIN: Final = 1.0
 SMALL_BATCH_FILES: Final = 256
 SMALL_BATCH_BYTES: Final = 8 * 1024 * 1024
@@ -186,6 +186,8 @@ class SyncFolder:
         self._scan_lock = asyncio.Lock()
         self._applying: set[str] = set()  # names being applied (by any peer's link)
         self._serving: set[Channel] = set()  # peers' pull streams we answer (cut on pause)
+        self._links: set[PullLink] = set()  # our pull streams
+        self._ignores_changed = False  # set by the worker's scan, read on the loop
         self._working: set[str] = set()  # peers whose rows are being applied
         self._resumed = asyncio.Event()
         if not config.paused:
@@ -322,6 +324,8 @@ class SyncFolder:
         self._resumed.clear()
         if self._activity is not None:
             self._activity.cancel()
+        if self.opened.is_set():
+            self._input(FolderInput.PAUSED)  # shown at once (the run loop's is then a no-op)
         for channel in list(self._serving):
             channel.abort(ErrorCode.GOING_AWAY, "paused")
 
@@ -384,6 +388,11 @@ class SyncFolder:
                 self._fail(f"cannot scan {self.root}: {exc.strerror or exc}")
                 return None
             self._recovered()
+            if self._ignores_changed:
+                # Peers' rows skipped as ignored (or taken before) are decided again.
+                self._ignores_changed = False
+                for link in self._links:
+                    link.replan()
             for skipped in result.skipped:
                 log.info("sync %s: skipped %s (%s)", self.label, skipped.name, skipped.reason)
             if only is None:
@@ -400,6 +409,12 @@ class SyncFolder:
         assert ignores is not None
         if ignores.reload():
             only = None  # newly unignored files are found by a full scan
+            self._ignores_changed = True
+        elif only is not None and self.applier is not None and self.applier.placed:
+            # The watcher reports what we just pulled too: those need no scan.
+            only = [name for name in only if not self.applier.echo(name)]
+            if not only:
+                return ScanResult()
         result = scan(self.root, index, ignores, only=only, folder_id=self.folder_id)
         if result.rows:
             index.put(result.rows)
@@ -464,9 +479,11 @@ class SyncFolder:
         )
         link = PullLink(self, peer, channel)
         peer.pulling = True
+        self._links.add(link)
         try:
             await link.run()
         finally:
+            self._links.discard(link)
             link.fail_waiting()
             channel.abort(ErrorCode.NO_ERROR, "done")
 
@@ -790,6 +807,12 @@ class PullLink:
                 tasks.create_task(self._read())
                 tasks.create_task(self._work())
 
+    def replan(self) -> None:
+        """Decide all of the peer's rows again (our ignores changed)."""
+        if self._backlog_done:
+            self._full = True
+            self._wake.set()
+
     def fail_waiting(self) -> None:
         gone = ChannelClosed(ErrorCode.GOING_AWAY, "the sync stream ended", by_peer=False)
         for future in self._waiting.values():
@@ -1037,6 +1060,13 @@ def _read_blocks(root: Path, requests: Sequence[BlockRequest]) -> list[bytes | N
     there any more (the file changed) or whose name is not a file inside the folder. Each file
     is opened once per call."""
     handles: dict[str, int] = {}  # name -> fd (-1: not readable)
+    names = list(dict.fromkeys(unicodedata.normalize("NFC", r.name) for r in requests))
+    with contextlib.suppress(UnsafePath, UserError, OSError):
+        # All at once where it can (the root resolved once); one by one where it cannot.
+        for name, path in zip(names, resolve_many(root, names), strict=True):
+            if not (name == ".meshsync" or name.startswith(".meshsync/")):
+                with contextlib.suppress(OSError):
+                    handles[name] = os.open(path, _READ_FLAGS)
     try:
         return [_read_block(root, request, handles) for request in requests]
     finally:
@@ -1068,7 +1098,7 @@ def _open_served(root: Path, name: str) -> int:
     for candidate in dict.fromkeys((name, unicodedata.normalize("NFD", name))):
         try:
             path = resolve_inside(root, candidate)
-            return os.open(path, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_BINARY", 0))
+            return os.open(path, _READ_FLAGS)
         except (UnsafePath, UserError, OSError):
             continue
     return -1

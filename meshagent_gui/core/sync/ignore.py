@@ -43,6 +43,22 @@ DEFAULT_IGNORES: Final[tuple[str, ...]] = (
 )
 
 
+# DEFAULT_IGNORES as one test of the last component (each of those patterns names a basename at
+# any depth): pathspec's per-pattern regexes cost more than the rest of a scan's per-file work.
+# tests/unit/core/sync/test_ignore.py checks that both agree.
+_DEFAULT_NAMES: Final = re.compile(
+    r"\.meshignore~|\.meshignore\.tmp.*|.*\.meshpart|.*\.meshpart\.state|~\$.*|\.~lock\..*#"
+    r"|.*\.swp|.*\.swx|\.#.*|.*\.tmp|\.DS_Store|Thumbs\.db|desktop\.ini",
+    re.DOTALL,
+)
+
+
+def _default_ignored(basename: str, is_dir: bool) -> bool:
+    if basename == "4913":
+        return not is_dir
+    return _DEFAULT_NAMES.fullmatch(basename) is not None
+
+
 class Ignores:
     """What the folder at ``root`` does not sync: :data:`DEFAULT_IGNORES` and ``.meshignore``.
 
@@ -54,6 +70,7 @@ class Ignores:
         self._path = root / IGNORE_FILE
         self._defaults = GitIgnoreSpec.from_lines(DEFAULT_IGNORES)
         self._user = GitIgnoreSpec.from_lines([])
+        self._user_empty = True
         self._raw: bytes | None = None
         self.problems: list[str] = []
         self.reload()
@@ -78,7 +95,9 @@ class Ignores:
         if raw == self._raw:
             return False
         self._raw = raw
-        self._user = GitIgnoreSpec.from_lines(self._valid_lines(raw, problems))
+        lines = self._valid_lines(raw, problems)
+        self._user = GitIgnoreSpec.from_lines(lines)
+        self._user_empty = not any(line.strip() and not line.startswith("#") for line in lines)
         return True
 
     @staticmethod
@@ -107,10 +126,12 @@ class Ignores:
         For a walker that never descends into an ignored folder (the scanner); anyone else
         calls :meth:`ignored`.
         """
-        if STATE_DIR in name.split("/"):
+        parts = name.split("/")
+        if STATE_DIR in parts or _default_ignored(parts[-1], is_dir):
             return True
-        path = name + "/" if is_dir else name
-        return self._defaults.match_file(path) or self._user.match_file(path)
+        if self._user_empty:
+            return False
+        return bool(self._user.match_file(name + "/" if is_dir else name))
 
     def ignored(self, name: str, *, is_dir: bool = False) -> bool:
         """Whether ``name`` (relative, '/'-separated, NFC) is not synced.

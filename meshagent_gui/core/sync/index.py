@@ -116,6 +116,8 @@ _SET_META: Final = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
 _GET_META: Final = "SELECT value FROM meta WHERE key = ?"
 _SINCE: Final = "SELECT data FROM rows WHERE sequence > ? ORDER BY sequence LIMIT ?"
 _ALL_ROWS: Final = "SELECT data FROM rows"
+# A name and everything below it: "a/" <= name < "a0" ("0" follows "/"), on the name index.
+_SUBTREE: Final = "SELECT data FROM rows WHERE name = ? OR (name >= ? AND name < ?)"
 _COUNT: Final = (
     "SELECT count(*), coalesce(sum(size), 0) FROM rows INDEXED BY rows_live_files"
     " WHERE kind = 'file' AND deleted = 0"
@@ -300,6 +302,13 @@ class FolderIndex:
         """Every row of ours, in no particular order, streamed (a few hundred decoded at a
         time). Stop iterating (or close the iterator) to release the read."""
         return self._stream(_ALL_ROWS, ())
+
+    def subtree(self, name: str) -> list[FileRow]:
+        """Our rows for ``name`` and everything below it (a partial scan's share of the index,
+        found through the name index instead of a walk of every row)."""
+        with _Guard(self):
+            found = self._db.execute(_SUBTREE, (name, name + "/", name + "0")).fetchall()
+        return [_DECODER.decode(data) for (data,) in found]
 
     def count(self) -> tuple[int, int]:
         """(files not deleted, their total bytes)."""

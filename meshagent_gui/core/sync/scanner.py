@@ -13,6 +13,7 @@ unreadable folder, a symbolic link or another skipped entry are left as they are
 from __future__ import annotations
 
 import os
+import re
 import stat
 import unicodedata
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -29,7 +30,12 @@ from meshagent_gui.core.protocol.sync import (
     Version,
     bump,
 )
-from meshagent_gui.core.share.paths import UnsafePath, is_link, safe_relative_path
+from meshagent_gui.core.share.paths import (
+    _RESERVED_STEMS,
+    UnsafePath,
+    is_link,
+    safe_relative_path,
+)
 from meshagent_gui.errors import UserError
 
 from . import blocks
@@ -40,6 +46,8 @@ BATCH_ROWS: Final = 1000
 BATCH_BLOCKS: Final = 64 * 1024
 """A batch is also cut at this many inline blocks (~5 MB of rows), whatever its row count."""
 PERMISSION_BITS: Final = 0o777
+SUBTREE_LOOKUPS: Final = 2000
+"""A partial scan of at most this many names looks their rows up; more: one pass over all."""
 
 
 class RootMissing(Exception):
@@ -230,7 +238,16 @@ class _Scanner:
         """The index rows the scan compares with: all, or those of ``targets``' subtrees and
         their parent folders."""
         parents = set() if targets is None else {a for t in targets for a in _ancestors(t)}
-        for row in self.index.all_rows():
+        subtree = getattr(self.index, "subtree", None)
+        rows: Iterable[FileRow]
+        if targets is not None and subtree is not None and len(targets) <= SUBTREE_LOOKUPS:
+            # A few names (the watcher's usual batch): looked up, not a read of every row.
+            found = [row for target in targets for row in subtree(target)]
+            found += [row for parent in parents if (row := self.index.get(parent)) is not None]
+            rows = found
+        else:
+            rows = self.index.all_rows()
+        for row in rows:
             name = row.name
             if targets is not None and not _within(name, targets):
                 if name not in parents:
@@ -383,7 +400,7 @@ class _Scanner:
             inline, segments = reused  # only the permissions changed: no need to read it
         else:
             try:
-                found = blocks.chunk_file(Path(path), expect=info, piece_size=_piece_size(info))
+                found = blocks.chunk_file(path, expect=info, piece_size=_piece_size(info))
             except blocks.FileChangedError:
                 self._keep(name, "changed while read (retried at the next scan)")
                 return
@@ -509,8 +526,23 @@ def _printable(name: str) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
+# Most names: ASCII letters, digits, "_-." and inner spaces, not ending in a dot or space, short:
+# valid everywhere unless a reserved Windows stem (checked apart). A scan of 100k new files
+# would otherwise spend a tenth of its time in the full check.
+_PLAIN_NAME: Final = re.compile(
+    r"[A-Za-z0-9_\-][A-Za-z0-9_\-. ]{0,198}[A-Za-z0-9_\-]|[A-Za-z0-9_\-]"
+)
+
+
 def _name_problem(component: str, name: str) -> str:
     """Why a name found on disk cannot be synced ("" when it can): the peer's checks."""
+    if (
+        _PLAIN_NAME.fullmatch(component)
+        and len(name) <= MAX_NAME_LENGTH
+        and name.isascii()
+        and component.split(".", 1)[0].rstrip(" ").upper() not in _RESERVED_STEMS
+    ):
+        return ""
     try:
         safe_relative_path(component)
     except UnsafePath as exc:

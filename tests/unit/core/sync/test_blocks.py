@@ -204,7 +204,16 @@ def during_read(
 
         return real(hooked, *args)  # type: ignore[arg-type]
 
+    real_small = blocks_module._read_small
+
+    def read_small(fd: int, limit: int) -> bytes:  # files under MIN_BLOCK: one read
+        data = real_small(fd, limit)
+        if after_reads == 1:
+            change()
+        return data
+
     monkeypatch.setattr(blocks_module, "_chunk_stream", chunk_stream)
+    monkeypatch.setattr(blocks_module, "_read_small", read_small)
 
 
 @pytest.mark.parametrize("size", [100 * KiB, 3 * PIECE])  # one buffer; the hashing thread

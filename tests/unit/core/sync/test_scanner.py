@@ -233,8 +233,8 @@ def test_an_unreadable_file_is_skipped_not_deleted_injected(
     folder.write("fine.txt", b"fine, changed")
     real = blocks.chunk_file
 
-    def refuse(path: Path, **kwargs: Any) -> list[Block]:
-        if path.name == "private.txt":
+    def refuse(path: str | Path, **kwargs: Any) -> list[Block]:
+        if Path(path).name == "private.txt":
             raise PermissionError(13, "Permission denied")
         return real(path, **kwargs)
 
