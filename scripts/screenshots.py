@@ -1,5 +1,5 @@
-"""Screenshots of the desktop app under Xvfb: the main window with a transfer in progress and the
-first-run dialog, saved to docs/screenshots/. The terminal viewer's screenshot comes from
+"""Screenshots of the desktop app under Xvfb: the main window with a transfer in progress, the
+first-run dialog and the synced folders window, saved to docs/screenshots/. The terminal viewer's screenshot comes from
 scripts/screenshot_terminal.py (hooked in by :func:`terminal_viewer_hook`).
 
     python scripts/screenshots.py            # starts Xvfb itself (/usr/bin/Xvfb)
@@ -108,6 +108,22 @@ async def scene(work: Path) -> None:
         await asyncio.sleep(0.6)
         QApplication.processEvents()
         window.grab().save(str(OUT / "main-window.png"))
+        # Synced folders: a real folder synced with the laptop, up to date.
+        notes = work / "Notes"
+        notes.mkdir()
+        for n in range(5):
+            (notes / f"note-{n}.md").write_text(f"# Note {n}\n" * 40)
+        agent = gui.bridge.agent
+        assert agent is not None
+        await agent.sync.add(notes, laptop_id)
+        gui.sync.open()
+        sync_window = gui.sync.window
+        assert sync_window is not None
+        await wait_for(lambda: any(f.state == "idle" for f in agent.sync.folders()), 30)
+        gui.sync.model.refresh()
+        await asyncio.sleep(0.6)
+        QApplication.processEvents()
+        sync_window.grab().save(str(OUT / "synced-folders.png"))
         gui.quit()
         await task
     finally:
