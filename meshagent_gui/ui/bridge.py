@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Coroutine, Sequence
 from typing import Any, Final
 
@@ -60,11 +62,31 @@ _DEVICE_EVENTS: Final = (
 )
 
 
+# Why the link is down, in the words a user knows: the core's reasons are socket errors.
+_LINK_REASONS: Final = (
+    (("connect call failed", "errno 111", "refused", "unreachable"), "server unreachable"),
+    (("name or service", "nodename", "getaddrinfo", "name resolution"), "server name not found"),
+    (("timed out", "timeouterror"), "server not answering"),
+    (("connection dropped", "closed by the server"), "the connection to the server dropped"),
+)
+
+
+def link_reason(reason: str | None) -> str:
+    """A one-phrase reason for an offline link (MeshLink.last_error, ServerDisconnected)."""
+    if not reason:
+        return "not connected yet"
+    lowered = reason.lower()
+    for needles, words in _LINK_REASONS:
+        if any(needle in lowered for needle in needles):
+            return words
+    return reason
+
+
 class AgentBridge(QObject):
     """Signals for the widgets, actions for the user; owns every task it starts."""
 
     ready = Signal()
-    link_changed = Signal(str)  # offline / connecting / online
+    link_changed = Signal(str)  # offline / connecting / online; also when the reason changes
     tray_state_changed = Signal(object)  # TrayState
     offer_received = Signal(object)  # TransferOffered that needs an answer
     join_code_changed = Signal(object)  # JoinCodeWithUrl
@@ -80,6 +102,8 @@ class AgentBridge(QObject):
         self.transfers = TransferTableModel(self)
         self.devices = DeviceListModel(self)
         self.link_state = "offline"
+        self.link_reason = link_reason(None)  # why it is offline
+        self.link_retry_at: float | None = None  # time.monotonic() of the next attempt
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sends: dict[str, asyncio.Task[Any]] = {}
         self._refreshing: asyncio.Task[None] | None = None
@@ -103,7 +127,7 @@ class AgentBridge(QObject):
         if join is not None:
             self.join_code = join
             self.join_code_changed.emit(join)
-        self._set_link(agent.link.state)
+        self._set_link(agent.link.state, agent.link.last_error)
         self.refresh_devices()
         self.ready.emit()
 
@@ -150,7 +174,7 @@ class AgentBridge(QObject):
         if isinstance(event, ServerConnected):
             self._set_link("online")
         elif isinstance(event, ServerDisconnected):
-            self._set_link("offline")
+            self._set_link("offline", event.reason, retry_in=event.retry_in)
         if isinstance(event, _DEVICE_EVENTS) or (
             isinstance(event, AnnouncementReceived) and event.kind.startswith("room.")
         ):
@@ -161,9 +185,11 @@ class AgentBridge(QObject):
     def _offered(self, event: TransferOffered) -> None:
         self.offer_received.emit(event)  # devices in transfer.always_accept never get here
 
-    def _set_link(self, state: str) -> None:
-        if state != self.link_state:
-            self.link_state = state
+    def _set_link(self, state: str, reason: str | None = None, *, retry_in: float = 0.0) -> None:
+        words = link_reason(reason)
+        retry_at = time.monotonic() + retry_in if retry_in > 0 else None
+        if state != self.link_state or words != self.link_reason or retry_at:
+            self.link_state, self.link_reason, self.link_retry_at = state, words, retry_at
             self.link_changed.emit(state)
         self._update_tray_state()
 
@@ -177,6 +203,18 @@ class AgentBridge(QObject):
         if state is not self._tray_state:
             self._tray_state = state
             self.tray_state_changed.emit(state)
+
+    def link_text(self) -> str:
+        """The link in one line: "Online", or "Offline: server unreachable (retrying in 4 s)"."""
+        if self.link_state == "online":
+            return "Online"
+        if self.link_state == "connecting":
+            return "Connecting…"
+        text = f"Offline: {self.link_reason}"
+        if self.link_retry_at is not None:
+            left = math.ceil(self.link_retry_at - time.monotonic())
+            text += f" (retrying in {left} s)" if left > 0 else " (retrying now)"
+        return text
 
     @property
     def tray_state(self) -> TrayState:

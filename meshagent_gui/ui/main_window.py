@@ -9,7 +9,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, TypeVar
 
-from PySide6.QtCore import QPoint, Qt, QUrl, Signal
+from PySide6.QtCore import QPoint, Qt, QTimer, QUrl, Signal
 from PySide6.QtGui import (
     QCloseEvent,
     QDesktopServices,
@@ -27,7 +27,6 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QFrame,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QMainWindow,
     QMenu,
@@ -46,7 +45,7 @@ from meshagent_gui.core.notify.router import Notification, human_size
 from .bridge import AgentBridge
 from .devices import DeviceEntry, DeviceListView, local_paths
 from .resources import app_icon
-from .transfers import Column, ProgressDelegate, TransferRow
+from .transfers import Column, ProgressDelegate, TransferRow, fit_transfer_columns
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +166,10 @@ class MainWindow(QMainWindow):
         self.setWindowIcon(app_icon())
         self.setAcceptDrops(True)
         self.setStyleSheet(STYLE)
-        self.resize(980, 620)
+        self.resize(1060, 660)  # the transfer list's Name column readable (≥ 180 px)
+        self._link_timer = QTimer(self)  # counts down "retrying in N s" while offline
+        self._link_timer.setInterval(1000)
+        self._link_timer.timeout.connect(lambda: self._show_link(self.bridge.link_state))
         self._build()
         bridge.link_changed.connect(self._show_link)
         bridge.join_code_changed.connect(self.show_join_code)
@@ -206,7 +208,7 @@ class MainWindow(QMainWindow):
         header.addSpacing(6)
         header.addLayout(titles)
         header.addStretch(1)
-        header.addWidget(self.pill)
+        header.addWidget(self.pill, 0, Qt.AlignmentFlag.AlignVCenter)
         header.addSpacing(8)
         header.addWidget(self.sync_button)
         header.addWidget(self.rooms_button)
@@ -260,10 +262,11 @@ class MainWindow(QMainWindow):
             "(meshagent login URL --join-code CODE)."
         )
         self.no_devices.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.no_devices.setWordWrap(True)
         self.no_devices.setObjectName("subtitle")
         left_layout.addWidget(self.device_list, 1)
         left_layout.addWidget(self.no_devices)
-        left.setMinimumWidth(240)
+        left.setMinimumWidth(220)
 
         right = QWidget()
         right_layout = QVBoxLayout(right)
@@ -279,24 +282,17 @@ class MainWindow(QMainWindow):
         self.table.verticalHeader().hide()
         self.table.verticalHeader().setDefaultSectionSize(34)
         self.table.setWordWrap(False)
-        header_view = self.table.horizontalHeader()
-        header_view.setHighlightSections(False)
-        header_view.setDefaultAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
-        header_view.setSectionResizeMode(Column.NAME, QHeaderView.ResizeMode.Stretch)
-        for column, width in (
-            (Column.PEER, 110),
-            (Column.SIZE, 80),
-            (Column.PROGRESS, 150),
-            (Column.SPEED, 90),
-            (Column.ETA, 80),
-            (Column.STATE, 110),
-        ):
-            header_view.setSectionResizeMode(column, QHeaderView.ResizeMode.Interactive)
-            self.table.setColumnWidth(column, width)
+        fit_transfer_columns(self.table)
         self.table.selectionModel().selectionChanged.connect(self._update_buttons)
         self.bridge.transfers.dataChanged.connect(self._update_buttons)
         self.bridge.transfers.rowsInserted.connect(self._update_buttons)
         right_layout.addWidget(self.table, 1)
+        # The selected transfer's whole state, wrapped: the State column elides long reasons.
+        self.transfer_detail = named(QLabel(), "subtitle")
+        self.transfer_detail.setWordWrap(True)
+        self.transfer_detail.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.transfer_detail.hide()
+        right_layout.addWidget(self.transfer_detail)
 
         buttons = QHBoxLayout()
         self.send_button = QPushButton("Send files…")
@@ -326,7 +322,8 @@ class MainWindow(QMainWindow):
         splitter.addWidget(left)
         splitter.addWidget(right)
         splitter.setStretchFactor(1, 1)
-        splitter.setSizes([270, 690])
+        splitter.setStretchFactor(0, 0)
+        splitter.setSizes([230, 810])
         outer.addWidget(splitter, 1)
         self.setCentralWidget(central)
         self.statusBar().setSizeGripEnabled(False)
@@ -343,7 +340,12 @@ class MainWindow(QMainWindow):
             )
 
     def _show_link(self, state: str) -> None:
-        self.pill.setText({"online": "Online", "connecting": "Connecting…"}.get(state, "Offline"))
+        self.pill.setText(self.bridge.link_text())  # offline says why: the link's last error
+        if state == "offline" and self.bridge.link_retry_at is not None:
+            if not self._link_timer.isActive():
+                self._link_timer.start()
+        else:
+            self._link_timer.stop()
         self.pill.setProperty("state", state if state in ("online", "connecting") else "offline")
         self.pill.style().unpolish(self.pill)
         self.pill.style().polish(self.pill)
@@ -468,6 +470,9 @@ class MainWindow(QMainWindow):
 
     def _update_buttons(self, *_: Any) -> None:
         row = self.selected_row()
+        if row is not None:
+            self.transfer_detail.setText(f"{row.name}: {self.bridge.transfers.state_text(row)}")
+        self.transfer_detail.setVisible(row is not None)
         self.cancel_button.setEnabled(row is not None and row.can_cancel)
         self.resume_button.setEnabled(row is not None and row.can_resume)
         self.open_button.setEnabled(row is not None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -19,7 +19,6 @@ from PySide6.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -27,19 +26,80 @@ from PySide6.QtWidgets import (
 from meshagent_gui.config import AUTO_ACCEPT, KEYS, parse_value
 from meshagent_gui.context import Context
 from meshagent_gui.core.autostart import autostart_enabled, set_autostart
+from meshagent_gui.core.notify.router import OFF
 from meshagent_gui.errors import UserError
 
 from .resources import app_icon
 
 log = logging.getLogger(__name__)
 
+# What each notify.<kind> key (config.KEYS; the router's RULES) is about, in the user's words.
+# The keys themselves come from KEYS: a kind without a label here still gets a row.
 NOTIFICATION_LABELS: Final = {
-    "notify.transfer_completed": "Transfer done",
-    "notify.transfer_failed": "Transfer failed",
-    "notify.control_requested": "Terminal control requested",
-    "notify.peer_offline": "Device went offline",
-    "notify.peer_online": "Device came online",
+    "transfer_completed": "Transfer finished",
+    "transfer_failed": "Transfer failed",
+    "control_requested": "Terminal control requested",
+    "sync_conflict": "Sync conflict",
+    "sync_failed": "Sync stopped",
+    "peer_offline": "Device went offline",
+    "peer_online": "Device came online",
 }
+# The one table of priorities in words, on Gotify's scale: each level's lowest priority, its
+# name, what it does, and the value choosing it writes. Below 0 is off: no desktop toast either.
+PRIORITY_LEVELS: Final = (
+    (-(10**9), "Off", "no notification, not even on this desktop", OFF),
+    (0, "Silent", "kept in Gotify's list, no alert", 0),
+    (1, "Low", "an icon in the phone's status bar", 2),
+    (4, "Normal", "a notification with sound", 4),
+    (7, "High", "a notification with sound, for what needs a look", 7),
+    (8, "Urgent", "pops up on the phone, with sound and vibration", 8),
+)
+
+
+def priority_level(priority: int) -> int:
+    """The index in PRIORITY_LEVELS of the level ``priority`` belongs to."""
+    return max(n for n, level in enumerate(PRIORITY_LEVELS) if priority >= level[0])
+
+
+def priority_label(priority: int) -> str:
+    """A priority in words: "Off", "Normal", "Urgent" (PRIORITY_LEVELS)."""
+    return PRIORITY_LEVELS[priority_level(priority)][1]
+
+
+def notification_keys() -> list[str]:
+    """The notify.* settings, in the order config.KEYS defines them (one definition)."""
+    return [name for name in KEYS if name.startswith("notify.")]
+
+
+def notification_label(key: str) -> str:
+    kind = key.removeprefix("notify.")
+    return NOTIFICATION_LABELS.get(kind, kind.replace("_", " ").capitalize())
+
+
+class PriorityBox(QComboBox):
+    """A notification's priority as a level in words. A number set elsewhere (`meshagent config
+    set notify.sync_conflict 6`) shows as its level and is written back unchanged unless
+    another level is chosen."""
+
+    def __init__(self, value: int, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        for n, (_, name, meaning, written) in enumerate(PRIORITY_LEVELS):
+            self.addItem(name, written)
+            self.setItemData(n, meaning, Qt.ItemDataRole.ToolTipRole)
+        self.setToolTip("Gotify priority: 0 silent, 1-3 low, 4-6 normal, 7 high, 8-10 urgent")
+        self._kept = (-1, OFF)
+        self.setValue(value)
+
+    def value(self) -> int:
+        index, kept = self._kept
+        return kept if self.currentIndex() == index else int(self.currentData())
+
+    def setValue(self, value: int) -> None:  # QSpinBox's name, for callers
+        index = priority_level(value)
+        self._kept = (index, value if value >= 0 else OFF)
+        self.setCurrentIndex(index)
+
+
 AUTO_ACCEPT_LABELS: Final = dict(
     zip(
         AUTO_ACCEPT,
@@ -66,7 +126,7 @@ class SettingsDialog(QDialog):
         self.ctx = ctx
         self.setWindowTitle("Mesh Agent settings")
         self.setWindowIcon(app_icon())
-        self.setMinimumWidth(520)
+        self.setMinimumWidth(560)
         config = ctx.config
         layout = QVBoxLayout(self)
         layout.setContentsMargins(18, 16, 18, 14)
@@ -122,16 +182,13 @@ class SettingsDialog(QDialog):
         gotify_form.addRow("App token", self.gotify_token)
         layout.addWidget(gotify)
 
-        notify = QGroupBox("Notify me (Gotify priority; off = no desktop toast either)")
+        notify = QGroupBox("Notify me (on this desktop and through Gotify)")
         notify_form = QFormLayout(notify)
-        self.priorities: dict[str, QSpinBox] = {}
-        for key, label in NOTIFICATION_LABELS.items():
-            box = QSpinBox()
-            box.setRange(int(KEYS[key].minimum or 0), int(KEYS[key].maximum or 0))
-            box.setSpecialValueText("off")
-            box.setValue(int(config[key]) if key in KEYS else -1)
+        self.priorities: dict[str, PriorityBox] = {}
+        for key in notification_keys():
+            box = PriorityBox(_priority(config[key]))
             self.priorities[key] = box
-            notify_form.addRow(label, box)
+            notify_form.addRow(notification_label(key), box)
         layout.addWidget(notify)
         # Each text field and the setting it edits; saved through the setting's own rules.
         self.fields: dict[str, QLineEdit] = {
@@ -155,6 +212,13 @@ class SettingsDialog(QDialog):
         self._autostart_was = autostart_enabled(self.ctx.paths)
         self.autostart.setChecked(bool(self._autostart_was))
         self.autostart.setEnabled(self._autostart_was is not None)
+
+    def summary(self) -> list[str]:
+        """The notification settings as shown: "Transfer finished: normal (with sound)", ..."""
+        return [
+            f"{notification_label(key)}: {box.currentText().lower()}"
+            for key, box in self.priorities.items()
+        ]
 
     def _browse(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Downloads folder", self.downloads.text())
@@ -191,3 +255,11 @@ class SettingsDialog(QDialog):
         wanted = self.autostart.isChecked()
         if self._autostart_was is not None and wanted != self._autostart_was:
             set_autostart(self.ctx.paths, wanted)
+
+
+def _priority(raw: object) -> int:
+    # A hand-edited file may hold "5"; anything unreadable shows as off, as the router treats it.
+    try:
+        return int(str(raw))
+    except ValueError:
+        return OFF

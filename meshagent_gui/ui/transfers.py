@@ -24,8 +24,14 @@ from PySide6.QtCore import (
     Qt,
     QTimer,
 )
-from PySide6.QtGui import QColor, QPainter, QPalette
-from PySide6.QtWidgets import QStyle, QStyledItemDelegate, QStyleOptionViewItem
+from PySide6.QtGui import QColor, QPainter, QPalette, QPen
+from PySide6.QtWidgets import (
+    QHeaderView,
+    QStyle,
+    QStyledItemDelegate,
+    QStyleOptionViewItem,
+    QTableView,
+)
 
 from meshagent_gui.core.events import (
     TransferAccepted,
@@ -186,8 +192,8 @@ class TransferTableModel(QAbstractTableModel):
         if role == Qt.ItemDataRole.DisplayRole:
             return self._text(row, column)
         if role == Qt.ItemDataRole.ToolTipRole:
-            if column is Column.STATE and row.error:
-                return row.error
+            if column is Column.STATE:  # whole, however narrow the column
+                return self.state_text(row)
             if column is Column.NAME:
                 arrow = "to" if row.direction == "send" else "from"
                 return f"{row.name} {arrow} {row.peer_name}"
@@ -218,12 +224,19 @@ class TransferTableModel(QAbstractTableModel):
             case Column.ETA:
                 return format_eta(row.eta) if running else ""
             case Column.STATE:
-                if row.state is State.PEER_AWAY:
-                    return f"Waiting for {row.peer_name} to come back"
                 if row.state in (State.DECLINED, State.INTERRUPTED):
                     return str(row.state.value)  # says it all; the reason is in the tooltip
-                return f"{row.state.value}: {row.error}" if row.error else row.state.value
+                return TransferTableModel.state_text(row)
         raise AssertionError(column)  # pragma: no cover
+
+    @staticmethod
+    def state_text(row: TransferRow) -> str:
+        """The row's state with its reason, whole (the tooltip, the window's detail line)."""
+        if row.state is State.PEER_AWAY:
+            return f"Waiting for {row.peer_name} to come back"
+        if row.state in (State.DECLINED, State.INTERRUPTED):
+            return row.error or str(row.state.value)  # the reason says it ("declined: ...")
+        return f"{row.state.value}: {row.error}" if row.error else str(row.state.value)
 
     # ------------------------------------------------------------ rows
 
@@ -406,6 +419,43 @@ _STATE_COLOURS: Final = {
 }
 
 
+# Widest text each narrow column shows; the column is sized to it in the view's font.
+_SAMPLES: Final = {
+    Column.PEER: "laptop-ann",
+    Column.SIZE: "999.9 MB",
+    Column.SPEED: "99.9 MB/s",
+    Column.ETA: "59 min 59 s",
+    Column.STATE: "Waiting for answer",
+}
+NAME_MINIMUM: Final = 180  # px: "↓ holiday-photos-2024.zip" readable at the default size
+PROGRESS_WIDTH: Final = 96
+
+
+def fit_transfer_columns(table: QTableView) -> None:
+    """Name takes the spare width; the other columns are as wide as their usual text (and may
+    be dragged wider); long names and reasons elide in the middle, whole in the tooltip."""
+    header = table.horizontalHeader()
+    header.setStretchLastSection(False)
+    header.setMinimumSectionSize(48)
+    header.setSectionResizeMode(Column.NAME, QHeaderView.ResizeMode.Stretch)
+    table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+    metrics = table.fontMetrics()
+    bold = header.fontMetrics()
+    padding = 24  # the cell's margins and the header's padding
+    for column in Column:
+        if column is Column.NAME:
+            continue
+        header.setSectionResizeMode(column, QHeaderView.ResizeMode.Interactive)
+        sample = _SAMPLES.get(column, "")
+        text = metrics.horizontalAdvance(sample) if sample else PROGRESS_WIDTH - padding
+        heading = bold.horizontalAdvance(HEADERS[column]) + 8
+        table.setColumnWidth(column, max(text, heading) + padding)
+
+
+_GROOVE: Final = QColor("#dfe5ea")  # the unfilled part: visible on white and selected rows
+_GROOVE_EDGE: Final = QColor("#b9c3cc")
+
+
 class ProgressDelegate(QStyledItemDelegate):
     """A rounded progress bar with the percentage, drawn (no widget per row)."""
 
@@ -423,9 +473,10 @@ class ProgressDelegate(QStyledItemDelegate):
         bar.setHeight(height)
         painter.save()
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        painter.setPen(Qt.PenStyle.NoPen)
-        painter.setBrush(option.palette.color(QPalette.ColorRole.Mid).lighter(150))
+        painter.setPen(QPen(_GROOVE_EDGE, 1))
+        painter.setBrush(_GROOVE)
         painter.drawRoundedRect(bar, height / 2, height / 2)
+        painter.setPen(Qt.PenStyle.NoPen)
         if fraction > 0:
             filled = QRect(bar)
             filled.setWidth(max(height, round(bar.width() * fraction)))
@@ -447,5 +498,5 @@ class ProgressDelegate(QStyledItemDelegate):
     def sizeHint(self, option: QStyleOptionViewItem, index: AnyIndex) -> QSize:
         hint = super().sizeHint(option, index)
         if index.column() == Column.PROGRESS:
-            hint.setWidth(max(hint.width(), 140))
+            hint.setWidth(max(hint.width(), PROGRESS_WIDTH))
         return hint
