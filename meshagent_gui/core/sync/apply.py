@@ -237,12 +237,15 @@ class Applier:
         device_name: str,
         versions_days: float = 30,
         disk: Disk = DISK,
+        writer: Executor | None = None,
     ) -> None:
         self.root = root
         self.index = index
         self.device_name = device_name
         self.versions_days = versions_days
         self._executor = executor
+        self._writer = executor if writer is None else writer
+        """Where a small-file batch is written (no index there): beside the worker."""
         self._disk = disk
         self._tmp_dir = root / META_DIR / "tmp"
         self._versions_dir = root / META_DIR / "versions"
@@ -252,6 +255,10 @@ class Applier:
         self.placed: dict[str, tuple[str, int, int, int]] = {}
         """Files put in place by a batch: name -> (path, size, mtime_ns, mode) as written, so
         the watcher's echo of our own writes need not be scanned (see :meth:`echo`)."""
+
+    async def _run_writer(self, function: Callable[..., T], *args: object) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, functools.partial(function, *args))
 
     async def _run(self, function: Callable[..., T], *args: object) -> T:
         loop = asyncio.get_running_loop()
@@ -375,15 +382,19 @@ class Applier:
     # ---------------------------------------------------------------- paths
 
     def _locate(
-        self, name: str, *, case_check: Literal["never", "unknown", "always"] = "unknown"
+        self,
+        name: str,
+        *,
+        case_check: Literal["never", "unknown", "always"] = "unknown",
+        root_checked: bool = False,
     ) -> _Place:
         """The local path of ``name`` (never through a link) and what is there now.
 
         Each component is looked up as given (NFC), then NFD (names written on macOS).
         A file or link where a folder is needed: skipped.
         """
-        if not self.root.is_dir():
-            raise UserError(f"the synced folder {self.root} is missing", code="root_missing")
+        if not root_checked:
+            self._check_root()
         current = self.root
         parts = name.split("/")
         info: os.stat_result | None = None
@@ -411,13 +422,19 @@ class Applier:
                 case_of = _case_variant(current)
         return _Place(current, info, case_of)
 
-    def _check_local(self, name: str, place: _Place) -> FileRow | None:
+    def _check_root(self) -> None:
+        if not self.root.is_dir():
+            raise UserError(f"the synced folder {self.root} is missing", code="root_missing")
+
+    def _check_local(
+        self, name: str, place: _Place, rows: dict[str, FileRow] | None = None
+    ) -> FileRow | None:
         """Our live row for ``name``, after checking that the disk still matches it.
 
         Anything else on disk (changed, deleted, new and not yet indexed) is newer than what
         we know: deferred, so the caller rescans it before deciding again.
         """
-        row = self.index.get(name)
+        row = self.index.get(name) if rows is None else rows.get(name)
         live = row if row is not None and not row.deleted else None
         info = place.info
         if info is None:
@@ -857,14 +874,21 @@ class Applier:
                 else:
                     entry.data = reply
         if any(e.outcome is None for e in entries):
-            # Shielded: once the worker writes, it finishes (and closes what it opened).
-            await asyncio.shield(self._run(self._store_small, entries))
+            # Shielded: once the writer starts, the batch finishes (and closes what it opened).
+            await asyncio.shield(self._store_small(entries))
         return [
             e.outcome if e.outcome is not None else Applied(e.remote.name, "done") for e in entries
         ]
 
     def _prepare_small(self, items: Sequence[tuple[FileRow, Decision]]) -> list[_Small]:
         entries = [_Small(remote, decision) for remote, decision in items]
+        try:
+            self._check_root()  # once for the batch
+        except UserError as exc:
+            for entry in entries:
+                entry.outcome = exc
+            return entries
+        rows = self.index.get_many(remote.name for remote, _ in items)
         for entry in entries:
             remote = entry.remote
             try:
@@ -872,11 +896,11 @@ class Applier:
                 if problem:
                     entry.outcome = Applied(remote.name, "skipped", problem)
                     continue
-                place = entry.place = self._locate(remote.name)
+                place = entry.place = self._locate(remote.name, root_checked=True)
                 if place.case_of:
                     entry.outcome = self._case_rename(remote, entry.decision, place)
                     continue
-                self._check_local(remote.name, place)
+                self._check_local(remote.name, place, rows)
                 entry.data = self._local_copy(remote.blocks[0]) if remote.blocks else b""
             except _Stop as stop:
                 entry.outcome = Applied(remote.name, stop.outcome, stop.detail)
@@ -898,27 +922,29 @@ class Applier:
                     os.close(fd)
         return None
 
-    def _store_small(self, entries: list[_Small]) -> None:
-        """(Worker) Write, sync once, place, index: see :meth:`apply_small`."""
+    async def _store_small(self, entries: list[_Small]) -> None:
+        """Write and make durable (the writer thread: nothing there touches the index or a
+        visible name), then check, place and index (the worker): see :meth:`apply_small`.
+        The writer works on this batch while the worker places the one before."""
         try:
-            for entry in entries:
-                if entry.outcome is None:
-                    self._write_small(entry)
-            writing = [e for e in entries if e.outcome is None]
-            if not writing:
-                return
+            writing = await self._run_writer(self._write_small_batch, entries)
+            if writing:
+                await self._run(self._place_small, writing)
+        finally:
+            _close_small(entries)  # both threads are done with them
+
+    def _write_small_batch(self, entries: list[_Small]) -> list[_Small]:
+        """(Writer) Each file's data into an unnamed or temp file, then one ``syncfs``; the
+        entries written."""
+        for entry in entries:
+            if entry.outcome is None:
+                self._write_small(entry)
+        writing = [e for e in entries if e.outcome is None]
+        if writing:
             fds = [e.fd if e.fd >= 0 else _tmp_fd(e) for e in writing]
             with _disk_errors(self.root, None):
                 make_durable(fds, disk=self._disk)  # one journal commit for the whole batch
-            self._place_small(writing)
-        finally:
-            for entry in entries:
-                if entry.fd >= 0:
-                    with contextlib.suppress(OSError):
-                        os.close(entry.fd)
-                    entry.fd = -1
-                if entry.tmp is not None:
-                    entry.tmp.discard()  # a no-op for those in place
+        return writing
 
     def _write_small(self, entry: _Small) -> None:
         remote, place, data = entry.remote, entry.place, entry.data
@@ -927,9 +953,11 @@ class Applier:
             entry.outcome = HashMismatch(place.path, 0)
             return
         try:
-            self._make_parents(place.path)
             if place.info is None and self._unnamed_ok:
-                whole = WholeFile(place.path, data, remote.permissions, remote.mtime_ns)
+                # In the file's folder; in the root while that folder is still to be made
+                # (by the worker, just before the file is linked in): same filesystem.
+                where = place.path if _lstat(place.path.parent) else self.root / place.path.name
+                whole = WholeFile(where, data, remote.permissions, remote.mtime_ns)
                 try:
                     entry.fd = write_unnamed(whole, disk=self._disk)
                     return
@@ -951,12 +979,21 @@ class Applier:
         """Check each path again, keep the versions of what is replaced (made durable before
         any replace), put the files in place, sync their folders, index them (one put)."""
         kept: set[Path] = set()
+        try:
+            self._check_root()
+        except UserError as exc:
+            for entry in writing:
+                entry.outcome = exc
+            return
+        rows = self.index.get_many(entry.remote.name for entry in writing)
         for entry in writing:
             name = entry.remote.name
             try:
-                now = entry.place = self._locate(name)
-                ours = self._check_local(name, now)
+                now = entry.place = self._locate(name, root_checked=True)
+                ours = self._check_local(name, now, rows)
                 entry.old = now.info if ours is not None else None
+                if entry.old is None:
+                    self._make_parents(now.path)
                 if entry.old is not None and entry.fd >= 0:
                     raise _Stop("deferred", "created here since the last scan")
                 if entry.old is not None and not stat.S_ISDIR(entry.old.st_mode):
@@ -1067,6 +1104,17 @@ def _case_variant(path: Path) -> str:
         if unicodedata.normalize("NFC", entry).casefold() == folded:
             return entry
     return ""
+
+
+def _close_small(entries: Sequence[_Small]) -> None:
+    """Close what a small-file batch opened; remove its temp files not put in place."""
+    for entry in entries:
+        if entry.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(entry.fd)
+            entry.fd = -1
+        if entry.tmp is not None:
+            entry.tmp.discard()  # a no-op for those in place
 
 
 def _tmp_fd(entry: _Small) -> int:

@@ -103,6 +103,10 @@ BACKOFF_MIN: Final = 1.0
 SMALL_BATCH_FILES: Final = 256
 SMALL_BATCH_BYTES: Final = 8 * 1024 * 1024
 """Files of one block are applied in batches of this many (one syncfs, one index put each)."""
+WRITERS: Final = 1
+"""Threads writing small-file batches (no SQLite there)."""
+PLAN_CHUNK: Final = 500
+"""Rows decided per batched lookup of our own rows."""
 BATCHES_IN_FLIGHT: Final = 3
 """Small-file batches in progress at once: one being written while the next ones fetch."""
 FILES_IN_FLIGHT: Final = 8
@@ -176,6 +180,10 @@ class SyncFolder:
         self.executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"meshsync-{config.folder_id[:8]}"
         )
+        # Small-file batches are written (and synced) here while the worker places the last.
+        self.writer = ThreadPoolExecutor(
+            max_workers=WRITERS, thread_name_prefix=f"meshsync-w-{config.folder_id[:8]}"
+        )
         self.index: FolderIndex | None = None
         self.applier: Applier | None = None
         self.ignores: Ignores | None = None
@@ -232,6 +240,7 @@ class SyncFolder:
                 self.root,
                 self.index,
                 executor=self.executor,
+                writer=self.writer,
                 device_name=self.host.device_name(),
                 versions_days=self.host.versions_days(),
             )
@@ -267,6 +276,7 @@ class SyncFolder:
             with contextlib.suppress(Exception):
                 await asyncio.shield(asyncio.wrap_future(self.executor.submit(index.close)))
         self.executor.shutdown(wait=False)
+        self.writer.shutdown(wait=False)
 
     async def _active(self) -> None:
         async with asyncio.TaskGroup() as tasks:
@@ -617,8 +627,21 @@ class SyncFolder:
         return False
 
     def _decide_many(self, peer_id: str, names: Iterable[str]) -> list[tuple[FileRow, Decision]]:
-        """(Worker) What is still to do of the peer's rows for ``names``, in their order."""
-        return [found for name in names if (found := self._decide_one(peer_id, name)) is not None]
+        """(Worker) What is still to do of the peer's rows for ``names``, in their order
+        (two queries per chunk of names, not two per name)."""
+        index = self._index()
+        wanted = list(names)
+        remotes = index.peer_rows_named(peer_id, wanted)
+        ours = index.get_many(remotes)
+        planned = []
+        for name in wanted:
+            remote = remotes.get(name)
+            if remote is None:
+                continue
+            decision = decide(ours.get(name), remote, me=self.me)
+            if decision.action is not Action.NOTHING:
+                planned.append((remote, decision))
+        return planned
 
     def plan(self, peer_id: str, names: Collection[str] | None) -> list[tuple[FileRow, Decision]]:
         """(Worker) The peer's rows that need doing here (``names`` None: all of them), in
@@ -626,28 +649,21 @@ class SyncFolder:
         index = self._index()
         ignores = self.ignores
         assert ignores is not None
-        rows: Iterable[FileRow | None] = (
+        rows: Iterable[FileRow] = (
             index.peer_rows(peer_id)
             if names is None
-            else (index.peer_row(peer_id, name) for name in names)
+            else index.peer_rows_named(peer_id, names).values()
         )
         planned = []
-        for remote in rows:
-            if remote is None or ignores.ignored(remote.name, is_dir=remote.kind == "dir"):
-                continue
-            decision = decide(index.get(remote.name), remote, me=self.me)
-            if decision.action is not Action.NOTHING:
-                planned.append((remote, decision))
+        for chunk in _chunks(rows, PLAN_CHUNK):
+            kept = [r for r in chunk if not ignores.ignored(r.name, is_dir=r.kind == "dir")]
+            ours = index.get_many(r.name for r in kept)
+            for remote in kept:
+                decision = decide(ours.get(remote.name), remote, me=self.me)
+                if decision.action is not Action.NOTHING:
+                    planned.append((remote, decision))
         planned.sort(key=lambda item: _apply_order(item[0]))
         return planned
-
-    def _decide_one(self, peer_id: str, name: str) -> tuple[FileRow, Decision] | None:
-        index = self._index()
-        remote = index.peer_row(peer_id, name)
-        if remote is None:
-            return None
-        decision = decide(index.get(name), remote, me=self.me)
-        return None if decision.action is Action.NOTHING else (remote, decision)
 
     def working(self, peer_id: str, busy: bool) -> None:
         if busy and not self._working:
@@ -1020,6 +1036,17 @@ def _small_batches(rows: Sequence[FileRow]) -> Iterator[list[str]]:
         size += row.size
     if batch:
         yield batch
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def _open_index(path: Path, device: int) -> FolderIndex:

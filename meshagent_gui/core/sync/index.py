@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final, NoReturn
@@ -47,6 +47,8 @@ SCHEMA_VERSION: Final = 1
 FETCH_ROWS: Final = 256
 """Rows decoded per ``fetchmany`` when streaming: bounds memory, amortises the calls."""
 FIND_BLOCK_LIMIT: Final = 4
+LOOKUP_CHUNK: Final = 500
+"""Names looked up per query by the batched lookups (SQLite allows 32,766 parameters)."""
 FLUSH_ROWS: Final = 512
 FLUSH_BLOCKS: Final = 8192
 """put() writes rows and block places this many at a time (executemany): few calls from
@@ -105,6 +107,7 @@ _SCHEMA: Final = (
 """Run once, in one transaction, when the file is new (``user_version`` 0 and no tables)."""
 
 _GET_ROW: Final = "SELECT data FROM rows WHERE name = ?"
+_GET_ROWS: Final = "SELECT name, data FROM rows WHERE name IN ({})"
 _UPSERT_ROW: Final = """
 INSERT INTO rows (name, sequence, kind, deleted, size, data) VALUES (?, ?, ?, ?, ?, ?)
 ON CONFLICT (name) DO UPDATE SET
@@ -139,6 +142,10 @@ ON CONFLICT (peer, name) DO UPDATE SET data = excluded.data
 _PEER_ROW: Final = (
     "SELECT peer_rows.data FROM peer_rows JOIN peers ON peers.id = peer_rows.peer"
     " WHERE peers.peer = ? AND peer_rows.name = ?"
+)
+_PEER_ROWS_NAMED: Final = (
+    "SELECT peer_rows.name, peer_rows.data FROM peer_rows JOIN peers ON peers.id = peer_rows.peer"
+    " WHERE peers.peer = ? AND peer_rows.name IN ({})"
 )
 _PEER_ROWS: Final = (
     "SELECT peer_rows.data FROM peer_rows JOIN peers ON peers.id = peer_rows.peer"
@@ -231,6 +238,19 @@ class FolderIndex:
         with _Guard(self):
             found = self._db.execute(_GET_ROW, (name,)).fetchone()
         return None if found is None else _DECODER.decode(found[0])
+
+    def get_many(self, names: Iterable[str]) -> dict[str, FileRow]:
+        """Our rows for ``names`` that we have (tombstones included), by name: one query per
+        :data:`LOOKUP_CHUNK` names."""
+        found: dict[str, FileRow] = {}
+        wanted = list(dict.fromkeys(names))
+        with _Guard(self):
+            for start in range(0, len(wanted), LOOKUP_CHUNK):
+                chunk = wanted[start : start + LOOKUP_CHUNK]
+                sql = _GET_ROWS.format(",".join("?" * len(chunk)))
+                for name, data in self._db.execute(sql, chunk):
+                    found[str(name)] = _DECODER.decode(data)
+        return found
 
     def put(self, rows: Sequence[FileRow]) -> list[FileRow]:
         """Store ``rows`` in one transaction, replacing rows of the same name; each gets the
@@ -388,6 +408,18 @@ class FolderIndex:
         with _Guard(self):
             found = self._db.execute(_PEER_ROW, (peer, name)).fetchone()
         return None if found is None else _DECODER.decode(found[0])
+
+    def peer_rows_named(self, peer: str, names: Iterable[str]) -> dict[str, FileRow]:
+        """The peer's rows for ``names`` that we stored, by name (see :meth:`get_many`)."""
+        found: dict[str, FileRow] = {}
+        wanted = list(dict.fromkeys(names))
+        with _Guard(self):
+            for start in range(0, len(wanted), LOOKUP_CHUNK):
+                chunk = wanted[start : start + LOOKUP_CHUNK]
+                sql = _PEER_ROWS_NAMED.format(",".join("?" * len(chunk)))
+                for name, data in self._db.execute(sql, (peer, *chunk)):
+                    found[str(name)] = _DECODER.decode(data)
+        return found
 
     def peer_rows(self, peer: str) -> Iterator[FileRow]:
         """Every row of the peer's that we stored, in no particular order, streamed."""
