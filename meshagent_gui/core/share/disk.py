@@ -1,21 +1,21 @@
-"""The filesystem as the receiver uses it: one seam, real by default, faulty in tests.
+"""The filesystem as a transfer uses it: one seam, real by default, faulty in tests.
 
 :class:`Disk` holds the handful of operations that partial.py, whole.py and paths.py do on the
-receiving disk (open, write at an offset, read back, sync, advise the page cache, link, unlink,
-the no-replace rename, free space, unnamed files). Everything is real by default
-(:data:`DISK`); a test hands a :class:`Disk` subclass to the constructors
-(``PartialFile.open(..., disk=)``, ``store_whole_files(..., disk=)``,
-``rename_no_replace(..., disk=)``, ``ReceiverTools.disk``, ``TransferService(disk=)``) to fail
-one operation with an errno (a full disk, an I/O error, a filesystem without links) or to watch
-what was synced, instead of patching module functions.
+receiving disk (open, write at an offset, read back, sync a file or a whole filesystem, advise
+the page cache, link, name an unnamed file, unlink, the no-replace rename, free space, unnamed
+files), and that source.py does to read what is sent (open, read at an offset, advise).
+Everything is real by default (:data:`DISK`); a test hands a :class:`Disk` subclass to the
+constructors (``PartialFile.open(..., disk=)``, ``store_whole_files(..., disk=)``,
+``rename_no_replace(..., disk=)``, ``ReceiverTools.disk``, ``walk(..., disk=)``,
+``ChunkReader(..., disk=)``, ``TransferService(disk=)``) to fail one operation with an errno (a
+full disk, an I/O error, a filesystem without links) or to watch what was synced, instead of
+patching module functions.
 
 Each operation is an attribute holding the function itself (``os.pwrite`` on the real disk,
 not a method wrapping it), so the hot path binds it once and pays no extra Python call per
 chunk. :meth:`Disk.bind` derives the compound operations (:attr:`Disk.write_all`,
 :attr:`Disk.read_exact`) from the primitives; a subclass that replaces a primitive calls it
 again.
-
-What the sender reads (source.py) does not go through here.
 """
 
 from __future__ import annotations
@@ -40,11 +40,15 @@ _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
 _RENAME_NOREPLACE: Final = 1  # linux/fs.h
 _RENAME_EXCL: Final = 0x4  # macOS sys/stdio.h, for renamex_np
 AT_FDCWD: Final = -100
+_AT_SYMLINK_FOLLOW: Final = 0x400
+_AT_EMPTY_PATH: Final = 0x1000
+_PROC_FD: Final = "/proc/self/fd"
 # The system or filesystem cannot rename without replacing in one step, or cannot link.
 NOT_SUPPORTED: Final = frozenset(
     {errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM}
 )
 POSIX_FADV_DONTNEED: Final = getattr(os, "POSIX_FADV_DONTNEED", 4)
+POSIX_FADV_SEQUENTIAL: Final = getattr(os, "POSIX_FADV_SEQUENTIAL", 2)
 
 
 # ---------------------------------------------------------------------------- real primitives
@@ -145,6 +149,40 @@ def rename_exclusive(source: Path, target: Path) -> bool:
     raise OSError(code, os.strerror(code), str(target))
 
 
+def syncfs(fd: int) -> bool:
+    """Make the data of every file on ``fd``'s filesystem durable in one step (Linux
+    ``syncfs``): True when done; False when this system has no ``syncfs``; :class:`OSError`
+    when it failed."""
+    lib = libc()
+    function = getattr(lib, "syncfs", None) if lib is not None else None
+    if function is None:
+        return False
+    if function(fd) == 0:
+        return True
+    code = ctypes.get_errno()
+    raise OSError(code, os.strerror(code))
+
+
+def link_at(fd: int, target: Path) -> None:
+    """Give the open file ``fd`` (an unnamed one, say) the name ``target`` (``linkat``, Linux):
+    never replaces anything, :class:`FileExistsError` when ``target`` exists; other
+    :class:`OSError` as ``linkat`` reports it."""
+    lib = libc()
+    if lib is None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS), str(target))
+    name = os.fsencode(target)
+    source = f"{_PROC_FD}/{fd}".encode()
+    if lib.linkat(AT_FDCWD, source, AT_FDCWD, name, _AT_SYMLINK_FOLLOW) == 0:
+        return
+    code = ctypes.get_errno()
+    if code == errno.ENOENT and not os.path.isdir(_PROC_FD):
+        # No /proc: AT_EMPTY_PATH (needs CAP_DAC_READ_SEARCH before Linux 6.10).
+        if lib.linkat(fd, b"", AT_FDCWD, name, _AT_EMPTY_PATH) == 0:
+            return
+        code = ctypes.get_errno()
+    raise OSError(code, os.strerror(code), str(target))
+
+
 def unnamed_files() -> bool:
     """Whether this system can make unnamed files and link them (Linux with a libc)."""
     return bool(_O_TMPFILE) and sys.platform.startswith("linux") and libc() is not None
@@ -154,10 +192,11 @@ def unnamed_files() -> bool:
 
 
 class Disk:
-    """The receiving disk's operations, each an attribute holding the function to call.
+    """The disk's operations, each an attribute holding the function to call.
 
     The signatures are those of :mod:`os`; ``sync_data`` is ``fdatasync`` where there is one,
-    ``fadvise`` is ``posix_fadvise`` or None (macOS, Windows), ``preadv`` likewise.
+    ``fadvise`` is ``posix_fadvise`` or None (macOS, Windows), ``preadv`` likewise;
+    ``syncfs`` and ``link_at`` are :func:`syncfs` and :func:`link_at`.
     """
 
     open: Callable[..., int]
@@ -167,9 +206,11 @@ class Disk:
     fsync: Callable[[int], None]
     sync_data: Callable[[int], None]
     sync_directory: Callable[[Path], None]
+    syncfs: Callable[[int], bool]
     fadvise: Callable[[int, int, int, int], None] | None
     unlink: Callable[[Path], None]
     link: Callable[[Path, Path], None]
+    link_at: Callable[[int, Path], None]
     lexists: Callable[[Path], bool]
     rename_exclusive: Callable[[Path, Path], bool]
     free_space: Callable[[Path], int]
@@ -186,9 +227,11 @@ class Disk:
         self.fsync = os.fsync
         self.sync_data = getattr(os, "fdatasync", None) or os.fsync
         self.sync_directory = sync_directory
+        self.syncfs = syncfs
         self.fadvise = getattr(os, "posix_fadvise", None)
         self.unlink = os.unlink
         self.link = link_no_follow
+        self.link_at = link_at
         self.lexists = os.path.lexists
         self.rename_exclusive = rename_exclusive
         self.free_space = free_space

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -25,6 +26,7 @@ from meshagent_gui.core.protocol import transfer as tp
 from meshagent_gui.core.protocol.errors import ProtocolError
 from meshagent_gui.units import human_seconds
 
+from .disk import DISK, Disk
 from .errors import TransferError, ended_by_receiver, quietly
 from .ratelimit import TokenBucket, take_all
 from .source import (
@@ -97,6 +99,7 @@ class OutgoingTransfer:
         report: Callable[[int], None],
         peer_name: str = "the receiver",
         asking: Callable[[bool], None] | None = None,
+        disk: Disk = DISK,
     ) -> None:
         self.peer_name = peer_name
         self.asking = asking  # told when an answer is slow to come (True), then when it came
@@ -106,6 +109,7 @@ class OutgoingTransfer:
         self.buckets = buckets
         self.totals = totals
         self.executor = executor
+        self.disk = disk  # where the files are read from (a faulty one in tests)
         self.report = report  # bytes the receiver verified so far
         self.stop = asyncio.Event()
         """Set when the listener ends (the receiver is done, gone, or gave up)."""
@@ -257,7 +261,8 @@ class OutgoingTransfer:
             run = groups[group] if group < len(groups) else None
             if isinstance(run, list) and group not in reads:
                 members = [entries[i] for i in run]
-                reads[group] = loop.run_in_executor(self.executor, read_whole_files, members)
+                read = functools.partial(read_whole_files, members, disk=self.disk)
+                reads[group] = loop.run_in_executor(self.executor, read)
 
         try:
             for position, group in enumerate(groups):
@@ -317,6 +322,7 @@ class OutgoingTransfer:
             have=self.sender.receiver_bitmap(index),
             read_ahead=READ_AHEAD,
             executor=self.executor,
+            disk=self.disk,
         ) as reader:
             async for piece in reader:
                 if self.stop.is_set():
@@ -346,7 +352,11 @@ class OutgoingTransfer:
 
     async def _resend(self, work: tp.SendChunk) -> None:
         piece = await read_one_chunk(
-            self.entries[work.index], CHUNK_SIZE, work.chunk, executor=self.executor
+            self.entries[work.index],
+            CHUNK_SIZE,
+            work.chunk,
+            executor=self.executor,
+            disk=self.disk,
         )
         await self._send_chunk(work.index, piece)
 

@@ -161,6 +161,7 @@ class TransferService:
         self._completed = CompletedIndex(data_dir / "completed.jsonl")
         self.history = TransferHistory(data_dir / "transfers.jsonl")
         self.ask_timeout = ask_timeout
+        self._disk = disk  # read from when sending, written to when receiving
         # Disk work (reads, writes, hashing, fsync, rename) runs here, never on the loop; more
         # threads than cores because most of it waits on the disk, not the CPU.
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="meshagent-disk")
@@ -189,7 +190,7 @@ class TransferService:
         on_progress: Callable[[SendProgress], None] | None = None,
     ) -> list[ItemResult]:
         """Send files and folders to ``peer_id``; resumes by itself across reconnects."""
-        manifest = await asyncio.to_thread(walk, paths)
+        manifest = await asyncio.to_thread(walk, paths, disk=self._disk)
         for skipped in manifest.skipped:
             log.warning("not sent: %s (%s)", skipped.path, skipped.reason)
         entries = manifest.entries
@@ -288,6 +289,7 @@ class TransferService:
                     ),
                     peer_name=self._peer_name(peer_id),
                     asking=asking,
+                    disk=self._disk,
                 )
                 await attempt.run()
                 break

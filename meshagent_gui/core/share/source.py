@@ -21,6 +21,9 @@ sub-folders' contents.
 A ``key`` identifies one version of one file: blake3 (derive-key mode) of the path, size,
 mtime and inode/device. The same key next time means the same bytes, so the receiver's
 verified chunks still count.
+
+Files are opened and read through a :class:`~meshagent_gui.core.share.disk.Disk` (``disk=``,
+the real one by default), so tests fail an open or a read without patching :mod:`os`.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from blake3 import blake3
 from meshagent_gui.core.protocol.transfer import chunk_count, chunk_length
 from meshagent_gui.errors import UserError
 
-from .disk import pread_exact
+from .disk import DISK, POSIX_FADV_SEQUENTIAL, Disk
 from .paths import UnsafePath, is_link, safe_relative_path
 
 DEFAULT_READ_AHEAD: Final = 4
@@ -146,7 +149,8 @@ def _special_kind(mode: int) -> str:
 
 
 class _Walker:
-    def __init__(self) -> None:
+    def __init__(self, disk: Disk) -> None:
+        self.disk = disk
         self.folders: list[SourceEntry] = []
         self.files: list[SourceEntry] = []
         self.skipped: list[SkippedPath] = []
@@ -178,10 +182,10 @@ class _Walker:
         if name in self.offered:
             raise UserError(f"two items to send are both named {name!r}: send them separately")
         if stat.S_ISREG(info.st_mode):
-            _check_readable(given, local, folder=False)
+            _check_readable(given, local, folder=False, disk=self.disk)
             self.add(_entry(name, "file", Path(os.path.realpath(local)), info))
         elif stat.S_ISDIR(info.st_mode):
-            _check_readable(given, local, folder=True)
+            _check_readable(given, local, folder=True, disk=self.disk)
             self.add(_entry(name, "dir", local, info))
             self.folder(name, Path(os.path.realpath(local)))
         else:
@@ -256,24 +260,25 @@ class _Walker:
         self.skipped.append(SkippedPath(rel, local, reason))
 
 
-def _check_readable(given: Path, local: Path, *, folder: bool) -> None:
+def _check_readable(given: Path, local: Path, *, folder: bool, disk: Disk) -> None:
     try:
         if folder:
             with os.scandir(local):
                 pass
         else:
-            os.close(os.open(local, os.O_RDONLY | _BINARY))
+            os.close(disk.open(local, os.O_RDONLY | _BINARY))
     except OSError as exc:
         raise UserError(f"cannot send {given}: {exc.strerror}") from None
 
 
-def walk(paths: Sequence[Path]) -> Manifest:
+def walk(paths: Sequence[Path], *, disk: Disk = DISK) -> Manifest:
     """The offer for ``paths`` (files and folders, in this order). Blocking: run it in a thread.
+    A named file is opened once through ``disk`` to check that it can be read.
 
     Raises :class:`UserError` (one line, naming the path) for a named item that is missing,
     unreadable, special, or has a name the receiver would refuse.
     """
-    walker = _Walker()
+    walker = _Walker(disk)
     seen: set[tuple[int, int]] = set()
     for given in paths:
         try:
@@ -306,18 +311,19 @@ def _is_wanted(have: bytes, chunk: int) -> bool:
 class _OpenFile:
     """The file behind an entry, checked against the walk at open and at the end."""
 
-    def __init__(self, entry: SourceEntry) -> None:
+    def __init__(self, entry: SourceEntry, disk: Disk) -> None:
         self.entry = entry
+        self.read_exact = disk.read_exact
         try:
-            self.fd = os.open(entry.source, os.O_RDONLY | _NOFOLLOW | _BINARY)
+            self.fd = disk.open(entry.source, os.O_RDONLY | _NOFOLLOW | _BINARY)
         except FileNotFoundError:
             raise SourceChanged(entry, "it was deleted") from None
         except OSError as exc:
             raise UserError(f"cannot read {entry.source}: {exc.strerror}") from None
         try:
             self.check("at open")
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if disk.fadvise is not None:
+                disk.fadvise(self.fd, 0, 0, POSIX_FADV_SEQUENTIAL)
         except BaseException:
             self.close()
             raise
@@ -334,13 +340,13 @@ class _OpenFile:
 
     def read(self, chunk: int, chunk_size: int) -> bytes:
         length = chunk_length(self.entry.size, chunk_size, chunk)
-        data = pread_exact(self.fd, length, chunk * chunk_size)
+        data = self.read_exact(self.fd, length, chunk * chunk_size)
         if len(data) != length:
             raise SourceChanged(self.entry, "it became shorter")
         return data
 
     def check_end(self) -> None:
-        if pread_exact(self.fd, 1, self.entry.size):
+        if self.read_exact(self.fd, 1, self.entry.size):
             raise SourceChanged(self.entry, "it became longer")
         self.check("at the end")
 
@@ -369,7 +375,8 @@ class ChunkReader:
     whole-file blake3 is computed while streaming, from the first byte, with no pass before.
     At most one read runs at a time (the running hash needs the chunks in order), so any
     executor will do. The file is checked against the walk (inode, size, mtime) at open and
-    after the last byte: :class:`SourceChanged` if it differs.
+    after the last byte: :class:`SourceChanged` if it differs. The file is opened and read
+    through ``disk``.
     """
 
     def __init__(
@@ -380,6 +387,7 @@ class ChunkReader:
         have: bytes = b"",
         read_ahead: int = DEFAULT_READ_AHEAD,
         executor: Executor | None = None,
+        disk: Disk = DISK,
     ) -> None:
         if entry.kind != "file":
             raise ValueError(f"{entry.path} is a folder: it has no chunks")
@@ -393,6 +401,7 @@ class ChunkReader:
         self.bytes_read = 0
         self._have = bytes(have)
         self._executor = executor
+        self._disk = disk
         self._hasher = blake3()
         self._file: _OpenFile | None = None
         self._next = 0  # the next chunk number to read
@@ -475,7 +484,7 @@ class ChunkReader:
         receiver already has are only hashed."""
         try:
             if self._file is None:
-                self._file = _OpenFile(self.entry)
+                self._file = _OpenFile(self.entry, self._disk)
             while chunk < self.chunk_count:
                 data = self._file.read(chunk, self.chunk_size)
                 self._hasher.update(data)
@@ -512,14 +521,19 @@ class ChunkReader:
 
 
 async def read_one_chunk(
-    entry: SourceEntry, chunk_size: int, chunk: int, *, executor: Executor | None = None
+    entry: SourceEntry,
+    chunk_size: int,
+    chunk: int,
+    *,
+    executor: Executor | None = None,
+    disk: Disk = DISK,
 ) -> SourceChunk:
     """Read chunk ``chunk`` again (the receiver asked for a resend), checking the file first."""
     if not 0 <= chunk < chunk_count(entry.size, chunk_size):
         raise ValueError(f"{entry.path} has no chunk {chunk}")
 
     def read() -> SourceChunk:
-        opened = _OpenFile(entry)
+        opened = _OpenFile(entry, disk)
         try:
             data = opened.read(chunk, chunk_size)
             return SourceChunk(chunk, blake3(data).digest(), data)
@@ -529,14 +543,16 @@ async def read_one_chunk(
     return await asyncio.get_running_loop().run_in_executor(executor, read)
 
 
-def read_whole_files(entries: Sequence[SourceEntry]) -> list[SourceChunk | BaseException]:
+def read_whole_files(
+    entries: Sequence[SourceEntry], *, disk: Disk = DISK
+) -> list[SourceChunk | BaseException]:
     """(Blocking) each file of at most one chunk, read whole and checked against the walk
     like :class:`ChunkReader` does, in one trip to a worker for many small files. A file of one
     chunk has one digest: the chunk's is the file's. Per file: its chunk, or why it failed."""
     pieces: list[SourceChunk | BaseException] = []
     for entry in entries:
         try:
-            opened = _OpenFile(entry)
+            opened = _OpenFile(entry, disk)
         except (SourceChanged, UserError) as exc:
             pieces.append(exc)
             continue

@@ -24,7 +24,6 @@ Blocking: run :func:`store_whole_files` in an executor.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import stat
@@ -36,13 +35,11 @@ from typing import Final
 
 from meshagent_gui.errors import UserError
 
-from .disk import AT_FDCWD, DISK, Disk, libc
+from .disk import DISK, Disk
 from .partial import _DISK_FULL, DiskFull, _disk_errors
 from .paths import clash_names
 
 _O_TMPFILE: Final = getattr(os, "O_TMPFILE", 0)
-_AT_SYMLINK_FOLLOW: Final = 0x400
-_AT_EMPTY_PATH: Final = 0x1000
 # The filesystem or system cannot make unnamed files: use the partial-file path.
 _NO_TMPFILE: Final = frozenset(
     {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOTSUP, errno.ENOSYS, errno.EPERM}
@@ -94,7 +91,7 @@ def store_whole_files(files: Sequence[WholeFile], *, disk: Disk = DISK) -> list[
         folders: set[Path] = set()
         for position, fd in fds.items():
             try:
-                final = link_unique(fd, files[position].destination)
+                final = link_unique(fd, files[position].destination, disk=disk)
             except _Unsupported:
                 continue  # NOT_HERE: the partial-file path stores it
             except Exception as exc:
@@ -139,43 +136,37 @@ def write_unnamed(whole: WholeFile, *, disk: Disk = DISK) -> int:
 
 
 def make_durable(fds: Sequence[int], *, disk: Disk = DISK) -> None:
-    """The data of every file in ``fds`` on disk: one ``syncfs`` per filesystem, else a sync
-    of each file."""
-    lib = libc()
-    syncfs = getattr(lib, "syncfs", None) if lib is not None else None
+    """The data of every file in ``fds`` on disk: one ``syncfs`` per filesystem, else (no
+    ``syncfs``, or it failed) a sync of each file, which raises if one cannot be synced."""
     by_device: dict[int, list[int]] = {}
     for fd in fds:
         by_device.setdefault(os.fstat(fd).st_dev, []).append(fd)
     for same_device in by_device.values():
-        if syncfs is not None and syncfs(same_device[0]) == 0:
+        synced = False
+        with contextlib.suppress(OSError):  # the sync of each file tells which one failed
+            synced = disk.syncfs(same_device[0])
+        if synced:
             continue
         for fd in same_device:
             disk.fsync(fd)
 
 
-def link_unique(fd: int, wanted: Path) -> Path:
+def link_unique(fd: int, wanted: Path, *, disk: Disk = DISK) -> Path:
     """Give the unnamed file ``fd`` the name ``wanted`` or its first free clash name; never
     replaces anything (``linkat`` fails on an existing name, atomically)."""
-    lib = libc()
-    assert lib is not None
-    source = f"/proc/self/fd/{fd}".encode()
     for candidate in clash_names(wanted.name):
-        target = os.fsencode(wanted.with_name(candidate))
-        if lib.linkat(AT_FDCWD, source, AT_FDCWD, target, _AT_SYMLINK_FOLLOW) == 0:
-            return wanted.with_name(candidate)
-        code = ctypes.get_errno()
-        if code == errno.ENOENT and not os.path.isdir("/proc/self/fd"):
-            # No /proc: AT_EMPTY_PATH (needs CAP_DAC_READ_SEARCH before Linux 6.10).
-            if lib.linkat(fd, b"", AT_FDCWD, target, _AT_EMPTY_PATH) == 0:
-                return wanted.with_name(candidate)
-            code = ctypes.get_errno()
-        if code == errno.EEXIST:
+        try:
+            disk.link_at(fd, wanted.with_name(candidate))
+        except FileExistsError:
             continue
-        if code in _NO_TMPFILE or code in (errno.ENOENT, errno.EXDEV):
-            raise _Unsupported(os.strerror(code))
-        if code in _DISK_FULL:
-            raise DiskFull(wanted)
-        raise OSError(code, os.strerror(code), str(wanted))
+        except OSError as exc:
+            code = exc.errno
+            if code in _NO_TMPFILE or code in (errno.ENOENT, errno.EXDEV):
+                raise _Unsupported(exc.strerror) from exc
+            if code in _DISK_FULL:
+                raise DiskFull(wanted) from exc
+            raise OSError(code, exc.strerror, str(wanted)) from exc
+        return wanted.with_name(candidate)
     raise UserError(
         f"too many files named like {wanted.name!r} in {wanted.parent}", code="name_clash"
     )

@@ -1,7 +1,8 @@
 """A disk that fails when told to: the receiver's disk faults without patching module functions.
 
 Hand :class:`FaultyDisk` to whatever takes a ``disk`` (``PartialFile.open``,
-``store_whole_files``, ``rename_no_replace``, ``store_small_files``, ``TransferService``).
+``store_whole_files``, ``rename_no_replace``, ``store_small_files``, ``walk``, ``ChunkReader``,
+``read_whole_files``, ``TransferService``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ _LOGGED = (
     "fsync",
     "sync_data",
     "sync_directory",
+    "syncfs",
     "fadvise",
     "unlink",
     "link",
+    "link_at",
     "rename_exclusive",
     "free_space",
 )
@@ -41,7 +44,8 @@ class FaultyDisk(Disk):
     reaches the limit is short, as on a disk that fills up). :meth:`heal` ends the fault.
 
     Also: ``free`` is what ``free_space`` reports; ``unnamed_files=False`` is a system without
-    ``O_TMPFILE``; ``exclusive_rename=False`` a filesystem without a no-replace rename;
+    ``O_TMPFILE``; ``syncfs=False`` one without ``syncfs`` (each file is synced instead);
+    ``exclusive_rename=False`` a filesystem without a no-replace rename;
     ``lexists=False`` an existence check that another writer beats every time.
     What was done is in :attr:`calls` (``(operation, arguments)``, in order; ``pwrite`` logs
     ``(fd, length, offset)``, ``preadv`` ``(fd, offset, bytes read)``).
@@ -57,6 +61,7 @@ class FaultyDisk(Disk):
         free: int | None = None,
         unnamed_files: bool | None = None,
         exclusive_rename: bool = True,
+        syncfs: bool = True,
         lexists: bool | None = None,
     ) -> None:
         super().__init__()
@@ -84,6 +89,8 @@ class FaultyDisk(Disk):
             self.unnamed_files = lambda: unnamed_files
         if not exclusive_rename:
             self.rename_exclusive = self._wrap("rename_exclusive", lambda source, target: False)
+        if not syncfs:
+            self.syncfs = self._wrap("syncfs", lambda fd: False)
         if lexists is not None:
             self.lexists = lambda path: lexists
         self.bind()

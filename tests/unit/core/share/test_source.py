@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sys
 import unicodedata
@@ -20,6 +21,8 @@ from meshagent_gui.core.share.source import (
     walk,
 )
 from meshagent_gui.errors import UserError
+
+from .faulty_disk import FaultyDisk
 
 MiB = 1024 * 1024
 
@@ -166,18 +169,12 @@ def test_missing_path_is_one_clear_line(tmp_path: Path) -> None:
     )
 
 
-def test_unreadable_path_is_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreadable_path_is_one_clear_line(tmp_path: Path) -> None:
     (tmp_path / "locked.txt").write_text("x")
-    real_open = os.open
-
-    def refuse(path: object, flags: int, *args: int) -> int:
-        if str(path).endswith("locked.txt"):
-            raise PermissionError(13, "Permission denied")
-        return real_open(path, flags, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "open", refuse)
+    disk = FaultyDisk(fail="open", error=errno.EACCES)
     with pytest.raises(UserError, match=r"^cannot send .*locked.txt: Permission denied$"):
-        walk([tmp_path / "locked.txt"])
+        walk([tmp_path / "locked.txt"], disk=disk)
+    assert disk.failures == 1
 
 
 def test_two_items_with_one_name(tmp_path: Path) -> None:
@@ -372,3 +369,65 @@ def test_small_files_read_whole_in_one_trip_checked_like_the_reader(tmp_path: Pa
     assert isinstance(pieces[1], SourceChunk) and pieces[1].data == b""
     assert pieces[1].digest == blake3(b"").digest()
     assert isinstance(pieces[2], SourceChanged)
+
+
+# ---------------------------------------------------------------------------- disk faults
+
+
+async def test_files_are_opened_and_read_through_the_disk(tmp_path: Path) -> None:
+    data = os.urandom(3 * 4096 + 5)
+    (tmp_path / "f").write_bytes(data)
+    entry = entry_for(tmp_path / "f")
+    disk = FaultyDisk()
+    reader = ChunkReader(entry, 4096, disk=disk)
+    assert b"".join(chunk.data for chunk in await read_all(reader)) == data
+    assert [arguments[0] for arguments in disk.calls_of("open")] == [entry.source]
+    [(_, offset, length, _)] = disk.calls_of("fadvise")  # read ahead sequentially
+    assert (offset, length) == (0, 0)
+    again = await read_one_chunk(entry, 4096, 3, disk=disk)
+    assert again.data == data[3 * 4096 :] and len(disk.calls_of("open")) == 2
+
+
+async def test_a_read_error_ends_the_reading_and_releases_the_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(os.urandom(8 * 4096))
+    entry = entry_for(tmp_path / "f")
+    disk = FaultyDisk(fail="pread", error=errno.EIO, after_calls=2)
+    reader = ChunkReader(entry, 4096, read_ahead=1, disk=disk)
+    chunks: list[SourceChunk] = []
+    with pytest.raises(OSError, match="Input/output error") as caught:
+        async with reader:
+            async for chunk in reader:
+                chunks.append(chunk)
+    assert caught.value.errno == errno.EIO and disk.failures == 1
+    assert [chunk.chunk for chunk in chunks] == [0, 1]  # what was read before is intact
+    assert reader._file is not None and reader._file.fd == -1  # closed at the failure
+
+
+async def test_a_file_that_cannot_be_opened_when_read(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"data")
+    entry = entry_for(tmp_path / "f")
+    with pytest.raises(UserError, match=r"^cannot read .*f: Input/output error$"):
+        await read_all(ChunkReader(entry, 4096, disk=FaultyDisk(fail="open", error=errno.EIO)))
+    gone = FaultyDisk(fail="open", error=errno.ENOENT)  # deleted since the walk
+    with pytest.raises(SourceChanged, match="deleted"):
+        await read_one_chunk(entry, 4096, 0, disk=gone)
+
+
+def test_a_small_file_that_cannot_be_read_fails_that_file_only(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(name.encode() * 3)
+    entries = [e for e in walk([tmp_path]).entries if e.kind == "file"]
+    # Each file is read once and checked for more once: the second file's read fails.
+    disk = FaultyDisk(fail="pread", error=errno.EIO, after_calls=2)
+    first, second, third = read_whole_files(entries, disk=disk)
+    assert isinstance(first, SourceChunk) and first.data == b"aaa"
+    assert isinstance(second, UserError)
+    assert second.message == f"cannot read {entries[1].source}: Input/output error"
+    assert isinstance(third, UserError)  # the disk still fails
+    disk.heal()
+    healed = read_whole_files(entries, disk=disk)
+    assert [piece.data if isinstance(piece, SourceChunk) else piece for piece in healed] == [
+        b"aaa",
+        b"bbb",
+        b"ccc",
+    ]

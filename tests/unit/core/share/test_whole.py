@@ -132,3 +132,46 @@ def test_without_unnamed_files_every_file_goes_to_the_partial_path(folder: Path)
     files = [WholeFile(folder / "x", b"1", 0o644, MTIME_NS)]
     assert store_whole_files(files, disk=disk) == [NOT_HERE]
     assert list(folder.iterdir()) == []
+
+
+def test_a_failing_syncfs_falls_back_to_syncing_each_file(folder: Path) -> None:
+    disk = FaultyDisk(fail="syncfs", error=errno.EIO)
+    files = [WholeFile(folder / name, b"data", 0o644, MTIME_NS) for name in ("a", "b")]
+    assert store_whole_files(files, disk=disk) == [folder / "a", folder / "b"]
+    assert disk.failures == 1 and len(disk.calls_of("fsync")) == 2
+    assert (folder / "b").read_bytes() == b"data"
+
+
+def test_a_batch_that_cannot_be_made_durable_is_one_error_and_names_nothing(folder: Path) -> None:
+    (folder / "a.txt").write_bytes(b"theirs")
+    disk = FaultyDisk(syncfs=False, fail="fsync", error=errno.EIO)
+    files = [WholeFile(folder / name, b"ours", 0o644, MTIME_NS) for name in ("a.txt", "b.txt")]
+    with pytest.raises(OSError, match="Input/output error") as caught:
+        store_whole_files(files, disk=disk)
+    assert caught.value.errno == errno.EIO and disk.failures == 1
+    assert disk.calls_of("link_at") == []  # nothing named before it is durable
+    assert sorted(path.name for path in folder.iterdir()) == ["a.txt"]
+    assert (folder / "a.txt").read_bytes() == b"theirs"
+    disk.heal()  # the batch can come again
+    assert store_whole_files(files, disk=disk) == [folder / "a (1).txt", folder / "b.txt"]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [(errno.EIO, OSError), (errno.ENOSPC, DiskFull), (errno.EXDEV, type(NOT_HERE))],
+    ids=["io-error", "disk-full", "cannot-link"],
+)
+def test_a_failing_link_fails_that_file_only_and_replaces_nothing(
+    folder: Path, error: int, expected: type
+) -> None:
+    (folder / "b").write_bytes(b"theirs")
+    disk = FaultyDisk(fail="link_at", error=error, after_calls=1)  # the second file on
+    files = [WholeFile(folder / name, b"ours", 0o644, MTIME_NS) for name in ("a", "b", "c")]
+    first, second, third = store_whole_files(files, disk=disk)
+    assert first == folder / "a"
+    assert isinstance(second, expected) and isinstance(third, expected)
+    if error == errno.EIO:
+        assert isinstance(second, OSError) and second.errno == errno.EIO
+        assert second.filename == str(folder / "b")  # names the file, one line
+    assert sorted(path.name for path in folder.iterdir()) == ["a", "b"]
+    assert (folder / "b").read_bytes() == b"theirs"
