@@ -1241,7 +1241,7 @@ async def _sync_call(
 
 def _sync_table(folders: Sequence[Any]) -> str:
     """``sync list``: one line per folder, columns sized to fit."""
-    from meshagent_gui.core.notify.router import human_size
+    from meshagent_gui.units import human_size
 
     if not folders:
         return "no synced folders (add one: meshagent sync DIR --with DEVICE)"

@@ -40,7 +40,8 @@ from PySide6.QtWidgets import (
 
 from meshagent_gui.compose.onboarding import JoinCodeWithUrl
 from meshagent_gui.core.events import TransferOffered
-from meshagent_gui.core.notify.router import Notification, human_size
+from meshagent_gui.core.notify.router import Notification
+from meshagent_gui.units import human_size
 
 from .bridge import AgentBridge
 from .devices import DeviceEntry, DeviceListView, local_paths

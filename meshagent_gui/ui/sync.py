@@ -63,8 +63,8 @@ from meshagent_gui.core.events import (
     SyncStateChanged,
 )
 from meshagent_gui.core.ipc_types import FolderInfo, SyncOfferInfo
-from meshagent_gui.core.notify.router import human_size
 from meshagent_gui.errors import UserError
+from meshagent_gui.units import human_size
 
 from .devices import DeviceEntry
 from .resources import app_icon

@@ -42,7 +42,7 @@ from meshagent_gui.core.events import (
     TransferProgressed,
     TransferWaiting,
 )
-from meshagent_gui.core.notify.router import human_size
+from meshagent_gui.units import human_size
 
 AnyIndex = QModelIndex | QPersistentModelIndex
 

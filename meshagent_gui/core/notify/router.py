@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, Protocol, TypeVar
 
-from meshagent_gui import units
 from meshagent_gui.config import KEYS
 from meshagent_gui.core.events import (
     ControlRequested,
@@ -28,6 +27,7 @@ from meshagent_gui.core.events import (
 )
 from meshagent_gui.core.notify.gotify import GotifyClient
 from meshagent_gui.errors import UserError
+from meshagent_gui.units import human_size
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,6 @@ def _clean(text: str) -> str:
     kept = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
     kept = " ".join(kept.split())
     return kept if len(kept) <= _MAX_FIELD else kept[: _MAX_FIELD - 1] + "…"
-
-
-human_size = units.human_size  # one formatter (units.py); the app's windows import it here
 
 
 def _duration(seconds: float) -> str:
