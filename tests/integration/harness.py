@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from meshagent_gui.config import KEYS, Config, Paths, parse_value
+
 T = TypeVar("T")
 
 BASE_ENV = {
@@ -211,9 +213,22 @@ class AgentHome:
         assert done.returncode == 0, f"meshagent {' '.join(args)} failed: {done.stderr}"
         return done.stdout
 
+    def configure(self) -> None:
+        """Write ``config`` the way `meshagent config set` does, without a process per key
+        (setup, not what the tests are about; `config set` itself has its own tests)."""
+        paths = Paths.resolve(self.home)
+        paths.ensure()
+        config = Config.load(paths.config_file)
+        for name, raw in self.config.items():
+            key = KEYS[name]
+            if key.secret:
+                self.ok("config", "set", name, raw)
+            else:
+                config.set(name, parse_value(key, raw))
+        config.save()
+
     def login(self, server: Server, code: str) -> dict[str, Any]:
-        for key, value in self.config.items():
-            self.ok("config", "set", key, value)
+        self.configure()
         out = self.ok("--json", "login", server.url, "--join-code", code, "--name", self.name)
         return dict(json.loads(out))
 
