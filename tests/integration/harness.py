@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from meshagent_gui.config import KEYS, Config, Paths, parse_value
+from meshagent_gui.server import runner
 
 T = TypeVar("T")
 
@@ -171,28 +172,17 @@ class Server:
             self.process.stop(sig)
             self.process = None
 
+    # The operator's commands (`meshagent server add-user` / `join-code`) run in process here:
+    # setup for most tests, a process each otherwise; test_readme and test_cli_* run the real
+    # commands.
     def add_user(
         self, name: str, password: str = "correct horse battery", admin: bool = False
     ) -> None:
-        extra = ["--admin"] if admin else []
-        ok(
-            "server",
-            "add-user",
-            name,
-            "--password-stdin",
-            "--data-dir",
-            str(self.data_dir),
-            *extra,
-            stdin=password + "\n",
-        )
+        runner.add_user(self.data_dir, name, password, admin=admin)
 
     def join_code(self, user: str | None = None, ttl: int = 600, room: str | None = None) -> str:
-        args = ["server", "join-code", "--data-dir", str(self.data_dir), "--ttl", str(ttl)]
-        if user:
-            args += ["--user", user]
-        if room:
-            args += ["--room", room]
-        return ok(*args).strip()
+        code, _expires = runner.create_join_code(self.data_dir, user=user, room=room, ttl=ttl)
+        return code
 
 
 @dataclass
