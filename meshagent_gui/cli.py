@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure", action="store_true", help="allow plain HTTP on a non-loopback address"
     )
     server.add_argument("--heartbeat", type=float, default=10.0, help=argparse.SUPPRESS)
+    server.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="also let web pages of this origin use the API, e.g. https://mesh.example.com",
+    )
     server_commands = server.add_subparsers(
         dest="server_command", metavar="ACTION", parser_class=_Parser
     )
@@ -387,6 +394,7 @@ def cmd_server(args: argparse.Namespace) -> int:
                 tls_key=args.tls_key,
                 insecure=args.insecure,
                 heartbeat_interval=args.heartbeat,
+                allowed_origins=tuple(args.allow_origin),
             )
 
             def ready(url: str) -> None:

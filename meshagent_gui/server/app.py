@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,10 +25,15 @@ from starlette.routing import BaseRoute, Match
 from meshagent_gui import __version__
 from meshagent_gui.core.mesh.types import (
     API_PREFIX,
+    BROWSER_PLATFORM,
     CLOSE_REVOKED,
+    GUEST_PLATFORM,
+    LINK_TTL,
+    WEBRTC_PLATFORMS,
     ApiError,
     AuditEntry,
     AuditLog,
+    BrowserEnrollRequest,
     CapabilityGrant,
     CapabilityRequest,
     Device,
@@ -42,6 +48,10 @@ from meshagent_gui.core.mesh.types import (
     JoinCode,
     JoinCodeCreate,
     KeySet,
+    LinkClaim,
+    LinkClaimed,
+    LinkCreate,
+    LinkStatus,
     MemberUpdate,
     NotifySettings,
     NotifySettingsUpdate,
@@ -52,9 +62,11 @@ from meshagent_gui.core.mesh.types import (
     RoomJoinCodeCreate,
     RoomList,
     ServerInfo,
+    ShareLink,
     StatusAnswer,
     TerminalControlReport,
     TokenPair,
+    WsTicket,
 )
 from meshagent_gui.server.hub import Hub, HubLimits
 from meshagent_gui.server.limits import MAX_BODY_BYTES, BodyLimit, FailureLimiter
@@ -77,7 +89,9 @@ from meshagent_gui.server.store import (
     StoreError,
     personal_room,
 )
+from meshagent_gui.server.tickets import TicketBook
 from meshagent_gui.server.tokens import SigningKeys
+from meshagent_gui.server.web_page import OriginGuard, mount_web_page
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -98,11 +112,15 @@ ERROR_STATUS: Final[dict[str, int]] = {
     "invalid_refresh_token": 401,
     "invalid_proof": 401,
     "forbidden": 403,
+    "forbidden_origin": 403,
     "not_allowed": 403,
     "not_found": 404,
     "unknown_device": 404,
     "unknown_room": 404,
     "unknown_user": 404,
+    "link_unknown": 404,
+    "link_claimed": 409,
+    "link_expired": 410,
     "method_not_allowed": 405,
     "room_exists": 409,
     "user_exists": 409,
@@ -119,8 +137,14 @@ GUESSING_ERRORS: Final = frozenset(
         "join_code_expired",
         "join_code_used",
         "invalid_proof",
+        "link_unknown",
     }
 )
+# What a share link's sender may ask toward its guest: connect, and send it what it claimed.
+GUEST_SCOPES: Final = frozenset({"p2p:connect", "share:file", "share:folder"})
+# What a share link's guest may call (besides the unauthenticated endpoints): its socket, and
+# the one device it may reach. Everything else answers 403 forbidden.
+GUEST_PATHS: Final = frozenset({API_PREFIX + "/ws/ticket", API_PREFIX + "/devices"})
 
 
 class ApiException(Exception):
@@ -175,6 +199,9 @@ class ServerState:
     challenges: ChallengeCache = field(default_factory=ChallengeCache)  # enrolment nonces
     clock: Callable[[], float] = time.time
     stun_port: int | None = None  # set by the runner once its UDP socket is bound
+    # Origins besides the server's own whose pages may call the API (OriginGuard, CORS).
+    allowed_origins: tuple[str, ...] = ()
+    tickets: TicketBook = field(default_factory=TicketBook)  # browsers' /ws tickets
     notifier: UserNotifier = field(init=False)  # per-user Gotify; tests replace it
 
     def __post_init__(self) -> None:
@@ -206,6 +233,7 @@ class ServerState:
         limiter: FailureLimiter | None = None,
         hub_limits: HubLimits | None = None,
         clock: Callable[[], float] = time.time,
+        allowed_origins: Iterable[str] = (),
     ) -> ServerState:
         """Open the store and keys in ``data_dir`` (blocking: call it off the event loop)."""
         store = Store.open(data_dir)
@@ -225,6 +253,7 @@ class ServerState:
             passwords=passwords or Passwords(),
             limiter=limiter or FailureLimiter(),
             clock=clock,
+            allowed_origins=tuple(allowed_origins),
         )
 
     def close(self) -> None:
@@ -271,6 +300,14 @@ def _check_possession(
             "The enrolment proof is missing, expired or not signed with this certificate's key;"
             " fetch a new challenge (POST /enroll/challenge) and sign it.",
         )
+
+
+async def _forbidden_origin(scope: Any, receive: Any, send: Any) -> None:
+    """The 403 of :class:`OriginGuard`: a page of another site called the API."""
+    response = _error_response(
+        "forbidden_origin", "Requests from pages of other sites are not accepted here."
+    )
+    await response(scope, receive, send)
 
 
 async def _too_large(scope: Any, receive: Any, send: Any) -> None:
@@ -348,6 +385,8 @@ async def _authenticate(
         )
     if principal is None:
         raise ApiException("unauthorized", "Missing, unknown or expired access token.")
+    if principal.guest_of is not None and request.url.path not in GUEST_PATHS:
+        raise ApiException("forbidden", "A share link's guest may only receive what it was sent.")
     return principal
 
 
@@ -391,8 +430,20 @@ def create_app(state: ServerState) -> FastAPI:
             response.headers["Allow"] = _allowed_methods(routes, request.scope)
         return response
 
-    # Outermost of our middleware: a body over the cap is refused before anything reads it.
+    # A body over the cap is refused before anything reads it.
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES, too_large=_too_large)
+    if state.allowed_origins:
+        # Pages of the allowed origins need CORS answers (preflights) to send Authorization.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.allowed_origins),
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
+    # Outermost: a foreign page is refused before anything else runs.
+    app.add_middleware(OriginGuard, allowed=state.allowed_origins, refuse=_forbidden_origin)
+    mount_web_page(app)
 
     async def store_call(
         method: Callable[Concatenate[Store, P], T], *args: P.args, **kwargs: P.kwargs
@@ -440,6 +491,10 @@ def create_app(state: ServerState) -> FastAPI:
 
     @router.post("/enroll", responses=_errors(400, 401, 403, 429))
     async def enroll(body: EnrollRequest, request: Request) -> EnrollResponse:
+        if body.platform in WEBRTC_PLATFORMS:
+            # They mean "reach it over WebRTC only" (and a guest: "in no room"): set by the
+            # server for pages, never claimed by a device that proved a key.
+            raise ApiException("invalid_request", f"The platform {body.platform!r} is reserved.")
         with guessing_attempt(state.limiter, _client_address(request), state.clock()):
             certificate = _load_certificate(body.certificate)
             device = NewDevice(
@@ -450,6 +505,23 @@ def create_app(state: ServerState) -> FastAPI:
             )
             _check_possession(certificate, body, state)
             enrolment = await _enroll(body, device)
+        return enrolled(enrolment)
+
+    @router.post("/enroll/browser", responses=_errors(401, 403, 429))
+    async def enroll_browser(body: BrowserEnrollRequest, request: Request) -> EnrollResponse:
+        """A web page enrols the fingerprint of its RTCCertificate (no proof: see the model)."""
+        with guessing_attempt(state.limiter, _client_address(request), state.clock()):
+            device = NewDevice(
+                id=body.fingerprint,
+                name=_clean_device_name(body.device_name),
+                platform=BROWSER_PLATFORM,
+                certificate="",  # the page cannot export it; DTLS shows it on every use
+            )
+            enrolment = await _enroll(body, device)
+        return enrolled(enrolment)
+
+    def enrolled(enrolment: Enrolment) -> EnrollResponse:
+        device = enrolment.device
         state.revoke_sockets(enrolment.revoked_sessions)
         if enrolment.membership is not None:
             hub.membership_changed(enrolment.membership)
@@ -470,7 +542,7 @@ def create_app(state: ServerState) -> FastAPI:
             refresh_token=enrolment.tokens.refresh_token,
         )
 
-    async def _enroll(body: EnrollRequest, device: NewDevice) -> Enrolment:
+    async def _enroll(body: EnrollRequest | BrowserEnrollRequest, device: NewDevice) -> Enrolment:
         now = state.clock()
         if body.join_code is not None:
             return await store_call(Store.enroll_with_join_code, body.join_code, device, now=now)
@@ -552,6 +624,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @router.get("/devices", responses=_errors(401))
     async def devices(caller: Caller) -> DeviceList:
+        if caller.guest_of is not None:  # a share link's guest sees its sender, nobody else
+            sender = await state.db.call(Store.device, caller.guest_of)
+            return DeviceList(devices=[] if sender is None else [device_model(sender)])
         visible = await state.db.call(Store.visible_devices, caller.device_id)
         return DeviceList(devices=[device_model(record, rooms) for record, rooms in visible])
 
@@ -701,8 +776,22 @@ def create_app(state: ServerState) -> FastAPI:
             raise ApiException(
                 "not_allowed", f"You may not ask for {body.scope!r} toward that device."
             )
-        # One room decides (the named one, or the store's pick), never the best role overall.
-        room = await store_call(Store.grant_room, caller.user, target.user, body.scope, body.room)
+        room: str | None
+        if target.platform == GUEST_PLATFORM:
+            # A share link's guest is reached by its sender only, to be sent what it claimed.
+            sender = await state.db.call(Store.guest_sender, target.id)
+            if sender != caller.device_id:
+                raise ApiException("unknown_device", "There is no such device.")
+            if body.scope not in GUEST_SCOPES:
+                raise ApiException(
+                    "not_allowed", f"You may not ask for {body.scope!r} toward a guest."
+                )
+            room = None
+        else:
+            # One room decides (the named one, or the store's pick), never the best role overall.
+            room = await store_call(
+                Store.grant_room, caller.user, target.user, body.scope, body.room
+            )
         state.keys.reload_if_changed()
         now = state.clock()
         token, expires_at = state.keys.issue(
@@ -718,7 +807,7 @@ def create_app(state: ServerState) -> FastAPI:
         await state.db.call(
             Store.record,
             "capability.granted",
-            room=room,
+            room=room or personal_room(caller.user),  # toward a guest: the sender's own log
             actor_user=caller.user,
             actor_device=caller.device_id,
             subject=target.id,
@@ -780,17 +869,84 @@ def create_app(state: ServerState) -> FastAPI:
             return NotifySettings()
         return NotifySettings(gotify_url=target.url, token_set=target.token is not None)
 
+    # ------------------------------------------------------------ share links
+
+    @router.post("/links", responses=_errors(401, 403, 429))
+    async def create_link(body: LinkCreate, caller: Caller) -> ShareLink:
+        """The sender's agent asks for a one-time link; the page at /s/<id>#<secret> claims it."""
+        link, secret = await store_call(
+            Store.create_link,
+            caller.device_id,
+            name=body.name,
+            size=body.size,
+            ttl=body.ttl or LINK_TTL,
+            now=state.clock(),
+        )
+        return ShareLink(
+            link_id=link.id, secret=secret, path=f"/s/{link.id}", expires_at=link.expires_at
+        )
+
+    @router.get("/links/{link_id}", responses=_errors(401, 404))
+    async def link_status(link_id: str, caller: Caller) -> LinkStatus:
+        """The sender asks whether its link was claimed (the event may have found it offline)."""
+        link, guest = await store_call(Store.link_status, link_id, caller.device_id)
+        return LinkStatus(link_id=link.id, expires_at=link.expires_at, guest=guest)
+
+    @router.post("/links/{link_id}/claim", responses=_errors(403, 404, 409, 410, 429))
+    async def claim_link(link_id: str, body: LinkClaim, request: Request) -> LinkClaimed:
+        with guessing_attempt(state.limiter, _client_address(request), state.clock()):
+            claim = await store_call(
+                Store.claim_link, link_id, body.secret, body.fingerprint, now=state.clock()
+            )
+        # The sender's agent dials the guest now (over WebRTC) and sends what the link names.
+        hub.device_event(
+            claim.sender.id,
+            "link.claimed",
+            {"link_id": link_id, "guest": claim.guest.id, "name": claim.link.name},
+        )
+        state.keys.reload_if_changed()
+        return LinkClaimed(
+            access_token=claim.tokens.access_token,
+            expires_in=claim.tokens.access_expires_in,
+            device_id=claim.guest.id,
+            server_id=state.server_id,
+            keys=state.keys.public_keys(),
+            sender=claim.sender.id,
+            sender_name=claim.sender.name,
+            name=claim.link.name,
+            size=claim.link.size,
+        )
+
     # ------------------------------------------------------------ WebSocket
 
-    async def accept_device(socket: WebSocket) -> Principal | None:
+    @router.post("/ws/ticket", responses=_errors(401))
+    async def ws_ticket(caller: Caller) -> WsTicket:
+        """A single-use ticket opening this device's ``/ws`` (for pages: no header there)."""
+        tickets = state.tickets
+        return WsTicket(ticket=tickets.issue(caller, state.clock()), expires_in=int(tickets.ttl))
+
+    async def accept_device(socket: WebSocket, *, ticket_allowed: bool = False) -> Principal | None:
         principal = None
         scheme, _, token = socket.headers.get("authorization", "").partition(" ")
+        ticket = socket.query_params.get("ticket") if ticket_allowed else None
         if scheme.lower() == "bearer" and token.strip():
             principal = await state.db.call(Store.authenticate, token.strip(), now=state.clock())
+        elif ticket:
+            principal = await redeem_ticket(ticket)
         # Accept first so the refusal is a close code (4401) the agent can act on.
         await socket.accept()
         if principal is None:
             await socket.close(CLOSE_UNAUTHORIZED, "unauthorized")
+        return principal
+
+    async def redeem_ticket(ticket: str) -> Principal | None:
+        principal = state.tickets.redeem(ticket, state.clock())
+        if principal is None:
+            return None
+        # Revoked since the ticket was issued (or the token expired): no socket.
+        live = await state.db.call(Store.live_sessions, {principal.session_id})
+        if principal.session_id not in live or principal.access_expires_at <= state.clock():
+            return None
         return principal
 
     # Both sockets live as long as the session: the hub's sweep closes them 4401 when the token
@@ -798,7 +954,7 @@ def create_app(state: ServerState) -> FastAPI:
     # the session is revoked (state.revoke_sockets does that at once).
     @router.websocket("/ws")
     async def websocket(socket: WebSocket) -> None:
-        if (principal := await accept_device(socket)) is not None:
+        if (principal := await accept_device(socket, ticket_allowed=True)) is not None:
             await hub.serve(socket, principal)
 
     @router.websocket("/relay")

@@ -173,6 +173,7 @@ class Connection:
         self.user = principal.user
         self.auth_session = principal.session_id
         self.expires_at = principal.access_expires_at
+        self.guest_of = principal.guest_of  # a share link's guest reaches this device only
         self.session_id = secrets.token_hex(8)  # this connection's id, told in ``hello``
         self.standing: dict[str, _Standing] = {}
         self._limits = limits
@@ -291,6 +292,8 @@ class Hub:
         self.generation = 0
         # Sessions renewed in-band (``auth``): the relay's sockets of that session live on too.
         self._renewed: dict[str, float] = {}
+        # Share links: sender device -> its guests online now (they share no room with it).
+        self._guests: dict[str, set[str]] = {}
         self._holders: list[SessionSockets] = [self]
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -352,6 +355,14 @@ class Hub:
             self._peers[user] = peers
         return peers
 
+    def _linked(self, connection: Connection) -> list[Connection]:
+        """The online devices ``connection`` sees through a share link, not a room."""
+        if connection.guest_of is not None:
+            ids: Iterable[str] = (connection.guest_of,)
+        else:
+            ids = self._guests.get(connection.device_id, ())
+        return [peer for peer in map(self._connections.get, ids) if peer is not None]
+
     def renewed_until(self, session_id: str) -> float | None:
         return self._renewed.get(session_id)
 
@@ -396,10 +407,13 @@ class Hub:
         previous = self._connections.get(device_id)
         self._connections[device_id] = connection
         self._online_by_user.setdefault(connection.user, {})[device_id] = connection
+        if connection.guest_of is not None:
+            self._guests.setdefault(connection.guest_of, set()).add(device_id)
         if previous is not None:
             self._end_standing(previous)
             previous.close(CLOSE_REPLACED, "replaced by a newer connection")
-        online = list(self._online_devices(peers, device_id))
+        linked = self._linked(connection)
+        online = [*self._online_devices(peers, device_id), *linked]
         connection.push(
             dump_ws(
                 ServerHello(
@@ -437,8 +451,13 @@ class Hub:
             del self._online_by_user[connection.user]
         self._end_standing(connection)
         presence = dump_ws(Presence(device_id=device_id, online=False, at=now))
-        for peer in self._online_devices(peers, device_id):
+        for peer in [*self._online_devices(peers, device_id), *self._linked(connection)]:
             peer.push(presence)
+        if connection.guest_of is not None:
+            guests = self._guests.get(connection.guest_of, set())
+            guests.discard(device_id)
+            if not guests:
+                self._guests.pop(connection.guest_of, None)
         await self._touch(device_id, now)
 
     async def _touch(self, device_id: str, now: float) -> None:
@@ -507,7 +526,7 @@ class Hub:
             connection.push(
                 _error("device_offline", "That device is not online.", device_id=target_id)
             )
-        elif target.user not in peers or target_id == connection.device_id:
+        elif not self._may_signal(connection, target, peers):
             connection.push(
                 _error("not_allowed", "You share no room with that device.", device_id=target_id)
             )
@@ -516,6 +535,16 @@ class Hub:
                 {"from": connection.device_id, "payload": frame.payload}
             )
             target.push(dump_ws(relayed))
+
+    @staticmethod
+    def _may_signal(sender: Connection, target: Connection, peers: frozenset[str]) -> bool:
+        """Devices signal each other when they share a room; a share link's guest and its sender
+        only each other (a guest is in no room; nobody else may reach it)."""
+        if sender.device_id == target.device_id:
+            return False
+        if sender.guest_of is not None or target.guest_of is not None:
+            return sender.guest_of == target.device_id or target.guest_of == sender.device_id
+        return target.user in peers
 
     async def _announce(self, connection: Connection, frame: Announce) -> None:
         problem = self._check_announce(frame)
@@ -643,6 +672,12 @@ class Hub:
         frame = dump_ws(ServerEvent(kind=kind, data=data))
         for connection in self._online_by_user.get(user, {}).values():
             connection.push(frame)
+
+    def device_event(self, device_id: str, kind: str, data: dict[str, Any]) -> None:
+        """A server event (no ``from``) to one device, if it is online."""
+        connection = self._connections.get(device_id)
+        if connection is not None:
+            connection.push(dump_ws(ServerEvent(kind=kind, data=data)))
 
     def room_event(self, rooms: Iterable[str], kind: str, data: dict[str, Any]) -> None:
         """A server event to the online devices of the members of ``rooms``.

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import signal
 import socket
 import sys
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES: Final = 64 * 1024
 STARTUP_TIMEOUT: Final = 15.0
+_ORIGIN: Final = re.compile(r"https?://[^/?#\s]+")
 SHUTDOWN_TIMEOUT: Final = 10.0
 
 
@@ -46,6 +48,8 @@ class ServerSettings:
     insecure: bool = False
     heartbeat_interval: float = 10.0
     name: str = "Mesh Server"
+    # Web origins besides the server's own whose pages may use the API (``--allow-origin``).
+    allowed_origins: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -75,6 +79,13 @@ def _check_settings(settings: ServerSettings) -> None:
         )
     if settings.heartbeat_interval <= 0:
         raise UserError("The heartbeat interval must be positive.", code="bad_settings")
+    for origin in settings.allowed_origins:
+        if not _ORIGIN.fullmatch(origin):
+            raise UserError(
+                f"{origin!r} is not a web origin: give scheme://host[:port], e.g. "
+                "https://mesh.example.com",
+                code="bad_settings",
+            )
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -130,7 +141,10 @@ def _raise_open_file_limit() -> None:
 def _open_state(settings: ServerSettings) -> ServerState:
     try:
         return ServerState.open(
-            settings.data_dir, name=settings.name, heartbeat_interval=settings.heartbeat_interval
+            settings.data_dir,
+            name=settings.name,
+            heartbeat_interval=settings.heartbeat_interval,
+            allowed_origins=settings.allowed_origins,
         )
     except StoreError as exc:
         raise UserError(exc.message, code=exc.code) from exc

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -39,6 +40,9 @@ MAX_PENDING_PER_INVITEE: Final = 64
 MAX_PENDING_PER_INVITER: Final = 8  # pending invitations from one user to one invitee
 AUDIT_RETENTION: Final = 90 * 86400
 MAX_AUDIT_PAGE: Final = 500
+MAX_OPEN_LINKS: Final = 32  # unclaimed, unexpired share links per sending device
+# Guest users are named so that no real user can be (USER_NAME never starts with "~").
+GUEST_USER_PREFIX: Final = "~guest-"
 
 # Defined once with the wire types (the agent needs them too); the server takes them from here.
 PERSONAL_ROOM_PREFIX: Final = wire.PERSONAL_ROOM_PREFIX
@@ -152,6 +156,22 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             gotify_token TEXT
         )""",
     ),
+    # 3: share links (issue 13). A claimed link names its guest device, whose user is
+    # GUEST_USER_PREFIX + link id; that user is deleted (devices, sessions) once the link is old.
+    (
+        """CREATE TABLE links (
+            id TEXT PRIMARY KEY,
+            secret_hash TEXT NOT NULL,
+            sender TEXT NOT NULL REFERENCES devices(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            claimed_at REAL,
+            guest TEXT UNIQUE
+        )""",
+        "CREATE INDEX links_by_sender ON links(sender)",
+    ),
 )
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -209,6 +229,7 @@ class Principal:
     admin: bool
     session_id: str
     access_expires_at: float  # sockets opened with this token close (4401) at this time
+    guest_of: str | None = None  # a share link's guest: the one device it may reach
 
 
 @dataclass(frozen=True)
@@ -251,6 +272,23 @@ class RefreshReuse(StoreError):
         super().__init__("invalid_refresh_token", "The refresh token is not valid; enrol again.")
         self.revoked_sessions = revoked_sessions
         self.user = user  # whose session it was (to notify them), if it still existed
+
+
+@dataclass(frozen=True)
+class LinkRecord:
+    id: str
+    sender: str
+    name: str
+    size: int
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class LinkClaimRecord:
+    link: LinkRecord
+    guest: DeviceRecord
+    sender: DeviceRecord
+    tokens: IssuedTokens
 
 
 @dataclass(frozen=True)
@@ -535,6 +573,10 @@ class Store:
             tokens = self._new_session(db, device.id, now, replace_existing=False)
         return Enrolment(device=record, tokens=tokens, revoked_sessions=revoked)
 
+    def _platform(self, db: sqlite3.Connection, device_id: str) -> str:
+        row = db.execute("SELECT platform FROM devices WHERE id = ?", (device_id,)).fetchone()
+        return "" if row is None else str(row["platform"])
+
     def _device_owner(self, db: sqlite3.Connection, device_id: str) -> str | None:
         row = db.execute("SELECT user FROM devices WHERE id = ?", (device_id,)).fetchone()
         return None if row is None else str(row["user"])
@@ -545,6 +587,12 @@ class Store:
         owner = self._device_owner(db, device.id)
         if owner is not None and owner != user:
             raise StoreError("forbidden", "This device certificate is enrolled to another user.")
+        if owner is not None and _kind(self._platform(db, device.id)) != _kind(device.platform):
+            # A browser's enrolment proves no key: it must never take over (or revoke the
+            # sessions of) an agent that happens to have, or is given, the same fingerprint.
+            raise StoreError(
+                "forbidden", "This fingerprint belongs to another kind of device (agent, browser)."
+            )
         db.execute(
             "INSERT INTO devices (id, name, platform, user, certificate, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?) "
@@ -609,7 +657,8 @@ class Store:
 
     def authenticate(self, access_token: str, *, now: float) -> Principal | None:
         row = self._db.execute(
-            "SELECT s.id, s.access_expires_at, d.id AS device, u.name AS user, u.admin "
+            "SELECT s.id, s.access_expires_at, d.id AS device, u.name AS user, u.admin, "
+            "(SELECT l.sender FROM links l WHERE l.guest = d.id) AS guest_of "
             "FROM sessions s JOIN devices d ON d.id = s.device JOIN users u ON u.name = d.user "
             "WHERE s.access_hash = ?",
             (secret_hash(access_token),),
@@ -622,6 +671,7 @@ class Store:
             admin=bool(row["admin"]),
             session_id=row["id"],
             access_expires_at=float(row["access_expires_at"]),
+            guest_of=row["guest_of"],
         )
 
     def refresh(self, refresh_token: str, *, now: float) -> IssuedTokens:
@@ -1239,6 +1289,100 @@ class Store:
         ).fetchone()
         return None if row is None else NotifyTarget(row["gotify_url"], row["gotify_token"])
 
+    # ------------------------------------------------------------ share links
+
+    def create_link(
+        self, sender: str, *, name: str, size: int, ttl: int, now: float
+    ) -> tuple[LinkRecord, str]:
+        """A one-time share link from device ``sender``; returns it and its secret (kept
+        hashed). Old links and their guests are deleted here, so they never pile up."""
+        link_id, secret = secrets.token_urlsafe(12), secrets.token_urlsafe(24)
+        with self._transaction() as db:
+            self._forget_old_links(db, now)
+            open_links = db.execute(
+                "SELECT COUNT(*) FROM links WHERE sender = ? AND guest IS NULL AND expires_at > ?",
+                (sender, now),
+            ).fetchone()[0]
+            if open_links >= MAX_OPEN_LINKS:
+                raise StoreError(
+                    "rate_limited",
+                    f"This device has {MAX_OPEN_LINKS} share links open; wait for some to expire.",
+                )
+            db.execute(
+                "INSERT INTO links (id, secret_hash, sender, name, size, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (link_id, secret_hash(secret), sender, name, size, now, now + ttl),
+            )
+        return LinkRecord(link_id, sender, name, size, now + ttl), secret
+
+    def _forget_old_links(self, db: sqlite3.Connection, now: float) -> None:
+        """Links past their TTL by more than a guest session's life go, with their guests."""
+        cutoff = now - ACCESS_TTL
+        old = db.execute("SELECT id FROM links WHERE expires_at < ?", (cutoff,)).fetchall()
+        for row in old:
+            guest_user = GUEST_USER_PREFIX + row["id"]
+            db.execute("DELETE FROM users WHERE name = ?", (guest_user,))
+            db.execute("DELETE FROM rooms WHERE name = ?", (personal_room(guest_user),))
+            db.execute("DELETE FROM links WHERE id = ?", (row["id"],))
+
+    def claim_link(
+        self, link_id: str, secret: str, fingerprint: str, *, now: float
+    ) -> LinkClaimRecord:
+        """The page holding the link's secret becomes its guest (once): a device of its own
+        user, with a session that may reach the sender only."""
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM links WHERE id = ?", (link_id,)).fetchone()
+            if row is None or not hmac.compare_digest(row["secret_hash"], secret_hash(secret)):
+                raise StoreError("link_unknown", "This share link is not known to the server.")
+            if row["guest"] is not None:
+                raise StoreError("link_claimed", "This share link has already been used.")
+            if row["expires_at"] <= now:
+                raise StoreError("link_expired", "This share link has expired.")
+            if self._device_owner(db, fingerprint) is not None:
+                raise StoreError(
+                    "forbidden", "This fingerprint belongs to an enrolled device; make a new one."
+                )
+            user = GUEST_USER_PREFIX + link_id
+            self._insert_user(db, user, None, admin=False, now=now)
+            db.execute(
+                "INSERT INTO devices (id, name, platform, user, certificate, created_at) "
+                "VALUES (?, ?, ?, ?, '', ?)",
+                (fingerprint, "guest", wire.GUEST_PLATFORM, user, now),
+            )
+            db.execute(
+                "UPDATE links SET guest = ?, claimed_at = ? WHERE id = ?",
+                (fingerprint, now, link_id),
+            )
+            tokens = self._new_session(db, fingerprint, now, replace_existing=False)
+            guest, sender = self._device(db, fingerprint), self._device(db, row["sender"])
+            assert guest is not None and sender is not None  # the link's sender cascades
+            _audit(
+                db,
+                now,
+                "link.claimed",
+                room=personal_room(sender.user),
+                actor_device=fingerprint,
+                subject=sender.id,
+                detail={"link": link_id, "name": row["name"]},
+            )
+        link = LinkRecord(link_id, sender.id, row["name"], row["size"], row["expires_at"])
+        return LinkClaimRecord(link=link, guest=guest, sender=sender, tokens=tokens)
+
+    def link_status(self, link_id: str, sender: str) -> tuple[LinkRecord, str | None]:
+        """A link of ``sender``'s, and its guest once claimed (another device's: unknown)."""
+        row = self._db.execute(
+            "SELECT * FROM links WHERE id = ? AND sender = ?", (link_id, sender)
+        ).fetchone()
+        if row is None:
+            raise StoreError("link_unknown", "This share link is not known to the server.")
+        link = LinkRecord(row["id"], sender, row["name"], row["size"], row["expires_at"])
+        return link, row["guest"]
+
+    def guest_sender(self, guest: str) -> str | None:
+        """The device a share link's guest may reach (None: ``guest`` is no guest)."""
+        row = self._db.execute("SELECT sender FROM links WHERE guest = ?", (guest,)).fetchone()
+        return None if row is None else str(row["sender"])
+
     # ------------------------------------------------------------ socket lifetime
     # (queries for server/hub.py and server/relay.py)
 
@@ -1334,6 +1478,11 @@ def _device_record(row: sqlite3.Row) -> DeviceRecord:
         last_seen=row["last_seen"],
         addresses=tuple(json.loads(row["addresses"])),
     )
+
+
+def _kind(platform: str) -> str:
+    """Which kind of device a platform names: browser, guest, or agent (every other)."""
+    return platform if platform in wire.WEBRTC_PLATFORMS else "agent"
 
 
 def _new_access_token() -> str:

@@ -43,6 +43,8 @@ from .types import (
     InvitationList,
     JoinCode,
     KeySet,
+    LinkCreate,
+    LinkStatus,
     MemberUpdate,
     PublicKey,
     RefreshRequest,
@@ -53,6 +55,7 @@ from .types import (
     RoomJoinCodeCreate,
     RoomList,
     ServerInfo,
+    ShareLink,
     TerminalControlReport,
     TokenPair,
     Wire,
@@ -326,6 +329,14 @@ class MeshClient:
             {"aud": target, "scope": scope, "resource": resource, "ttl": ttl, "room": room}
         )
         return await self._authed("POST", "/capabilities", CapabilityGrant, body=body)
+
+    async def create_link(self, name: str, size: int, ttl: int | None = None) -> ShareLink:
+        """A one-time share link for what this device will send (``POST /links``)."""
+        body = LinkCreate(name=name, size=size, ttl=ttl)
+        return await self._authed("POST", "/links", ShareLink, body=body)
+
+    async def link_status(self, link_id: str) -> LinkStatus:
+        return await self._authed("GET", f"/links/{_seg(link_id)}", LinkStatus)
 
     # Rooms: joining one always takes this user's own act (accepting, or using a join code).
 

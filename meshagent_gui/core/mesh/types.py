@@ -242,7 +242,7 @@ class AuditEntry(Wire):
     at: float
     kind: str = Field(
         description="device.enrolled, session.revoked, capability.granted, room.invited, "
-        "room.joined, room.left, room.role_changed or terminal.control"
+        "room.joined, room.left, room.role_changed, terminal.control or link.claimed"
     )
     room: str | None = None
     actor_user: str | None = None
@@ -319,6 +319,102 @@ class CapabilityGrant(Wire):
     token: str
     expires_at: float
     room: str | None = Field(default=None, description="the room the grant came from")
+
+
+# ---------------------------------------------------------------- browsers and share links
+
+# A browser's device id: the SHA-256 of its RTCCertificate (what its SDP's a=fingerprint says).
+FINGERPRINT_PATTERN: Final = r"^[0-9a-f]{64}$"
+BROWSER_PLATFORM: Final = "browser"
+GUEST_PLATFORM: Final = "guest"  # a share link's recipient: reaches its one sender, nothing else
+# Devices reached over WebRTC only (they have no QUIC endpoint).
+WEBRTC_PLATFORMS: Final = frozenset({BROWSER_PLATFORM, GUEST_PLATFORM})
+WS_TICKET_TTL: Final = 30
+LINK_TTL: Final = 900
+MAX_LINK_TTL: Final = 86400
+
+
+class BrowserEnrollRequest(Wire):
+    """``POST /enroll/browser``: a web page enrols its RTCCertificate's fingerprint.
+
+    No proof of possession (a page can neither sign with nor export its certificate's key):
+    DTLS proves it on every connection instead, and a token for this id is useless without it.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_ENROLL_CREDENTIALS)
+    join_code: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
+    username: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
+    password: str | SkipJsonSchema[None] = Field(default=None, max_length=1024)
+    device_name: str = Field(min_length=1, max_length=64)
+    fingerprint: str = Field(
+        pattern=FINGERPRINT_PATTERN,
+        description="SHA-256 of the page's RTCCertificate, 64 lowercase hex digits",
+    )
+
+    @model_validator(mode="after")
+    def _one_way_to_enroll(self) -> BrowserEnrollRequest:
+        by_code = self.join_code is not None
+        by_password = self.username is not None or self.password is not None
+        half_password = by_password and (self.username is None or self.password is None)
+        if by_code == by_password or half_password:
+            raise ValueError("give either join_code, or username and password")
+        return self
+
+
+class WsTicket(Wire):
+    """``POST /ws/ticket``: a single-use ticket for ``GET /ws?ticket=`` (browsers cannot set
+    headers on a WebSocket)."""
+
+    ticket: str
+    expires_in: int = Field(description="seconds the ticket stays valid")
+
+
+class LinkCreate(Wire):
+    """``POST /links``: the sender's agent asks for a one-time share link."""
+
+    name: str = Field(min_length=1, max_length=255, description="what the recipient will save")
+    size: int = Field(
+        ge=0, le=2**53, description="bytes, as the recipient will receive them (a JS number)"
+    )
+    ttl: int | None = Field(
+        default=None, ge=30, le=MAX_LINK_TTL, description="seconds; default 900"
+    )
+
+
+class ShareLink(Wire):
+    link_id: str
+    secret: str = Field(description="goes in the URL's fragment, never to the server in a path")
+    path: str = Field(description="/s/<link_id>; the URL is <server>/s/<link_id>#<secret>")
+    expires_at: float
+
+
+class LinkStatus(Wire):
+    """``GET /links/{link_id}``: the sender's view of its link (``guest`` once claimed)."""
+
+    link_id: str
+    expires_at: float
+    guest: str | None = None
+
+
+class LinkClaim(Wire):
+    """``POST /links/{link_id}/claim``: the page that opened the link claims it (once)."""
+
+    secret: str = Field(min_length=1, max_length=128)
+    fingerprint: str = Field(pattern=FINGERPRINT_PATTERN)
+
+
+class LinkClaimed(Wire):
+    """A guest session: reaches the link's sender and nothing else; no refresh token."""
+
+    access_token: str
+    expires_in: int
+    device_id: str
+    server_id: str
+    keys: list[PublicKey]
+    sender: str = Field(description="the sender's device id (the one that will dial the guest)")
+    sender_name: str
+    name: str
+    size: int
 
 
 # ---------------------------------------------------------------- WebSocket
