@@ -154,12 +154,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = command("send", "send files and folders to a device (resumes by itself)")
     send.add_argument("paths", nargs="+", metavar="PATH", help="files and folders to send")
-    send.add_argument(
+    send_to = send.add_mutually_exclusive_group(required=True)
+    send_to.add_argument(
         "--to",
-        required=True,
         dest="device",
         metavar="DEVICE",
         help="the device: name, id or id prefix (see meshagent devices)",
+    )
+    send_to.add_argument(
+        "--link",
+        action="store_true",
+        help="print a one-time web link instead; whoever opens it first receives PATH",
+    )
+    send.add_argument(
+        "--ttl",
+        type=int,
+        metavar="SECONDS",
+        help="how long the --link stays valid (30 s to 1 day; default 900)",
     )
     send.add_argument("--rate", default="", help="at most this many bytes/s, e.g. 5M")
     send.add_argument("--wait", action="store_true", help="wait for the device to come online")
@@ -993,6 +1004,11 @@ def cmd_send(args: argparse.Namespace) -> int:
     from meshagent_gui.core.ipc_types import SendParams, SendProgress, SendReply
 
     parse_rate(args.rate)  # a typo fails here, before anything connects
+    if args.ttl is not None and not (args.link and 30 <= args.ttl <= 86400):
+        raise UserError("--ttl goes with --link, from 30 to 86400 seconds", code="usage")
+    if args.link and len(args.paths) != 1:
+        raise UserError("a share link carries one file or folder", code="usage")
+    receiver = "the link's recipient" if args.link else args.device
     paths = [str(Path(p).expanduser().absolute()) for p in args.paths]
     for path in paths:
         if not os.path.lexists(path):
@@ -1008,13 +1024,21 @@ def cmd_send(args: argparse.Namespace) -> int:
         disable=args.json or not sys.stderr.isatty(),
     )
     with bar:
-        task = bar.add_task(f"to {args.device}", total=None)
+        task = bar.add_task(f"to {receiver}", total=None)
 
         said: list[str] = []  # the waiting line printed, while it holds
 
         def progress(item: object) -> None:
             update = as_reply(item, SendProgress)
-            description = f"to {args.device}"
+            description = f"to {receiver}"
+            if update.link_url:
+                if update.link_url not in said:  # repeated while nobody opens it: print once
+                    bar.stop()  # the URL on a line of its own, on stdout, for copy and paste
+                    emit(args, {"link": update.link_url}, update.link_url)
+                    said[:] = [update.link_url]
+                    bar.start()
+                bar.update(task, description="waiting for someone to open the link")
+                return
             if update.waiting_for or update.answer_from:
                 if update.answer_from:  # another user's device: its user is being asked
                     description = f"waiting for {update.answer_from} to accept…"
@@ -1035,7 +1059,14 @@ def cmd_send(args: argparse.Namespace) -> int:
                 said[:] = [description]
             bar.update(task, description=description)
 
-        params = SendParams(paths=paths, device=args.device, rate=args.rate, wait=args.wait)
+        params = SendParams(
+            paths=paths,
+            device=args.device or "",
+            rate=args.rate,
+            wait=args.wait,
+            link=args.link,
+            link_ttl=args.ttl,
+        )
         waiting = server_down if args.wait else None
         sending = _through_agent(ctx, "send", params, SendReply, progress, waiting)
         result = _run(sending)

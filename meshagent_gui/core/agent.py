@@ -60,7 +60,7 @@ from .ipc_types import (
 from .mesh.client import Enrollment, MeshClient, MeshError
 from .mesh.enroll import require_enrollment
 from .mesh.link import MeshLink
-from .mesh.types import Device, PublicKey
+from .mesh.types import GUEST_PLATFORM, WEBRTC_PLATFORMS, Device, PublicKey
 from .notify.gotify import GotifyClient
 from .notify.router import GotifySink, NotificationRouter, NotificationSink
 from .p2p.endpoint import Endpoint
@@ -78,6 +78,7 @@ from .protocol.messages import BASE_REGISTRY
 from .protocol.sync import SYNC_REGISTRY
 from .protocol.terminal import TERMINAL_REGISTRY
 from .protocol.transfer import TRANSFER_REGISTRY
+from .share.links import LinkReady, share_link
 from .share.service import TransferService
 from .sync.service import SyncService
 from .terminal.bridge import share_console, view_console
@@ -245,6 +246,9 @@ class Agent:
             return [DeviceView.of(d, False) for d in self._known]
         self._known = devices
         self._names.update({d.id: d.name for d in devices})
+        for device in devices:
+            if device.platform in WEBRTC_PLATFORMS:  # a browser: no QUIC endpoint to dial
+                self.peers.use_webrtc(device.id)
         if self.link.state == "online":
             return [DeviceView.of(d, d.id in self.link.online) for d in devices]
         return [DeviceView.of(d, d.online) for d in devices]
@@ -271,10 +275,34 @@ class Agent:
         return None
 
     async def send(
-        self, paths: list[str], device: str, *, rate: str = "", wait: bool = False
+        self,
+        paths: list[str],
+        device: str,
+        *,
+        rate: str = "",
+        wait: bool = False,
+        link: bool = False,
+        link_ttl: int | None = None,
     ) -> AsyncIterator[SendProgress | SendReply]:
-        """Send files and folders; yields progress, then the reply (the items sent)."""
-        target = await self.resolve_device(device)
+        """Send files and folders; yields progress, then the reply (the items sent).
+
+        ``link``: to no device but whoever opens a one-time share link (core/share/links.py);
+        the link's URL comes first, as progress, until someone opens it."""
+        if link:
+            guest = ""
+            async for step in share_link(self.client, self.bus, [Path(p) for p in paths], link_ttl):
+                if isinstance(step, LinkReady):
+                    yield SendProgress(
+                        transfer_id="", done=0, total=0, rate=0.0, eta=None, link_url=step.url
+                    )
+                else:
+                    guest = step.guest
+            self.peers.use_webrtc(guest)
+            self._names[guest] = "the link's recipient"
+            target = DeviceView(guest, self._names[guest], "", GUEST_PLATFORM, True, None, "none")
+            wait = True  # the guest's page comes online just after its claim
+        else:
+            target = await self.resolve_device(device)
         queue: asyncio.Queue[SendProgress] = asyncio.Queue()
         task = asyncio.create_task(
             self.transfers.send(
@@ -282,6 +310,7 @@ class Agent:
                 target.id,
                 rate=parse_rate(rate),
                 wait=wait,
+                folders_as_zip=target.platform in WEBRTC_PLATFORMS,
                 on_progress=queue.put_nowait,
             )
         )
@@ -451,7 +480,14 @@ class Agent:
             return await self.ping(params.device, params.count)
 
         def send(params: SendParams) -> AsyncIterator[SendProgress | SendReply]:
-            return self.send(params.paths, params.device, rate=params.rate or "", wait=params.wait)
+            return self.send(
+                params.paths,
+                params.device,
+                rate=params.rate or "",
+                wait=params.wait,
+                link=params.link,
+                link_ttl=params.link_ttl,
+            )
 
         async def transfers(params: TransfersParams) -> list[TransferInfo]:
             running = self.transfers.listing()

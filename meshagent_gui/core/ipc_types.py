@@ -31,11 +31,14 @@ class PingParams(Params, frozen=True, kw_only=True):
     count: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 4
 
 
-class SendParams(Params, frozen=True, kw_only=True):
+class SendParams(Params, frozen=True, kw_only=True, omit_defaults=True):
+    # omit_defaults: a plain send is the same JSON as before the share-link fields came.
     paths: list[str]
     device: str
     rate: str | None = None
     wait: bool = False
+    link: bool = False  # no device: a one-time share link, sent to whoever opens it
+    link_ttl: Annotated[int, msgspec.Meta(ge=30, le=86400)] | None = None
 
 
 class CancelParams(Params, frozen=True, kw_only=True):
@@ -194,6 +197,8 @@ class SendProgress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     waiting_for: str | None = None
     answer_from: str | None = None
     """Set while the offer waits for the receiver (named here) to accept it."""
+    link_url: str | None = None
+    """``send --link``: the share link to hand out; repeated while nobody has opened it."""
 
 
 class TransferInfo(msgspec.Struct, frozen=True, kw_only=True):

@@ -152,6 +152,7 @@ class PeerManager:
         self._dialing: dict[str, asyncio.Future[MeshSession]] = {}
         self._upgrading: set[str] = set()
         self._answers: dict[str, tuple[str, asyncio.Future[list[Candidate]]]] = {}
+        self._webrtc_only: set[str] = set()  # browsers and share-link guests: no QUIC endpoint
         self._services: dict[StreamRole, Service] = {}
         self._stun_server: tuple[str, int] | None = None
         self.nat: str = "unknown"  # a rough guess from STUN: open / cone / symmetric / unknown
@@ -188,29 +189,37 @@ class PeerManager:
                 self._sessions.pop(peer_id, None)
         pending = self._dialing.get(peer_id)
         if pending is None:
-            pending = asyncio.ensure_future(self._dial(peer_id))
+            dial = self._dial_webrtc if peer_id in self._webrtc_only else self._dial
+            pending = asyncio.ensure_future(dial(peer_id))
             self._dialing[peer_id] = pending
             pending.add_done_callback(lambda _: self._dialing.pop(peer_id, None))
         return await asyncio.wait_for(asyncio.shield(pending), timeout)
 
+    def use_webrtc(self, peer_id: str) -> None:
+        """Reach ``peer_id`` over WebRTC from now on (a browser, or a share link's guest: they
+        have no other transport); :meth:`session` then dials it that way."""
+        self._webrtc_only.add(peer_id)
+
     async def webrtc_session(self, peer_id: str, *, timeout: float = 20.0) -> MeshSession:
-        """The live session with ``peer_id``, dialing it over WebRTC if there is none (a
-        browser session has no other transport)."""
-        current = self._sessions.get(peer_id)
-        if current is not None and not current.closed.is_set():
-            return await self.session(peer_id, timeout=timeout)  # probed, then reused
+        """The live session with ``peer_id``, dialing it over WebRTC if there is none."""
+        self.use_webrtc(peer_id)
+        return await self.session(peer_id, timeout=timeout)
+
+    async def _dial_webrtc(self, peer_id: str) -> MeshSession:
         if peer_id not in self._link.online:
             raise PeerUnreachable(
                 "that device is offline (not connected to the Mesh Server)", code="peer_offline"
             )
-        async with asyncio.timeout(timeout):
-            grant = await self._client.capability(peer_id, CONNECT_SCOPE)
-            try:
-                mesh = await self.webrtc.dial(peer_id, grant.token)
-            except HandshakeRefusedError as exc:
-                raise PeerUnreachable(
-                    f"the peer refused this device: {exc}", code="refused"
-                ) from exc
+        grant = await self._client.capability(peer_id, CONNECT_SCOPE)
+        try:
+            mesh = await self.webrtc.dial(peer_id, grant.token)
+        except HandshakeRefusedError as exc:
+            raise PeerUnreachable(f"the peer refused this device: {exc}", code="refused") from exc
+        except TimeoutError as exc:
+            raise PeerUnreachable(
+                "the browser did not answer over WebRTC (page closed, or no path)",
+                code="peer_unreachable",
+            ) from exc
         if not self._adopt(mesh, dialer=self.endpoint.device_id):
             return self._sessions[peer_id]
         return mesh

@@ -67,6 +67,7 @@ from .ratelimit import TokenBucket
 from .receiving import Decision, IncomingTransfer, ReceiverTools
 from .sending import CHUNK_SIZE, Interrupted, ItemResult, OutgoingTransfer, Totals, item_results
 from .source import SourceEntry, walk
+from .zipsource import zip_folders
 
 __all__ = ["CHUNK_SIZE", "ActiveTransfer", "ItemResult", "TransferError", "TransferService"]
 
@@ -188,9 +189,15 @@ class TransferService:
         rate: float | None = None,
         wait: bool = False,
         on_progress: Callable[[SendProgress], None] | None = None,
+        folders_as_zip: bool = False,
     ) -> list[ItemResult]:
-        """Send files and folders to ``peer_id``; resumes by itself across reconnects."""
+        """Send files and folders to ``peer_id``; resumes by itself across reconnects.
+
+        ``folders_as_zip``: each folder goes as one ``NAME.zip`` made on the fly (to a browser,
+        which saves one file)."""
         manifest = await asyncio.to_thread(walk, paths, disk=self._disk)
+        if folders_as_zip:
+            manifest = zip_folders(manifest)
         for skipped in manifest.skipped:
             log.warning("not sent: %s (%s)", skipped.path, skipped.reason)
         entries = manifest.entries

@@ -38,7 +38,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Protocol
 
 from blake3 import blake3
 
@@ -75,6 +75,29 @@ class SourceEntry:
     source: Path  # where it is on this machine
     inode: int
     device: int
+    made: MadeSource | None = None  # a file made on the fly (a folder as one zip): read from it
+
+
+class OpenedSource(Protocol):
+    """What reads an entry's bytes: the file itself (_OpenFile), or a made one (a zip)."""
+
+    def read(self, chunk: int, chunk_size: int) -> bytes: ...
+    def read_at(self, offset: int, length: int) -> bytes: ...
+    def check_end(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class MadeSource(Protocol):
+    """A file that exists only as it is sent (core/share/zipsource.py)."""
+
+    def open(self, disk: Disk) -> OpenedSource: ...
+
+
+def open_source(entry: SourceEntry, disk: Disk) -> OpenedSource:
+    """Open an entry for reading, checked against the walk (blocking: call it in a worker)."""
+    if entry.made is not None:
+        return entry.made.open(disk)
+    return _OpenFile(entry, disk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,8 +362,10 @@ class _OpenFile:
             raise SourceChanged(entry, f"it was modified ({when})")
 
     def read(self, chunk: int, chunk_size: int) -> bytes:
-        length = chunk_length(self.entry.size, chunk_size, chunk)
-        data = self.read_exact(self.fd, length, chunk * chunk_size)
+        return self.read_at(chunk * chunk_size, chunk_length(self.entry.size, chunk_size, chunk))
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        data = self.read_exact(self.fd, length, offset)
         if len(data) != length:
             raise SourceChanged(self.entry, "it became shorter")
         return data
@@ -403,7 +428,7 @@ class ChunkReader:
         self._executor = executor
         self._disk = disk
         self._hasher = blake3()
-        self._file: _OpenFile | None = None
+        self._file: OpenedSource | None = None
         self._next = 0  # the next chunk number to read
         self._ready: deque[SourceChunk] = deque()
         self._inflight: asyncio.Future[_Read] | None = None
@@ -484,7 +509,7 @@ class ChunkReader:
         receiver already has are only hashed."""
         try:
             if self._file is None:
-                self._file = _OpenFile(self.entry, self._disk)
+                self._file = open_source(self.entry, self._disk)
             while chunk < self.chunk_count:
                 data = self._file.read(chunk, self.chunk_size)
                 self._hasher.update(data)
@@ -533,7 +558,7 @@ async def read_one_chunk(
         raise ValueError(f"{entry.path} has no chunk {chunk}")
 
     def read() -> SourceChunk:
-        opened = _OpenFile(entry, disk)
+        opened = open_source(entry, disk)
         try:
             data = opened.read(chunk, chunk_size)
             return SourceChunk(chunk, blake3(data).digest(), data)
@@ -552,7 +577,7 @@ def read_whole_files(
     pieces: list[SourceChunk | BaseException] = []
     for entry in entries:
         try:
-            opened = _OpenFile(entry, disk)
+            opened = open_source(entry, disk)
         except (SourceChanged, UserError) as exc:
             pieces.append(exc)
             continue
