@@ -32,6 +32,7 @@ import contextlib
 import logging
 import os
 import secrets
+import sys
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,6 @@ from .relay import RelayLink
 from .session import Channel, ChannelClosed, HandshakeRefusedError, MeshSession
 from .signals import SIGNAL_KEY, Answer, Offer, decode_signal, encode_signal
 from .streams import PeerStream
-from .webrtc import DataChannelConnection
 from .webrtc_peers import WEBRTC_KEY, WebRTCPeers
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ class PeerManager:
     def path_of(self, session: MeshSession) -> PathInfo:
         conn = session.connection
         remote = conn.remote_address
-        if isinstance(conn, DataChannelConnection):
+        if _over_webrtc(conn):
             return PathInfo("direct", "webrtc", f"webrtc {_fmt(remote)}")
         kind: PathKind = "relay" if relay_peer(remote) is not None else "direct"
         local = self.endpoint.local_address
@@ -601,8 +601,14 @@ class PeerManager:
     async def aclose(self) -> None:
         for mesh in [*self._sessions.values(), *self._draining]:
             await mesh.aclose()
-            if isinstance(mesh.connection, DataChannelConnection):
-                await mesh.connection.aclose()  # its peer connection's teardown too
+            if _over_webrtc(mesh.connection):  # its peer connection's teardown too
+                await mesh.connection.aclose()  # type: ignore[attr-defined]
+
+
+def _over_webrtc(conn: object) -> bool:
+    # aiortc is loaded on first use (webrtc_peers.py): no WebRTC module, no such connection.
+    webrtc = sys.modules.get(f"{__package__}.webrtc")
+    return webrtc is not None and isinstance(conn, webrtc.DataChannelConnection)
 
 
 def capability_validator(

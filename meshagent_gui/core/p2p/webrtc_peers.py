@@ -27,11 +27,9 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Final, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol
 
 import msgspec
-from aiortc import RTCSessionDescription
-from aiortc.rtcdtlstransport import RTCCertificate
 
 from meshagent_gui.core.mesh.client import MeshError
 from meshagent_gui.core.protocol.handshake import Validator
@@ -42,15 +40,14 @@ from . import auth
 from .candidates import MAX_PEER_CANDIDATES
 from .errors import CloseCode, P2PError, Unauthorized
 from .session import HandshakeRefusedError, MeshSession
-from .webrtc import (
-    CandidateBudget,
-    DataChannelConnection,
-    WebRTCSettings,
-    new_peer_connection,
-    parse_candidate,
-    rtc_certificate,
-    sdp_fingerprints,
-)
+
+# aiortc (through .webrtc) is imported on first use, not at import: it is a tenth of an
+# agent's start-up, and most agents never see a browser.
+if TYPE_CHECKING:
+    from aiortc import RTCSessionDescription
+    from aiortc.rtcdtlstransport import RTCCertificate
+
+    from .webrtc import CandidateBudget, DataChannelConnection, WebRTCSettings
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +202,7 @@ class WebRTCPeers:
         self._adopt = adopt
         self._local_addresses = local_addresses
         self.registry = registry
-        self.settings = settings or WebRTCSettings()
+        self._settings = settings
         self.connect_timeout = connect_timeout
         self.answer_timeout = answer_timeout
         self._certificate: RTCCertificate | None = None
@@ -216,12 +213,24 @@ class WebRTCPeers:
     def device_id(self) -> str:
         return self._credentials().device_id
 
+    @property
+    def settings(self) -> WebRTCSettings:
+        if self._settings is None:
+            from .webrtc import WebRTCSettings
+
+            self._settings = WebRTCSettings()
+        return self._settings
+
     def _cert(self) -> RTCCertificate:
+        from .webrtc import rtc_certificate
+
         if self._certificate is None:
             self._certificate = rtc_certificate(self._credentials())
         return self._certificate
 
     async def _new_connection(self, peer_id: str, *, dialer: bool) -> DataChannelConnection:
+        from .webrtc import DataChannelConnection, new_peer_connection
+
         stun = await self._stun()
         return DataChannelConnection(
             new_peer_connection(self._cert(), stun=stun),
@@ -234,6 +243,10 @@ class WebRTCPeers:
 
     async def dial(self, peer_id: str, token: str) -> MeshSession:
         """A WebRTC session with ``peer_id``, presenting ``token`` (its ``p2p:connect``)."""
+        from aiortc import RTCSessionDescription
+
+        from .webrtc import CandidateBudget
+
         conn = await self._new_connection(peer_id, dialer=True)
         attempt_id = secrets.token_hex(8)
         attempt = _Attempt(peer_id, conn, CandidateBudget(self._local_addresses()))
@@ -284,6 +297,10 @@ class WebRTCPeers:
                 await self._on_candidate(sender, signal)
 
     async def _on_offer(self, sender: str, offer: RtcOffer) -> None:
+        from aiortc import RTCSessionDescription
+
+        from .webrtc import CandidateBudget, sdp_fingerprints
+
         if not await self._admit_offer(sender, offer.token):
             return  # nothing at all goes out for an offer without a good token
         if sdp_fingerprints(offer.sdp) != {sender}:
@@ -348,6 +365,8 @@ class WebRTCPeers:
     async def _add_candidate(self, attempt: _Attempt, signal: RtcCandidate) -> None:
         if not signal.candidate:
             return  # end of candidates: aioice needs no word of it
+        from .webrtc import parse_candidate
+
         candidate = parse_candidate(signal.candidate)
         if candidate is None or not attempt.budget.admit(candidate):
             return
