@@ -473,7 +473,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def _print_event(args: argparse.Namespace, agent: Agent, event: object) -> None:
     """What a headless agent tells its console: invitations, offers to answer, arrivals."""
     from meshagent_gui.core.events import InvitationReceived, TransferCompleted, TransferOffered
-    from meshagent_gui.core.share.service import SHORT_ID
+    from meshagent_gui.core.ipc_types import SHORT_ID
     from meshagent_gui.units import human_size
 
     if isinstance(event, InvitationReceived):
@@ -605,8 +605,7 @@ def _tell_running_agent(ctx: Context, name: str) -> None:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    from meshagent_gui.core.agent import DeviceView
-    from meshagent_gui.core.ipc_types import NoParams
+    from meshagent_gui.core.ipc_types import DeviceView, NoParams
 
     devices = _run(_ask(_context(args.home), "devices", NoParams(), list[DeviceView]))
     if args.json:
@@ -626,12 +625,13 @@ async def _ask(ctx: Context, method: str, params: object, reply: type[T]) -> T:
     """A quick question for the running agent (so one process at a time uses this device's
     refresh token); with none, the same answer in-process, without connecting to the mesh."""
     from meshagent_gui.core import ipc
-    from meshagent_gui.core.agent import Agent
 
     try:
         return await ipc.call(ctx.paths.ipc_path, method, params, reply=reply)
     except ipc.AgentNotRunning:
         pass
+    from meshagent_gui.core.agent import Agent  # only now: a second of imports
+
     agent = Agent.from_context(ctx)
     try:
         outcome = ipc.invoke(agent.ipc_handlers()[method], params)
@@ -645,8 +645,6 @@ def _client_call(ctx: Context, method: str, **args: Any) -> Any:
     else by a client of our own (REST only: no agent to start, a quick command)."""
     from meshagent_gui.core import ipc
     from meshagent_gui.core.ipc_types import ClientParams
-    from meshagent_gui.core.mesh.client import MeshClient
-    from meshagent_gui.core.mesh.enroll import require_enrollment
 
     async def call() -> Any:
         try:
@@ -654,6 +652,9 @@ def _client_call(ctx: Context, method: str, **args: Any) -> Any:
             return await ipc.call(ctx.paths.ipc_path, "client", params)
         except ipc.AgentNotRunning:
             pass
+        from meshagent_gui.core.mesh.client import MeshClient  # only now: its imports are slow
+        from meshagent_gui.core.mesh.enroll import require_enrollment
+
         enrollment = require_enrollment(ctx)
         async with MeshClient(enrollment.url, secrets=ctx.secrets, user=enrollment.user) as mesh:
             return await mesh.call(method, args)
@@ -1133,7 +1134,7 @@ def cmd_transfers(args: argparse.Namespace) -> int:
 
 def _transfer_rows(items: Sequence[Any]) -> list[list[str]]:
     """One row a transfer (a TransferInfo), running or finished, for `transfers`."""
-    from meshagent_gui.core.share.service import SHORT_ID
+    from meshagent_gui.core.ipc_types import SHORT_ID
     from meshagent_gui.units import human_size
 
     rows = []

@@ -35,6 +35,7 @@ from .ipc_types import (
     ClientParams,
     ConfigChangedParams,
     ConfigChangedReply,
+    DeviceView,
     FolderInfo,
     NoParams,
     P2PStatus,
@@ -89,25 +90,6 @@ from .terminal.service import TerminalService
 KEY_REFETCH_INTERVAL = 30.0
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DeviceView:
-    """A device as shown to the user (devices --json, the tray's device list)."""
-
-    id: str
-    name: str
-    user: str
-    platform: str
-    online: bool
-    last_seen: float | None
-    path: str  # direct / relay / none: filled by the P2P layer once it knows
-
-    @classmethod
-    def of(cls, device: Device, online: bool) -> DeviceView:
-        return cls(
-            device.id, device.name, device.user, device.platform, online, device.last_seen, "none"
-        )
 
 
 @dataclass(frozen=True)

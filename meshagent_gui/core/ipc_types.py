@@ -10,9 +10,13 @@ command may add some).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import msgspec
+
+if TYPE_CHECKING:
+    from meshagent_gui.core.mesh.types import Device
 
 Cells = Annotated[int, msgspec.Meta(ge=1, le=1000)]
 """A console's columns or rows."""
@@ -199,6 +203,9 @@ class SendProgress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     """Set while the offer waits for the receiver (named here) to accept it."""
     link_url: str | None = None
     """``send --link``: the share link to hand out; repeated while nobody has opened it."""
+
+
+SHORT_ID: Final = 8  # hex digits of a transfer id shown to people (any unique prefix works)
 
 
 class TransferInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -451,3 +458,22 @@ def console_frame(frame: object) -> ConsoleFrame | None:
         return msgspec.convert(frame, ConsoleFrame)
     except msgspec.ValidationError:
         return None
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """A device as shown to the user (devices --json, the tray's device list)."""
+
+    id: str
+    name: str
+    user: str
+    platform: str
+    online: bool
+    last_seen: float | None
+    path: str  # direct / relay / none: filled by the P2P layer once it knows
+
+    @classmethod
+    def of(cls, device: Device, online: bool) -> DeviceView:
+        return cls(
+            device.id, device.name, device.user, device.platform, online, device.last_seen, "none"
+        )

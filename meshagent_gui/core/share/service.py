@@ -45,7 +45,7 @@ from meshagent_gui.core.events import (
     TransferProgressed,
     TransferWaiting,
 )
-from meshagent_gui.core.ipc_types import SendProgress, TransferInfo
+from meshagent_gui.core.ipc_types import SHORT_ID, SendProgress, TransferInfo
 from meshagent_gui.core.mesh.client import MeshClient
 from meshagent_gui.core.p2p.errors import P2PError
 from meshagent_gui.core.p2p.peers import PeerManager, PeerUnreachable, Service
@@ -74,7 +74,6 @@ __all__ = ["CHUNK_SIZE", "ActiveTransfer", "ItemResult", "TransferError", "Trans
 log = logging.getLogger(__name__)
 
 ASK_TIMEOUT: Final = 90.0  # how long an offer waits for an answer from the UI
-SHORT_ID: Final = 8  # hex digits of a transfer id shown to people (any unique prefix works)
 
 
 @dataclass
