@@ -111,6 +111,9 @@ class Channel:
         self._drained.set()
         # Both sides accepted the stream: its large frames may be read whole (_FrameCursor).
         self.opened = False
+        # Our direction's end (FIN or reset) is queued: once the peer's has come too, the
+        # stream needs no routing (a half-closed stream still carries our writes until then).
+        self.sent_end = False
 
     @property
     def stream_id(self) -> int:
@@ -123,6 +126,11 @@ class Channel:
     @property
     def is_ended(self) -> bool:
         return self._end is not None
+
+    @property
+    def is_done(self) -> bool:
+        """Both directions ended: the peer's, and ours (our end queued, or the stream broke)."""
+        return self._end is not None and (self.sent_end or self._broken is not None)
 
     async def send(self, message: object) -> None:
         """Queue ``message``; returns once earlier writes have reached QUIC's send buffer.
@@ -215,6 +223,10 @@ class Channel:
         self._drained.set()
 
     def queue(self, command: SessionCommand) -> None:
+        if isinstance(command, ResetStream) or (
+            isinstance(command, WriteStream) and command.end_stream
+        ):
+            self.sent_end = True
         self._outbox.append(command)
         self._drained.clear()
         self._wake_writer.set()
@@ -481,6 +493,8 @@ class MeshSession:
             channel = self._channels.get(command.stream_id)
             if channel is not None:
                 channel.queue(command)
+                if channel.is_done:
+                    del self._channels[command.stream_id]  # its writer still has the command
 
     async def _read_loop(self, channel: Channel) -> None:
         stream = channel.stream
@@ -502,7 +516,7 @@ class MeshSession:
                 if not data:
                     return
         finally:
-            if channel.is_ended:
+            if channel.is_done:
                 self._channels.pop(stream.stream_id, None)
 
     async def _accept_streams(self) -> None:
