@@ -9,7 +9,8 @@ Type codes are 16 bits, handed out by range so that each module adds its message
 0x0100-0x01ff  file and folder transfer
 0x0200-0x02ff  terminal share
 0x0300-0x03ff  folder sync
-0x0400-0xffff  unassigned
+0x0400-0x04ff  TCP tunnels
+0x0500-0xffff  unassigned
 ============== ====================================================
 
 Field bounds (``msgspec.Meta``) are enforced as a peer's message is decoded, so a handler only
@@ -34,6 +35,7 @@ SESSION_TYPES: Final = range(0x0001, 0x0100)
 TRANSFER_TYPES: Final = range(0x0100, 0x0200)
 TERMINAL_TYPES: Final = range(0x0200, 0x0300)
 SYNC_TYPES: Final = range(0x0300, 0x0400)
+TUNNEL_TYPES: Final = range(0x0400, 0x0500)
 
 MAX_TOKENS: Final = 8
 MAX_TOKEN_LENGTH: Final = 4 * KiB
@@ -49,6 +51,7 @@ class StreamRole(WireIntEnum):
     TRANSFER = 1
     TERMINAL = 2
     SYNC = 3
+    TUNNEL = 4
 
 
 Version = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
