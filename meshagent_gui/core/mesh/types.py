@@ -21,14 +21,32 @@ RELAY_MAX_DATAGRAM: Final = 1500
 CLOSE_UNAUTHORIZED: Final = 4401  # bad or expired access token
 CLOSE_REVOKED: Final = 4403  # the session was revoked; a refused refresh means: enrol again
 # p2p:connect admits a QUIC connection (its first stream); the others admit service streams.
-SCOPES: Final = ("p2p:connect", "share:file", "share:folder", "terminal:view", "terminal:control")
-Scope = Literal["p2p:connect", "share:file", "share:folder", "terminal:view", "terminal:control"]
+SCOPES: Final = (
+    "p2p:connect",
+    "share:file",
+    "share:folder",
+    "terminal:view",
+    "terminal:control",
+    "tunnel:connect",
+    "terminal:open",
+)
+Scope = Literal[
+    "p2p:connect",
+    "share:file",
+    "share:folder",
+    "terminal:view",
+    "terminal:control",
+    "tunnel:connect",
+    "terminal:open",
+]
 Role = Literal["owner", "member", "viewer"]
+# Granted only toward the caller's own devices (the personal room): no room role gives them.
+OWN_DEVICES_ONLY: Final = frozenset({"terminal:open"})
 
 # Which scopes each room role may ask for toward the other devices of the room.
 ROLE_SCOPES: Final[dict[str, frozenset[str]]] = {
-    "owner": frozenset(SCOPES),
-    "member": frozenset(SCOPES),
+    "owner": frozenset(SCOPES) - OWN_DEVICES_ONLY,
+    "member": frozenset(SCOPES) - OWN_DEVICES_ONLY,
     "viewer": frozenset({"p2p:connect", "terminal:view"}),
 }
 PERSONAL_ROOM_PREFIX: Final = "@"

@@ -9,6 +9,7 @@ import jwt
 import pytest
 
 from meshagent_gui.core.mesh.types import (
+    OWN_DEVICES_ONLY,
     SCOPES,
     CapabilityGrant,
     DeviceList,
@@ -260,8 +261,8 @@ async def test_capability_acl(
     if role is not None:
         await join(client, "team", devices["bob"], devices["ann"], role)
     allowed = {
-        "owner": set(SCOPES),
-        "member": set(SCOPES),
+        "owner": set(SCOPES) - OWN_DEVICES_ONLY,  # terminal:open: toward one's own devices only
+        "member": set(SCOPES) - OWN_DEVICES_ONLY,
         "viewer": {"p2p:connect", "terminal:view"},
     }.get(role or "", set())
     target = devices["bob"].device_id

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshagent_gui.core.mesh.types import ROLE_SCOPES, SCOPES, Role
+from meshagent_gui.core.mesh.types import OWN_DEVICES_ONLY, ROLE_SCOPES, SCOPES, Role
 from meshagent_gui.server import store as store_module
 from meshagent_gui.server.store import (
     ACCESS_TTL,
@@ -330,8 +330,13 @@ def test_acl_matrix(store: Store, role: str) -> None:
         # Toward strangers: they do not exist.
         with _Refusal("unknown_device"):
             store.grant_room("ann", "eve", scope, None)
-        # Bob owns the room: his role decides what he may ask of ann.
-        assert store.grant_room("bob", "ann", scope, None) == "team"
+        # Bob owns the room: his role decides what he may ask of ann (no role gives
+        # terminal:open: a shell opens only for one's own devices).
+        if scope in OWN_DEVICES_ONLY:
+            with _Refusal("not_allowed"):
+                store.grant_room("bob", "ann", scope, None)
+        else:
+            assert store.grant_room("bob", "ann", scope, None) == "team"
     with _Refusal("unknown_room"):
         store.grant_room("ann", "bob", "p2p:connect", "@bob")
 
