@@ -29,7 +29,11 @@ if TYPE_CHECKING:
     from meshagent_gui.context import Context
     from meshagent_gui.core.agent import Agent
     from meshagent_gui.core.events import InvitationReceived
-    from meshagent_gui.core.ipc_types import TerminalShareParams, TerminalViewParams
+    from meshagent_gui.core.ipc_types import (
+        TerminalOpenParams,
+        TerminalShareParams,
+        TerminalViewParams,
+    )
 
 log = logging.getLogger("meshagent")
 T = TypeVar("T")
@@ -242,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("device", help="name, id or id prefix (see meshagent devices)")
     view.add_argument("--session", help="which session, when the device shares several")
     view.add_argument("--control", action="store_true", help="ask for control at once")
+    terminal_open = terminal_commands.add_parser(
+        "open",
+        parents=[common],
+        help="open a new shell on one of your own devices (where terminal.allow_open = own)",
+    )
+    terminal_open.add_argument("device", help="name, id or id prefix (see meshagent devices)")
+    _tunnel_parsers(command)
 
     _sync_parser(command("sync", SYNC_HELP))
 
@@ -252,6 +263,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("doctor", "check everything and say what is wrong")
     return parser
+
+
+def _tunnel_parsers(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    forward = command("forward", "carry a local TCP port to a port on another device (ssh -L)")
+    forward.add_argument("local", metavar="[BIND:]LOCAL_PORT", help="where to listen (0: any)")
+    forward.add_argument("remote", metavar="DEVICE:[HOST:]PORT", help="where connections go")
+    expose = command("expose", "let peers reach a TCP port of this device through tunnels")
+    expose.add_argument("target", nargs="?", metavar="[HOST:]PORT", help="default host localhost")
+    expose.add_argument(
+        "--to", metavar="ROOM|DEVICE", help="a room or a device (default: your own devices)"
+    )
+    expose.add_argument("--off", action="store_true", help="stop exposing it")
+    tunnel = command("tunnel", "the tunnels of the running agent")
+    tunnel.add_argument("action", choices=("list",), help="list active tunnels")
 
 
 def _rooms_parser(rooms: argparse.ArgumentParser, common: _Parser) -> None:
@@ -812,7 +837,10 @@ async def _agent_in_process(
 
 
 async def _console(
-    ctx: Context, method: str, params: TerminalShareParams | TerminalViewParams, role: Role
+    ctx: Context,
+    method: str,
+    params: TerminalShareParams | TerminalViewParams | TerminalOpenParams,
+    role: Role,
 ) -> int:
     """Attach this console to a terminal session in the running agent (or one of our own); a
     host's console first says who can watch, how, and the keys (console.share_banner)."""
@@ -923,6 +951,11 @@ def cmd_terminal(args: argparse.Namespace) -> int:
             rooms=args.rooms,
         )
         return _run(_console(ctx, "terminal.share", share, "host"))
+    if args.terminal_command == "open":
+        from meshagent_gui.core.ipc_types import TerminalOpenParams
+
+        opened = TerminalOpenParams(device=args.device, size=size)
+        return _run(_console(ctx, "terminal.open", opened, "viewer"))
     view = TerminalViewParams(
         device=args.device, session=args.session or "", control=args.control, size=size
     )
@@ -1316,6 +1349,141 @@ def _sync_table(folders: Sequence[Any]) -> str:
     )
 
 
+def cmd_forward(args: argparse.Namespace) -> int:
+    from meshagent_gui.core.ipc_types import TunnelForwardParams
+
+    bind, _, port_text = args.local.rpartition(":")
+    device, colon, target = args.remote.partition(":")
+    if not port_text.isdigit() or int(port_text) > 65535 or not colon or not device or not target:
+        raise UserError(
+            f"use: meshagent forward [BIND:]LOCAL_PORT DEVICE:[HOST:]PORT, not {args.local}"
+            f" {args.remote}",
+            code="usage",
+        )
+    params = TunnelForwardParams(
+        device=device, target=target, bind=bind.strip("[]") or "127.0.0.1", port=int(port_text)
+    )
+    return _run(_forward(args, _context(args.home), params))
+
+
+async def _forward(args: argparse.Namespace, ctx: Context, params: object) -> int:
+    from meshagent_gui.core import ipc
+
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            stream = await ipc.attach(ctx.paths.ipc_path, "tunnel.forward", params)
+        except ipc.AgentNotRunning:
+            await stack.enter_async_context(_agent_in_process(ctx))
+            stream = await ipc.attach(ctx.paths.ipc_path, "tunnel.forward", params)
+        stack.push_async_callback(stream.aclose)
+        opened = stream.opened
+        emit(
+            args,
+            {"event": "listening", **opened},
+            f"forwarding {opened['listen']} -> {opened['device']} {opened['target']}"
+            " (Ctrl-C stops)",
+        )
+        sys.stdout.flush()
+        with contextlib.suppress(ipc.IpcStreamClosed):
+            while True:
+                frame = await stream.receive()
+                if isinstance(frame, dict) and "event" in frame:
+                    _print_tunnel_event(args, frame)
+    return 0
+
+
+def _print_tunnel_event(args: argparse.Namespace, frame: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(frame), flush=True)
+    elif frame["event"] in ("refused", "error"):
+        print(f"meshagent: {frame.get('message') or frame.get('reason')}", file=sys.stderr)
+
+
+def cmd_expose(args: argparse.Namespace) -> int:
+    from meshagent_gui.core.protocol.tunnel import parse_target
+    from meshagent_gui.core.tunnel.exposure import Exposure, format_rules, parse_rules
+
+    ctx = _context(args.home)
+    try:
+        rules = parse_rules(str(ctx.config["tunnel.expose"]))
+    except ValueError as exc:
+        raise UserError(f"tunnel.expose is not readable: {exc}", code="bad_value") from None
+    if args.target is None:
+        for rule in rules:
+            emit(
+                args,
+                {"target": str(rule.target), "to": rule.audience},
+                f"{rule.target}  {rule.audience}",
+            )
+        if not rules and not args.json:
+            print("nothing is exposed (meshagent expose PORT)")
+        return 0
+    try:
+        target = parse_target(args.target)
+    except ValueError as exc:
+        raise UserError(f"cannot read {args.target!r}: {exc}", code="usage") from None
+    rule = Exposure(target)
+    if args.to:
+        room_names = {r["name"] for r in _client_call(ctx, "rooms")}
+        if args.to in room_names:
+            rule = Exposure(target, room=args.to)
+        else:
+            from meshagent_gui.core.ipc_types import DeviceView, NoParams
+
+            devices = _run(_ask(ctx, "devices", NoParams(), list[DeviceView]))
+            wanted = args.to.lower()
+            matches = [d for d in devices if wanted in (d.name.lower(), d.id)] or [
+                d for d in devices if len(wanted) >= 4 and d.id.startswith(wanted)
+            ]
+            if len(matches) != 1:
+                raise UserError(
+                    f"{args.to!r} is neither a room of yours nor one device (see meshagent"
+                    " rooms list, meshagent devices)",
+                    code="unknown_device",
+                )
+            rule = Exposure(target, device=matches[0].id)
+    kept = [r for r in rules if r.target != target] if args.off else [*rules, rule]
+    if args.off and len(kept) == len(rules):
+        raise UserError(f"{target} is not exposed", code="not_exposed")
+    ctx.config.set("tunnel.expose", format_rules(dict.fromkeys(kept)))
+    ctx.config.save()
+    _tell_running_agent(ctx, "tunnel.expose")
+    if args.off:
+        emit(args, {"target": str(target), "exposed": False}, f"{target} is no longer exposed")
+    else:
+        emit(
+            args,
+            {"target": str(target), "exposed": True, "to": rule.audience},
+            f"{target} is reachable through tunnels by {rule.audience}",
+        )
+    return 0
+
+
+def cmd_tunnel(args: argparse.Namespace) -> int:
+    from meshagent_gui.core.ipc_types import NoParams
+    from meshagent_gui.core.tunnel.service import TunnelInfo
+
+    tunnels = _run(_ask(_context(args.home), "tunnel.list", NoParams(), list[TunnelInfo]))
+    if args.json:
+        for info in tunnels:
+            emit(args, _struct_dict(info), "")
+        return 0
+    rows = [[t.kind, t.listen or "-", t.device, t.target, str(t.connections)] for t in tunnels]
+    print(
+        _table(["KIND", "LISTEN", "DEVICE", "TARGET", "CONNECTIONS"], rows)
+        if rows
+        else "no tunnels"
+    )
+    return 0
+
+
+def _struct_dict(value: object) -> dict[str, Any]:
+    import msgspec
+
+    result: dict[str, Any] = msgspec.to_builtins(value)
+    return result
+
+
 def cmd_notify(args: argparse.Namespace) -> int:
     from meshagent_gui.core.notify.gotify import GotifyClient
 
@@ -1362,6 +1530,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "notify": cmd_notify,
     "doctor": cmd_doctor,
     "terminal": cmd_terminal,
+    "forward": cmd_forward,
+    "expose": cmd_expose,
+    "tunnel": cmd_tunnel,
     "sync": cmd_sync,
     "autostart": cmd_autostart,
     "gui": cmd_gui,

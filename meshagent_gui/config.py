@@ -238,6 +238,35 @@ KEYS: Final[dict[str, Key]] = {
             help="folder sync offers accepted without asking: own | all | none",
             choices=AUTO_ACCEPT,
         ),
+        Key(
+            "tunnel.expose",
+            str,
+            "",
+            help="what peers may reach through tunnels: comma-separated [HOST:]PORT rules, each"
+            " for your own devices, @ROOM or @device:ID (default: nothing; see meshagent expose)",
+        ),
+        Key(
+            "tunnel.idle_timeout",
+            float,
+            0.0,
+            minimum=0,
+            help="seconds a tunnelled connection may stay silent before it is reset (0: never)",
+        ),
+        Key(
+            "tunnel.max_connections",
+            int,
+            64,
+            minimum=1,
+            maximum=4096,
+            help="tunnelled connections one peer may hold open to this device at once",
+        ),
+        Key(
+            "terminal.allow_open",
+            str,
+            "off",
+            help="who may open a new shell here (meshagent terminal open): off | own",
+            choices=("off", "own"),
+        ),
         Key("p2p.engine", str, "qh3", help="QUIC engine: qh3 | aioquic", choices=ENGINES),
         Key(
             "p2p.port",

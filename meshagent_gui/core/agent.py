@@ -53,6 +53,7 @@ from .ipc_types import (
     SyncAnswerParams,
     SyncFolderParams,
     SyncOfferInfo,
+    TerminalOpenParams,
     TerminalShareParams,
     TerminalViewParams,
     TransferInfo,
@@ -79,11 +80,15 @@ from .protocol.messages import BASE_REGISTRY
 from .protocol.sync import SYNC_REGISTRY
 from .protocol.terminal import TERMINAL_REGISTRY
 from .protocol.transfer import TRANSFER_REGISTRY
+from .protocol.tunnel import TUNNEL_REGISTRY, ConnectionBudget
 from .share.links import LinkReady, share_link
 from .share.service import TransferService
 from .sync.service import SyncService
 from .terminal.bridge import share_console, view_console
 from .terminal.service import TerminalService
+from .tunnel.bridge import tunnel_handlers, tunnel_streams
+from .tunnel.exposure import parse_rules
+from .tunnel.service import TunnelService
 
 # A token naming an unknown key makes us refetch the server's keys, at most this often, so
 # that garbage key ids cannot turn peers into a flood of requests to the server.
@@ -176,8 +181,18 @@ class Agent:
             peer_user=self._peer_user,
             peer_name=lambda device_id: self._names.get(device_id, device_id[:12]),
             device_name=lambda: str(config["device.name"]) or "this device",
+            allow_open=lambda: str(config["terminal.allow_open"]),
         )
         self.sync = self._build_sync(ctx, enrollment)
+        self.tunnels = TunnelService(
+            peers=self.peers,
+            client=self.client,
+            own_user=enrollment.user,
+            rules=lambda: parse_rules(str(config["tunnel.expose"])),
+            peer_name=self.name_of,
+            idle_timeout=lambda: float(config["tunnel.idle_timeout"]),
+            budget=ConnectionBudget(per_peer=int(config["tunnel.max_connections"]), total=1024),
+        )
 
     def _build_sync(self, ctx: Context, enrollment: Enrollment) -> SyncService:
         config = ctx.config
@@ -500,6 +515,7 @@ class Agent:
 
         return {
             **self._sync_handlers(),
+            **tunnel_handlers(self.tunnels),
             "devices": Route(NoParams, devices),
             "status": Route(NoParams, status),
             "ping": Route(PingParams, ping),
@@ -564,9 +580,15 @@ class Agent:
         async def view(params: TerminalViewParams, stream: IpcStream) -> None:
             await view_console(self.terminals, resolve, params, stream)
 
+        async def open_shell(params: TerminalOpenParams, stream: IpcStream) -> None:
+            view = TerminalViewParams(device=params.device, control=True, size=params.size)
+            await view_console(self.terminals, resolve, view, stream, opening=True)
+
         return {
             "terminal.share": StreamRoute(TerminalShareParams, share),
             "terminal.view": StreamRoute(TerminalViewParams, view),
+            "terminal.open": StreamRoute(TerminalOpenParams, open_shell),
+            **tunnel_streams(self.tunnels, resolve),
         }
 
     # ------------------------------------------------------------ running
@@ -677,15 +699,23 @@ class Agent:
 
 AGENT_REGISTRY = TRANSFER_REGISTRY.extended(
     spec
-    for registry in (TERMINAL_REGISTRY, SYNC_REGISTRY)
+    for registry in (TERMINAL_REGISTRY, SYNC_REGISTRY, TUNNEL_REGISTRY)
     for spec in registry.specs
     if spec.code not in BASE_REGISTRY.codes
 )
-"""Every message an agent speaks on its peer streams: transfers, terminals, folder sync."""
+"""Every message an agent speaks on its peer streams: transfers, terminals, folder sync, tunnels."""
 
 
 LIVE_SETTINGS: Final = frozenset(
-    {"transfer.rate_limit", "transfer.auto_accept", "transfer.always_accept", "downloads.dir"}
+    {
+        "transfer.rate_limit",
+        "transfer.auto_accept",
+        "transfer.always_accept",
+        "downloads.dir",
+        "tunnel.expose",
+        "tunnel.idle_timeout",
+        "terminal.allow_open",
+    }
 )
 """Settings a running agent reads each time it uses them (through its one Config object), so a
 change reaches it at once; ``notify.*`` too. The others are read once, at start."""

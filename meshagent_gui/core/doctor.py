@@ -56,8 +56,29 @@ async def run_checks(ctx: Context) -> list[Check]:
                 ctx.paths.ipc_path, "sync.list", timeout=5, reply=list[FolderInfo]
             )
             checks.extend(sync_checks(folders))
+    checks.extend(tunnel_checks(ctx))
     checks.append(await _guard("gotify", _gotify, ctx))
     return checks
+
+
+def tunnel_checks(ctx: Context) -> list[Check]:
+    """What peers may reach here: exposed ports (docs/tunnels.md) and `terminal open`."""
+    from meshagent_gui.core.tunnel.exposure import parse_rules
+
+    try:
+        rules = parse_rules(str(ctx.config["tunnel.expose"]))
+    except ValueError as exc:
+        exposed = Check("tunnels", "warn", f"tunnel.expose is not readable, nothing is: {exc}")
+    else:
+        listed = ", ".join(f"{rule.target} ({rule.audience})" for rule in rules)
+        exposed = Check("tunnels", "ok", f"exposed: {listed}" if rules else "nothing exposed")
+    allowed = str(ctx.config["terminal.allow_open"]) == "own"
+    shell = Check(
+        "terminal open",
+        "ok",
+        "your own devices may open a shell here" if allowed else "off (terminal.allow_open)",
+    )
+    return [exposed, shell]
 
 
 async def _guard(name: str, probe: Callable[[Context], Awaitable[Check]], ctx: Context) -> Check:

@@ -115,6 +115,22 @@ class SyncAnswerParams(Params, frozen=True, kw_only=True):
     path: str = ""
 
 
+class TunnelForwardParams(Params, frozen=True, kw_only=True):
+    """``forward [BIND:]LOCAL_PORT DEVICE:[HOST:]PORT``: ``target`` is ``[HOST:]PORT``."""
+
+    device: str
+    target: str
+    bind: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+
+
+class TerminalOpenParams(Params, frozen=True, kw_only=True):
+    """``terminal open DEVICE``: a new shell there, this console attached in control."""
+
+    device: str
+    size: tuple[Cells, Cells] | None = None
+
+
 REQUESTS: Final[dict[str, type[Params]]] = {
     "devices": NoParams,
     "status": NoParams,
@@ -134,6 +150,9 @@ REQUESTS: Final[dict[str, type[Params]]] = {
     "sync.remove": SyncFolderParams,
     "sync.offers": NoParams,
     "sync.answer": SyncAnswerParams,
+    "tunnel.forward": TunnelForwardParams,
+    "tunnel.list": NoParams,
+    "terminal.open": TerminalOpenParams,
 }
 """Each agent method's params type (``show`` of the desktop app takes :class:`NoParams`)."""
 

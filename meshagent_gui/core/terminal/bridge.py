@@ -161,14 +161,20 @@ async def view_console(
     resolve: ResolveDevice,
     params: TerminalViewParams,
     stream: IpcStream,
+    *,
+    opening: bool = False,
 ) -> None:
-    """Watch (or control) a peer's session; the attached console shows it."""
+    """Watch (or control) a peer's session; the attached console shows it. ``opening``:
+    ``terminal open``, a new shell there instead of an announced session."""
     cols, rows = params.size or (0, 0)
     try:
         device_id, _ = await resolve(params.device)
-        view = await service.view(
-            device_id, params.session or None, control=params.control, cols=cols, rows=rows
-        )
+        if opening:
+            view = await service.open(device_id, cols=cols, rows=rows)
+        else:
+            view = await service.view(
+                device_id, params.session or None, control=params.control, cols=cols, rows=rows
+            )
     except UserError as exc:
         _refuse(stream, exc)
         return

@@ -85,6 +85,11 @@ log = logging.getLogger(__name__)
 
 VIEW_SCOPE: Final = "terminal:view"
 CONTROL_SCOPE: Final = "terminal:control"
+OPEN_SCOPE: Final = "terminal:open"
+"""``terminal open``: a new shell on one of the caller's own devices (no room role grants it)."""
+OPENED_GRACE: Final = 30.0
+"""An opened shell outlives its last viewer this long (a viewer reconnecting after a path
+change finds it), then it is hung up."""
 ANNOUNCE_KIND: Final = "terminal.session"
 JOIN_TIMEOUT: Final = 10.0
 CONSENT_TIMEOUT: Final = 60.0
@@ -287,7 +292,7 @@ class SharedTerminal:
         try:
             viewer = self.host.attach(
                 self._party(name),
-                can_control=grant.scope == CONTROL_SCOPE,
+                can_control=grant.scope in (CONTROL_SCOPE, OPEN_SCOPE),
                 from_offset=join.from_offset,
                 cols=join.cols,
                 rows=join.rows,
@@ -386,8 +391,10 @@ class TerminalService:
         peer_user: PeerUser,
         peer_name: Callable[[str], str],
         device_name: Callable[[], str],
+        allow_open: Callable[[], str] = lambda: "off",
     ) -> None:
         self._peers = peers
+        self._allow_open = allow_open
         self._link = link
         self._client = client
         self._bus = bus
@@ -400,7 +407,9 @@ class TerminalService:
         self._announced: dict[tuple[str, str], AnnouncedSession] = {}
         self._announcements_changed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
-        peers.register(Service(StreamRole.TERMINAL, (CONTROL_SCOPE, VIEW_SCOPE), self._serve))
+        peers.register(
+            Service(StreamRole.TERMINAL, (CONTROL_SCOPE, VIEW_SCOPE, OPEN_SCOPE), self._serve)
+        )
 
     # ------------------------------------------------------------ hosting
 
@@ -416,6 +425,7 @@ class TerminalService:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         rooms: Sequence[str] | None = None,
+        session_id: str | None = None,
     ) -> SharedTerminal:
         """Start ``command`` (default: the user's shell) on a PTY, ready to :meth:`run`.
 
@@ -444,7 +454,7 @@ class TerminalService:
         shown = " ".join(command) if command else "shell"
         return SharedTerminal(
             self,
-            secrets.token_hex(4),
+            session_id or secrets.token_hex(4),
             title or f"{shown} on {self._device_name()}",
             pty,
             allow_control=allow_control,
@@ -485,6 +495,9 @@ class TerminalService:
             channel.abort(ErrorCode.BAD_TOKEN, "no capability")
             return
         session_id = channel.resource
+        if grant.scope == OPEN_SCOPE:
+            await self._open(channel, grant)
+            return
         shared = self._shared.get(session_id)
         if shared is None or (grant.resource and grant.resource != session_id):
             channel.abort(ErrorCode.REFUSED, f"no terminal session {session_id!r} here")
@@ -495,6 +508,38 @@ class TerminalService:
             channel.abort(ErrorCode.BAD_TOKEN, exc.message)
             return
         await shared.serve(channel, grant)
+
+    async def _open(self, channel: Channel, grant: Capability) -> None:
+        """``terminal open`` from one of our own devices: a new shell, shared with our own
+        devices (control for them), the opener attached as its first viewer."""
+        if self._allow_open() != "own":
+            channel.abort(
+                ErrorCode.REFUSED,
+                "it does not allow opening a shell (on it: meshagent config set"
+                " terminal.allow_open own)",
+            )
+            return
+        own = personal_room(self._own_user)
+        session_id = channel.resource
+        if grant.room != own or await self._peer_user(channel.peer_id) != self._own_user:
+            channel.abort(ErrorCode.NOT_ALLOWED, "a shell opens only for your own devices")
+            return
+        if not (len(session_id) == 8 and session_id.isalnum()) or session_id in self._shared:
+            channel.abort(ErrorCode.REFUSED, "bad session id")
+            return
+        try:
+            shared = self.share(
+                None, allow_control=True, cwd=str(Path.home()), session_id=session_id
+            )
+        except UserError as exc:
+            channel.abort(ErrorCode.REFUSED, exc.message)
+            return
+        log.info("opened a shell (%s) for %s", session_id, self._peer_name(channel.peer_id))
+        self._spawn(_discard(shared.run()), f"terminal-opened-{session_id}")
+        try:
+            await shared.serve(channel, grant)
+        finally:
+            self._spawn(_hang_up_when_abandoned(shared), f"terminal-abandoned-{session_id}")
 
     # ------------------------------------------------------------ the peers' sessions
 
@@ -581,6 +626,27 @@ class TerminalService:
         await view.connect()
         return view
 
+    async def open(self, device_id: str, *, cols: int = 0, rows: int = 0) -> TerminalView:
+        """``terminal open``: a new shell on ``device_id`` (one of ours), in control of it."""
+        name = self._peer_name(device_id)
+        if await self._peer_user(device_id) != self._own_user:
+            raise UserError(f"{name} is not one of your devices", code="not_allowed")
+        view = TerminalView(self, device_id, name, secrets.token_hex(4), True, (cols, rows))
+        view.opening = True
+        await view.connect()
+        view.opening = False  # a reconnect attaches to the shell it opened
+        return view
+
+
+async def _discard(running: Awaitable[object]) -> None:
+    await running
+
+
+async def _hang_up_when_abandoned(shared: SharedTerminal) -> None:
+    await asyncio.sleep(OPENED_GRACE)
+    if not shared.host.viewers:
+        shared.stop()
+
 
 @dataclass
 class TerminalView:
@@ -599,6 +665,9 @@ class TerminalView:
     _filter: OutputSanitizer = field(default_factory=OutputSanitizer)
     _channel: Channel | None = None
     _closed: bool = False
+    opening: bool = False
+    """Open a new shell (``terminal open``) instead of attaching to an announced session."""
+    _early: list[object] = field(default_factory=list)  # read by connect, not shown yet
 
     @property
     def controller(self) -> str | None:
@@ -616,7 +685,7 @@ class TerminalView:
     async def connect(self) -> None:
         """Open (or reopen, resuming from our offset) the stream to the host."""
         service = self.service
-        scope = CONTROL_SCOPE if self.control else VIEW_SCOPE
+        scope = OPEN_SCOPE if self.opening else CONTROL_SCOPE if self.control else VIEW_SCOPE
         try:
             session = await service._peers.session(self.device_id)
             grant = await self._capability(scope)
@@ -624,7 +693,14 @@ class TerminalView:
                 StreamRole.TERMINAL, tokens=(grant.token,), resource=self.session_id
             )
             await channel.send(self._stream.join(*self.console))
+            if self.opening:  # the shell is started after the handshake: its first word tells
+                async with asyncio.timeout(OPENED_GRACE):
+                    self._early.append(await channel.receive())
         except MeshError as exc:
+            if exc.code == "not_allowed" and self.opening:
+                raise UserError(
+                    f"you may not open a shell on {self.device_name}", code="not_allowed"
+                ) from exc
             if exc.code == "not_allowed":
                 raise UserError(
                     f"you may not {'control' if self.control else 'view'} terminals on"
@@ -654,7 +730,7 @@ class TerminalView:
                     return
                 continue
             try:
-                message = await channel.receive()
+                message = self._early.pop(0) if self._early else await channel.receive()
             except ChannelClosed as exc:
                 self._channel = None
                 if exc.code is ErrorCode.REFUSED:
