@@ -130,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     login.add_argument("--name", help="this device's name")
 
+    join = command("join", "pair this device with a mesh: the code alone, or mesh://host:port/CODE")
+    join.add_argument(
+        "code",
+        metavar="CODE",
+        nargs="?",
+        help="the pairing code: ABCD-EFGH-IJKL-MNOP (a local mesh on this network, found by"
+        " mDNS) or mesh://host:port/ABCD-EFGH-IJKL-MNOP (any server it reaches)",
+    )
+    join.add_argument("--name", help="this device's name")
+    join.add_argument(
+        "--list", action="store_true", help="only list the local meshes found on this network"
+    )
+
     command("gui", "the desktop app (the same as `meshagent` alone)")
 
     up = command("up", "run the agent headless until stopped")
@@ -470,6 +483,48 @@ def cmd_login(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_join(args: argparse.Namespace) -> int:
+    from meshagent_gui.core.mesh.pairing import join
+
+    if args.list:
+        return _list_local_meshes(args)
+    if args.code is None:
+        raise UserError(
+            "say which code: meshagent join CODE (or --list: the local meshes on this network)",
+            code="usage",
+            exit_code=2,
+        )
+    ctx = _context(args.home)
+    enrollment = _run(join(ctx, args.code, device_name=args.name))
+    emit(
+        args,
+        {
+            "device_id": enrollment.device_id,
+            "name": ctx.device_name,
+            "user": enrollment.user,
+            "server": enrollment.url,
+        },
+        f"enrolled {ctx.device_name} ({ctx.identity.short_id}) as {enrollment.user}'s device"
+        f" on {enrollment.url}; start it with `meshagent up` (or the app: `meshagent`)",
+    )
+    return 0
+
+
+def _list_local_meshes(args: argparse.Namespace) -> int:
+    from meshagent_gui.core.mesh.discovery import discover
+
+    found = _run(discover())
+    for mesh in found:
+        emit(
+            args,
+            {"name": mesh.name, "url": mesh.url, "owner": mesh.owner, "device": mesh.device},
+            f"{mesh.url}  {mesh.owner or '?'} on {mesh.device or '?'}",
+        )
+    if not found and not args.json:
+        print("no local mesh answered on this network (mDNS)")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from meshagent_gui.core.agent import Agent
     from meshagent_gui.core.mesh.enroll import load_enrollment
@@ -545,15 +600,20 @@ def _print_invitation(args: argparse.Namespace, event: InvitationReceived) -> No
 
 async def _up_local(args: argparse.Namespace, ctx: Context) -> int:
     from meshagent_gui.compose.onboarding import JoinCodeWithUrl, run_agent
+    from meshagent_gui.core.mesh.pairing import pairing_code, pairing_lines
 
     async def ready(agent: Agent, join: JoinCodeWithUrl | None) -> None:
         assert join is not None  # a local mesh always has one
         with agent.bus.subscribed() as events:  # before saying "up": nothing is missed
             emit(
                 args,
-                {"event": "up", "server": join.url, "join_code": join.code},
-                f"Local mesh on {join.url}; this device is enrolled as its owner.\n"
-                f"Add another device: meshagent login {join.url} --join-code {join.code}",
+                {
+                    "event": "up",
+                    "server": join.url,
+                    "join_code": join.code,
+                    "pairing_code": pairing_code(join.url, join.code),
+                },
+                pairing_lines(join.url, join.code, ctx.device_name),
             )
             async for event in events:
                 _print_event(args, agent, event)
@@ -1520,6 +1580,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "server": cmd_server,
     "login": cmd_login,
+    "join": cmd_join,
     "up": cmd_up,
     "config": cmd_config,
     "devices": cmd_devices,
@@ -1541,7 +1602,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 # Commands that run no agent, so a bad setting does not stop them: `config` is how to fix one,
 # `doctor` reports it, and the app shows it in a dialog of its own (ui.app.run_gui).
-_NO_AGENT: Final = frozenset({"config", "doctor", "server", "login", "autostart", "gui"})
+_NO_AGENT: Final = frozenset({"config", "doctor", "server", "login", "join", "autostart", "gui"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -188,9 +188,12 @@ KEYS: Final[dict[str, Key]] = {
         Key(
             "local.listen",
             str,
+            # This computer only, until its owner says otherwise: off loopback the local mesh's
+            # control plane is plain HTTP (docs/security.md), so the network is a choice.
             "127.0.0.1",
-            help="address the embedded Mesh Server listens on; 0.0.0.0 lets other computers on"
-            " this network join (plain HTTP: trusted networks only)",
+            help="address the embedded Mesh Server listens on; 127.0.0.1 (default) keeps it to"
+            " this computer, 0.0.0.0 lets other computers on this network find and join it"
+            " (plain HTTP: trusted networks only)",
             check=_listen_address,
         ),
         Key("downloads.dir", str, "", help="where received files land"),

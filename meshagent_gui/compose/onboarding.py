@@ -9,14 +9,17 @@ Enrolling with a remote server is ``core/mesh/enroll.enroll``, the same call as 
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from meshagent_gui.context import Context
 from meshagent_gui.core.agent import Agent
 from meshagent_gui.core.mesh.client import MeshClient
+from meshagent_gui.core.mesh.discovery import advertised
 from meshagent_gui.core.mesh.enroll import load_enrollment
+from meshagent_gui.core.mesh.pairing import is_loopback_url
 
 from .local_mesh import ensure_owner_enrolled, local_server, shared_url
 
@@ -45,6 +48,20 @@ async def new_join_code(ctx: Context, url: str, ttl: int = 600) -> JoinCodeWithU
     return JoinCodeWithUrl(url, str(grant["code"]), expires)
 
 
+@contextlib.asynccontextmanager
+async def advertised_on_network(ctx: Context, url: str) -> AsyncIterator[None]:
+    """Advertise the local mesh by mDNS while it runs, where other computers can reach it (a
+    mesh on loopback only is not announced: nobody else could join it)."""
+    enrollment = load_enrollment(ctx)
+    if is_loopback_url(url) or enrollment is None:
+        yield
+        return
+    async with advertised(
+        url, owner=enrollment.user, device=ctx.device_name, server_id=enrollment.server_id
+    ):
+        yield
+
+
 async def run_agent(
     ctx: Context,
     *,
@@ -68,7 +85,8 @@ async def run_agent(
             agent = factory(ctx)
             join = await new_join_code(ctx, url)
             join = JoinCodeWithUrl(shared_url(ctx, url), join.code, join.expires_at)
-            await agent.run(on_ready=lambda: ready(agent, join))
+            async with advertised_on_network(ctx, join.url):
+                await agent.run(on_ready=lambda: ready(agent, join))
         return
     agent = factory(ctx)
     await agent.run(on_ready=lambda: ready(agent, None))

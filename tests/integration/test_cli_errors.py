@@ -123,7 +123,7 @@ def test_meshagent_alone_without_a_display_runs_the_local_mesh(tmp_path: Path) -
     assert run("--home", str(home), "config", "set", "local.port", str(free_port())).returncode == 0
     agent = Process(["--home", str(home)], tmp_path / "agent.log", env=HEADLESS)
     try:
-        agent.read_line(r"meshagent login http://127\.0\.0\.1:\d+ --join-code \S+")
+        agent.read_line(r"meshagent --home DIR join mesh://\S+:\d+/\S+")  # the pairing lines
     finally:
         assert agent.stop() == 0
     said = (tmp_path / "agent.log").read_text().splitlines()

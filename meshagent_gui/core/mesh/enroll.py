@@ -24,8 +24,8 @@ def require_enrollment(ctx: Context) -> Enrollment:
     enrollment = load_enrollment(ctx)
     if enrollment is None:
         raise UserError(
-            "this device is not enrolled yet: run `meshagent login URL --join-code CODE`"
-            " (or `meshagent up --local` to start a mesh on this computer)",
+            "this device is not enrolled yet: run `meshagent join CODE` with a code from your"
+            " mesh (or `meshagent up --local` to start a mesh on this computer)",
             code="not_enrolled",
         )
     return enrollment
