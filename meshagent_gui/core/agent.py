@@ -290,10 +290,20 @@ class Agent:
             async for step in share_link(self.client, self.bus, [Path(p) for p in paths], link_ttl):
                 if isinstance(step, LinkReady):
                     yield SendProgress(
-                        transfer_id="", done=0, total=0, rate=0.0, eta=None, link_url=step.url
+                        transfer_id="",
+                        done=0,
+                        total=0,
+                        rate=0.0,
+                        eta=None,
+                        link_url=step.url,
+                        link_expires_at=step.expires_at,
                     )
                 else:
                     guest = step.guest
+                    # Before the send starts: the app's row follows this peer's events.
+                    yield SendProgress(
+                        transfer_id="", done=0, total=0, rate=0.0, eta=None, link_guest=guest
+                    )
             self.peers.use_webrtc(guest)
             self._names[guest] = "the link's recipient"
             target = DeviceView(guest, self._names[guest], "", GUEST_PLATFORM, True, None, "none")

@@ -222,6 +222,10 @@ class SendProgress(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     """Set while the offer waits for the receiver (named here) to accept it."""
     link_url: str | None = None
     """``send --link``: the share link to hand out; repeated while nobody has opened it."""
+    link_expires_at: float | None = None
+    """With ``link_url``: when the link expires (Unix time)."""
+    link_guest: str | None = None
+    """``send --link``: the device id of whoever opened the link, said once before the send."""
 
 
 SHORT_ID: Final = 8  # hex digits of a transfer id shown to people (any unique prefix works)

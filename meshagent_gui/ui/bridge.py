@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 from PySide6.QtCore import QObject, Signal
@@ -44,6 +45,7 @@ from .transfers import State, TransferRow, TransferTableModel
 
 log = logging.getLogger(__name__)
 
+LINK_RECIPIENT: Final = "whoever opens the link"  # a share link's row names no device
 # Device ids whose offers are accepted without asking ("Always accept from this device").
 _TRANSFER_EVENTS: Final = (
     TransferProgressed,
@@ -93,6 +95,7 @@ class AgentBridge(QObject):
     error = Signal(str)  # one line for the status bar
     show_requested = Signal()
     event_received = Signal(object)  # every core event, for whoever cares
+    link_shared = Signal(object, str, float)  # a share link's row, its URL, its expiry (Unix)
 
     def __init__(self, ctx: Context, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -106,6 +109,7 @@ class AgentBridge(QObject):
         self.link_retry_at: float | None = None  # time.monotonic() of the next attempt
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sends: dict[str, asyncio.Task[Any]] = {}
+        self._link_rows: set[str] = set()  # rows sent to whoever opens a share link
         self._refreshing: asyncio.Task[None] | None = None
         self._refresh_again = False
         self._tray_state = TrayState.OFFLINE
@@ -260,6 +264,13 @@ class AgentBridge(QObject):
         self._start_send(row)
         return row
 
+    def share_by_link(self, path: str) -> TransferRow:
+        """Send ``path`` to whoever opens a one-time link; ``link_shared`` says its URL."""
+        row = self.transfers.add_send([path], "", LINK_RECIPIENT)
+        self._link_rows.add(row.key)
+        self._start_send(row)
+        return row
+
     def _start_send(self, row: TransferRow) -> None:
         task = self.spawn(self._send(row), f"ui-send-{row.key}")
         self._sends[row.key] = task
@@ -271,10 +282,15 @@ class AgentBridge(QObject):
             self.transfers.happen(row, "failed", error="the agent is not running")
             return
         try:
-            async for update in agent.send(list(row.paths), row.peer_id):
+            link = row.key in self._link_rows
+            async for update in agent.send(list(row.paths), row.peer_id, link=link):
                 if isinstance(update, SendReply):
                     self.transfers.happen(row, "completed")
-                elif row.transfer_id is None:  # claimed, the row follows the bus's progress
+                elif update.link_url:
+                    self.link_shared.emit(row, update.link_url, update.link_expires_at or 0.0)
+                elif update.link_guest:  # before the send: its events name this peer
+                    row.peer_id = update.link_guest
+                elif row.transfer_id is None and update.transfer_id:  # the row follows the bus
                     self.transfers.claim(row, update.transfer_id)
         except asyncio.CancelledError:
             self.transfers.happen(row, "cancelled", error="")
@@ -299,10 +315,21 @@ class AgentBridge(QObject):
 
     def resume(self, row: TransferRow) -> None:
         """Send again: the receiver's verified chunks are kept, only the rest goes."""
+        if row.key in self._link_rows:
+            self.error.emit("A share link is for one person: share the file again for a new link.")
+            return
         if row.can_resume and self.transfers.happen(row, "restarted"):
             self._start_send(row)
 
-    async def answer_offer(self, transfer_id: str, accept: bool, *, always: bool = False) -> None:
+    async def answer_offer(
+        self,
+        transfer_id: str,
+        accept: bool,
+        *,
+        always: bool = False,
+        destination: Path | None = None,
+    ) -> None:
+        """Answer an offer; ``destination``: the folder the user chose ("Save to"), or None."""
         agent = self.agent
         if agent is None:
             return
@@ -310,7 +337,7 @@ class AgentBridge(QObject):
         if always and accept and row is not None:
             allow_always(self.ctx.config, row.peer_id)
         try:
-            await agent.transfers.answer_offer(transfer_id, accept)
+            await agent.transfers.answer_offer(transfer_id, accept, destination)
         except UserError as exc:
             if row is not None:
                 self.transfers.happen(row, "failed", error=exc.message)

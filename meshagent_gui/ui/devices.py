@@ -32,7 +32,13 @@ from PySide6.QtWidgets import (
 AnyIndex = QModelIndex | QPersistentModelIndex
 DeviceRole: Final = int(Qt.ItemDataRole.UserRole) + 1
 
-_PLATFORM_LABELS: Final = {"linux": "Linux", "windows": "Windows", "darwin": "macOS"}
+_PLATFORM_LABELS: Final = {
+    "linux": "Linux",
+    "windows": "Windows",
+    "darwin": "macOS",
+    "browser": "web browser",
+}
+BROWSER: Final = "browser"  # a web page of the user's (docs/server-api.md, "Browsers")
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,15 @@ class DeviceEntry:
     platform: str
     online: bool
     path: str  # "direct", "relay" or "" (no P2P connection yet)
+
+    @property
+    def is_browser(self) -> bool:
+        return self.platform == BROWSER
+
+    @property
+    def label(self) -> str:
+        """The name as lists show it: a browser says so (it takes files, hosts no terminal)."""
+        return f"{self.name} (browser)" if self.is_browser else self.name
 
     @property
     def subtitle(self) -> str:
@@ -67,9 +82,9 @@ class DeviceListModel(QAbstractListModel):
             return None
         device = self._devices[index.row()]
         if role == Qt.ItemDataRole.DisplayRole:
-            return device.name
+            return device.label
         if role == Qt.ItemDataRole.ToolTipRole:
-            return f"{device.name}\n{device.subtitle}\n{device.id}"
+            return f"{device.label}\n{device.subtitle}\n{device.id}"
         if role == DeviceRole:
             return device
         return None
@@ -123,7 +138,7 @@ class DeviceDelegate(QStyledItemDelegate):
         painter.setPen(text.color())
         top = QRect(rect.left() + 32, rect.top() + 6, rect.width() - 40, rect.height() // 2 - 4)
         painter.drawText(
-            top, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, device.name
+            top, Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter, device.label
         )
         sub_font = QFont(option.font)
         sub_font.setPointSizeF(max(7.0, option.font.pointSizeF() * 0.88))

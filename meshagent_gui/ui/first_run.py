@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import ipaddress
 import logging
 import socket
 import sys
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QCloseEvent
+from PySide6.QtGui import QCloseEvent, QShowEvent
 from PySide6.QtWidgets import (
     QCheckBox,
     QDialog,
@@ -24,6 +25,8 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QListWidget,
+    QListWidgetItem,
     QPushButton,
     QSpinBox,
     QTabWidget,
@@ -33,7 +36,9 @@ from PySide6.QtWidgets import (
 
 from meshagent_gui.compose.local_mesh import DEFAULT_PORT, LOOPBACK
 from meshagent_gui.context import Context
+from meshagent_gui.core.mesh.discovery import FoundMesh, MeshBrowser
 from meshagent_gui.core.mesh.enroll import enroll
+from meshagent_gui.core.mesh.pairing import join, parse_pairing_code
 from meshagent_gui.errors import UserError
 
 from .main_window import named
@@ -77,6 +82,16 @@ def free_port_near(host: str, taken: int) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def answers_on_network(listen: str) -> bool:
+    """Whether a local mesh listening on ``listen`` (``local.listen``) reaches other computers."""
+    if listen in ("", "localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(listen).is_loopback
+    except ValueError:
+        return False
 
 
 class Choice(enum.Enum):
@@ -144,9 +159,11 @@ class FirstRunDialog(QDialog):
         self.local_button.clicked.connect(self.choose_local)
         self.on_network = QCheckBox("Let other computers on this network join")
         self.on_network.setToolTip(
-            "The Mesh Server answers on this computer's network address, in plain HTTP:"
-            " use it on networks you trust (files and terminals stay end-to-end encrypted)."
+            "The Mesh Server answers on this computer's network address, in plain HTTP, and"
+            " other computers on this network find it by themselves (mDNS): use it on networks"
+            " you trust (files and terminals stay end-to-end encrypted)."
         )
+        self.on_network.setChecked(answers_on_network(str(ctx.config["local.listen"])))
         # Shown when the usual port is taken (another program, another mesh): a free one to
         # use instead, in the dialog, not a command to type.
         self.port_note = named(QLabel(), "error")
@@ -179,9 +196,20 @@ class FirstRunDialog(QDialog):
         remote_layout = QVBoxLayout(remote)
         remote_layout.setContentsMargins(16, 14, 16, 14)
         remote_layout.addWidget(named(QLabel("Connect to a Mesh Server"), "optionTitle"))
+        # Local meshes found on this network (mDNS): a click fills in the address; a code alone
+        # is tried at what is found, as `meshagent join CODE` does.
+        self.found_hint = named(QLabel("Looking for local meshes on this network…"), "hint")
+        self.found_list = QListWidget()
+        self.found_list.setAccessibleName("Local meshes found on this network")
+        self.found_list.setMaximumHeight(self.fontMetrics().height() * 4 + 8)
+        self.found_list.itemClicked.connect(self._use_found)
+        self.found_list.hide()
+        remote_layout.addWidget(self.found_hint)
+        remote_layout.addWidget(self.found_list)
+        self._browse_task: asyncio.Task[None] | None = None
         server_form = QFormLayout()
         self.url = QLineEdit()
-        self.url.setPlaceholderText("https://mesh.example.org")
+        self.url.setPlaceholderText("https://mesh.example.org (empty: found on this network)")
         self.device_name = QLineEdit()
         self.device_name.setPlaceholderText(ctx.device_name)
         server_form.addRow("Server URL", self.url)
@@ -191,7 +219,8 @@ class FirstRunDialog(QDialog):
         code_page = QWidget()
         code_form = QFormLayout(code_page)
         self.join_code = QLineEdit()
-        self.join_code.setPlaceholderText("ABCD-EFGH-IJKL-MNOP")
+        self.join_code.setPlaceholderText("ABCD-EFGH-IJKL-MNOP or mesh://host:port/ABCD-…")
+        self.join_code.textChanged.connect(self._code_typed)
         code_form.addRow("Join code", self.join_code)
         password_page = QWidget()
         password_form = QFormLayout(password_page)
@@ -204,6 +233,7 @@ class FirstRunDialog(QDialog):
         self.how.addTab(password_page, "User and password")
         remote_layout.addWidget(self.how)
         self.error = named(QLabel(), "error")
+        self.error.setTextFormat(Qt.TextFormat.PlainText)  # messages quote servers and input
         self.error.setWordWrap(True)
         self.error.hide()
         remote_layout.addWidget(self.error)
@@ -223,8 +253,7 @@ class FirstRunDialog(QDialog):
     def choose_local(self) -> None:
         """Start the local mesh; if its port is taken, offer a free one here and stay open."""
         config = self.ctx.config
-        listen = "0.0.0.0" if self.on_network.isChecked() else str(config["local.listen"])
-        listen = listen or LOOPBACK
+        listen = "0.0.0.0" if self.on_network.isChecked() else LOOPBACK
         offered = not self.port_row.isHidden()
         port = self.port.value() if offered else int(config["local.port"] or 0) or DEFAULT_PORT
         if not port_free(listen, port):
@@ -237,8 +266,8 @@ class FirstRunDialog(QDialog):
             self.port_note.show()
             self.port_row.show()
             return
-        if self.on_network.isChecked():
-            config.set("local.listen", "0.0.0.0")
+        # The box decides, either way: the default answers on the network.
+        config.set("local.listen", "0.0.0.0" if self.on_network.isChecked() else LOOPBACK)
         if offered:
             config.set("local.port", port)
         config.save()
@@ -254,7 +283,7 @@ class FirstRunDialog(QDialog):
         """Enrol with the server in the form; on failure say why and stay open."""
         url = self.url.text().strip()
         by_code = self.how.currentIndex() == 0
-        if not url:
+        if not url and not by_code:
             self.show_error("Enter the server's URL.")
             return False
         if by_code and not self.join_code.text().strip():
@@ -265,14 +294,21 @@ class FirstRunDialog(QDialog):
             return False
         self._busy(True)
         try:
-            await enroll(
-                self.ctx,
-                url,
-                join_code=self.join_code.text().strip() if by_code else None,
-                username=None if by_code else self.user.text().strip(),
-                password=None if by_code else self.password.text(),
-                device_name=self.device_name.text().strip() or None,
-            )
+            if by_code and not url:  # the code alone: at the local mesh that knows it
+                await join(
+                    self.ctx,
+                    self.join_code.text(),
+                    device_name=self.device_name.text().strip() or None,
+                )
+            else:
+                await enroll(
+                    self.ctx,
+                    url,
+                    join_code=self.join_code.text().strip() if by_code else None,
+                    username=None if by_code else self.user.text().strip(),
+                    password=None if by_code else self.password.text(),
+                    device_name=self.device_name.text().strip() or None,
+                )
         except UserError as exc:
             self.show_error(exc.message)
             return False
@@ -281,6 +317,55 @@ class FirstRunDialog(QDialog):
         self.choice = Choice.CONNECTED
         self.accept()
         return True
+
+    # ------------------------------------------------------------ found on this network
+
+    def showEvent(self, event: QShowEvent) -> None:
+        super().showEvent(event)
+        if self._browse_task is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (a bare widget test): nothing to browse with
+            self._browse_task = loop.create_task(self._browse(), name="ui-first-run-browse")
+
+    async def _browse(self) -> None:
+        async with MeshBrowser() as browser:
+            while True:
+                await browser.changed.wait()
+                browser.changed.clear()
+                self.show_found(sorted(browser.found.values(), key=lambda m: m.name))
+
+    def show_found(self, meshes: list[FoundMesh]) -> None:
+        self.found_list.clear()
+        for mesh in meshes:
+            item = QListWidgetItem(mesh.label)
+            item.setData(Qt.ItemDataRole.UserRole, mesh.url)
+            item.setToolTip(f"{mesh.url}: click to join it with the code you were given")
+            self.found_list.addItem(item)
+        self.found_list.setVisible(bool(meshes))
+        self.found_hint.setText(
+            "Found on this network (the join code alone is enough; a click fills in the address):"
+            if meshes
+            else "No local mesh found on this network yet."
+        )
+
+    def _use_found(self, item: QListWidgetItem) -> None:
+        self.url.setText(str(item.data(Qt.ItemDataRole.UserRole)))
+        self.how.setCurrentIndex(0)
+        self.join_code.setFocus()
+
+    def _code_typed(self, text: str) -> None:
+        """A pasted ``mesh://host:port/CODE`` fills in the address and leaves the code."""
+        if "://" not in text:
+            return
+        try:
+            pairing = parse_pairing_code(text)
+        except UserError:
+            return  # still typing, or not a code: Connect says what is wrong
+        if pairing.url is not None:
+            self.url.setText(pairing.url)
+            self.join_code.setText(pairing.code)
 
     def show_error(self, text: str) -> None:
         self.error.setText(text)
@@ -294,6 +379,8 @@ class FirstRunDialog(QDialog):
     def done(self, result: int) -> None:
         if self._task is not None and not self._task.done() and self.choice is None:
             self._task.cancel()
+        if self._browse_task is not None:
+            self._browse_task.cancel()  # closes its mDNS sockets as it ends
         super().done(result)
 
     def closeEvent(self, event: QCloseEvent) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -21,9 +22,6 @@ from PySide6.QtGui import (
 )
 from PySide6.QtWidgets import (
     QAbstractItemView,
-    QCheckBox,
-    QDialog,
-    QDialogButtonBox,
     QFileDialog,
     QFrame,
     QHBoxLayout,
@@ -40,13 +38,22 @@ from PySide6.QtWidgets import (
 
 from meshagent_gui.compose.onboarding import JoinCodeWithUrl
 from meshagent_gui.core.events import TransferOffered
+from meshagent_gui.core.ipc_types import TransferInfo
+from meshagent_gui.core.mesh.pairing import is_loopback_url, pairing_code
 from meshagent_gui.core.notify.router import Notification
-from meshagent_gui.units import human_size
 
 from .bridge import AgentBridge
 from .devices import DeviceEntry, DeviceListView, local_paths
+from .offers import OfferDialog
 from .resources import app_icon
-from .transfers import Column, ProgressDelegate, TransferRow, fit_transfer_columns
+from .share_link import ShareLinkWindow, open_share_link
+from .transfers import (
+    Column,
+    HistoryWindow,
+    ProgressDelegate,
+    TransferRow,
+    fit_transfer_columns,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,50 +106,13 @@ class DropZone(QLabel):
         # Device names come from peers: escaped, or a name could inject markup into the label.
         where = "a device (select one, or drop on it)"
         if device is not None:
-            where = f"<b>{escape(device.name)}</b>"
+            where = f"<b>{escape(device.label)}</b>"
         self.setText(f"Drop files or folders here to send them to {where}")
 
     def set_active(self, active: bool) -> None:
         self.setProperty("active", "true" if active else "false")
         self.style().unpolish(self)
         self.style().polish(self)
-
-
-class OfferDialog(QDialog):
-    """Accept or decline an incoming offer; not modal, so offers never block the window."""
-
-    answered = Signal(str, bool, bool)  # transfer id, accept, always from this device
-
-    def __init__(self, offer: TransferOffered, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.offer = offer
-        self.setWindowTitle("Incoming files")
-        self.setWindowIcon(app_icon())
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(20, 18, 20, 16)
-        layout.setSpacing(10)
-        title = QLabel(f"<b>{escape(offer.peer_name)}</b> wants to send you")
-        title.setObjectName("offerTitle")
-        names = ", ".join(offer.names[:3]) + (" …" if len(offer.names) > 3 else "")
-        what = QLabel(
-            f"{escape(names)}<br><span style='color:#66727d'>{offer.files} file"
-            f"{'s' if offer.files != 1 else ''}, {human_size(offer.total)}</span>"
-        )
-        what.setWordWrap(True)
-        self.always = QCheckBox("Always accept from this device")
-        buttons = QDialogButtonBox()
-        self.accept_button = buttons.addButton("Accept", QDialogButtonBox.ButtonRole.AcceptRole)
-        self.decline_button = buttons.addButton("Decline", QDialogButtonBox.ButtonRole.RejectRole)
-        self.accept_button.setDefault(True)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        for widget in (title, what, self.always, buttons):
-            layout.addWidget(widget)
-        self.finished.connect(self._finished)
-
-    def _finished(self, result: int) -> None:
-        accepted = result == QDialog.DialogCode.Accepted
-        self.answered.emit(self.offer.transfer_id, accepted, accepted and self.always.isChecked())
 
 
 class MainWindow(QMainWindow):
@@ -167,7 +137,9 @@ class MainWindow(QMainWindow):
         self.setWindowIcon(app_icon())
         self.setAcceptDrops(True)
         self.setStyleSheet(STYLE)
-        self.resize(1060, 660)  # the transfer list's Name column readable (≥ 180 px)
+        # The transfer list's Name column readable (≥ 180 px) beside a device list that needs
+        # no sideways scrolling (its rows are 220 px).
+        self.resize(1100, 660)
         self._link_timer = QTimer(self)  # counts down "retrying in N s" while offline
         self._link_timer.setInterval(1000)
         self._link_timer.timeout.connect(lambda: self._show_link(self.bridge.link_state))
@@ -205,12 +177,18 @@ class MainWindow(QMainWindow):
         self.rooms_button.clicked.connect(self.rooms_requested.emit)
         self.sync_button = QPushButton("Synced folders")
         self.sync_button.clicked.connect(self.sync_requested.emit)
+        # Beside the list's own buttons it would widen the window past its default size.
+        self.history_button = QPushButton("History")
+        self.history_button.setToolTip("Finished transfers, kept across restarts")
+        self.history_button.clicked.connect(self.open_history)
+        self.history: HistoryWindow | None = None
         header.addWidget(logo)
         header.addSpacing(6)
         header.addLayout(titles)
         header.addStretch(1)
         header.addWidget(self.pill, 0, Qt.AlignmentFlag.AlignVCenter)
         header.addSpacing(8)
+        header.addWidget(self.history_button)
         header.addWidget(self.sync_button)
         header.addWidget(self.rooms_button)
         header.addWidget(self.settings_button)
@@ -254,19 +232,24 @@ class MainWindow(QMainWindow):
         left_layout.addWidget(named(QLabel("Devices"), "sectionTitle"))
         self.device_list = DeviceListView()
         self.device_list.setModel(self.bridge.devices)
+        self.device_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.device_list.files_dropped.connect(self.send_to)
         self.device_list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.device_list.customContextMenuRequested.connect(self._device_menu)
         self.device_list.selectionModel().currentChanged.connect(self._devices_changed)
         self.no_devices = QLabel(
-            "No other device yet.\nAdd one with a join code\n"
-            "(meshagent login URL --join-code CODE)."
+            "No other device yet.\nAdd one with a join code\n(meshagent join CODE)."
         )
         self.no_devices.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.no_devices.setWordWrap(True)
         self.no_devices.setObjectName("subtitle")
         left_layout.addWidget(self.device_list, 1)
         left_layout.addWidget(self.no_devices)
+        # For someone with no device here; under the list, where it widens nothing.
+        self.share_link_button = QPushButton("Share by link…")
+        self.share_link_button.setToolTip("A one-time link for someone with no account")
+        self.share_link_button.clicked.connect(self.share_by_link)
+        left_layout.addWidget(self.share_link_button)
         left.setMinimumWidth(220)
 
         right = QWidget()
@@ -324,7 +307,7 @@ class MainWindow(QMainWindow):
         splitter.addWidget(right)
         splitter.setStretchFactor(1, 1)
         splitter.setStretchFactor(0, 0)
-        splitter.setSizes([230, 810])
+        splitter.setSizes([250, 850])
         outer.addWidget(splitter, 1)
         self.setCentralWidget(central)
         self.statusBar().setSizeGripEnabled(False)
@@ -361,9 +344,14 @@ class MainWindow(QMainWindow):
         self.statusBar().showMessage(f"{notification.title}: {notification.message}", 10_000)
 
     def show_join_code(self, join: JoinCodeWithUrl) -> None:
+        long_code = escape(pairing_code(join.url, join.code))
+        if is_loopback_url(join.url):
+            where = "Another agent on this computer joins with"
+        else:  # found on the network by the code alone (mDNS); the long code from anywhere
+            where = "Computers on this network join with the code alone; from anywhere:"
         self.card_detail.setText(
-            f"Other devices join with: <code>meshagent login {join.url} --join-code CODE</code>"
-            "<br><span style='color:#66727d'>One-time code, valid for 10 minutes.</span>"
+            f"{where} <code>meshagent join {long_code}</code><br>"
+            "<span style='color:#66727d'>One-time code, valid for 10 minutes.</span>"
         )
         self.join_code_label.setText(join.code)
         self.card.show()
@@ -372,8 +360,8 @@ class MainWindow(QMainWindow):
         join = self.bridge.join_code
         clipboard = QGuiApplication.clipboard()
         if join is not None and clipboard is not None:
-            clipboard.setText(f"meshagent login {join.url} --join-code {join.code}")
-            self.statusBar().showMessage("Copied the login command", 3000)
+            clipboard.setText(f"meshagent join {pairing_code(join.url, join.code)}")
+            self.statusBar().showMessage("Copied the join command", 3000)
 
     def _devices_changed(self, *_: Any) -> None:
         has_devices = self.bridge.devices.rowCount() > 0
@@ -405,6 +393,9 @@ class MainWindow(QMainWindow):
         paths = self.choose_paths(folder)
         if paths:
             self.send_to(paths, target.id)
+
+    def share_by_link(self) -> ShareLinkWindow:
+        return open_share_link(self.bridge, self)
 
     def _choose_paths(self, folder: bool) -> list[str]:
         if folder:
@@ -452,12 +443,17 @@ class MainWindow(QMainWindow):
         menu.addAction("Send files…", lambda: self.pick_and_send(False, device))
         menu.addAction("Send folder…", lambda: self.pick_and_send(True, device))
         terminal = menu.addAction("View terminal…")
-        terminal.setEnabled(device.online and self.open_terminal is not None)
+        # A browser takes files; it hosts no terminal and syncs no folder.
+        terminal.setEnabled(
+            device.online and not device.is_browser and self.open_terminal is not None
+        )
         if self.open_terminal is not None:
             opener = self.open_terminal
             terminal.triggered.connect(lambda: opener(device))
         sync = menu.addAction("Sync a folder…")
-        sync.setEnabled(device.online and self.sync_folder_with is not None)
+        sync.setEnabled(
+            device.online and not device.is_browser and self.sync_folder_with is not None
+        )
         if self.sync_folder_with is not None:
             syncer = self.sync_folder_with
             sync.triggered.connect(lambda: syncer(device))
@@ -499,22 +495,41 @@ class MainWindow(QMainWindow):
         if folder is not None and not os.environ.get("MESHAGENT_NO_OPEN"):
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
 
+    def open_history(self) -> HistoryWindow:
+        """The history of finished transfers (core/share/history.py), read afresh."""
+        if self.history is None:
+            self.history = HistoryWindow(self._load_history, self.bridge.spawn, self)
+        self.history.show()
+        self.history.raise_()
+        self.history.refresh()
+        return self.history
+
+    async def _load_history(self) -> list[TransferInfo]:
+        agent = self.bridge.agent
+        if agent is None:
+            return []
+        return await asyncio.to_thread(agent.transfers.history.records)
+
     # ------------------------------------------------------------ offers
 
     def ask_offer(self, offer: TransferOffered) -> OfferDialog:
-        dialog = OfferDialog(offer, self)
+        agent = self.bridge.agent
+        dialog = OfferDialog(offer, self, downloads=agent.downloads_dir() if agent else None)
         dialog.answered.connect(self._answered)
         self.offers[offer.transfer_id] = dialog
         dialog.show()
         dialog.raise_()
         return dialog
 
-    def _answered(self, transfer_id: str, accept: bool, always: bool) -> None:
+    def _answered(
+        self, transfer_id: str, accept: bool, always: bool, destination: Path | None
+    ) -> None:
         dialog = self.offers.pop(transfer_id, None)
         if dialog is not None:
             dialog.deleteLater()
         self.bridge.spawn(
-            self.bridge.answer_offer(transfer_id, accept, always=always), "ui-answer-offer"
+            self.bridge.answer_offer(transfer_id, accept, always=always, destination=destination),
+            "ui-answer-offer",
         )
 
     # ------------------------------------------------------------ window

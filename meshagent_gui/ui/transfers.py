@@ -1,4 +1,5 @@
-"""The transfer list: a table model fed by core events at full speed, and its progress delegate.
+"""The transfer list: a table model fed by core events at full speed, and its progress delegate;
+and the history window of finished transfers.
 
 Progress arrives once per verified chunk (hundreds per second on a fast link). The model keeps
 the newest figures per row and tells the views about them at most every ``flush_interval``
@@ -10,6 +11,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -23,14 +25,22 @@ from PySide6.QtCore import (
     QSize,
     Qt,
     QTimer,
+    QUrl,
 )
-from PySide6.QtGui import QColor, QPainter, QPalette, QPen
+from PySide6.QtGui import QColor, QDesktopServices, QPainter, QPalette, QPen
 from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QDialog,
+    QHBoxLayout,
     QHeaderView,
+    QLabel,
+    QPushButton,
     QStyle,
     QStyledItemDelegate,
     QStyleOptionViewItem,
     QTableView,
+    QVBoxLayout,
+    QWidget,
 )
 
 from meshagent_gui.core.events import (
@@ -42,6 +52,7 @@ from meshagent_gui.core.events import (
     TransferProgressed,
     TransferWaiting,
 )
+from meshagent_gui.core.ipc_types import TransferInfo
 from meshagent_gui.units import human_size
 
 AnyIndex = QModelIndex | QPersistentModelIndex
@@ -500,3 +511,214 @@ class ProgressDelegate(QStyledItemDelegate):
         if index.column() == Column.PROGRESS:
             hint.setWidth(max(hint.width(), PROGRESS_WIDTH))
         return hint
+
+
+# ------------------------------------------------------------ history
+
+
+class HistoryColumn(enum.IntEnum):
+    WHEN = 0
+    NAME = 1
+    PEER = 2
+    SIZE = 3
+    RESULT = 4
+    WHERE = 5
+
+
+HISTORY_HEADERS: Final = ("When", "Name", "Device", "Size", "Result", "Where")
+_RESULT_COLOURS: Final = {
+    "completed": QColor("#2e7d32"),
+    "failed": QColor("#c62828"),
+    "declined": QColor("#c62828"),
+    "cancelled": QColor("#757575"),
+    "interrupted": QColor("#757575"),
+}
+
+
+def format_when(seconds: float, now: float | None = None) -> str:
+    """A finish time as a person reads a list: the time today, else the date and time."""
+    moment = time.localtime(seconds)
+    today = time.localtime(now if now is not None else time.time())
+    if moment[:3] == today[:3]:
+        return time.strftime("%H:%M", moment)
+    return time.strftime("%Y-%m-%d %H:%M", moment)
+
+
+class HistoryTableModel(QAbstractTableModel):
+    """Finished transfers (core/share/history.py, `meshagent transfers --all`), newest first."""
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._records: list[TransferInfo] = []
+
+    def set_records(self, records: list[TransferInfo]) -> None:
+        self.beginResetModel()
+        self._records = sorted(records, key=lambda r: r.ended or r.started, reverse=True)
+        self.endResetModel()
+
+    def record_at(self, row: int) -> TransferInfo:
+        return self._records[row]
+
+    def rowCount(self, parent: AnyIndex = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(self._records)
+
+    def columnCount(self, parent: AnyIndex = QModelIndex()) -> int:  # noqa: B008
+        return 0 if parent.isValid() else len(HistoryColumn)
+
+    def headerData(
+        self, section: int, orientation: Qt.Orientation, role: int = Qt.ItemDataRole.DisplayRole
+    ) -> Any:
+        if orientation == Qt.Orientation.Horizontal and role == Qt.ItemDataRole.DisplayRole:
+            return HISTORY_HEADERS[section]
+        return None
+
+    def data(self, index: AnyIndex, role: int = Qt.ItemDataRole.DisplayRole) -> Any:
+        if not index.isValid():
+            return None
+        record = self._records[index.row()]
+        column = HistoryColumn(index.column())
+        if role == Qt.ItemDataRole.DisplayRole:
+            return self._text(record, column)
+        if role == Qt.ItemDataRole.ToolTipRole:
+            if column is HistoryColumn.RESULT:
+                return self.result_text(record)
+            if column is HistoryColumn.NAME:
+                return "\n".join(record.names) or record.name
+            if column is HistoryColumn.WHERE:
+                return record.where
+        if role == Qt.ItemDataRole.ForegroundRole and column is HistoryColumn.RESULT:
+            return _RESULT_COLOURS.get(record.state)
+        if role == Qt.ItemDataRole.TextAlignmentRole and column is HistoryColumn.SIZE:
+            return int(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        return None
+
+    @staticmethod
+    def result_text(record: TransferInfo) -> str:
+        return f"{record.state}: {record.reason}" if record.reason else record.state
+
+    @staticmethod
+    def _text(record: TransferInfo, column: HistoryColumn) -> str:
+        match column:
+            case HistoryColumn.WHEN:
+                return format_when(record.ended or record.started)
+            case HistoryColumn.NAME:
+                arrow = "↑ " if record.direction == "send" else "↓ "
+                names = record.names or [record.name]
+                more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+                return arrow + names[0] + more
+            case HistoryColumn.PEER:
+                return record.peer_name or record.peer[:12]
+            case HistoryColumn.SIZE:
+                return human_size(record.total) if record.total else ""
+            case HistoryColumn.RESULT:
+                return record.state  # the reason is in the tooltip and the detail line
+            case HistoryColumn.WHERE:
+                return record.where
+        raise AssertionError(column)  # pragma: no cover
+
+
+LoadHistory = Callable[[], Awaitable[list[TransferInfo]]]
+
+
+class HistoryWindow(QDialog):
+    """Past transfers, either direction (what `meshagent transfers --all` lists); not modal.
+
+    ``load`` reads the history off the loop; ``spawn`` runs it as a task the app owns."""
+
+    def __init__(
+        self,
+        load: LoadHistory,
+        spawn: Callable[[Coroutine[Any, Any, None], str], object],
+        parent: QWidget | None = None,
+    ) -> None:
+        super().__init__(parent)
+        self._load = load
+        self._spawn = spawn
+        self.setWindowTitle("Transfer history")
+        self.setObjectName("history")
+        self.resize(900, 480)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(16, 14, 16, 12)
+        self.model = HistoryTableModel(self)
+        self.table = QTableView()
+        self.table.setModel(self.model)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.table.setShowGrid(False)
+        self.table.setWordWrap(False)
+        self.table.verticalHeader().hide()
+        self.table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        header = self.table.horizontalHeader()
+        metrics = self.table.fontMetrics()
+        for column, sample in (
+            (HistoryColumn.WHEN, "2026-12-31 23:59"),
+            (HistoryColumn.PEER, "laptop-ann"),
+            (HistoryColumn.SIZE, "999.9 MB"),
+            (HistoryColumn.RESULT, "interrupted"),
+        ):
+            header.resizeSection(column, metrics.horizontalAdvance(sample) + 24)
+        header.resizeSection(HistoryColumn.NAME, 240)
+        header.setStretchLastSection(True)
+        self.table.selectionModel().selectionChanged.connect(self._selected)
+        self.empty = QLabel("No finished transfers yet: sends and receives are listed here.")
+        self.empty.setObjectName("subtitle")
+        self.detail = QLabel()
+        self.detail.setWordWrap(True)
+        self.detail.setTextFormat(Qt.TextFormat.PlainText)
+        self.detail.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        buttons = QHBoxLayout()
+        self.open_button = QPushButton("Open folder")
+        self.open_button.clicked.connect(self._open_selected)
+        self.refresh_button = QPushButton("Refresh")
+        self.refresh_button.clicked.connect(self.refresh)
+        close = QPushButton("Close")
+        close.clicked.connect(self.close)
+        buttons.addWidget(self.open_button)
+        buttons.addStretch(1)
+        buttons.addWidget(self.refresh_button)
+        buttons.addWidget(close)
+        layout.addWidget(self.table, 1)
+        layout.addWidget(self.empty)
+        layout.addWidget(self.detail)
+        layout.addLayout(buttons)
+        self._selected()
+
+    def refresh(self) -> None:
+        self._spawn(self.reload(), "ui-history")
+
+    async def reload(self) -> None:
+        self.model.set_records(await self._load())
+        self.empty.setVisible(self.model.rowCount() == 0)
+        self._selected()
+
+    def selected(self) -> TransferInfo | None:
+        rows = self.table.selectionModel().selectedRows()
+        return self.model.record_at(rows[0].row()) if rows else None
+
+    def folder_of(self, record: TransferInfo) -> Path | None:
+        """Where a completed receive landed (its folder), if it is still there."""
+        if record.direction != "receive" or record.state != "completed" or not record.where:
+            return None
+        where = Path(record.where)
+        folder = where if where.is_dir() else where.parent
+        return folder if folder.is_dir() else None
+
+    def _selected(self) -> None:
+        record = self.selected()
+        self.open_button.setEnabled(record is not None and self.folder_of(record) is not None)
+        if record is None:
+            self.detail.clear()
+            return
+        arrow = "to" if record.direction == "send" else "from"
+        names = ", ".join(record.names) or record.name
+        text = f"{names} {arrow} {record.peer_name or record.peer[:12]}: "
+        text += HistoryTableModel.result_text(record)
+        if record.where:
+            text += f" ({record.where})"
+        self.detail.setText(text)
+
+    def _open_selected(self) -> None:
+        record = self.selected()
+        folder = self.folder_of(record) if record is not None else None
+        if folder is not None:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))

@@ -17,6 +17,7 @@ from meshagent_gui.errors import UserError
 from .bridge import AgentBridge
 from .devices import DeviceEntry
 from .resources import TrayState, tray_icon
+from .share_link import ShareLinkWindow, open_share_link
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +58,15 @@ class Tray(QObject):
         self.share_terminal = share_terminal
         self._parent_widget = parent_widget
         self.icon = QSystemTrayIcon(tray_icon(bridge.tray_state))
-        self.icon.setToolTip(_TOOLTIPS[bridge.tray_state])
+        self.icon.setToolTip(self.tooltip(bridge.tray_state))
         self.menu = QMenu()
         self.send_file_action = self.menu.addAction("Send file…")
         self.send_file_action.triggered.connect(lambda: self.send(folder=False))
         self.send_folder_action = self.menu.addAction("Send folder…")
         self.send_folder_action.triggered.connect(lambda: self.send(folder=True))
+        self.share_link_action = self.menu.addAction("Share by link…")
+        self.share_link_action.setToolTip("A one-time link for someone with no account")
+        self.share_link_action.triggered.connect(self.share_by_link)
         self.sync_folder_action = self.menu.addAction("Sync a folder…")
         self.sync_folder_action.setEnabled(sync_folder is not None)
         if sync_folder is not None:
@@ -94,6 +98,7 @@ class Tray(QObject):
         self._open_window = open_window
         self.menu.aboutToShow.connect(self.refresh_autostart)
         bridge.tray_state_changed.connect(self.set_state)
+        bridge.link_changed.connect(lambda _: self.icon.setToolTip(self.tooltip(bridge.tray_state)))
         bridge.devices.modelReset.connect(self.rebuild_devices)
         bridge.devices.dataChanged.connect(self.rebuild_devices)
         self.rebuild_devices()
@@ -107,7 +112,14 @@ class Tray(QObject):
 
     def set_state(self, state: TrayState) -> None:
         self.icon.setIcon(tray_icon(state))
-        self.icon.setToolTip(_TOOLTIPS[state])
+        self.icon.setToolTip(self.tooltip(state))
+
+    def tooltip(self, state: TrayState) -> str:
+        """The state in words; offline, why (the main window's words, without the countdown
+        that a tooltip would freeze)."""
+        if state is TrayState.OFFLINE and self.bridge.link_state == "offline":
+            return f"Mesh Agent: offline: {self.bridge.link_reason}"
+        return _TOOLTIPS[state]
 
     def _activated(self, reason: QSystemTrayIcon.ActivationReason) -> None:
         if reason in (
@@ -126,7 +138,7 @@ class Tray(QObject):
             empty.setEnabled(False)
             return
         for device in devices:
-            label = f"{device.name} — {'online' if device.online else 'offline'}"
+            label = f"{device.label} — {'online' if device.online else 'offline'}"
             if device.online and device.path:
                 label += f" ({device.path})"
             action: QAction = self.devices_menu.addAction(label)
@@ -144,13 +156,16 @@ class Tray(QObject):
         if target is not None:
             self.bridge.send(paths, target.id)
 
+    def share_by_link(self) -> ShareLinkWindow:
+        return open_share_link(self.bridge, self._parent_widget)
+
     def _ask_device(self, devices: list[DeviceEntry]) -> DeviceEntry | None:
         if not devices:
             self.message("No device is online to send to.")
             return None
         if len(devices) == 1:
             return devices[0]
-        names = [d.name for d in devices]
+        names = [d.label for d in devices]
         name, ok = QInputDialog.getItem(
             self._parent_widget, "Send to", "Device:", names, 0, editable=False
         )

@@ -412,6 +412,7 @@ def test_without_a_tray_every_tray_action_is_in_the_window(
     in_window = {
         gui.tray.send_file_action: window.send_button,
         gui.tray.send_folder_action: window.send_folder_button,
+        gui.tray.share_link_action: window.share_link_button,
         gui.tray.share_terminal_action: window.share_terminal_button,
         gui.tray.open_action: window,  # it is the window
         gui.tray.autostart_action: window.settings_button,  # Settings: "Start … when I log in"
