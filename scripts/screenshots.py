@@ -1,5 +1,7 @@
-"""Screenshots of the desktop app under Xvfb: the main window with a transfer in progress, the
-first-run dialog and the synced folders window, saved to docs/screenshots/. The terminal viewer's screenshot comes from
+"""Screenshots of the desktop app under Xvfb, each window at its default size: the main window
+with a transfer in progress, the first-run dialog (with a real local mesh found on this network),
+an offer's accept dialog, the transfer history, settings, rooms, a share link and the synced
+folders window, saved to docs/screenshots/. The terminal viewer's screenshot comes from
 scripts/screenshot_terminal.py (hooked in by :func:`terminal_viewer_hook`).
 
     python scripts/screenshots.py            # starts Xvfb itself (/usr/bin/Xvfb)
@@ -8,6 +10,7 @@ scripts/screenshot_terminal.py (hooked in by :func:`terminal_viewer_hook`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -54,23 +57,48 @@ async def wait_for(predicate, timeout: float = 20.0) -> None:  # type: ignore[no
         await asyncio.sleep(0.05)
 
 
+async def grab(widget, name: str) -> None:  # type: ignore[no-untyped-def]
+    """Show ``widget`` at its default size, let it settle, save it as docs/screenshots/NAME."""
+    widget.show()
+    # Not QApplication.processEvents(): inside a task it re-enters the qasync loop.
+    await asyncio.sleep(0.6)
+    widget.grab().save(str(OUT / name))
+
+
+async def first_run(work: Path, logs: Path) -> None:
+    """The first-run dialog on a fresh home, with a real local mesh running beside it (found by
+    mDNS, as another computer on the network finds it)."""
+    from meshagent_gui.context import Context
+    from meshagent_gui.ui.first_run import FirstRunDialog
+    from tests.integration.harness import AgentHome, Process, free_port
+
+    studio = AgentHome(work / "studio", logs, "studio-pc")
+    studio.ok("config", "set", "device.name", "studio-pc")
+    studio.ok("config", "set", "local.port", str(free_port()))
+    studio.process = Process(["--home", str(studio.home), "--json", "up", "--local"], logs / "s")
+    try:
+        studio.process.read_line(r'"event": "up"')
+        dialog = FirstRunDialog(Context.open(work / "fresh"))
+        dialog.show()
+        with contextlib.suppress(TimeoutError):  # no multicast here: the dialog says none found
+            await wait_for(lambda: dialog.found_list.count() > 0, 8)
+        await grab(dialog, "first-run.png")
+        dialog.close()
+    finally:
+        studio.stop()
+
+
 async def scene(work: Path) -> None:
-    from PySide6.QtWidgets import QApplication
 
     from meshagent_gui.context import Context
+    from meshagent_gui.core.events import TransferOffered
     from meshagent_gui.ui.app import GuiApp
-    from meshagent_gui.ui.first_run import FirstRunDialog
+    from meshagent_gui.ui.offers import OfferDialog
     from tests.integration.harness import AgentHome, Server
 
     logs = work / "logs"
     logs.mkdir()
-    # The first-run dialog, on a fresh home.
-    fresh = Context.open(work / "fresh")
-    dialog = FirstRunDialog(fresh)
-    dialog.show()
-    await asyncio.sleep(0.5)
-    dialog.grab().save(str(OUT / "first-run.png"))
-    dialog.close()
+    await first_run(work, logs)
 
     server = Server(work / "server", logs).start()
     laptop = AgentHome(work / "laptop", logs, "laptop", config={"device.name": "laptop"})
@@ -104,17 +132,45 @@ async def scene(work: Path) -> None:
         window.banner.hide()
         window.device_list.setCurrentIndex(gui.bridge.devices.index(0))
         window.table.selectRow(1)
-        window.resize(1080, 620)
         await asyncio.sleep(0.6)
-        QApplication.processEvents()
         window.grab().save(str(OUT / "main-window.png"))
+        agent = gui.bridge.agent
+        assert agent is not None
+        # What a receiver sees when another user's device offers files: where they will land.
+        offer = TransferOffered(
+            "t", laptop_id, "bobs-laptop", ("holiday-photos", "notes.txt"), 13, 1_843_200, False
+        )
+        offer_dialog = OfferDialog(offer, window, downloads=agent.downloads_dir())
+        await grab(offer_dialog, "offer.png")
+        offer_dialog.close()
+        # The history: the folder sent above, kept in transfers.jsonl.
+        history = window.open_history()
+        await wait_for(lambda: history.model.rowCount() > 0)
+        history.table.selectRow(0)
+        await grab(history, "history.png")
+        history.close()
+        gui.open_settings()
+        settings = gui._settings
+        assert settings is not None
+        await grab(settings, "settings.png")
+        settings.close()
+        gui.rooms.open()
+        assert gui.rooms.window is not None
+        await asyncio.sleep(1.0)  # the rooms load from the server
+        await grab(gui.rooms.window, "rooms.png")
+        gui.rooms.window.close()
+        # Share by link: a real one-time link, waiting for someone to open it; then withdrawn.
+        share = window.share_by_link()
+        share.share(str(done))
+        await wait_for(lambda: bool(share.url))
+        await grab(share, "share-link.png")
+        share.withdraw()
+        share.close()
         # Synced folders: a real folder synced with the laptop, up to date.
         notes = work / "Notes"
         notes.mkdir()
         for n in range(5):
             (notes / f"note-{n}.md").write_text(f"# Note {n}\n" * 40)
-        agent = gui.bridge.agent
-        assert agent is not None
         await agent.sync.add(notes, laptop_id)
         gui.sync.open()
         sync_window = gui.sync.window
@@ -122,7 +178,6 @@ async def scene(work: Path) -> None:
         await wait_for(lambda: any(f.state == "idle" for f in agent.sync.folders()), 30)
         gui.sync.model.refresh()
         await asyncio.sleep(0.6)
-        QApplication.processEvents()
         sync_window.grab().save(str(OUT / "synced-folders.png"))
         gui.quit()
         await task
