@@ -75,6 +75,21 @@ class ServerInfo(Wire):
     version: str
     time: float
     stun_port: int | None = None
+    # The deployment's TURN servers (turn:host:port), when it has one; credentials come from
+    # POST /turn/credentials (TurnCredentials).
+    turn_urls: list[str] = []
+    # The latest Mesh Agent release the server knows of (`server --agent-version`), or None.
+    agent_version: str | None = None
+
+
+class TurnCredentials(Wire):
+    """Short-lived credentials for the advertised TURN servers (coturn's REST scheme): usable
+    until ``expires_at`` (unix seconds), then refused by the TURN server itself."""
+
+    urls: list[str]
+    username: str
+    password: str
+    expires_at: int
 
 
 class PublicKey(Wire):

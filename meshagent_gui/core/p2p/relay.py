@@ -19,10 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
+from aioice.turn import TurnClientUdpProtocol
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -34,6 +38,7 @@ from meshagent_gui.core.mesh.types import RELAY_MAX_DATAGRAM as MAX_DATAGRAM
 from meshagent_gui.core.p2p.endpoint import Endpoint, relay_address, relay_peer
 from meshagent_gui.core.p2p.engine import Address
 from meshagent_gui.core.p2p.errors import EndpointClosedError
+from meshagent_gui.core.p2p.udp import DatagramIO, create_io, open_socket
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +102,7 @@ class RelayLink:
         self.state: RelayState = "offline"
         self.stats = RelayStats()
         self.last_error: str | None = None
+        self.turn: TurnRelay | None = None  # preferred for the peers it knows
 
     # ------------------------------------------------------------------ API
 
@@ -105,7 +111,11 @@ class RelayLink:
         await asyncio.wait_for(self._connected.wait(), timeout)
 
     def send(self, datagrams: list[bytes], addr: Address) -> None:
-        """The endpoint's relay sender: queue datagrams for ``relay.<id>``; never blocks."""
+        """The endpoint's relay sender: queue datagrams for ``relay.<id>``; never blocks.
+
+        A peer reachable through a TURN allocation (:attr:`turn`) goes that way instead."""
+        if self.turn is not None and self.turn.send(datagrams, addr):
+            return
         peer = relay_peer(addr)
         raw_id = _raw_id(peer) if peer is not None else None
         if raw_id is None or self._ws is None:
@@ -262,3 +272,230 @@ def _raw_id(peer: str) -> bytes | None:
     except ValueError:
         return None
     return raw if len(raw) == ID_BYTES else None
+
+
+# ---------------------------------------------------------------------------- TURN
+
+
+CHANNEL_DATA_HEADER: Final = struct.Struct("!HH")  # channel number, length (RFC 8656 12.4)
+TURN_LIFETIME: Final = 600  # seconds an allocation lives between refreshes (aioice refreshes)
+
+
+@dataclass
+class TurnStats:
+    datagrams_out: int = 0
+    bytes_out: int = 0
+    datagrams_in: int = 0
+    bytes_in: int = 0
+    unknown_sources: int = 0  # datagrams from a relayed address no peer of ours announced
+
+
+class TurnRelay(asyncio.DatagramProtocol):
+    """Relay addresses (``relay.<device id>``) carried through a TURN allocation.
+
+    The deployment's TURN server (coturn) does the relaying in C, so the Mesh Server carries
+    none of it. Each side allocates a relayed address and tells its peers (signalling); we send
+    a peer's datagrams from our allocation to its relayed address over a bound channel (4 bytes
+    of ChannelData header, no STUN per packet) and hand what arrives from it to the endpoint as
+    coming from ``relay.<its id>``, so QUIC sees the same pseudo address as on the WebSocket
+    relay and either way may carry a connection. The packets stay end-to-end encrypted QUIC.
+
+    aioice's TURN client does the allocation, its authentication and refresh and the channel
+    binding; the per-packet path here is synchronous (a bound channel's header and a sendto).
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+        self._client: TurnClientUdpProtocol | None = None
+        self._peers: dict[str, Address] = {}  # device id -> its relayed address
+        self._sources: dict[Address, Address] = {}  # relayed address -> relay pseudo address
+        self._binding: set[asyncio.Task[None]] = set()
+        self._inbound: list[tuple[bytes, Address]] = []
+        self._flush_scheduled = False
+        self._socket: _TurnSocket | None = None
+        self._io: DatagramIO | None = None
+        self._server: Address | None = None
+        self.relayed_address: Address | None = None
+        self.stats = TurnStats()
+
+    async def open(
+        self, server: Address, username: str, password: str, *, timeout: float = 10.0
+    ) -> Address:
+        """Allocate on ``server`` (UDP) with these credentials; our relayed address.
+
+        Raises ConnectionError (or aioice's TransactionFailed) when the server refuses or does
+        not answer. The socket is ours, read and written in batches like the endpoint's (one
+        system call for a flight of datagrams: on a busy machine each call to a waiting TURN
+        server costs a wake-up); aioice's client only writes its STUN requests to it."""
+        loop = asyncio.get_running_loop()
+        server = (str(server[0]), int(server[1]))
+        sock, _ = open_socket(
+            "::" if ":" in server[0] else "0.0.0.0", 0, self._endpoint.settings.socket_buffer
+        )
+        self._socket = _TurnSocket(sock)
+        try:
+            sock.connect(server)
+            self._io = create_io(sock)
+            self._server = server
+            client = TurnClientUdpProtocol(
+                server,
+                username=username,
+                password=password,
+                lifetime=TURN_LIFETIME,
+                channel_refresh_time=TURN_LIFETIME // 2,
+            )
+            client.connection_made(self._socket)
+            client.receiver = self
+            self._client = client
+            loop.add_reader(sock.fileno(), self._on_readable)
+            self._socket.reading = True
+            async with asyncio.timeout(timeout):
+                relayed = await client.connect()
+        except BaseException:
+            self._client = None
+            self._socket.close()
+            raise
+        self.relayed_address = (str(relayed[0]), int(relayed[1]))
+        return self.relayed_address
+
+    def add_peer(self, device_id: str, relayed: Address) -> None:
+        """Route ``device_id``'s relay traffic to its relayed address; binding the channel now
+        also opens the allocation's permission, so its first packet toward us gets in."""
+        relayed = (str(relayed[0]), int(relayed[1]))
+        old = self._peers.get(device_id)
+        if old is not None:
+            self._sources.pop(old, None)
+        self._peers[device_id] = relayed
+        self._sources[relayed] = relay_address(device_id)
+        if self._client is not None and relayed not in self._client.peer_to_channel:
+            self._bind(relayed)
+
+    def send(self, datagrams: list[bytes], addr: Address) -> bool:
+        """Send to a peer we know a relayed address of; False (nothing sent) otherwise."""
+        client = self._client
+        peer = relay_peer(addr)
+        target = self._peers.get(peer) if peer is not None else None
+        if client is None or target is None or self.relayed_address is None:
+            return False
+        channel = client.peer_to_channel.get(target)
+        if channel is None or time.time() > client.channel_refresh_at[channel]:
+            self._bind(target)  # the packets are lost meanwhile: QUIC resends
+            return True
+        pack = CHANNEL_DATA_HEADER.pack
+        messages = [pack(channel, len(datagram)) + datagram for datagram in datagrams]
+        assert self._io is not None and self._server is not None
+        with contextlib.suppress(OSError):  # a full buffer or an error: loss, QUIC resends
+            self._io.send(messages, self._server)
+        self.stats.datagrams_out += len(datagrams)
+        self.stats.bytes_out += sum(map(len, datagrams))
+        return True
+
+    def send_or_drop(self, datagrams: list[bytes], addr: Address) -> None:
+        """The endpoint's relay sender where TURN is the only relay (datagrams for a peer we
+        know no relayed address of are dropped)."""
+        self.send(datagrams, addr)
+
+    def _bind(self, target: Address) -> None:
+        client = self._client
+        if client is None or target in client.peer_connect_waiters:
+            return  # a binding is under way
+        task = asyncio.get_running_loop().create_task(self._bind_channel(client, target))
+        self._binding.add(task)
+        task.add_done_callback(self._binding.discard)
+
+    @staticmethod
+    async def _bind_channel(client: TurnClientUdpProtocol, target: Address) -> None:
+        # aioice binds (or refreshes) the channel before it sends; an empty ChannelData
+        # message then reaches the peer as nothing at all (it is dropped unread).
+        try:
+            await client.send_data(b"", (str(target[0]), int(target[1])))
+        except Exception as exc:  # refused or timed out: the next send tries again
+            log.info("TURN channel to %s not bound: %s", target, exc)
+
+    # ------------------------------------------------------------------ receiving
+
+    def _on_readable(self) -> None:
+        client, io = self._client, self._io
+        if client is None or io is None:
+            return
+        unpack = CHANNEL_DATA_HEADER.unpack_from
+        for data, addr in io.receive():
+            if len(data) >= 4 and 0x40 <= data[0] <= 0x7F:  # ChannelData: the data path
+                channel, length = unpack(data)
+                peer = client.channel_to_peer.get(channel)
+                source = self._sources.get(peer) if peer is not None else None
+                if source is None:
+                    self.stats.unknown_sources += 1
+                elif length:
+                    self.stats.datagrams_in += 1
+                    self.stats.bytes_in += length
+                    self._inbound.append((data[4 : 4 + length], source))
+            else:  # STUN: aioice's transactions, and Data indications (to datagram_received)
+                client.datagram_received(data, addr)
+        self._flush_inbound()
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        source = self._sources.get((str(addr[0]), int(addr[1])))
+        if source is None:
+            self.stats.unknown_sources += 1
+            return
+        if not data:
+            return
+        self.stats.datagrams_in += 1
+        self.stats.bytes_in += len(data)
+        self._inbound.append((data, source))
+        if not self._flush_scheduled:  # one QUIC processing pass per burst, like RelayLink
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_inbound)
+
+    def _flush_inbound(self) -> None:
+        self._flush_scheduled = False
+        batch, self._inbound = self._inbound, []
+        if batch:
+            with contextlib.suppress(EndpointClosedError, RuntimeError):
+                self._endpoint.feed_datagrams(batch)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client = None
+
+    async def close(self) -> None:
+        """Give the allocation back (a Refresh with lifetime 0) and close the socket."""
+        client = self._client
+        for task in list(self._binding):
+            task.cancel()
+        if client is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2):
+                    await client.delete()
+        self._client = None
+        if self._socket is not None:
+            self._socket.close()
+
+
+class _TurnSocket(asyncio.DatagramTransport):
+    """The transport aioice's TURN client is given: writes go straight to our socket (its STUN
+    requests are few); reading is :meth:`TurnRelay._on_readable`'s, in batches."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self._closed = False
+        self.reading = False
+
+    def sendto(self, data: bytes | bytearray | memoryview, addr: Any = None) -> None:
+        del addr  # the socket is connected to the TURN server
+        if not self._closed:
+            with contextlib.suppress(OSError):  # lost like any datagram; aioice retransmits
+                self._sock.send(data)
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.reading:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._sock.close()

@@ -59,6 +59,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from meshagent_gui.core.mesh.types import TurnCredentials
+
 from . import auth
 from .candidates import MAX_PEER_CANDIDATES, canonical_ip, same_host
 from .candidates import Candidate as WireCandidate
@@ -705,11 +707,20 @@ def rtc_certificate(credentials: auth.DeviceCredentials) -> RTCCertificate:
 
 
 def new_peer_connection(
-    certificate: RTCCertificate, *, stun: tuple[str, int] | None = None
+    certificate: RTCCertificate,
+    *,
+    stun: tuple[str, int] | None = None,
+    turn: TurnCredentials | None = None,
 ) -> RTCPeerConnection:
     """An RTCPeerConnection that presents ``certificate`` in DTLS and asks only ``stun``
-    (the Mesh Server's STUN) for its reflexive address: never aiortc's default public STUN."""
+    (the Mesh Server's STUN) for its reflexive address: never aiortc's default public STUN.
+    ``turn``: the deployment's TURN servers with credentials the Mesh Server minted (a relayed
+    candidate for peers that reach each other no other way)."""
     servers = [RTCIceServer(urls=f"stun:{_host_for_url(stun[0])}:{stun[1]}")] if stun else []
+    if turn is not None:
+        servers.append(
+            RTCIceServer(urls=list(turn.urls), username=turn.username, credential=turn.password)
+        )
     pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
     # aiortc has no API to choose the certificate (browsers take one in the configuration);
     # it makes one at construction and uses it for every transport made later.
