@@ -892,6 +892,12 @@ def create_app(state: ServerState) -> FastAPI:
         link, guest = await store_call(Store.link_status, link_id, caller.device_id)
         return LinkStatus(link_id=link.id, expires_at=link.expires_at, guest=guest)
 
+    @router.delete("/links/{link_id}", responses=_errors(401, 404, 409))
+    async def withdraw_link(link_id: str, caller: Caller) -> StatusAnswer:
+        """The sender cancelled before anyone opened the link: nobody may claim it now."""
+        await store_call(Store.withdraw_link, link_id, caller.device_id, now=state.clock())
+        return StatusAnswer(status="withdrawn")
+
     @router.post("/links/{link_id}/claim", responses=_errors(403, 404, 409, 410, 429))
     async def claim_link(link_id: str, body: LinkClaim, request: Request) -> LinkClaimed:
         with guessing_attempt(state.limiter, _client_address(request), state.clock()):

@@ -1378,6 +1378,34 @@ class Store:
         link = LinkRecord(row["id"], sender, row["name"], row["size"], row["expires_at"])
         return link, row["guest"]
 
+    def withdraw_link(self, link_id: str, sender: str, *, now: float) -> None:
+        """``sender`` cancelled its send: nobody may claim the link any more (a claim then
+        hears ``link_expired``). Another device's link is unknown; a claimed one, too late."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM links WHERE id = ? AND sender = ?", (link_id, sender)
+            ).fetchone()
+            if row is None:
+                raise StoreError("link_unknown", "This share link is not known to the server.")
+            if row["guest"] is not None:
+                raise StoreError("link_claimed", "This share link has already been used.")
+            if row["expires_at"] <= now:
+                return  # expired or withdrawn already: nothing changes, nothing to log
+            # Expiring it now (no column of its own) frees its place among the sender's open
+            # links and lets the usual housekeeping delete it.
+            db.execute("UPDATE links SET expires_at = ? WHERE id = ?", (now, link_id))
+            device = self._device(db, sender)
+            assert device is not None  # the link's sender cascades
+            _audit(
+                db,
+                now,
+                "link.withdrawn",
+                room=personal_room(device.user),
+                actor_device=sender,
+                subject=sender,
+                detail={"link": link_id, "name": row["name"]},
+            )
+
     def guest_sender(self, guest: str) -> str | None:
         """The device a share link's guest may reach (None: ``guest`` is no guest)."""
         row = self._db.execute("SELECT sender FROM links WHERE guest = ?", (guest,)).fetchone()

@@ -338,6 +338,10 @@ class MeshClient:
     async def link_status(self, link_id: str) -> LinkStatus:
         return await self._authed("GET", f"/links/{_seg(link_id)}", LinkStatus)
 
+    async def withdraw_link(self, link_id: str) -> None:
+        """Nobody may claim our unclaimed link any more (``DELETE /links/{id}``)."""
+        await self._authed("DELETE", f"/links/{_seg(link_id)}", _Ignored)
+
     # Rooms: joining one always takes this user's own act (accepting, or using a join code).
 
     async def rooms(self) -> list[Room]:

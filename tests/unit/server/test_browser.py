@@ -628,3 +628,60 @@ async def test_devices_cannot_claim_the_browser_platforms(
         body = {"username": "ann", "password": PASSWORD, "device_name": "x", "platform": platform}
         body |= {"certificate": cert.pem} | await proof(client, cert)
         assert_error(await client.post("/enroll", json=body), 422, "invalid_request")
+
+
+async def test_the_sender_withdraws_an_unclaimed_link(
+    client: httpx.AsyncClient, state: ServerState
+) -> None:
+    add_user(state, "ann")
+    laptop = await enroll(client, user="ann", name="laptop")
+    link = await make_link(client, laptop)
+    withdrawn = await client.delete(f"/links/{link['link_id']}", headers=laptop.auth)
+    assert withdrawn.status_code == 200 and withdrawn.json() == {"status": "withdrawn"}
+    assert_error(await claim(client, link), 410, "link_expired")
+    again = await client.delete(f"/links/{link['link_id']}", headers=laptop.auth)
+    assert again.status_code == 200  # idempotent: a retried cancel is no error
+    log = (await client.get("/rooms/@ann/audit", headers=laptop.auth)).json()["entries"]
+    withdrawals = [e for e in log if e["kind"] == "link.withdrawn"]
+    assert [(e["actor_device"], e["subject"], e["detail"]) for e in withdrawals] == [
+        (laptop.device_id, laptop.device_id, {"link": link["link_id"], "name": "photos.zip"})
+    ]
+    # It no longer counts among the device's open links.
+    for _ in range(MAX_OPEN_LINKS):
+        await make_link(client, laptop)
+
+
+async def test_only_the_sender_withdraws_and_only_before_the_claim(
+    client: httpx.AsyncClient, state: ServerState
+) -> None:
+    add_user(state, "ann")
+    add_user(state, "bob")
+    laptop = await enroll(client, user="ann", name="laptop")
+    phone = await enroll(client, user="ann", name="phone")
+    stranger = await enroll(client, user="bob")
+    link = await make_link(client, laptop)
+    path = f"/links/{link['link_id']}"
+    # Another device, even of the same user, hears what a missing link says: no oracle.
+    for other in (phone, stranger):
+        assert_error(await client.delete(path, headers=other.auth), 404, "link_unknown")
+    assert_error(await client.delete("/links/nope", headers=stranger.auth), 404, "link_unknown")
+    assert_error(await client.delete(path), 401, "unauthorized")
+    answer = (await claim(client, link)).json()  # the refusals above left it claimable
+    guest = {"Authorization": f"Bearer {answer['access_token']}"}
+    assert_error(await client.delete(path, headers=guest), 403, "forbidden")
+    assert_error(await client.delete(path, headers=laptop.auth), 409, "link_claimed")
+    log = (await client.get("/rooms/@ann/audit", headers=laptop.auth)).json()["entries"]
+    assert "link.withdrawn" not in {e["kind"] for e in log}
+
+
+@pytest.mark.parametrize(
+    "link_id", ["x" * 5000, "%00", "%2E%2E", "ünïcode", "'; DROP TABLE links; --", "%20"]
+)
+async def test_garbage_link_ids_are_unknown(
+    client: httpx.AsyncClient, state: ServerState, link_id: str
+) -> None:
+    add_user(state, "ann")
+    laptop = await enroll(client, user="ann")
+    link = await make_link(client, laptop)
+    assert_error(await client.delete(f"/links/{link_id}", headers=laptop.auth), 404, "link_unknown")
+    assert (await claim(client, link)).status_code == 200  # and the real link is untouched

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import cast
 
@@ -27,6 +29,8 @@ class FakeServer:
         self.guest = guest  # what GET /links/{id} says
         self.asked: list[tuple[str, int, int | None]] = []
         self.status_calls = 0
+        self.withdrawn: list[str] = []
+        self.withdraw_answer: BaseException | None = None  # what DELETE /links/{id} raises
 
     async def create_link(self, name: str, size: int, ttl: int | None = None) -> ShareLink:
         self.asked.append((name, size, ttl))
@@ -39,6 +43,11 @@ class FakeServer:
         if self.guest == "error":
             raise MeshError("server away", code="server_unreachable")
         return LinkStatus(link_id=link_id, expires_at=0.0, guest=self.guest)
+
+    async def withdraw_link(self, link_id: str) -> None:
+        self.withdrawn.append(link_id)
+        if self.withdraw_answer is not None:
+            raise self.withdraw_answer
 
 
 def claimed(link_id: str, guest: str, sender: str | None = None) -> AnnouncementReceived:
@@ -62,6 +71,7 @@ async def test_the_url_then_the_guest(tmp_path: Path) -> None:
     assert await anext(steps) == LinkClaimedBy("guest-id")
     with pytest.raises(StopAsyncIteration):
         await anext(steps)
+    assert server.withdrawn == []  # claimed: nothing to withdraw
 
 
 async def test_a_missed_event_is_found_by_asking(
@@ -97,3 +107,81 @@ async def test_one_item_per_link(tmp_path: Path) -> None:
     steps = share_link(cast(MeshClient, FakeServer()), EventBus(), [tmp_path / "a", tmp_path / "b"])
     with pytest.raises(UserError):
         await anext(steps)
+
+
+async def wait_in(steps: AsyncIterator[LinkReady | LinkClaimedBy]) -> asyncio.Task[object]:
+    """A task blocked in ``steps``, waiting for a claim (the URL was handed out)."""
+    await anext(steps)
+    await anext(steps)
+    waiting = asyncio.create_task(anext(steps))
+    await asyncio.sleep(0)  # it reaches the wait for the claim
+    return waiting
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [None, MeshError("server away", code="server_unreachable")],
+    ids=["withdrawn", "server-away"],
+)
+async def test_a_cancelled_send_withdraws_its_unclaimed_link(
+    tmp_path: Path, answer: BaseException | None
+) -> None:
+    (tmp_path / "f").write_text("x")
+    server = FakeServer()
+    server.withdraw_answer = answer
+    waiting = await wait_in(share_link(cast(MeshClient, server), EventBus(), [tmp_path / "f"]))
+    waiting.cancel()  # Ctrl-C, or the app's "Cancel link"
+    with pytest.raises(asyncio.CancelledError):  # the cancel goes on, whatever the server said
+        await waiting
+    assert server.withdrawn == ["L1"]
+
+
+async def test_a_silent_server_does_not_hold_the_cancel_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(links, "WITHDRAW_TIMEOUT", 0.01)
+    (tmp_path / "f").write_text("x")
+    server = FakeServer()
+
+    async def never_answers(link_id: str) -> None:
+        server.withdrawn.append(link_id)
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(server, "withdraw_link", never_answers)
+    waiting = await wait_in(share_link(cast(MeshClient, server), EventBus(), [tmp_path / "f"]))
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert server.withdrawn == ["L1"]
+
+
+async def test_a_closed_send_withdraws_its_unclaimed_link(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    server = FakeServer()
+    steps = share_link(cast(MeshClient, server), EventBus(), [tmp_path / "f"])
+    await anext(steps)
+    await steps.aclose()  # the caller stopped iterating (its own generator was closed)
+    assert server.withdrawn == ["L1"]
+
+
+async def test_a_cancel_while_withdrawing_still_cancels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "f").write_text("x")
+    server, release, finished = FakeServer(), asyncio.Event(), asyncio.Event()
+
+    async def slow_withdraw(link_id: str) -> None:
+        server.withdrawn.append(link_id)
+        await release.wait()
+        finished.set()
+
+    monkeypatch.setattr(server, "withdraw_link", slow_withdraw)
+    waiting = await wait_in(share_link(cast(MeshClient, server), EventBus(), [tmp_path / "f"]))
+    waiting.cancel()
+    while not server.withdrawn:
+        await asyncio.sleep(0)
+    waiting.cancel()  # a second Ctrl-C: the send stops now; the withdraw goes on alone
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    release.set()
+    await finished.wait()  # shielded: it was not cancelled with the send
