@@ -36,7 +36,8 @@ import stat
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Coroutine, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 MiB: Final = 1024 * 1024
-WINDOW_BYTES: Final = 32 * MiB
-"""Block bytes requested at once (docs/sync.md: the puller keeps up to 32 MiB in flight)."""
+WINDOW_BYTES: Final = 8 * MiB
+WINDOWS_AHEAD: Final = 4
+"""A large file is assembled in windows of WINDOW_BYTES, the blocks of WINDOWS_AHEAD of them
+requested at once (docs/sync.md: the puller keeps up to 32 MiB in flight)."""
 SEGMENT_WINDOW: Final = 32
 META_DIR: Final = ".meshsync"
 TMP_SUFFIX: Final = ".tmp"
@@ -83,7 +86,7 @@ _NOT_EMPTY: Final = frozenset({errno.ENOTEMPTY, errno.EEXIST})
 _SHOWN_ENTRIES: Final = 3
 _AT_SYMLINK_FOLLOW: Final = 0x400
 _PROC_FD: Final = "/proc/self/fd"
-_ECHOES_KEPT: Final = 100_000
+_ECHOES_KEPT: Final = 10_000  # a few seconds of pulled files; 2-3 MB
 
 Outcome = Literal["done", "conflict", "skipped", "deferred"]
 
@@ -140,6 +143,12 @@ class _Small:
     fd: int = -1  # an unnamed file (a new name, linked in) ...
     tmp: _TmpFile | None = None  # ... or a temp file in .meshsync/tmp (it replaces a file)
     old: os.stat_result | None = None
+
+
+_Window = tuple[
+    list[tuple[int, Block, int]], dict[bytes, bytes], dict[bytes, "asyncio.Task[bytes]"]
+]
+"""A window of a large file on its way: its blocks, those found here, the source's replies."""
 
 
 class _Stop(Exception):
@@ -648,68 +657,65 @@ class Applier:
         path: Path,
         source: BlockSource,
     ) -> None:
-        """Fill ``tmp`` window by window: local copies, then the source for the rest. The next
-        window's blocks are on their way while this one is verified and written (two windows
-        in memory at most)."""
-        windows = list(_block_windows(blocks))
-        if not windows:
-            return  # an empty file
+        """Fill ``tmp`` window by window: local copies, then the source for the rest. Up to
+        :data:`WINDOWS_AHEAD` windows' blocks are on their way while the oldest is verified
+        and written (in the writer thread), so the stream never waits for the disk."""
+        windows = iter(_block_windows(blocks))
         written: dict[bytes, tuple[int, int]] = {}  # digest -> (offset in tmp, block number)
+        asked: dict[bytes, asyncio.Task[bytes]] = {}  # on their way, or arrived, not written
+        ahead: deque[_Window] = deque()
+
+        async def launch(group: asyncio.TaskGroup) -> None:
+            window = next(windows, None)
+            if window is None:
+                return
+            found = await self._find_local(window, written, tmp, asked)
+            tasks: dict[bytes, asyncio.Task[bytes]] = {}
+            for offset, block, _ in window:
+                key = block.digest
+                if key in found or key in tasks:
+                    continue  # identical blocks of a file are fetched once
+                task = asked.get(key)
+                if task is None:
+                    request = source.block(key, remote.name, offset, block.size)
+                    task = asked[key] = group.create_task(request)
+                tasks[key] = task
+            ahead.append((window, found, tasks))
+
         try:
             async with asyncio.TaskGroup() as group:
-                found = await self._find_local(windows[0], {}, written, tmp)
-                fetching = group.create_task(self._fetch(windows[0], found, remote, source))
-                for position, window in enumerate(windows):
-                    fetched = await fetching
-                    if position + 1 < len(windows):
-                        # Looked up before this window is written: what it holds is in memory.
-                        memory = {**found, **fetched}
-                        following = windows[position + 1]
-                        next_found = await self._find_local(following, memory, written, tmp)
-                        fetching = group.create_task(
-                            self._fetch(following, next_found, remote, source)
-                        )
-                    await self._run(
+                for _ in range(WINDOWS_AHEAD):
+                    await launch(group)
+                while ahead:
+                    window, found, tasks = ahead.popleft()
+                    fetched = {key: await task for key, task in tasks.items()}
+                    await launch(group)
+                    await self._run_writer(
                         self._write_window, tmp, window, found, fetched, path, remote.size
                     )
                     for offset, block, number in window:
                         written.setdefault(block.digest, (offset, number))
-                    if position + 1 < len(windows):
-                        found = next_found
+                        asked.pop(block.digest, None)
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None
 
     async def _find_local(
         self,
         window: Sequence[tuple[int, Block, int]],
-        memory: dict[bytes, bytes],
         written: dict[bytes, tuple[int, int]],
         tmp: _TmpFile,
+        asked: Collection[bytes],
     ) -> dict[bytes, bytes]:
-        """The window's blocks at hand: in the previous window (``memory``, verified when it is
-        written), in ``tmp`` already, or in a file of the folder."""
-        wanted = {block.digest: (block, offset) for offset, block, _ in window}
-        found = {d: memory[d] for d in wanted if d in memory}
-        rest = {d: item for d, item in wanted.items() if d not in found}
-        if rest:
-            found.update(await self._run(self._read_local, rest, written, tmp))
-        return found
-
-    async def _fetch(
-        self,
-        window: Sequence[tuple[int, Block, int]],
-        found: dict[bytes, bytes],
-        remote: FileRow,
-        source: BlockSource,
-    ) -> dict[bytes, bytes]:
-        missing: dict[bytes, tuple[Block, int]] = {}
-        for offset, block, _ in window:
-            if block.digest not in found:
-                missing.setdefault(block.digest, (block, offset))
-        data = await _gather(
-            [source.block(b.digest, remote.name, offset, b.size) for b, offset in missing.values()]
-        )
-        return dict(zip(missing, data, strict=True))
+        """The window's blocks at hand: in ``tmp`` already, or in a file of the folder (those
+        already ``asked`` of the source are not looked for)."""
+        wanted = {
+            block.digest: (block, offset)
+            for offset, block, _ in window
+            if block.digest not in asked
+        }
+        if not wanted:
+            return {}
+        return await self._run(self._read_local, wanted, written, tmp)
 
     def _read_local(
         self,
@@ -721,10 +727,13 @@ class Applier:
         that changed since it was indexed no longer has it)."""
         found: dict[bytes, bytes] = {}
         opened: dict[str, int] = {}
+        here = self.index.known_blocks(d for d in wanted if d not in written)
         try:
             for block_digest, (block, _) in wanted.items():
                 if block_digest in written:
                     found[block_digest] = tmp.read(block.size, written[block_digest][0])
+                    continue
+                if block_digest not in here:
                     continue
                 for name, offset in self.index.find_block(block_digest):
                     data = self._read_block(opened, name, offset, block.size)
@@ -889,6 +898,7 @@ class Applier:
                 entry.outcome = exc
             return entries
         rows = self.index.get_many(remote.name for remote, _ in items)
+        here = self.index.known_blocks(r.blocks[0].digest for r, _ in items if r.blocks)
         for entry in entries:
             remote = entry.remote
             try:
@@ -901,15 +911,19 @@ class Applier:
                     entry.outcome = self._case_rename(remote, entry.decision, place)
                     continue
                 self._check_local(remote.name, place, rows)
-                entry.data = self._local_copy(remote.blocks[0]) if remote.blocks else b""
+                entry.data = self._local_copy(remote.blocks[0], here) if remote.blocks else b""
             except _Stop as stop:
                 entry.outcome = Applied(remote.name, stop.outcome, stop.detail)
             except (OSError, UserError) as exc:
                 entry.outcome = exc
         return entries
 
-    def _local_copy(self, block: Block) -> bytes | None:
-        """The block's bytes from a file of the folder that holds it (re-hashed), or None."""
+    def _local_copy(self, block: Block, here: set[bytes]) -> bytes | None:
+        """The block's bytes from a file of the folder that holds it (re-hashed), or None;
+        ``here``: the digests :meth:`FolderIndex.known_blocks` found (others are not looked
+        for)."""
+        if block.digest not in here:
+            return None
         opened: dict[str, int] = {}
         try:
             for name, offset in self.index.find_block(block.digest):

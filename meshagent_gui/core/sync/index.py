@@ -129,6 +129,7 @@ _FIND_BLOCK: Final = (
     "SELECT rows.name, blocks.offset FROM blocks JOIN rows ON rows.sequence = blocks.sequence"
     " WHERE blocks.digest = ? LIMIT ?"
 )
+_KNOWN_BLOCKS: Final = "SELECT DISTINCT digest FROM blocks WHERE digest IN ({})"
 _GET_SEGMENT: Final = "SELECT blocks FROM segments WHERE digest = ?"
 _ADD_SEGMENT: Final = "INSERT OR IGNORE INTO segments (digest, blocks) VALUES (?, ?)"
 _GET_PEER: Final = "SELECT id, index_id, since FROM peers WHERE peer = ?"
@@ -342,6 +343,19 @@ class FolderIndex:
         with _Guard(self):
             found = self._db.execute(_FIND_BLOCK, (digest, FIND_BLOCK_LIMIT)).fetchall()
         return [(str(name), int(offset)) for name, offset in found]
+
+    def known_blocks(self, digests: Iterable[bytes]) -> set[bytes]:
+        """Which of ``digests`` some current file of ours holds: one query per
+        :data:`LOOKUP_CHUNK` (on the digest index alone), so that a batch of blocks of which
+        few or none are here costs one trip, not one :meth:`find_block` each."""
+        wanted = list(dict.fromkeys(digests))
+        known: set[bytes] = set()
+        with _Guard(self):
+            for start in range(0, len(wanted), LOOKUP_CHUNK):
+                chunk = wanted[start : start + LOOKUP_CHUNK]
+                sql = _KNOWN_BLOCKS.format(",".join("?" * len(chunk)))
+                known.update(bytes(found) for (found,) in self._db.execute(sql, chunk))
+        return known
 
     # ------------------------------------------------------------------------ segments
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -91,6 +92,8 @@ class FolderWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._observer: BaseObserver | None = None
         self._pending: set[str] = set()
+        self._inbox: list[str | object] = []  # from the observer's threads, not yet added
+        self._inbox_lock = threading.Lock()
         self._overflow = False
         self._first = 0.0
         self._last = 0.0
@@ -133,10 +136,22 @@ class FolderWatcher:
         if loop is None or self._closed:
             return
         names = self._names(event)
-        if names:
+        if not names:
+            return
+        # Names gather here; the loop is woken once per burst, not once per event (a pull of
+        # thousands of files makes as many events, each a trip through the self-pipe).
+        with self._inbox_lock:
+            wake = not self._inbox
+            self._inbox.extend(names)
+        if wake:
             # RuntimeError: the loop closed under us, nothing is listening any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self._add, names)
+                loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._inbox_lock:
+            names, self._inbox = self._inbox, []
+        self._add(names)
 
     def _names(self, event: FileSystemEvent) -> list[str | object]:
         if isinstance(event, EventsLostEvent):

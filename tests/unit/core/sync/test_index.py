@@ -126,6 +126,14 @@ def test_deleted_rows_and_dirs_have_no_blocks(index: FolderIndex) -> None:
     assert index.get("b") == file_row("b", deleted=True, sequence=4)
 
 
+def test_known_blocks_says_which_digests_a_current_file_holds(index: FolderIndex) -> None:
+    index.put([file_row("a", (block(1),)), file_row("b", (block(1), block(2)))])
+    index.put([file_row("c", (block(3),)), file_row("c", deleted=True)])
+    wanted = [block(n).digest for n in range(1, 1200)]  # more than one query's worth
+    assert index.known_blocks(wanted) == {block(1).digest, block(2).digest}
+    assert index.known_blocks([]) == set()
+
+
 def test_find_block_returns_a_few_places(index: FolderIndex) -> None:
     index.put([file_row(f"copy{i}", (block(1),)) for i in range(10)])
     assert len(index.find_block(block(1).digest)) == FIND_BLOCK_LIMIT
