@@ -254,3 +254,24 @@ class SyncFileChanged(Event):
     @property
     def subject(self) -> object:
         return (SyncFileChanged, self.folder_id)
+
+
+@dataclass(frozen=True)
+class SyncPeerConnected(Event):
+    """A sync stream with ``device_id`` for the folder is up (we pull from it, or it from us):
+    the peer shows as connected. Published once per change, not per stream."""
+
+    folder_id: str
+    label: str
+    device_id: str
+    peer_name: str
+
+
+@dataclass(frozen=True)
+class SyncPeerDisconnected(Event):
+    """The last sync stream with ``device_id`` for the folder ended (either way)."""
+
+    folder_id: str
+    label: str
+    device_id: str
+    peer_name: str

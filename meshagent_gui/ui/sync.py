@@ -60,6 +60,8 @@ from meshagent_gui.core.events import (
     SyncFolderAdded,
     SyncFolderOffered,
     SyncFolderRemoved,
+    SyncPeerConnected,
+    SyncPeerDisconnected,
     SyncStateChanged,
 )
 from meshagent_gui.core.ipc_types import FolderInfo, SyncOfferInfo
@@ -86,12 +88,14 @@ SYNC_EVENTS: Final = (
     SyncConflict,
     SyncFailed,
     SyncFileChanged,
+    SyncPeerConnected,
+    SyncPeerDisconnected,
 )
 COALESCE_MS: Final = 250  # a burst of events (a folder pulling 1,000 files) costs one reload
-TICK_MS: Final = 30_000  # "2 min ago" moves on while the window shows
-# While the window shows, the list is read this often too: a peer connecting, or pulling from
-# us, changes what a folder shows without a Sync* event. Cheap: the service answers from memory.
-POLL_MS: Final = 2_000
+# "2 min ago" moves on while the window shows; the list is read again too (a local edit
+# changes a folder's size and last change without an event). Every other change comes as an
+# event: states, pulled files, conflicts, and a device's sync streams (SyncPeerConnected).
+TICK_MS: Final = 30_000
 CONFLICT_PATTERN: Final = "*.sync-conflict-*"
 CONFLICTS_SHOWN: Final = 1000
 _CONFLICT_NAME: Final = re.compile(
@@ -720,10 +724,7 @@ class SyncWindow(QWidget):
         self._build()
         self._tick = QTimer(self)
         self._tick.setInterval(TICK_MS)
-        self._tick.timeout.connect(self._show_times)
-        self._poll = QTimer(self)
-        self._poll.setInterval(POLL_MS)
-        self._poll.timeout.connect(self.model.refresh_soon)
+        self._tick.timeout.connect(self._on_tick)
         model.changed.connect(self._show_model)
         model.error.connect(self.show_error)
         model.notice.connect(self.show_notice)
@@ -896,6 +897,10 @@ class SyncWindow(QWidget):
             self.table.selectRow(0)
         self._show_selected()
 
+    def _on_tick(self) -> None:
+        self._show_times()
+        self.model.refresh_soon()
+
     def _show_times(self) -> None:
         now = self.now()
         for row, folder in enumerate(self.model.folders):
@@ -1031,13 +1036,11 @@ class SyncWindow(QWidget):
     def showEvent(self, event: QShowEvent) -> None:
         super().showEvent(event)
         self._tick.start()
-        self._poll.start()
         self._show_times()
 
     def hideEvent(self, event: QHideEvent) -> None:
         super().hideEvent(event)
         self._tick.stop()
-        self._poll.stop()
 
     def bring_to_front(self) -> None:
         self.show()

@@ -19,6 +19,8 @@ from meshagent_gui.core.events import (
     SyncFileChanged,
     SyncFolderAdded,
     SyncFolderOffered,
+    SyncPeerConnected,
+    SyncPeerDisconnected,
     SyncStateChanged,
 )
 from meshagent_gui.core.ipc_types import FolderInfo, FolderPeerInfo, SyncOfferInfo
@@ -272,7 +274,7 @@ def test_sync_events_refresh_the_list_once_per_burst(
     qtbot: Any, sync: SyncUi, fake: FakeSync, bridge: AgentBridge
 ) -> None:
     window = open_window(qtbot, sync)
-    window._poll.stop()  # only the events reload here
+    window._tick.stop()  # only the events reload here
     select(window, "Photos")
     reads = fake.reads
     info = fake.items["a" * 32]
@@ -316,6 +318,25 @@ def test_sync_events_refresh_the_list_once_per_burst(
     fake.put(folder("e" * 32, "New", fake.root / "New"))
     bridge.handle(SyncFolderAdded(folder_id="e" * 32, label="New", path=str(fake.root / "New")))
     qtbot.waitUntil(lambda: "New" in column(window, 0), timeout=3000)
+
+
+def test_a_device_connecting_or_leaving_shows_without_polling(
+    qtbot: Any, sync: SyncUi, fake: FakeSync, bridge: AgentBridge
+) -> None:
+    window = open_window(qtbot, sync)
+    window._tick.stop()  # nothing reads the list on a timer: only the events do
+    select(window, "Photos")
+    info = fake.items["a" * 32]
+    fake.put(_with(info, peers=[peer("laptop", connected=False)]))
+    reads = fake.reads
+    bridge.handle(SyncPeerDisconnected("a" * 32, "Photos", "laptop-id", "laptop"))
+    qtbot.waitUntil(lambda: "laptop: offline" in window.detail.text(), timeout=3000)
+    assert fake.reads == reads + 1
+
+    fake.put(_with(info, peers=[peer("laptop", connected=True)]))
+    bridge.handle(SyncPeerConnected("a" * 32, "Photos", "laptop-id", "laptop"))
+    qtbot.waitUntil(lambda: "laptop: online, in sync" in window.detail.text(), timeout=3000)
+    assert fake.reads == reads + 2
 
 
 def test_pause_resume_and_remove_call_the_api(

@@ -29,7 +29,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 import msgspec
 
@@ -38,6 +38,8 @@ from meshagent_gui.core.events import (
     SyncConflict,
     SyncFailed,
     SyncFileChanged,
+    SyncPeerConnected,
+    SyncPeerDisconnected,
     SyncStateChanged,
 )
 from meshagent_gui.core.ipc_types import FolderInfo, FolderPeerInfo
@@ -59,6 +61,7 @@ from meshagent_gui.core.protocol.sync import (
     FolderInput,
     FolderState,
     IndexBatch,
+    RowKind,
     SegmentReply,
     SegmentRequest,
     Subscribe,
@@ -75,7 +78,7 @@ from .apply import Applied, Applier, BlockUnavailable, SmallOutcome, is_small
 from .blocks import digest, segment_digest
 from .ignore import Ignores
 from .index import FolderIndex
-from .scanner import MARKER, RootMissing, ScanResult, ensure_marker, scan
+from .scanner import MARKER, RootMissing, Skipped, ensure_marker, scan_batches
 from .watcher import FolderWatcher
 
 log = logging.getLogger(__name__)
@@ -86,6 +89,8 @@ SCOPE: Final = "share:folder"
 CONFLICT_MARK: Final = ".sync-conflict-"
 MAX_IN_FLIGHT: Final = 32 * 1024 * 1024
 """Bytes of block requests a puller keeps outstanding toward one peer."""
+MAX_DIRTY_NAMES: Final = 100_000
+"""Names of a peer's new rows remembered until they are decided; more: all are decided again."""
 BATCH_BYTES: Final = 1024 * 1024
 """An IndexBatch is cut at about this many bytes (or MAX_BATCH_ROWS rows)."""
 REPLY_TIMEOUT: Final = 60.0
@@ -100,6 +105,8 @@ SERVE_BATCH_BYTES: Final = 4 * 1024 * 1024
 """Block requests read in one trip to a reader thread, at most (count, bytes)."""
 _READ_FLAGS: Final = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
 BACKOFF_MIN: Final = 1.0
+RESCAN_SHARE: Final = 0.01
+"""The safety-net rescan waits at least 100x its last duration (the watcher catches changes)."""
 SMALL_BATCH_FILES: Final = 256
 SMALL_BATCH_BYTES: Final = 8 * 1024 * 1024
 """Files of one block are applied in batches of this many (one syncfs, one index put each)."""
@@ -156,6 +163,23 @@ class PeerState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the peer came online: the pull loop retries at once instead of backing off."""
 
+    @property
+    def connected(self) -> bool:
+        return self.pulling or self.serving > 0
+
+
+class Planned(NamedTuple):
+    """A peer's row to apply, as the pull pipeline schedules it: names and sizes only, so a
+    first pull of 100,000 files does not hold 100,000 rows with their blocks (a batch reads
+    its rows again, and decides them again, when its turn comes)."""
+
+    name: str
+    kind: RowKind
+    deleted: bool
+    size: int
+    small: bool
+    """One block at most: applied many at a time (:func:`~.apply.is_small`)."""
+
 
 class SyncProtocolError(ProtocolError):
     """The peer sent something a sync stream may not carry (a bad row, an unknown reply)."""
@@ -203,6 +227,8 @@ class SyncFolder:
         self._activity: asyncio.Task[None] | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._pulls: dict[str, asyncio.Task[None]] = {}
+        self._stale = False  # the index changed since the servers were last woken
+        self._refresh: asyncio.Task[None] | None = None
 
     @property
     def folder_id(self) -> str:
@@ -267,6 +293,8 @@ class SyncFolder:
         finally:
             if self._activity is not None:
                 self._activity.cancel()
+            if self._refresh is not None:
+                self._refresh.cancel()
             await self._close()
 
     async def _close(self) -> None:
@@ -354,6 +382,19 @@ class SyncFolder:
             self.state = new
             self.host.bus.publish(SyncStateChanged(self.folder_id, self.label, new.value, detail))
 
+    def _linked(self, peer: PeerState, *, pulling: bool | None = None, serving: int = 0) -> None:
+        """A stream with ``peer`` came or went: tell when that connects or disconnects it (so
+        views follow without polling)."""
+        before = peer.connected
+        if pulling is not None:
+            peer.pulling = pulling
+        peer.serving += serving
+        if peer.connected == before or peer is not self.peers.get(peer.device_id):
+            return
+        kind = SyncPeerConnected if peer.connected else SyncPeerDisconnected
+        name = self.host.peer_name(peer.device_id)
+        self.host.bus.publish(kind(self.folder_id, self.label, peer.device_id, name))
+
     def _fail(self, message: str) -> None:
         self.error = message
         self._input(FolderInput.FAILED, message)
@@ -375,21 +416,39 @@ class SyncFolder:
             async with self._grew:
                 self._grew.notify_all()
 
+    def _changed_soon(self) -> None:
+        """:meth:`changed`, without waiting for it: a batch of pulled files frees its slot at
+        once instead of queueing behind the worker's next batches (the index is read as soon
+        as the worker is free; changes meanwhile are read by the same trip or the next)."""
+        self._stale = True
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.create_task(self._refresh_loop(), name="sync-changed")
+
+    async def _refresh_loop(self) -> None:
+        while self._stale:
+            self._stale = False
+            try:
+                await self.changed()
+            except Exception:  # the index closed under us (removed, paused): nothing to tell
+                log.debug("sync %s: progress not read", self.label, exc_info=True)
+                return
+
     def _progress(self) -> tuple[int, tuple[int, int]]:
         index = self._index()
         return index.sequence, index.count()
 
     # ------------------------------------------------------------ scanning
 
-    async def scan(self, only: Collection[str] | None = None) -> ScanResult | None:
-        """Scan all (``only`` None) or some names; None when the root is gone (state ERROR)."""
+    async def scan(self, only: Collection[str] | None = None) -> int | None:
+        """Scan all (``only`` None) or some names: how many rows changed; None when the root
+        is gone (state ERROR)."""
         if only is not None and not self.healthy:
             return None  # a broken or paused folder waits for its next full scan
         async with self._scan_lock:
             if only is None:
                 self._input(FolderInput.SCAN_STARTED)
             try:
-                result = await self.db(self._scan_blocking, only)
+                changed, skipped = await self.db(self._scan_blocking, only)
             except RootMissing as exc:
                 if self.state is not FolderState.ERROR:
                     self._fail(f"the folder {self.root} is gone or not ours any more ({exc})")
@@ -403,17 +462,19 @@ class SyncFolder:
                 self._ignores_changed = False
                 for link in self._links:
                     link.replan()
-            for skipped in result.skipped:
-                log.info("sync %s: skipped %s (%s)", self.label, skipped.name, skipped.reason)
+            for entry in skipped:
+                log.info("sync %s: skipped %s (%s)", self.label, entry.name, entry.reason)
             if only is None:
                 self._input(FolderInput.SCAN_DONE)
                 if self._working:
                     self._input(FolderInput.WORK_FOUND)
-        if result.rows:
+        if changed:
             await self.changed()
-        return result
+        return changed
 
-    def _scan_blocking(self, only: Collection[str] | None) -> ScanResult:
+    def _scan_blocking(self, only: Collection[str] | None) -> tuple[int, list[Skipped]]:
+        """(Worker) Scan, indexing each batch of rows as it comes (a first scan of 100,000
+        files never holds all their rows at once); (rows changed, names skipped)."""
         index = self._index()
         ignores = self.ignores
         assert ignores is not None
@@ -424,16 +485,20 @@ class SyncFolder:
             # The watcher reports what we just pulled too: those need no scan.
             only = [name for name in only if not self.applier.echo(name)]
             if not only:
-                return ScanResult()
-        result = scan(self.root, index, ignores, only=only, folder_id=self.folder_id)
-        if result.rows:
-            index.put(result.rows)
+                return 0, []
+        changed = 0
+        skipped: list[Skipped] = []
+        for batch in scan_batches(self.root, index, ignores, only=only, folder_id=self.folder_id):
+            if batch.rows:
+                index.put(batch.rows)
+                changed += len(batch.rows)
+            skipped.extend(batch.skipped)
         self.files, self.bytes = index.count()
         if only is None:
             self.conflicts = sum(
                 1 for row in index.all_rows() if not row.deleted and CONFLICT_MARK in row.name
             )
-        return result
+        return changed, skipped
 
     async def _watch(self) -> None:
         while True:
@@ -448,9 +513,14 @@ class SyncFolder:
             await asyncio.sleep(self.host.rescan_interval())
 
     async def _rescan_loop(self) -> None:
+        took = 0.0
         while True:
-            await asyncio.sleep(self.host.rescan_interval())
+            # A big folder's rescan takes long: it runs at most RESCAN_SHARE of the time, so an
+            # idle folder of 100,000 files costs next to nothing between changes.
+            await asyncio.sleep(max(self.host.rescan_interval(), took / RESCAN_SHARE))
+            started = time.monotonic()
             await self.scan()
+            took = time.monotonic() - started
             if self.applier is not None and self.healthy:
                 with contextlib.suppress(OSError):
                     await self.applier.clean_versions()
@@ -472,7 +542,7 @@ class SyncFolder:
             except ProtocolError as exc:
                 log.warning("sync %s: %s broke the protocol: %s", self.label, peer.device_id, exc)
             finally:
-                peer.pulling = False
+                self._linked(peer, pulling=False)
                 self._working.discard(peer.device_id)
             if time.monotonic() - started > 30:
                 backoff = BACKOFF_MIN  # it worked for a while: this is a new problem
@@ -488,7 +558,7 @@ class SyncFolder:
             StreamRole.SYNC, tokens=(grant.token,), resource=self.folder_id
         )
         link = PullLink(self, peer, channel)
-        peer.pulling = True
+        self._linked(peer, pulling=True)
         self._links.add(link)
         try:
             await link.run()
@@ -498,29 +568,29 @@ class SyncFolder:
             channel.abort(ErrorCode.NO_ERROR, "done")
 
     async def apply_planned(
-        self, peer: PeerState, planned: Sequence[tuple[FileRow, Decision]], source: PullLink
+        self, peer: PeerState, planned: Sequence[Planned], source: PullLink
     ) -> set[str]:
         """Apply the peer's planned rows: folders, then files (many at once: files of one
         block in batches, larger ones side by side), then deletions (last, so a renamed file's
         blocks are still here to copy); the names to try again later."""
         retry: set[str] = set()
-        folders = [row.name for row, _ in planned if row.kind == "dir" and not row.deleted]
-        files = [row for row, _ in planned if row.kind == "file" and not row.deleted]
-        gone = [row.name for row, _ in planned if row.deleted]
+        folders = [row.name for row in planned if row.kind == "dir" and not row.deleted]
+        files = [row for row in planned if row.kind == "file" and not row.deleted]
+        gone = [row.name for row in planned if row.deleted]
         for start in range(0, len(folders), SMALL_BATCH_FILES):
             await self._apply_rows(peer, folders[start : start + SMALL_BATCH_FILES], source, retry)
         with unwrapped():
             async with asyncio.TaskGroup() as tasks:
-                small = [row for row in files if is_small(row)]
+                small = [row for row in files if row.small]
                 tasks.create_task(self._apply_small_files(peer, small, source, retry))
-                large = [row for row in files if not is_small(row)]
+                large = [row for row in files if not row.small]
                 tasks.create_task(self._apply_large_files(peer, large, source, retry))
         for start in range(0, len(gone), SMALL_BATCH_FILES):
             await self._apply_rows(peer, gone[start : start + SMALL_BATCH_FILES], source, retry)
         return retry
 
     async def _apply_small_files(
-        self, peer: PeerState, rows: Sequence[FileRow], source: PullLink, retry: set[str]
+        self, peer: PeerState, rows: Sequence[Planned], source: PullLink, retry: set[str]
     ) -> None:
         slots = asyncio.Semaphore(BATCHES_IN_FLIGHT)
         async with asyncio.TaskGroup() as tasks:  # unwrapped by apply_planned
@@ -530,7 +600,7 @@ class SyncFolder:
                 task.add_done_callback(lambda _: slots.release())
 
     async def _apply_large_files(
-        self, peer: PeerState, rows: Sequence[FileRow], source: PullLink, retry: set[str]
+        self, peer: PeerState, rows: Sequence[Planned], source: PullLink, retry: set[str]
     ) -> None:
         slots = asyncio.Semaphore(FILES_IN_FLIGHT)
         budget = ByteBudget(FILE_BYTES_IN_FLIGHT)
@@ -600,7 +670,7 @@ class SyncFolder:
         if failure and self.state is not FolderState.ERROR:
             self._fail(failure)
         if outcomes:
-            await self.changed()
+            self._changed_soon()
 
     async def _applied(self, peer: PeerState, remote: FileRow, applied: Applied) -> bool:
         """Report what ``apply`` did; True when the row must be tried again."""
@@ -643,9 +713,10 @@ class SyncFolder:
                 planned.append((remote, decision))
         return planned
 
-    def plan(self, peer_id: str, names: Collection[str] | None) -> list[tuple[FileRow, Decision]]:
+    def plan(self, peer_id: str, names: Collection[str] | None) -> list[Planned]:
         """(Worker) The peer's rows that need doing here (``names`` None: all of them), in
-        the order to apply them."""
+        the order to apply them, in their compact form (each is read and decided again when
+        its batch is applied)."""
         index = self._index()
         ignores = self.ignores
         assert ignores is not None
@@ -661,8 +732,12 @@ class SyncFolder:
             for remote in kept:
                 decision = decide(ours.get(remote.name), remote, me=self.me)
                 if decision.action is not Action.NOTHING:
-                    planned.append((remote, decision))
-        planned.sort(key=lambda item: _apply_order(item[0]))
+                    planned.append(
+                        Planned(
+                            remote.name, remote.kind, remote.deleted, remote.size, is_small(remote)
+                        )
+                    )
+        planned.sort(key=_apply_order)
         return planned
 
     def working(self, peer_id: str, busy: bool) -> None:
@@ -686,7 +761,7 @@ class SyncFolder:
             channel.abort(ErrorCode.GOING_AWAY, "paused")
             return
         peer = self.peers[channel.peer_id]
-        peer.serving += 1
+        self._linked(peer, serving=1)
         self._serving.add(channel)
         try:
             with unwrapped():
@@ -695,7 +770,7 @@ class SyncFolder:
                     tasks.create_task(self._answer(channel, peer))
         finally:
             self._serving.discard(channel)
-            peer.serving -= 1
+            self._linked(peer, serving=-1)
 
     async def _send_index(self, channel: Channel, subscribe: Subscribe) -> None:
         index = self._index()
@@ -784,7 +859,7 @@ class SyncFolder:
                 FolderPeerInfo(
                     device_id=peer.device_id,
                     name=self.host.peer_name(peer.device_id),
-                    connected=peer.pulling or peer.serving > 0,
+                    connected=peer.connected,
                     needed_files=len(peer.needed),
                     needed_bytes=sum(peer.needed.values()),
                     fetched_blocks=peer.fetched_blocks,
@@ -870,7 +945,13 @@ class PullLink:
             await folder.db(
                 folder._index().put_peer_rows, self.peer.device_id, batch.index_id, batch.rows
             )
+        if batch.rows and self._backlog_done:  # the backlog's end decides all stored rows
             self._dirty.update(row.name for row in batch.rows)
+            if len(self._dirty) > MAX_DIRTY_NAMES:
+                # A flood of rows (or a huge folder's first index): decide them all from the
+                # index instead of remembering each name here (memory stays bounded).
+                self._dirty.clear()
+                self._full = True
         if batch.done and not self._backlog_done:
             self._backlog_done = True
             self._full = True  # rows stored before a restart but never applied, too
@@ -896,7 +977,7 @@ class PullLink:
             self._dirty = set()
             retry = set()
             planned = await folder.db(folder.plan, self.peer.device_id, names)
-            self.peer.needed = {row.name: row.size for row, _ in planned}
+            self.peer.needed = {row.name: row.size for row in planned}
             if not planned:
                 continue
             folder.working(self.peer.device_id, True)
@@ -1024,7 +1105,7 @@ def _release_both(
     budget.release(taken)
 
 
-def _small_batches(rows: Sequence[FileRow]) -> Iterator[list[str]]:
+def _small_batches(rows: Sequence[Planned]) -> Iterator[list[str]]:
     """Names of ``rows`` in batches of at most SMALL_BATCH_FILES files / ~SMALL_BATCH_BYTES."""
     batch: list[str] = []
     size = 0
@@ -1054,7 +1135,7 @@ def _open_index(path: Path, device: int) -> FolderIndex:
     return FolderIndex(path, device=device)
 
 
-def _apply_order(row: FileRow) -> tuple[int, int, int, str]:
+def _apply_order(row: Planned) -> tuple[int, int, int, str]:
     """Directories (shallow first), then files, then deletions (files, then the deepest
     directories first, so that a directory is empty when its turn comes)."""
     depth = row.name.count("/")

@@ -42,7 +42,7 @@ from meshagent_gui.core.p2p.errors import P2PError
 from meshagent_gui.core.p2p.peers import PeerManager, Service
 from meshagent_gui.core.p2p.session import Channel, ChannelClosed, ChannelRefused
 from meshagent_gui.core.protocol.captoken import Capability
-from meshagent_gui.core.protocol.errors import ErrorCode
+from meshagent_gui.core.protocol.errors import ErrorCode, ProtocolError
 from meshagent_gui.core.protocol.messages import StreamRole
 from meshagent_gui.core.protocol.sync import (
     MAX_LABEL_LENGTH,
@@ -350,6 +350,8 @@ class SyncService:
             await self._dispatch(channel)
         except (ChannelClosed, P2PError, ConnectionError) as exc:
             log.debug("sync stream from %s ended: %s", channel.peer_id[:12], exc)
+        except ProtocolError as exc:  # the stream is closed already, with the error's code
+            log.warning("sync stream from %s broke the protocol: %s", channel.peer_id[:12], exc)
 
     async def _dispatch(self, channel: Channel) -> None:
         grant = channel.grant

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from meshagent_gui.core.events import PeerCameOnline, SyncFailed
+from meshagent_gui.core.events import (
+    PeerCameOnline,
+    SyncFailed,
+    SyncPeerConnected,
+    SyncPeerDisconnected,
+)
 from meshagent_gui.core.protocol.sync import FileRow, Subscribe
 from meshagent_gui.core.sync import folder as folder_module
 from meshagent_gui.core.sync.index import FolderIndex
@@ -155,6 +160,29 @@ async def test_peer_came_online_wakes_a_pull_backing_off(
             "bob to pull again once ann came online",
             TIMEOUT,
         )
+
+
+async def test_a_peer_connecting_and_leaving_is_an_event_once_per_change(tmp_path: Path) -> None:
+    network = SyncNetwork()
+    ann, _ = make_sync(network, ANN, tmp_path / "ann")
+    bob, bob_events = make_sync(network, BOB, tmp_path / "bob")
+    folder = tmp_path / "linked"
+    write(folder / "a.txt", b"a")
+    async with running(ann, bob):
+        info = await ann.add(folder, BOB)
+        await wait_for(lambda: connected(bob, info.folder_id), "bob's streams", TIMEOUT)
+        # Two streams (bob pulls from ann, ann from bob): one "connected", not one per stream.
+        await wait_for(lambda: bool(bob_events.of(SyncPeerConnected)), "the event", TIMEOUT)
+        [up] = bob_events.of(SyncPeerConnected)
+        assert (up.folder_id, up.device_id, up.peer_name) == (info.folder_id, ANN, "ann-laptop")
+        assert not bob_events.of(SyncPeerDisconnected)
+
+        cut(network, ANN)
+        await wait_for(lambda: not connected(bob, info.folder_id), "bob cut off", TIMEOUT)
+        await wait_for(lambda: bool(bob_events.of(SyncPeerDisconnected)), "the event", TIMEOUT)
+        [down] = bob_events.of(SyncPeerDisconnected)
+        assert (down.folder_id, down.device_id) == (info.folder_id, ANN)
+        assert len(bob_events.of(SyncPeerConnected)) == 1
 
 
 # ---------------------------------------------------------------- .meshignore

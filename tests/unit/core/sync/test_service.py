@@ -9,6 +9,7 @@ applier are the real ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +27,17 @@ from meshagent_gui.core.p2p.session import ChannelClosed
 from meshagent_gui.core.protocol.captoken import Capability
 from meshagent_gui.core.protocol.errors import ErrorCode
 from meshagent_gui.core.protocol.messages import StreamRole
-from meshagent_gui.core.protocol.sync import FileRow, IndexBatch, Subscribe, SyncOffer
+from meshagent_gui.core.protocol.sync import (
+    BlockMissing,
+    BlockReply,
+    BlockRequest,
+    FileRow,
+    IndexBatch,
+    Subscribe,
+    SyncOffer,
+)
+from meshagent_gui.core.sync import folder as folder_module
+from meshagent_gui.core.sync.blocks import digest
 from meshagent_gui.core.sync.service import SCOPE, SyncService
 from meshagent_gui.errors import UserError
 from tests.unit.core.share.fakes import (
@@ -276,3 +287,102 @@ async def test_a_hostile_row_closes_the_stream_and_writes_nothing(tmp_path: Path
         assert not (tmp_path / "bob" / "sync" / "escaped.txt").exists()
         assert not (tmp_path / "bob" / "escaped.txt").exists()
         assert bob.folders()[0].files == 0
+
+
+async def test_a_peer_flooding_block_requests_is_held_back_and_reads_nothing_outside(
+    tmp_path: Path,
+) -> None:
+    """A peer of the folder asks for 20,000 blocks and reads no reply: the server answers at
+    most SERVE_READS batches, then stops reading its requests (bounded memory; on a real
+    stream QUIC's flow control then stops the flooder). No request reads outside the folder,
+    through a symbolic link or a name that is not there. Then a message a puller may not send
+    closes the stream with UNEXPECTED_MESSAGE."""
+    network = SyncNetwork()
+    ann, _ = make_sync(network, ANN, tmp_path / "ann")
+    bob, _ = make_sync(network, BOB, tmp_path / "bob")
+    folder = tmp_path / "shared"
+    write(folder / "inside.txt", b"in the folder")
+    secret = write(tmp_path / "outside.txt", b"not for bob")
+    (folder / "link.txt").symlink_to(secret)
+    flood = 20_000
+    async with running(ann, bob):
+        info = await ann.add(folder, BOB)
+        channel = await _stream(network, BOB, ANN, info.folder_id)
+        channel.post(Subscribe(info.folder_id, "", 0))
+        secret_digest = digest(secret.read_bytes())
+        for number in range(flood):
+            name = "link.txt" if number % 2 else f"nowhere/{number}.txt"
+            size = len(secret.read_bytes()) if number % 2 else 7
+            channel.post(BlockRequest(number, secret_digest, name, 0, size))
+        bound = folder_module.SERVE_READS * folder_module.SERVE_BATCH
+        # The server has taken what it may and waits for us to read.
+        await wait_for(lambda: len(channel._inbox) > 0, "the first replies", 15)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert len(channel._inbox) <= bound + 16  # + the index batches
+        assert len(channel.other._inbox) >= flood - bound - folder_module.SERVE_BATCH
+
+        answered: dict[int, object] = {}
+        while len(answered) < flood:
+            message = await asyncio.wait_for(channel.receive(), 15)
+            if isinstance(message, BlockReply | BlockMissing):
+                answered[message.request_id] = message
+        assert all(isinstance(m, BlockMissing) for m in answered.values())
+
+        channel.post(SyncOffer(info.folder_id, "again", "again"))
+        refused = await _refused(channel)
+        assert refused.code is ErrorCode.UNEXPECTED_MESSAGE
+        # ann still serves bob's own streams.
+        write(folder / "after.txt", b"still syncing")
+        landed = tmp_path / "bob" / "sync" / "shared" / "after.txt"
+        await wait_for(lambda: read(landed) == b"still syncing", "a later file", 30)
+
+
+async def test_a_flood_of_index_rows_is_decided_from_the_index_not_held_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer announcing more new names than the puller remembers (MAX_DIRTY_NAMES, made
+    smaller here than each batch of 100 live rows): the names are dropped from memory and
+    every stored row is decided from the index instead; all are applied, inside the folder."""
+    monkeypatch.setattr(folder_module, "MAX_DIRTY_NAMES", 50)
+    network = SyncNetwork()
+    bob, _ = make_sync(network, BOB, tmp_path / "bob")
+    folder_id = "c" * 32
+
+    async def flooding(channel: FakeChannel) -> None:
+        with contextlib.suppress(ChannelClosed):
+            if isinstance(await channel.receive(), Subscribe):
+                # An empty backlog, then live rows without end (a backlog is decided whole
+                # from the index at its end anyway).
+                await channel.send(IndexBatch("d" * 32, (), done=True))
+                for batch in range(6):
+                    rows = tuple(
+                        FileRow(
+                            name=f"d{batch}/{number:03d}",
+                            kind="dir",
+                            deleted=False,
+                            size=0,
+                            mtime_ns=0,
+                            permissions=0o755,
+                            version=((1, 1),),
+                            sequence=batch * 100 + number + 1,
+                            modified_by=1,
+                        )
+                        for number in range(100)
+                    )
+                    await channel.send(IndexBatch("d" * 32, rows))
+                await channel.receive()  # keep the stream open
+
+    evil_device = network.device(ANN)
+    async with running(bob):
+        bob_side = network.open(evil_device, BOB, StreamRole.SYNC, folder_id)
+        bob_side.post(SyncOffer(folder_id, "flood", "flood"))
+        answer = await asyncio.wait_for(bob_side.receive(), 5)
+        assert getattr(answer, "accepted", False)
+        evil_device.services[StreamRole.SYNC] = Service(StreamRole.SYNC, (SCOPE,), flooding)  # type: ignore[arg-type]
+        bob.find(folder_id).peer_online(ANN)
+        landed = tmp_path / "bob" / "sync" / "flood"
+        await wait_for(
+            lambda: sum(1 for _ in landed.glob("d*/*")) == 600, "all 600 folders", timeout=60
+        )
+        assert not (tmp_path / "bob" / "d0").exists()
