@@ -103,10 +103,13 @@ STAGE="$BUILD/root"
 say "staging the package tree in $STAGE"
 rm -rf "$STAGE"
 mkdir -p "$STAGE/usr/bin" "$STAGE/usr/lib" "$STAGE/usr/share/applications" \
-  "$STAGE/usr/share/doc/meshagent" "$STAGE/usr/share/icons/hicolor/scalable/apps"
+  "$STAGE/usr/share/doc/meshagent" "$STAGE/usr/share/icons/hicolor/scalable/apps" \
+  "$STAGE/usr/share/metainfo"
 cp -a "$DIST/meshagent" "$STAGE/usr/lib/meshagent"
 ln -s ../lib/meshagent/meshagent "$STAGE/usr/bin/meshagent"
 install -m 0644 resources/meshagent.desktop "$STAGE/usr/share/applications/"
+# AppStream metadata: software centres list the app from it (validated by check_recipes.sh).
+install -m 0644 resources/org.meshagent.MeshAgent.metainfo.xml "$STAGE/usr/share/metainfo/"
 install -m 0644 resources/icons/meshagent.svg "$STAGE/usr/share/icons/hicolor/scalable/apps/"
 for size in 16 24 32 48 64 128 256 512; do
   dir="$STAGE/usr/share/icons/hicolor/${size}x${size}/apps"

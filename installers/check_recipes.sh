@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Check the installer recipes with the tools this (Linux) machine has, short of the target OS:
 # shell scripts (shellcheck), the PyInstaller spec (compiles), the .desktop entry
-# (desktop-file-validate), the macOS plists (well-formed, valid plists), the WiX recipe (msitools'
-# wixl links it against stand-in files into a real MSI, and the MSI's tables are checked), the
-# PowerShell build script (parsed, where pwsh exists) and the icon set. A tool that is missing
+# (desktop-file-validate), the AppStream metainfo (appstreamcli validate), the macOS plists
+# (well-formed, valid plists), the WiX recipe (msitools' wixl links it against stand-in files
+# into a real MSI, and the MSI's tables are checked), the PowerShell build script (parsed, where
+# pwsh exists) and the icon set. A tool that is missing
 # is reported as "skip", not as a failure.
 #
 #   installers/check_recipes.sh
 #
-# Debian/Ubuntu tools: shellcheck desktop-file-utils libxml2-utils libplist-utils wixl msitools
+# Debian/Ubuntu tools: shellcheck desktop-file-utils appstream libxml2-utils libplist-utils wixl
+# msitools
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -32,8 +34,8 @@ fi
 
 # ---------------------------------------------------------------- PyInstaller spec, icon script
 if "$PYTHON" -c 'import sys; [compile(open(p).read(), p, "exec") for p in sys.argv[1:]]' \
-  installers/meshagent.spec installers/entry.py installers/make_icons.py; then
-  ok "meshagent.spec, entry.py and make_icons.py compile"
+  installers/meshagent.spec installers/entry.py installers/make_icons.py installers/hooks/*.py; then
+  ok "meshagent.spec, entry.py, make_icons.py and the runtime hooks compile"
 else
   bad "meshagent.spec, entry.py or make_icons.py does not compile"
 fi
@@ -58,6 +60,20 @@ if have desktop-file-validate; then
   else bad "meshagent.desktop"; fi
 else
   skip "meshagent.desktop not validated (desktop-file-validate)"
+fi
+
+# ---------------------------------------------------------------- AppStream metadata
+metainfo=resources/org.meshagent.MeshAgent.metainfo.xml
+if have appstreamcli; then
+  # --no-net: the homepage is not fetched. Infos and pedantic notes pass; warnings fail.
+  if appstreamcli validate --no-net "$metainfo"; then ok "$metainfo validates (appstreamcli)"
+  else bad "$metainfo (appstreamcli validate)"; fi
+else
+  skip "$metainfo not validated (appstreamcli, Debian package appstream)"
+fi
+if [ "$(sed -n 's|.*<launchable type="desktop-id">\(.*\)</launchable>.*|\1|p' "$metainfo")" \
+  != "$(basename resources/meshagent.desktop)" ]; then
+  bad "$metainfo does not launch meshagent.desktop"
 fi
 
 # ---------------------------------------------------------------- macOS plists
