@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
-from meshagent_gui import __version__
 from meshagent_gui import log as logsetup
+from meshagent_gui.build_info import version_line
 from meshagent_gui.config import KEYS, Config, Paths, parse_rate, parse_value
 from meshagent_gui.errors import UserError
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
 
     parser = _Parser(prog="meshagent", description="Mesh Agent", parents=[common])
-    parser.add_argument("--version", action="version", version=f"meshagent {__version__}")
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -92,6 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ORIGIN",
         help="also let web pages of this origin use the API, e.g. https://mesh.example.com",
+    )
+    server.add_argument(
+        "--agent-version",
+        metavar="VERSION",
+        help="announce this as the latest Mesh Agent release; older agents tell their user",
+    )
+    server.add_argument(
+        "--turn-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="advertise this TURN relay (coturn, use-auth-secret), e.g. turn:turn.example.com:3478",
+    )
+    server.add_argument(
+        "--turn-secret-file",
+        type=Path,
+        metavar="FILE",
+        help="the static-auth-secret shared with the TURN server, for short-lived credentials",
     )
     server_commands = server.add_subparsers(
         dest="server_command", metavar="ACTION", parser_class=_Parser
@@ -444,6 +462,9 @@ def cmd_server(args: argparse.Namespace) -> int:
                 insecure=args.insecure,
                 heartbeat_interval=args.heartbeat,
                 allowed_origins=tuple(args.allow_origin),
+                turn_urls=tuple(args.turn_url),
+                turn_secret_file=args.turn_secret_file,
+                agent_version=args.agent_version,
             )
 
             def ready(url: str) -> None:

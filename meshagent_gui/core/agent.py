@@ -19,13 +19,21 @@ from typing import Any, Final
 import platformdirs
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from meshagent_gui import __version__
+from meshagent_gui.build_info import is_newer
 from meshagent_gui.config import Config, parse_rate
 from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
 from meshagent_gui.identity import short_id
 
 from .bus import EventBus
-from .events import AnnouncementReceived, InvitationReceived, PeerCameOnline
+from .events import (
+    AnnouncementReceived,
+    InvitationReceived,
+    NewerAgentAnnounced,
+    PeerCameOnline,
+    ServerConnected,
+)
 from .ipc import AgentLock, Handler, IpcServer, IpcStream, Route, StreamHandler, StreamRoute
 from .ipc_types import (
     AnswerParams,
@@ -688,8 +696,11 @@ class Agent:
                 await router.handle(event)
 
     async def _follow_events(self) -> None:
+        told: str | None = None  # the newer release the user was told of (once per version)
         with self.bus.subscribed() as events:
             async for event in events:
+                if isinstance(event, ServerConnected):
+                    told = await self._tell_of_newer_agent(told)
                 if isinstance(event, AnnouncementReceived) and event.kind == "room.invited":
                     self._invited(event.data)
                 # Names come from REST: refresh when a stranger appears or rooms change.
@@ -698,6 +709,20 @@ class Agent:
                 if stranger or moved:
                     with contextlib.suppress(UserError):
                         await self.devices()
+
+    async def _tell_of_newer_agent(self, told: str | None) -> str | None:
+        """Log and publish it when the server announces a release newer than this agent."""
+        with contextlib.suppress(MeshError):
+            announced = (await self.client.info()).agent_version
+            if announced is not None and announced != told and is_newer(announced):
+                log.warning(
+                    "Mesh Agent %s is available (this is %s): install it to update",
+                    announced[:64],
+                    __version__,
+                )
+                self.bus.publish(NewerAgentAnnounced(announced[:64], __version__))
+                return announced
+        return told
 
     def _invited(self, data: dict[str, Any]) -> None:
         room, role, by = (str(data.get(k) or "")[:64] for k in ("room", "role", "invited_by"))

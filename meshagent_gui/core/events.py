@@ -41,6 +41,14 @@ class ServerDisconnected(Event):
 
 
 @dataclass(frozen=True)
+class NewerAgentAnnounced(Event):
+    """The server announced an agent release newer than ours (no self-update: the user installs)."""
+
+    version: str
+    current: str
+
+
+@dataclass(frozen=True)
 class PeerCameOnline(Event):
     device_id: str
     name: str

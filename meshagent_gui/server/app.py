@@ -66,6 +66,7 @@ from meshagent_gui.core.mesh.types import (
     StatusAnswer,
     TerminalControlReport,
     TokenPair,
+    TurnCredentials,
     WsTicket,
 )
 from meshagent_gui.server.hub import Hub, HubLimits
@@ -91,6 +92,7 @@ from meshagent_gui.server.store import (
 )
 from meshagent_gui.server.tickets import TicketBook
 from meshagent_gui.server.tokens import SigningKeys
+from meshagent_gui.server.turn import TurnIssuer
 from meshagent_gui.server.web_page import OriginGuard, mount_web_page
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,8 @@ class ServerState:
     challenges: ChallengeCache = field(default_factory=ChallengeCache)  # enrolment nonces
     clock: Callable[[], float] = time.time
     stun_port: int | None = None  # set by the runner once its UDP socket is bound
+    agent_version: str | None = None  # the latest agent release, announced in /info
+    turn: TurnIssuer | None = None  # the deployment's TURN server, if any (server/turn.py)
     # Origins besides the server's own whose pages may call the API (OriginGuard, CORS).
     allowed_origins: tuple[str, ...] = ()
     tickets: TicketBook = field(default_factory=TicketBook)  # browsers' /ws tickets
@@ -476,7 +480,19 @@ def create_app(state: ServerState) -> FastAPI:
             version=__version__,
             time=state.clock(),
             stun_port=state.stun_port,
+            turn_urls=list(state.turn.config.urls) if state.turn else [],
+            agent_version=state.agent_version,
         )
+
+    @router.post("/turn/credentials", responses=_errors(401, 403, 404, 429))
+    async def turn_credentials(caller: Caller) -> TurnCredentials:
+        """Short-lived credentials for the advertised TURN servers (server/turn.py)."""
+        if state.turn is None:
+            raise ApiException("not_found", "This server has no TURN relay configured.")
+        issued = state.turn.issue(caller.device_id, state.clock())
+        if issued is None:
+            raise ApiException("rate_limited", "Too many TURN credential requests; slow down.")
+        return issued
 
     @router.get("/keys", responses=_errors())
     async def keys() -> KeySet:

@@ -29,6 +29,7 @@ from meshagent_gui.server.passwords import Passwords, check_password_policy
 from meshagent_gui.server.store import JOIN_CODE_TTL, Store, StoreError, check_user_name
 from meshagent_gui.server.stun import start_stun
 from meshagent_gui.server.tokens import KeyFileError, SigningKeys
+from meshagent_gui.server.turn import TurnConfig, TurnConfigError, TurnIssuer
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ class ServerSettings:
     name: str = "Mesh Server"
     # Web origins besides the server's own whose pages may use the API (``--allow-origin``).
     allowed_origins: tuple[str, ...] = ()
+    # The deployment's TURN server (server/turn.py): its URLs and the secret it shares with us.
+    turn_urls: tuple[str, ...] = ()
+    turn_secret_file: Path | None = None
+    # The latest Mesh Agent release, announced in GET /info (``--agent-version``); None: silent.
+    agent_version: str | None = None
 
     @property
     def tls(self) -> bool:
@@ -138,14 +144,29 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, 65536), hard))
 
 
-def _open_state(settings: ServerSettings) -> ServerState:
+def _turn_issuer(settings: ServerSettings) -> TurnIssuer | None:
+    if not settings.turn_urls and settings.turn_secret_file is None:
+        return None
+    if not settings.turn_urls or settings.turn_secret_file is None:
+        raise UserError("TURN needs both --turn-url and --turn-secret-file.", code="bad_settings")
     try:
-        return ServerState.open(
+        return TurnIssuer(TurnConfig.load(settings.turn_urls, settings.turn_secret_file))
+    except TurnConfigError as exc:
+        raise UserError(str(exc), code="bad_settings") from exc
+
+
+def _open_state(settings: ServerSettings) -> ServerState:
+    turn = _turn_issuer(settings)
+    try:
+        state = ServerState.open(
             settings.data_dir,
             name=settings.name,
             heartbeat_interval=settings.heartbeat_interval,
             allowed_origins=settings.allowed_origins,
         )
+        state.turn = turn
+        state.agent_version = settings.agent_version
+        return state
     except StoreError as exc:
         raise UserError(exc.message, code=exc.code) from exc
     except (KeyFileError, OSError) as exc:

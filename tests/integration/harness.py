@@ -146,6 +146,7 @@ class Server:
     process: Process | None = None
     host: str | None = None  # None: the server's default (loopback)
     prefix: Sequence[str] = ()
+    extra_args: Sequence[str] = ()  # more `meshagent server` options, e.g. --turn-url
 
     def start(self) -> Server:
         where = ["--host", self.host, "--insecure"] if self.host else []
@@ -159,6 +160,7 @@ class Server:
                 str(self.data_dir),
                 "--heartbeat",
                 "2",
+                *self.extra_args,
             ],
             self.logs / f"server-{time.monotonic_ns()}.log",
             prefix=self.prefix,
