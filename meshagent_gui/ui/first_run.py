@@ -383,6 +383,15 @@ class FirstRunDialog(QDialog):
             self._browse_task.cancel()  # closes its mDNS sockets as it ends
         super().done(result)
 
+    async def stop_browsing(self) -> None:
+        """End the mDNS browse and wait until its sockets are closed: a Quit (or SIGTERM) while
+        the dialog is open must not leave the browse to be torn down after the loop stopped."""
+        task = self._browse_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     def closeEvent(self, event: QCloseEvent) -> None:
         self.reject()
         event.accept()
@@ -404,6 +413,7 @@ async def ask_first_run(ctx: Context, parent: QWidget | None = None) -> Choice |
     try:
         await finished
     finally:
+        await dialog.stop_browsing()
         with contextlib.suppress(RuntimeError):
             dialog.hide()
             dialog.deleteLater()

@@ -266,6 +266,8 @@ def test_quit_while_the_first_run_dialog_is_open_closes_it(
     qtbot.waitUntil(task.done, timeout=10_000)
     assert task.result() == 0
     assert first_run_dialog() is None
+    # Its mDNS browse ended with it, not left to be torn down after the loop stopped.
+    assert not [t for t in asyncio.all_tasks(qloop) if t.get_name() == "ui-first-run-browse"]
     assert not gui_home.paths.ipc_path.exists()
 
 
