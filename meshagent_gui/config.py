@@ -301,6 +301,7 @@ KEYS: Final[dict[str, Key]] = {
         _priority("notify.control_requested", 8),
         _priority("notify.sync_conflict", 6),
         _priority("notify.sync_failed", 7),
+        _priority("notify.update_available", 3),
         _priority("notify.peer_offline", -1),
         _priority("notify.peer_online", -1),
     )

@@ -41,6 +41,7 @@ NOTIFICATION_LABELS: Final = {
     "control_requested": "Terminal control requested",
     "sync_conflict": "Sync conflict",
     "sync_failed": "Sync stopped",
+    "update_available": "A newer Mesh Agent is available",
     "peer_offline": "Device went offline",
     "peer_online": "Device came online",
 }

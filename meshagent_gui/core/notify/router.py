@@ -17,6 +17,7 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 from meshagent_gui.config import KEYS
 from meshagent_gui.core.events import (
     ControlRequested,
+    NewerAgentAnnounced,
     PeerCameOnline,
     PeerWentOffline,
     SyncConflict,
@@ -143,9 +144,17 @@ def _sync_failed(event: SyncFailed, _: NameOf) -> tuple[str, str]:
     return f"Sync of {_clean(event.label)} stopped", _clean(event.message)
 
 
+def _update_available(event: NewerAgentAnnounced, _: NameOf) -> tuple[str, str]:
+    return (
+        f"Mesh Agent {_clean(event.version)} is available",
+        f"This is {_clean(event.current)}: install the new release to update.",
+    )
+
+
 RULES: Final[Mapping[type, NotificationRule[Any]]] = {
     SyncConflict: NotificationRule("sync_conflict", _sync_conflict),
     SyncFailed: NotificationRule("sync_failed", _sync_failed),
+    NewerAgentAnnounced: NotificationRule("update_available", _update_available),
     TransferCompleted: NotificationRule("transfer_completed", _transfer_completed),
     TransferFailed: NotificationRule("transfer_failed", _transfer_failed),
     ControlRequested: NotificationRule("control_requested", _control_requested),

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from meshagent_gui.config import KEYS, Config
 from meshagent_gui.core.events import (
     ControlRequested,
+    NewerAgentAnnounced,
     PeerCameOnline,
     PeerWentOffline,
     ServerConnected,
@@ -145,6 +146,10 @@ def test_wording() -> None:
     assert words(slow)[1] == "a with b: 999 B in 1 h 02 min (0 B/s)."
     instant = TransferCompleted("t4", "a", "b", 0, 0.0)
     assert words(instant)[1] == "a with b: 0 B in 0.0 s."
+    assert words(NewerAgentAnnounced("0.3.0", "0.2.1")) == (
+        "Mesh Agent 0.3.0 is available",
+        "This is 0.2.1: install the new release to update.",
+    )
 
 
 @pytest.mark.parametrize(
