@@ -1464,6 +1464,13 @@ async def _forward(args: argparse.Namespace, ctx: Context, params: object) -> in
             f"forwarding {opened['listen']} -> {opened['device']} {opened['target']}"
             " (Ctrl-C stops)",
         )
+        announced = opened.get("announced")
+        if announced is not None and opened["target"] not in announced:
+            print(
+                f"meshagent: {opened['device']} does not announce {opened['target']} to you"
+                f" (it announces: {', '.join(announced) or 'nothing'}); connections may be refused",
+                file=sys.stderr,
+            )
         sys.stdout.flush()
         with contextlib.suppress(ipc.IpcStreamClosed):
             while True:
@@ -1476,7 +1483,7 @@ async def _forward(args: argparse.Namespace, ctx: Context, params: object) -> in
 def _print_tunnel_event(args: argparse.Namespace, frame: dict[str, Any]) -> None:
     if args.json:
         print(json.dumps(frame), flush=True)
-    elif frame["event"] in ("refused", "error"):
+    elif frame["event"] in ("refused", "error", "stopped"):
         print(f"meshagent: {frame.get('message') or frame.get('reason')}", file=sys.stderr)
 
 
@@ -1549,9 +1556,12 @@ def cmd_tunnel(args: argparse.Namespace) -> int:
         for info in tunnels:
             emit(args, _struct_dict(info), "")
         return 0
-    rows = [[t.kind, t.listen or "-", t.device, t.target, str(t.connections)] for t in tunnels]
+    rows = [
+        [t.kind, t.listen or "-", t.device or "-", t.target, str(t.connections), t.audience or "-"]
+        for t in tunnels
+    ]
     print(
-        _table(["KIND", "LISTEN", "DEVICE", "TARGET", "CONNECTIONS"], rows)
+        _table(["KIND", "LISTEN", "DEVICE", "TARGET", "CONNECTIONS", "TO"], rows)
         if rows
         else "no tunnels"
     )

@@ -95,7 +95,7 @@ from .sync.service import SyncService
 from .terminal.bridge import share_console, view_console
 from .terminal.service import TerminalService
 from .tunnel.bridge import tunnel_handlers, tunnel_streams
-from .tunnel.exposure import parse_rules
+from .tunnel.exposure import Exposure, format_rules, parse_rules
 from .tunnel.service import TunnelService
 
 # A token naming an unknown key makes us refetch the server's keys, at most this often, so
@@ -198,9 +198,17 @@ class Agent:
             own_user=enrollment.user,
             rules=lambda: parse_rules(str(config["tunnel.expose"])),
             peer_name=self.name_of,
+            link=self.link,
+            bus=self.bus,
+            save_rules=self._save_tunnel_rules,
             idle_timeout=lambda: float(config["tunnel.idle_timeout"]),
             budget=ConnectionBudget(per_peer=int(config["tunnel.max_connections"]), total=1024),
         )
+
+    async def _save_tunnel_rules(self, rules: list[Exposure]) -> None:
+        """The app stopped exposing a target: the setting `meshagent expose` edits, saved."""
+        self.ctx.config.set("tunnel.expose", format_rules(rules))
+        await asyncio.to_thread(self.ctx.config.save)
 
     def _build_sync(self, ctx: Context, enrollment: Enrollment) -> SyncService:
         config = ctx.config
@@ -525,6 +533,8 @@ class Agent:
         async def config_changed(params: ConfigChangedParams) -> ConfigChangedReply:
             # `meshagent config set` saved the file: take it in, say if this key needs a restart.
             await asyncio.to_thread(reload_settings, self.ctx.config)
+            if params.key == "tunnel.expose":
+                await self.tunnels.announce_exposed()  # the rooms learn what is reachable now
             return ConfigChangedReply(live=applies_live(params.key))
 
         async def client(params: ClientParams) -> Any:
@@ -627,6 +637,7 @@ class Agent:
                 tasks.create_task(self.peers.run(), name="p2p")
                 tasks.create_task(self._follow_events(), name="agent-events")
                 tasks.create_task(self.terminals.run(), name="terminal-announcements")
+                tasks.create_task(self.tunnels.run(), name="tunnel-announcements")
                 tasks.create_task(self.sync.run(), name="sync")
                 tasks.create_task(self._notify(router), name="agent-notify")
                 tasks.create_task(self._tidy_partials(), name="tidy-partials")

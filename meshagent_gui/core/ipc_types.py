@@ -124,6 +124,12 @@ class TunnelForwardParams(Params, frozen=True, kw_only=True):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
 
 
+class TunnelStopParams(Params, frozen=True, kw_only=True):
+    """Stop one tunnel that ``tunnel.list`` names by ``id``."""
+
+    id: Annotated[str, msgspec.Meta(max_length=300)]
+
+
 class TerminalOpenParams(Params, frozen=True, kw_only=True):
     """``terminal open DEVICE``: a new shell there, this console attached in control."""
 

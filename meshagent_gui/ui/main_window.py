@@ -54,6 +54,7 @@ from .transfers import (
     TransferRow,
     fit_transfer_columns,
 )
+from .tunnels import TunnelsWindow
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,10 @@ class MainWindow(QMainWindow):
         self.history_button.setToolTip("Finished transfers, kept across restarts")
         self.history_button.clicked.connect(self.open_history)
         self.history: HistoryWindow | None = None
+        self.tunnels_button = QPushButton("Tunnels")
+        self.tunnels_button.setToolTip("Exposed ports, forwards and shells opened here")
+        self.tunnels_button.clicked.connect(self.open_tunnels)
+        self.tunnels: TunnelsWindow | None = None
         header.addWidget(logo)
         header.addSpacing(6)
         header.addLayout(titles)
@@ -189,6 +194,7 @@ class MainWindow(QMainWindow):
         header.addWidget(self.pill, 0, Qt.AlignmentFlag.AlignVCenter)
         header.addSpacing(8)
         header.addWidget(self.history_button)
+        header.addWidget(self.tunnels_button)
         header.addWidget(self.sync_button)
         header.addWidget(self.rooms_button)
         header.addWidget(self.settings_button)
@@ -494,6 +500,13 @@ class MainWindow(QMainWindow):
         folder = self.folder_of(row) if row is not None else None
         if folder is not None and not os.environ.get("MESHAGENT_NO_OPEN"):
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(folder)))
+
+    def open_tunnels(self) -> TunnelsWindow:
+        if self.tunnels is None:
+            self.tunnels = TunnelsWindow(self.bridge, self)
+        self.tunnels.show()
+        self.tunnels.raise_()
+        return self.tunnels
 
     def open_history(self) -> HistoryWindow:
         """The history of finished transfers (core/share/history.py), read afresh."""

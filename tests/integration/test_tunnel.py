@@ -31,6 +31,7 @@ from meshagent_gui.config import KEYS, Config, Paths, parse_value
 from meshagent_gui.context import Context
 from meshagent_gui.core.mesh.enroll import mesh_client, require_enrollment
 from meshagent_gui.core.mesh.types import API_PREFIX
+from meshagent_gui.core.p2p.peers import BLOCK_DIRECT_ENV
 from tests.integration.harness import (
     AgentHome,
     Process,
@@ -374,6 +375,34 @@ def test_a_peer_killed_outright_is_redialled_for_new_connections(mesh: Mesh) -> 
     wait_until(lambda: "box" in mesh.laptop.online(), TIMEOUT, "box back online")
     with mesh.connect() as sock:
         assert exchange(sock, b"after a kill\n") == b"after a kill\n"
+
+
+def test_a_forward_works_through_the_relay_when_the_direct_path_is_blocked(mesh: Mesh) -> None:
+    # The loopback stand-in for a firewall dropping UDP between the devices (as test_p2p does):
+    # box answers offers with no candidates, so the laptop reaches it through the server's relay.
+    block = mesh.tmp / "block-direct"
+    block.touch()
+    mesh.box.env = {**mesh.box.env, BLOCK_DIRECT_ENV: str(block)}
+    try:
+        mesh.box.stop()
+        mesh.box.up()
+        wait_until(lambda: "box" in mesh.laptop.online(), TIMEOUT, "box back online")
+        payload = os.urandom(2 * 1024 * 1024)
+        with mesh.connect() as sock:
+            assert hashlib.sha256(exchange(sock, payload)).digest() == (
+                hashlib.sha256(payload).digest()
+            )
+        assert peer_path(mesh.laptop) == "relay"
+    finally:
+        block.unlink()  # later tests may go direct again (the upgrade is the p2p tests' job)
+
+
+def peer_path(agent: AgentHome) -> str | None:
+    """The path `doctor` reports for the (one) peer agent is connected to."""
+    for check in map(json.loads, agent.cli("doctor", "--json").stdout.splitlines()):
+        if check["name"].startswith("peer "):
+            return str(check["detail"].split()[0])
+    return None
 
 
 # ---------------------------------------------------------------- terminal open

@@ -9,6 +9,8 @@ per connection opened, closed or refused. The forward stops when the command han
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 from meshagent_gui.core.ipc import (
@@ -19,7 +21,7 @@ from meshagent_gui.core.ipc import (
     StreamHandler,
     StreamRoute,
 )
-from meshagent_gui.core.ipc_types import NoParams, TunnelForwardParams
+from meshagent_gui.core.ipc_types import NoParams, TunnelForwardParams, TunnelStopParams
 from meshagent_gui.core.protocol.tunnel import parse_target
 from meshagent_gui.errors import UserError
 
@@ -32,7 +34,10 @@ def tunnel_handlers(service: TunnelService) -> dict[str, Handler]:
     async def listing(_: NoParams) -> list[TunnelInfo]:
         return service.listing()
 
-    return {"tunnel.list": Route(NoParams, listing)}
+    async def stop(params: TunnelStopParams) -> dict[str, bool]:
+        return {"stopped": await service.stop(params.id)}
+
+    return {"tunnel.list": Route(NoParams, listing), "tunnel.stop": Route(TunnelStopParams, stop)}
 
 
 def tunnel_streams(service: TunnelService, resolve: ResolveDevice) -> dict[str, StreamHandler]:
@@ -62,17 +67,36 @@ def tunnel_streams(service: TunnelService, resolve: ResolveDevice) -> dict[str, 
                     device=name,
                     device_id=device_id,
                     target=str(target),
+                    announced=service.announced_by(device_id),
                 )
             }
         )
         try:
-            while True:
-                frame = await stream.receive()
-                if isinstance(frame, dict) and frame.get("stop"):
-                    break
-        except IpcStreamClosed:
-            pass
+            await _until_stopped(stream, running.closed)
         finally:
             await running.aclose()
 
     return {"tunnel.forward": StreamRoute(TunnelForwardParams, forward)}
+
+
+async def _until_stopped(stream: IpcStream, closed: asyncio.Event) -> None:
+    """Until the command hangs up or says stop, or the forward was stopped here (the app's
+    Tunnels window): then the command is told so and its stream ends."""
+
+    async def hung_up() -> None:
+        with contextlib.suppress(IpcStreamClosed):
+            while True:
+                frame = await stream.receive()
+                if isinstance(frame, dict) and frame.get("stop"):
+                    return
+
+    command = asyncio.ensure_future(hung_up())
+    stopped_here = asyncio.ensure_future(closed.wait())
+    try:
+        await asyncio.wait({command, stopped_here}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        command.cancel()
+        stopped_here.cancel()
+    if closed.is_set():
+        with contextlib.suppress(IpcStreamClosed, ConnectionError):
+            stream.write_json({"event": "stopped", "message": "stopped on this device"})

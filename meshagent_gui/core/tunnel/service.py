@@ -30,7 +30,10 @@ from typing import Final
 
 import msgspec
 
+from meshagent_gui.core.bus import EventBus
+from meshagent_gui.core.events import AnnouncementReceived, PeerWentOffline, ServerConnected
 from meshagent_gui.core.mesh.client import MeshClient, MeshError
+from meshagent_gui.core.mesh.link import MeshLink
 from meshagent_gui.core.p2p.errors import P2PError
 from meshagent_gui.core.p2p.peers import PeerManager, Service
 from meshagent_gui.core.p2p.session import Channel, ChannelClosed, ChannelRefused
@@ -116,15 +119,26 @@ class ForwardOpened(msgspec.Struct, frozen=True, kw_only=True):
     device: str
     device_id: str
     target: str
+    announced: list[str] | None = None
+    """What the device announces as exposed to us (None: it announced nothing we heard)."""
+
+
+ANNOUNCE_KIND: Final = "tunnel.exposed"
+"""The standing announcement of what this device exposes, one per room (`data`: ``room``, ''
+for the personal room, and ``targets``). Rules for one device (``@device:ID``) are not
+announced: a room is the server's unit of delivery, and that device's user may share several."""
+MAX_ANNOUNCED: Final = 64  # targets read from one peer's announcement (a flood stays bounded)
 
 
 class TunnelInfo(msgspec.Struct, frozen=True, kw_only=True):
     """One active tunnel end, for ``tunnel list`` and the app."""
 
-    kind: str  # forward | served
+    kind: str  # forward | served | exposed (ours, ``audience``) | available (a peer's, to us)
+    id: str = ""  # what ``tunnel.stop`` names (empty: nothing to stop, a peer's announcement)
     device: str
     device_id: str
     target: str
+    audience: str = ""
     listen: str = ""
     connections: int = 0
     bytes_sent: int = 0
@@ -136,6 +150,21 @@ class _Served:
     peer_id: str
     target: Target
     end: TunnelEnd
+    channel: Channel
+    writer: asyncio.StreamWriter
+    task: asyncio.Task[None]
+    stopped: bool = False
+
+    def reset(self) -> None:
+        """Stopped by this device's user: both ends reset, as when the target vanished, and the
+        pipe ended (its own reads would only see our half of the reset)."""
+        self.stopped = True
+        self.channel.abort(wire_code(TunnelErrorCode.CONNECTION_RESET), "stopped on the device")
+        reset_tcp(self.writer)
+        self.task.cancel()
+
+
+SaveRules = Callable[[list[Exposure]], Awaitable[None]]
 
 
 class TunnelService:
@@ -149,6 +178,9 @@ class TunnelService:
         own_user: str,
         rules: Callable[[], Sequence[Exposure]],
         peer_name: Callable[[str], str],
+        link: MeshLink | None = None,
+        bus: EventBus | None = None,
+        save_rules: SaveRules | None = None,
         idle_timeout: Callable[[], float] = lambda: 0.0,
         budget: ConnectionBudget | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -167,6 +199,11 @@ class TunnelService:
         self._served: dict[int, _Served] = {}
         self._ids = itertools.count(1)
         self.forwards: set[Forward] = set()
+        self._link = link
+        self._bus = bus
+        self._save_rules = save_rules
+        self._announced_rooms: set[str] = set()  # the rooms our standing announcements are in
+        self.available: dict[tuple[str, str], tuple[str, ...]] = {}  # (device, room) -> targets
         peers.register(self.service())
 
     def service(self) -> Service:
@@ -231,7 +268,9 @@ class TunnelService:
             return
         end.handle(TunnelInput.TARGET_CONNECTED, self._clock())
         number = next(self._ids)
-        self._served[number] = _Served(channel.peer_id, target, end)
+        task = asyncio.current_task()
+        assert task is not None
+        served = self._served[number] = _Served(channel.peer_id, target, end, channel, writer, task)
         try:
             now = self._wall_clock()
             ticket = self.tickets.issue(
@@ -242,10 +281,78 @@ class TunnelService:
             except ChannelClosed:
                 reset_tcp(writer)
                 return
-            reason = await Pipe(channel, reader, writer, end, clock=self._clock).run()
+            try:
+                reason = await Pipe(channel, reader, writer, end, clock=self._clock).run()
+            except asyncio.CancelledError:
+                if not served.stopped:
+                    raise
+                reason = TunnelErrorCode.CONNECTION_RESET  # stopped here: not a cancellation
             log.debug("tunnel %s for %s ended: %s", target, channel.peer_id[:12], reason.name)
         finally:
             del self._served[number]
+
+    # ------------------------------------------------------------ announcements
+
+    async def announce_exposed(self) -> None:
+        """Announce the allow-list, one standing announcement per room its rules name (again
+        after each change of ``tunnel.expose``); withdraw the rooms that no rule names now."""
+        if self._link is None:
+            return
+        by_room: dict[str, list[str]] = {}
+        for rule in self.rules():
+            if not rule.device:
+                by_room.setdefault(rule.room, []).append(str(rule.target))
+        with contextlib.suppress(MeshError):  # offline: the link sends standing ones on connect
+            for room in self._announced_rooms - by_room.keys():
+                await self._link.withdraw(_announce_key(room))
+            self._announced_rooms = set(by_room)
+            for room, targets in by_room.items():
+                await self._link.announce(
+                    ANNOUNCE_KIND,
+                    {"room": room, "targets": targets},
+                    key=_announce_key(room),
+                    rooms=[room] if room else None,
+                )
+
+    async def run(self) -> None:
+        """Announce what we expose, then follow what peers announce to us (owned by the agent's
+        task group)."""
+        await self.announce_exposed()
+        if self._bus is None:
+            return
+        with self._bus.subscribed() as events:
+            async for event in events:
+                match event:
+                    case AnnouncementReceived(sender=sender) if sender:
+                        self._announcement(event, sender)
+                    case PeerWentOffline(device_id=device_id):
+                        for key in [k for k in self.available if k[0] == device_id]:
+                            del self.available[key]
+                    case ServerConnected():
+                        self.available.clear()  # the server replays what still stands
+                    case _:
+                        continue
+
+    def _announcement(self, event: AnnouncementReceived, sender: str) -> None:
+        room, targets = event.data.get("room"), event.data.get("targets")
+        if not isinstance(room, str):
+            return
+        if event.kind == f"{ANNOUNCE_KIND}.ended":
+            self.available.pop((sender, room), None)
+        elif event.kind == ANNOUNCE_KIND and isinstance(targets, list):
+            readable = []
+            for text in targets[:MAX_ANNOUNCED]:
+                with contextlib.suppress(ValueError):
+                    if isinstance(text, str):
+                        readable.append(str(parse_target(text)))
+            self.available[(sender, room)] = tuple(readable)
+
+    def announced_by(self, device_id: str) -> list[str] | None:
+        """The targets ``device_id`` announces to us (None: no announcement from it)."""
+        found = [t for (d, _), ts in self.available.items() if d == device_id for t in ts]
+        if not any(d == device_id for d, _ in self.available):
+            return None
+        return list(dict.fromkeys(found))
 
     # ------------------------------------------------------------ forwards
 
@@ -270,6 +377,7 @@ class TunnelService:
         served = [
             TunnelInfo(
                 kind="served",
+                id=f"served:{number}",
                 device=self._peer_name(s.peer_id),
                 device_id=s.peer_id,
                 target=str(s.target),
@@ -277,9 +385,52 @@ class TunnelService:
                 bytes_sent=s.end.bytes_in,
                 bytes_received=s.end.bytes_out,
             )
-            for s in self._served.values()
+            for number, s in self._served.items()
         ]
-        return [*(f.info() for f in self.forwards), *served]
+        exposed = [
+            TunnelInfo(
+                kind="exposed",
+                id=f"exposed:{rule}",
+                device="",
+                device_id="",
+                target=str(rule.target),
+                audience=rule.audience,
+            )
+            for rule in self.rules()
+        ]
+        available = [
+            TunnelInfo(
+                kind="available",
+                device=self._peer_name(device_id),
+                device_id=device_id,
+                target=target,
+                audience=f"room {room}" if room else "your own devices",
+            )
+            for (device_id, room), targets in self.available.items()
+            for target in targets
+        ]
+        return [*(f.info() for f in self.forwards), *served, *exposed, *available]
+
+    async def stop(self, tunnel_id: str) -> bool:
+        """Stop what :meth:`listing` names ``tunnel_id``: a forward (its command ends too), a
+        connection a peer holds here (reset), an exposed target (unexposed, announced so).
+        False: nothing by that id (it ended meanwhile)."""
+        kind, _, name = tunnel_id.partition(":")
+        if kind == "forward":
+            for forward in [f for f in self.forwards if f.listen == name]:
+                await forward.aclose()
+                return True
+        elif kind == "served" and name.isdigit() and (served := self._served.get(int(name))):
+            served.reset()
+            return True
+        elif kind == "exposed" and self._save_rules is not None:
+            rules = list(self.rules())
+            kept = [rule for rule in rules if str(rule) != name]
+            if len(kept) < len(rules):
+                await self._save_rules(kept)
+                await self.announce_exposed()
+                return True
+        return False
 
 
 class TokenPool:
@@ -381,6 +532,7 @@ class Forward:
     def info(self) -> TunnelInfo:
         return TunnelInfo(
             kind="forward",
+            id=f"forward:{self.listen}",
             device=self.device_name,
             device_id=self.device_id,
             target=str(self.target),
@@ -496,3 +648,7 @@ def _refused(forward: Forward, number: int, exc: BaseException) -> TunnelEvent:
     else:
         reason, message = "unreachable", f"cannot reach {forward.device_name}: {exc}"
     return TunnelEvent(event="refused", connection=number, reason=reason, message=message)
+
+
+def _announce_key(room: str) -> str:
+    return f"{ANNOUNCE_KIND}:{room or '@own'}"

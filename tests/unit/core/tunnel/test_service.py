@@ -17,6 +17,7 @@ import pytest
 
 from meshagent_gui import identity
 from meshagent_gui.core.mesh.client import MeshClient
+from meshagent_gui.core.mesh.link import MeshLink
 from meshagent_gui.core.p2p import Endpoint, PeerConnection, PeerStream
 from meshagent_gui.core.p2p.peers import PeerManager, Service
 from meshagent_gui.core.p2p.session import ChannelClosed, MeshSession
@@ -505,3 +506,130 @@ def test_the_peer_managers_validator_takes_a_ticket_before_the_tokens(
         with pytest.raises(Refusal) as caught:
             validate(refused)
         assert caught.value.code is ErrorCode.BAD_TOKEN
+
+
+# ---------------------------------------------------------------- announcements
+
+
+@dataclass
+class RecordingLink:
+    """Stands in for the MeshLink: what was announced (by key) and withdrawn."""
+
+    standing: dict[str, tuple[str, dict[str, Any], list[str] | None]] = field(default_factory=dict)
+    withdrawn: list[str] = field(default_factory=list)
+
+    async def announce(
+        self, kind: str, data: dict[str, Any], *, key: str | None = None, rooms: list[str] | None
+    ) -> None:
+        assert key is not None
+        self.standing[key] = (kind, data, rooms)
+
+    async def withdraw(self, key: str) -> None:
+        self.withdrawn.append(key)
+        self.standing.pop(key, None)
+
+
+def announcing_service(
+    rules: list[Exposure], link: RecordingLink, bus: Any = None
+) -> TunnelService:
+    return TunnelService(
+        peers=cast(PeerManager, StubPeers()),
+        client=cast(MeshClient, None),
+        own_user="ann",
+        rules=lambda: rules,
+        peer_name=lambda device_id: f"name-{device_id[:4]}",
+        link=cast(MeshLink, link),
+        bus=bus,
+    )
+
+
+async def test_exposed_ports_are_announced_per_room_and_withdrawn_when_unexposed() -> None:
+    rules = parse_rules(f"22,localhost:8080@team,localhost:5432@team,9000@device:{'b' * 64}")
+    link = RecordingLink()
+    service = announcing_service(rules, link)
+    await service.announce_exposed()
+    assert link.standing == {
+        "tunnel.exposed:@own": ("tunnel.exposed", {"room": "", "targets": ["localhost:22"]}, None),
+        "tunnel.exposed:team": (
+            "tunnel.exposed",
+            {"room": "team", "targets": ["localhost:8080", "localhost:5432"]},
+            ["team"],
+        ),
+    }  # a one-device rule is not announced: no room stands for it
+    rules[:] = parse_rules("22")
+    await service.announce_exposed()
+    assert link.withdrawn == ["tunnel.exposed:team"]
+    assert list(link.standing) == ["tunnel.exposed:@own"]
+    assert {(t.kind, t.target, t.audience) for t in service.listing()} == {
+        ("exposed", "localhost:22", "your own devices")
+    }
+
+
+async def test_peers_announcements_are_listed_and_garbage_is_ignored() -> None:
+    from meshagent_gui.core.bus import EventBus
+    from meshagent_gui.core.events import (
+        AnnouncementReceived,
+        PeerWentOffline,
+    )
+
+    bus = EventBus()
+    service = announcing_service([], RecordingLink(), bus)
+    box, other = "b" * 64, "c" * 64
+    task = asyncio.create_task(service.run())
+    await asyncio.sleep(0)
+    events = [
+        AnnouncementReceived("tunnel.exposed", box, {"room": "", "targets": ["22", "h:5432"]}),
+        AnnouncementReceived("tunnel.exposed", box, {"room": "team", "targets": ["22"]}),
+        # hostile or malformed: no room, targets not a list, unreadable targets, a flood
+        AnnouncementReceived("tunnel.exposed", other, {"targets": ["22"]}),
+        AnnouncementReceived("tunnel.exposed", other, {"room": "x", "targets": "22"}),
+        AnnouncementReceived(
+            "tunnel.exposed", other, {"room": "y", "targets": [None, "no port", *["1"] * 500]}
+        ),
+        AnnouncementReceived("tunnel.exposed", None, {"room": "", "targets": ["80"]}),
+    ]
+    for event in events:
+        bus.publish(event)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert service.announced_by(box) == ["localhost:22", "h:5432"]
+    assert service.announced_by(other) == ["localhost:1"]
+    assert service.announced_by("d" * 64) is None
+    available = {(t.device_id, t.target, t.audience) for t in service.listing()}
+    assert (box, "localhost:22", "room team") in available
+    bus.publish(AnnouncementReceived("tunnel.exposed.ended", box, {"room": ""}))
+    bus.publish(PeerWentOffline(other, "other"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert service.announced_by(box) == ["localhost:22"]
+    assert service.announced_by(other) is None
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def test_stop_ends_what_the_listing_names_and_nothing_else(
+    alice: identity.Identity, bob: identity.Identity
+) -> None:
+    async with world(alice, bob) as w:
+        forward = await w.forward()
+        reader, writer = await connect(forward)
+        writer.write(b"hello\n")
+        assert await asyncio.wait_for(reader.readexactly(6), TIMEOUT) == b"hello\n"
+        [served] = [t for t in w.exposing.listing() if t.kind == "served"]
+        for garbage in ("", "served:", "served:999", "served:-1", "nope:1", "forward:1.2.3.4:5"):
+            assert not await w.exposing.stop(garbage) and not await w.forwarding.stop(garbage)
+        assert not await w.exposing.stop(f"exposed:127.0.0.1:{w.echo_port}")  # nobody saves
+        # A connection a peer holds here: reset at both ends, the forward says why.
+        assert await w.exposing.stop(served.id)
+        assert await _ended(reader) == b""
+        closed = await _event(w, "closed")
+        assert closed.reason == "connection_reset"
+        assert not [t for t in w.exposing.listing() if t.kind == "served"]
+        writer.close()
+        # A forward: it stops listening and says so to its command (``closed``).
+        [info] = w.forwarding.listing()
+        assert await w.forwarding.stop(info.id)
+        assert forward.closed.is_set() and not w.forwarding.listing()
+        with pytest.raises(OSError):
+            await connect(forward)
