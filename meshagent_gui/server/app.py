@@ -29,6 +29,7 @@ from meshagent_gui.core.mesh.types import (
     CLOSE_REVOKED,
     GUEST_PLATFORM,
     LINK_TTL,
+    RELAY_BATCH_PROTOCOL,
     WEBRTC_PLATFORMS,
     ApiError,
     AuditEntry,
@@ -74,7 +75,7 @@ from meshagent_gui.server.limits import MAX_BODY_BYTES, BodyLimit, FailureLimite
 from meshagent_gui.server.notify import NotifySettingsError, UserNotifier, check_target
 from meshagent_gui.server.passwords import Passwords, PasswordsBusy
 from meshagent_gui.server.proof import ChallengeCache, holds_key
-from meshagent_gui.server.relay import Relay
+from meshagent_gui.server.relay import Relay, offers_batches
 from meshagent_gui.server.store import (
     JOIN_CODE_TTL,
     PERSONAL_ROOM_PREFIX,
@@ -947,7 +948,9 @@ def create_app(state: ServerState) -> FastAPI:
         tickets = state.tickets
         return WsTicket(ticket=tickets.issue(caller, state.clock()), expires_in=int(tickets.ttl))
 
-    async def accept_device(socket: WebSocket, *, ticket_allowed: bool = False) -> Principal | None:
+    async def accept_device(
+        socket: WebSocket, *, ticket_allowed: bool = False, subprotocol: str | None = None
+    ) -> Principal | None:
         principal = None
         scheme, _, token = socket.headers.get("authorization", "").partition(" ")
         ticket = socket.query_params.get("ticket") if ticket_allowed else None
@@ -956,7 +959,7 @@ def create_app(state: ServerState) -> FastAPI:
         elif ticket:
             principal = await redeem_ticket(ticket)
         # Accept first so the refusal is a close code (4401) the agent can act on.
-        await socket.accept()
+        await socket.accept(subprotocol=subprotocol)
         if principal is None:
             await socket.close(CLOSE_UNAUTHORIZED, "unauthorized")
         return principal
@@ -981,7 +984,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @router.websocket("/relay")
     async def relay(socket: WebSocket) -> None:
-        if (principal := await accept_device(socket)) is not None:
+        batches = RELAY_BATCH_PROTOCOL if offers_batches(socket) else None
+        if (principal := await accept_device(socket, subprotocol=batches)) is not None:
             await state.relay.serve(socket, principal)
 
     app.include_router(router)

@@ -58,6 +58,7 @@ from .types import (
     ShareLink,
     TerminalControlReport,
     TokenPair,
+    TurnCredentials,
     Wire,
     enroll_proof_message,
 )
@@ -329,6 +330,11 @@ class MeshClient:
             {"aud": target, "scope": scope, "resource": resource, "ttl": ttl, "room": room}
         )
         return await self._authed("POST", "/capabilities", CapabilityGrant, body=body)
+
+    async def turn_credentials(self) -> TurnCredentials:
+        """Short-lived credentials for the deployment's TURN server (``POST /turn/credentials``;
+        404 when the server has none)."""
+        return await self._authed("POST", "/turn/credentials", TurnCredentials)
 
     async def create_link(self, name: str, size: int, ttl: int | None = None) -> ShareLink:
         """A one-time share link for what this device will send (``POST /links``)."""

@@ -17,6 +17,10 @@ API_PREFIX: Final = "/api/v1"
 # Relay frames (/api/v1/relay): a raw device id, then one QUIC datagram.
 RELAY_ID_BYTES: Final = 32
 RELAY_MAX_DATAGRAM: Final = 1500
+# Offered as the WebSocket subprotocol, it makes a relay frame a batch: the id, then one or more
+# datagrams each after its 2-byte big-endian length, a frame at most RELAY_MAX_BATCH bytes.
+RELAY_BATCH_PROTOCOL: Final = "meshagent-relay-batch"
+RELAY_MAX_BATCH: Final = 32 * 1024
 # WebSocket close codes of /ws and /relay (docs/server-api.md): refresh the token and retry.
 CLOSE_UNAUTHORIZED: Final = 4401  # bad or expired access token
 CLOSE_REVOKED: Final = 4403  # the session was revoked; a refused refresh means: enrol again

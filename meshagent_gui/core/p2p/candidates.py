@@ -4,6 +4,9 @@
 - **srflx**: the address and port a NAT gave the endpoint's socket, as the Mesh Server's STUN
   responder saw it (peers behind other NATs punch toward it).
 - **relay**: "through the server's relay to device X" (relay.py); the address is the device id.
+- **turn**: the relayed address of the peer's TURN allocation (relay.py's ``TurnRelay``): we
+  send to it from our own allocation, never from the endpoint's socket, so it is no direct
+  target (:data:`DIRECT_KINDS`); a peer that predates it skips the kind.
 
 Candidates travel between peers through signalling, so :meth:`Candidate.from_wire` treats them
 as hostile input, and :func:`peer_candidates` decides which of a peer's candidates we may send
@@ -32,8 +35,10 @@ from meshagent_gui.core.p2p.engine import Address
 
 log = logging.getLogger(__name__)
 
-CandidateKind = Literal["host", "srflx", "relay"]
+CandidateKind = Literal["host", "srflx", "relay", "turn"]
 KINDS: Final[frozenset[str]] = frozenset(get_args(CandidateKind))
+# The kinds the endpoint's own socket dials and punches toward.
+DIRECT_KINDS: Final[frozenset[str]] = frozenset({"host", "srflx"})
 NatGuess = Literal["open", "cone", "symmetric", "unknown"]
 
 # A candidate list from a peer longer than this is refused outright (signalling is small).
@@ -71,6 +76,11 @@ class Candidate:
     kind: CandidateKind
     address: str  # canonical IP text (IPv4-mapped IPv6 is unmapped); for "relay": the device id
     port: int  # 1-65535; 0 for "relay"
+
+    @property
+    def direct(self) -> bool:
+        """Whether the endpoint's socket dials it (host, srflx), not a relay."""
+        return self.kind in DIRECT_KINDS
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in KINDS:
@@ -148,14 +158,16 @@ def peer_candidates(obj: object, *, own: Collection[str]) -> list[Candidate]:
     addresses are skipped (:meth:`Candidate.from_wire`); loopback ones are kept only when
     :func:`same_host` says the peer runs on this machine, with ``own`` our
     :func:`own_addresses`. Anything else would let any peer aim our packets at this machine's
-    own services. ValueError when ``obj`` is not a list.
+    own services. A ``turn`` candidate is kept as it is: our socket never sends to it, our TURN
+    server does, by its own rules of which peers it relays to (coturn refuses loopback and
+    other reserved addresses unless told otherwise). ValueError when ``obj`` is not a list.
     """
     if not isinstance(obj, list):
         raise ValueError("candidates must be a list")
     parsed = parse_candidates(obj[:MAX_PEER_CANDIDATES])
     if same_host(parsed, own):
         return parsed
-    return [c for c in parsed if c.kind == "relay" or not _parse_ip(c.address).is_loopback]
+    return [c for c in parsed if not c.direct or not _parse_ip(c.address).is_loopback]
 
 
 def same_host(peer: Iterable[Candidate], own: Collection[str]) -> bool:

@@ -8,8 +8,10 @@ Setting up a connection to a peer (the dialer's side):
    answers with its candidates and starts punching toward ours at once;
 3. we dial every candidate of the peer at the same time (our QUIC Initials punch our NAT): the
    first that authenticates wins;
-4. if no direct path works within ``direct_timeout``, we dial through the server's relay, which
-   carries the same end-to-end encrypted QUIC packets;
+4. if no direct path works within ``direct_timeout``, we dial the peer's relay address: through
+   the deployment's TURN server when both sides hold an allocation (the offer and answer carry
+   a ``turn`` candidate, the relayed address), else (or if that fails) through the Mesh
+   Server's WebSocket relay; either way the same end-to-end encrypted QUIC packets;
 5. a relayed connection keeps trying to upgrade: every ``upgrade_interval`` the dialer retries
    the direct race, and a direct connection that authenticates replaces the relayed one (which
    drains: its open channels finish on it).
@@ -58,7 +60,14 @@ from meshagent_gui.core.protocol.messages import BASE_REGISTRY, Hello, StreamRol
 from meshagent_gui.core.protocol.registry import MessageRegistry
 from meshagent_gui.errors import UserError
 
-from .candidates import Candidate, gather, nat_type_guess, own_addresses, peer_candidates
+from .candidates import (
+    Candidate,
+    canonical_ip,
+    gather,
+    nat_type_guess,
+    own_addresses,
+    peer_candidates,
+)
 from .connection import PeerConnection
 from .endpoint import Endpoint, relay_address, relay_peer
 from .errors import P2PError
@@ -83,6 +92,7 @@ OFFER_CACHE: Final = 4096
 OFFER_KEY_REFETCH: Final = 30.0
 DRAIN_CHECK: Final = 5.0
 PROBE_TIMEOUT: Final = 1.5
+TURN_DIAL_TIMEOUT: Final = 5.0  # then the WebSocket relay is tried
 # Test-only: while this file exists, direct candidates are not tried (the loopback stand-in for
 # a firewall that drops UDP between the agents; the netns tests use real iptables instead).
 BLOCK_DIRECT_ENV: Final = "MESHAGENT_TEST_BLOCK_DIRECT"
@@ -233,11 +243,14 @@ class PeerManager:
         remote = conn.remote_address
         if _over_webrtc(conn):
             return PathInfo("direct", "webrtc", f"webrtc {_fmt(remote)}")
-        kind: PathKind = "relay" if relay_peer(remote) is not None else "direct"
+        peer = relay_peer(remote)
+        kind: PathKind = "relay" if peer is not None else "direct"
         local = self.endpoint.local_address
-        return PathInfo(
-            kind, f"{local[0]}:{local[1]}", "server relay" if kind == "relay" else _fmt(remote)
-        )
+        if peer is None:
+            described = _fmt(remote)
+        else:
+            described = "TURN relay" if self.relay.turn_carries(peer) else "server relay"
+        return PathInfo(kind, f"{local[0]}:{local[1]}", described)
 
     def sessions(self) -> dict[str, MeshSession]:
         return {pid: s for pid, s in self._sessions.items() if not s.closed.is_set()}
@@ -305,15 +318,18 @@ class PeerManager:
         """Offer/answer through the server, then race every direct candidate of the peer.
 
         The offer carries ``grant``'s token (the one the QUIC handshake presents next): the
-        peer acts on no offer without it.
+        peer acts on no offer without it. Both sides' TURN relayed addresses travel in the
+        same exchange (``turn`` candidates), also when direct paths are blocked.
         """
-        if _direct_blocked():
+        blocked = _direct_blocked()
+        if blocked and self.relay.turn_address() is None:
             return None
         attempt = secrets.token_hex(8)
         answer: asyncio.Future[list[Candidate]] = asyncio.get_running_loop().create_future()
         self._answers[attempt] = (peer_id, answer)
         try:
-            ours = await self._candidates()  # the token request runs meanwhile
+            ours = [] if blocked else await self._candidates()  # the token request runs meanwhile
+            ours += self._turn_candidates()
             offer = Offer(attempt=attempt, candidates=_wire(ours), token=(await grant).token)
             await self._link.signal(peer_id, encode_signal(offer))
             theirs = await asyncio.wait_for(answer, ANSWER_TIMEOUT)
@@ -321,10 +337,28 @@ class PeerManager:
             return None
         finally:
             self._answers.pop(attempt, None)
-        return await self._race(peer_id, theirs)
+        self._learn_turn(peer_id, theirs)
+        return None if blocked else await self._race(peer_id, theirs)
+
+    def _turn_candidates(self) -> list[Candidate]:
+        relayed = self.relay.turn_address()
+        if relayed is None:
+            return []
+        try:
+            return [Candidate("turn", canonical_ip(str(relayed[0])), int(relayed[1]))]
+        except ValueError:
+            return []
+
+    def _learn_turn(self, peer_id: str, candidates: list[Candidate]) -> None:
+        """Reach ``peer_id``'s relay address through TURN when it signalled a relayed address
+        (and we hold an allocation); its first, as it sends one."""
+        for candidate in candidates:
+            if candidate.kind == "turn":
+                self.relay.add_turn_peer(peer_id, (candidate.address, candidate.port))
+                return
 
     async def _race(self, peer_id: str, candidates: list[Candidate]) -> PeerConnection | None:
-        targets = [c for c in candidates if c.kind != "relay"]
+        targets = [c for c in candidates if c.direct]
         if not targets:
             return None
         attempts = [
@@ -353,6 +387,15 @@ class PeerManager:
         return winner
 
     async def _relayed(self, peer_id: str) -> PeerConnection:
+        """Through TURN when signalling set it up, else (or when that fails) the server relay."""
+        if self.relay.turn_carries(peer_id):
+            try:
+                return await self.endpoint.connect(
+                    relay_address(peer_id), peer_id, timeout=TURN_DIAL_TIMEOUT
+                )
+            except (P2PError, TimeoutError) as exc:
+                log.info("TURN to %s failed (%s); using the server relay", peer_id[:12], exc)
+                self.relay.forget_turn_peer(peer_id)
         try:
             await self.relay.wait_connected(10.0)
             return await self.endpoint.connect(relay_address(peer_id), peer_id, timeout=10.0)
@@ -442,11 +485,14 @@ class PeerManager:
         candidates = peer_candidates(offer.candidates, own=self._local_addresses())
         if not await self._offer_admitted(sender, offer.token):
             return
-        ours = [] if _direct_blocked() else await self._candidates()
+        direct = [] if _direct_blocked() else await self._candidates()
+        self._learn_turn(sender, candidates)  # before answering: its packets may follow at once
         with contextlib.suppress(MeshError):
-            answer = Answer(attempt=offer.attempt, candidates=_wire(ours))
+            answer = Answer(
+                attempt=offer.attempt, candidates=_wire(direct + self._turn_candidates())
+            )
             await self._link.signal(sender, encode_signal(answer))
-        if ours:
+        if direct:
             await self._punch(candidates)
 
     async def _offer_admitted(self, sender: str, token: object) -> bool:
@@ -492,7 +538,7 @@ class PeerManager:
 
     async def _punch(self, candidates: list[Candidate]) -> None:
         """Open our NAT toward the dialer: tiny STUN requests to its candidates, paced."""
-        targets = [c for c in candidates if c.kind != "relay"]
+        targets = [c for c in candidates if c.direct]
         loop = asyncio.get_running_loop()
         started = loop.time()
         for at in PUNCH_SCHEDULE:
@@ -576,8 +622,8 @@ class PeerManager:
             self._upgrading.discard(peer_id)
 
     async def _try_upgrade(self, peer_id: str) -> None:
-        if _direct_blocked():
-            return
+        """A fresh offer: a direct path if one works now, and either way both sides learn each
+        other's current TURN relayed address (allocations are renewed every few minutes)."""
         grant = asyncio.ensure_future(self._client.capability(peer_id, CONNECT_SCOPE))
         try:
             conn = await self._direct(peer_id, grant)

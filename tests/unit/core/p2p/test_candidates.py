@@ -287,7 +287,9 @@ def test_from_wire_accepts_and_canonicalises(wire: object, expected: Candidate) 
         "host 1.2.3.4 5",
         {},
         {"kind": "host", "address": "1.2.3.4"},
-        {"kind": "turn", "address": "1.2.3.4", "port": 5},
+        {"kind": "prflx", "address": "1.2.3.4", "port": 5},  # a kind we do not speak
+        {"kind": "turn", "address": "1.2.3.4", "port": 0},
+        {"kind": "turn", "address": "169.254.1.1", "port": 5},
         {"kind": ["host"], "address": "1.2.3.4", "port": 5},
         {"kind": "host", "address": "1.2.3.4", "port": True},
         {"kind": "host", "address": "1.2.3.4", "port": 5.0},
@@ -479,3 +481,19 @@ async def test_probe_nat_against_the_real_server(
             servers = [stun_server, silent.getsockname()]
             assert await probe_nat(client, servers, host, timeout=0.5) == "open"
             assert await probe_nat(client, [silent.getsockname()], host, timeout=0.3) == ("unknown")
+
+
+def test_a_turn_candidate_is_a_relayed_address_never_dialed_directly() -> None:
+    turn = Candidate.from_wire({"kind": "turn", "address": "::ffff:203.0.113.5", "port": 3479})
+    assert turn == Candidate("turn", "203.0.113.5", 3479)
+    assert not turn.direct and Candidate("srflx", "203.0.113.5", 3479).direct
+    assert turn.transport_address == ("203.0.113.5", 3479)
+
+
+def test_a_loopback_turn_candidate_is_kept_for_the_turn_server_to_judge() -> None:
+    """Our socket never sends to it; the TURN server decides whether it relays to loopback."""
+    wire = [
+        {"kind": "host", "address": "127.0.0.1", "port": 4000},
+        {"kind": "turn", "address": "127.0.0.1", "port": 50000},
+    ]
+    assert peer_candidates(wire, own={"192.0.2.2"}) == [Candidate("turn", "127.0.0.1", 50000)]

@@ -173,7 +173,9 @@ async def test_quic_end_to_end_over_the_relay(mesh: Mesh, engine: str) -> None:
         assert b.link.stats.bytes_out >= PAYLOAD and a.link.stats.bytes_in >= PAYLOAD
         assert a.link.stats.frames_out > PAYLOAD // MAX_DATAGRAM
         assert a.link.stats.malformed == b.link.stats.malformed == 0
-        assert mesh.running.state.relay.stats.forwarded > 2 * (PAYLOAD // MAX_DATAGRAM)
+        # Batched (both ends speak it): fewer frames through the server than datagrams.
+        forwarded = mesh.running.state.relay.stats.forwarded
+        assert 0 < forwarded < a.link.stats.frames_out + b.link.stats.frames_out
         conn.close()
 
 

@@ -7,11 +7,14 @@ import asyncio
 import struct
 import time
 
+import pytest
 from aioice.turn import TurnClientUdpProtocol
 
+from meshagent_gui.core.mesh.client import MeshError
+from meshagent_gui.core.mesh.types import ServerInfo, TurnCredentials
 from meshagent_gui.core.p2p.endpoint import relay_address
 from meshagent_gui.core.p2p.engine import Address
-from meshagent_gui.core.p2p.relay import TurnRelay
+from meshagent_gui.core.p2p.relay import RelayLink, TurnRelay, turn_server
 
 PEER = "ab" * 32
 STRANGER = "cd" * 32
@@ -94,3 +97,119 @@ async def test_a_peer_that_moves_is_not_reachable_at_its_old_address() -> None:
     relay._flush_inbound()
     assert endpoint.fed == []
     assert relay.stats.unknown_sources == 1
+
+
+# ---------------------------------------------------------------------------- RelayLink's choice
+
+
+class FakeWebSocket:
+    """Stands for a connected relay WebSocket (RelayLink only checks that it has one)."""
+
+
+def _link_with(turn: TurnRelay | None, client: object = None) -> RelayLink:
+    link = RelayLink(client, FakeEndpoint())  # type: ignore[arg-type]
+    link._ws = FakeWebSocket()  # type: ignore[assignment]
+    link.turn = turn
+    return link
+
+
+async def test_a_peer_signalling_gave_a_relayed_address_goes_by_turn_the_rest_by_the_server() -> (
+    None
+):
+    turn, _, io = _relay_with_channel()
+    link = _link_with(turn)
+    link.send([b"quic"], relay_address(PEER))
+    link.send([b"quic"], relay_address(STRANGER))
+    assert len(io.sent) == 1 and len(link._outbox) == 1  # one each way
+    assert link.turn_carries(PEER) and not link.turn_carries(STRANGER)
+
+    link.forget_turn_peer(PEER)  # TURN did not get through: the server relay again
+    link.send([b"quic"], relay_address(PEER))
+    assert len(io.sent) == 1 and len(link._outbox) == 2
+
+
+async def test_a_replaced_allocation_carries_its_peers_until_they_are_signalled_again() -> None:
+    old, _, old_io = _relay_with_channel()
+    new, _, new_io = _relay_with_channel(channel=0x4001)
+    new.remove_peer(PEER)  # the fresh allocation knows nobody yet
+    link = _link_with(new)
+    link._retiring.append(old)
+    link.send([b"quic"], relay_address(PEER))
+    assert len(old_io.sent) == 1 and not new_io.sent and not link._outbox
+    link.add_turn_peer(PEER, PEER_RELAYED)  # the next offer/answer: the new one takes over
+    link.send([b"quic"], relay_address(PEER))
+    assert len(old_io.sent) == 1 and len(new_io.sent) == 1
+
+
+async def test_a_channel_the_turn_server_refuses_sends_that_peer_back_to_the_server_relay() -> None:
+    turn, _, _ = _relay_with_channel()
+
+    class Refusing:
+        async def send_data(self, data: bytes, addr: Address) -> None:
+            raise ConnectionError("403 Forbidden IP")
+
+    await turn._bind_channel(Refusing(), PEER_RELAYED)  # type: ignore[arg-type]
+    assert not turn.knows(PEER)
+    assert not turn.send([b"quic"], relay_address(PEER))
+
+
+class FakeClient:
+    def __init__(self, turn_urls: list[str], credentials: Exception | TurnCredentials) -> None:
+        self.turn_urls = turn_urls
+        self.credentials = credentials
+        self.asked = 0
+
+    async def info(self) -> ServerInfo:
+        return ServerInfo(
+            server_id="s", name="s", version="0", time=time.time(), turn_urls=self.turn_urls
+        )
+
+    async def turn_credentials(self) -> TurnCredentials:
+        self.asked += 1
+        if isinstance(self.credentials, Exception):
+            raise self.credentials
+        return self.credentials
+
+
+async def test_no_turn_advertised_means_no_allocation_and_no_credentials_asked() -> None:
+    client = FakeClient([], MeshError("unused", code="x"))
+    link = _link_with(None, client)
+    assert await link._allocate() is None
+    assert link.turn is None and client.asked == 0
+
+
+async def test_refused_credentials_leave_the_server_relay_and_retry_later() -> None:
+    client = FakeClient(["turn:127.0.0.1:3478"], MeshError("slow down", code="rate_limited"))
+    link = _link_with(None, client)
+    first = await link._allocate()
+    second = await link._allocate()
+    assert first is not None and second is not None and 0 < first < second * 2
+    assert link.turn is None and client.asked == 2
+
+
+async def test_credentials_naming_no_usable_turn_url_are_not_used() -> None:
+    issued = TurnCredentials(
+        urls=["turns:turn.example:5349"], username="1:x", password="p", expires_at=2
+    )
+    link = _link_with(None, FakeClient(["turns:turn.example:5349"], issued))
+    assert await link._allocate() is None and link.turn is None
+
+
+@pytest.mark.parametrize(
+    ("urls", "server"),
+    [
+        (["turn:127.0.0.1:3480"], ("127.0.0.1", 3480)),
+        (["turn:127.0.0.1"], ("127.0.0.1", 3478)),
+        (["turn:[::1]:3479?transport=udp"], ("::1", 3479)),
+        (
+            ["turns:127.0.0.1:5349", "turn:127.0.0.1:1?transport=tcp", "turn:127.0.0.1:9"],
+            ("127.0.0.1", 9),
+        ),
+        (["turn:127.0.0.1:0", "turn::3478", "stun:127.0.0.1:3478", "garbage"], None),
+        ([], None),
+    ],
+)
+async def test_the_agent_uses_the_first_udp_turn_url(
+    urls: list[str], server: Address | None
+) -> None:
+    assert await turn_server(urls) == server

@@ -84,9 +84,29 @@ class FakeClient:
         return CapabilityGrant(token=self.token, expires_at=time.time() + 60)
 
 
+@dataclass
 class FakeRelay:
+    """The relay link: no WebSocket relay; a TURN allocation when ``relayed`` is set, and the
+    peers' relayed addresses signalling taught it."""
+
+    relayed: Address | None = None
+    learned: dict[str, Address] = field(default_factory=dict)
+
     async def wait_connected(self, timeout: float) -> None:
         raise TimeoutError("no relay in this test")
+
+    def turn_address(self) -> Address | None:
+        return self.relayed
+
+    def add_turn_peer(self, device_id: str, relayed: Address) -> None:
+        if self.relayed is not None:
+            self.learned[device_id] = relayed
+
+    def forget_turn_peer(self, device_id: str) -> None:
+        self.learned.pop(device_id, None)
+
+    def turn_carries(self, device_id: str) -> bool:
+        return device_id in self.learned
 
 
 class Pacer:
@@ -135,6 +155,7 @@ class Bob:
     pacer: Pacer
     verifier: CapabilityVerifier
     refetches: list[None]
+    relay: FakeRelay
 
 
 @pytest.fixture
@@ -144,6 +165,7 @@ def bob_agent(bob: identity.Identity, keys: SigningKeys) -> Bob:
     pacer = Pacer()
     verifier = verifier_of(bob, keys)
     refetches: list[None] = []
+    relay = FakeRelay()
 
     async def refetch() -> None:
         refetches.append(None)
@@ -154,12 +176,12 @@ def bob_agent(bob: identity.Identity, keys: SigningKeys) -> Bob:
         client=FakeClient(DIALER_TOKEN),  # type: ignore[arg-type]
         verifier=verifier,
         bus=EventBus(),
-        relay=FakeRelay(),  # type: ignore[arg-type]
+        relay=relay,  # type: ignore[arg-type]
         refetch_keys=refetch,
         local_addresses=lambda: OWN,
         sleep=pacer,
     )
-    return Bob(manager, endpoint, link, pacer, verifier, refetches)
+    return Bob(manager, endpoint, link, pacer, verifier, refetches, relay)
 
 
 def offer(candidates: list[Candidate], jwt: str | None, attempt: str = "a1") -> dict[str, Any]:
@@ -312,3 +334,61 @@ async def test_a_malformed_offer_is_ignored_before_its_token_is_read(
     await bob_agent.manager.on_signal(alice.device_id, {SIGNAL_KEY: "newer-kind"})  # not ours
     await bob_agent.manager.on_signal(alice.device_id, good)
     assert [answer[SIGNAL_KEY] for _, answer in bob_agent.link.signals] == ["answer"]
+
+
+# ------------------------------------------------------------------ TURN candidates
+
+BOB_RELAYED: Address = ("203.0.113.50", 50001)
+ALICE_TURN = Candidate("turn", "203.0.113.50", 50002)
+
+
+async def test_a_hostile_offer_teaches_no_turn_address(
+    bob_agent: Bob, bob: identity.Identity, mallory: identity.Identity, keys: SigningKeys
+) -> None:
+    """Without a token for us, a relayed address in an offer is not even read."""
+    bob_agent.relay.relayed = BOB_RELAYED
+    for jwt in (None, "garbage", token(keys, mallory.device_id, bob.device_id, age=600)):
+        await bob_agent.manager.on_signal(mallory.device_id, offer([ALICE_TURN], jwt))
+    assert bob_agent.relay.learned == {} and bob_agent.link.signals == []
+
+
+async def test_an_honest_offer_trades_turn_addresses_and_punches_no_relay(
+    bob_agent: Bob, alice: identity.Identity, bob: identity.Identity, keys: SigningKeys
+) -> None:
+    bob_agent.relay.relayed = BOB_RELAYED
+    jwt = token(keys, alice.device_id, bob.device_id)
+    await bob_agent.manager.on_signal(alice.device_id, offer([*REMOTE, ALICE_TURN], jwt))
+    assert bob_agent.relay.learned == {alice.device_id: (ALICE_TURN.address, ALICE_TURN.port)}
+    [(_, answer)] = bob_agent.link.signals
+    assert Candidate("turn", *BOB_RELAYED).to_wire() in answer["candidates"]
+    # Our socket never sends to a relayed address (the TURN server does, from our allocation).
+    assert set(bob_agent.endpoint.sent) == {(c.address, c.port) for c in REMOTE}
+
+
+async def test_garbage_turn_candidates_are_skipped(
+    bob_agent: Bob, alice: identity.Identity, bob: identity.Identity, keys: SigningKeys
+) -> None:
+    bob_agent.relay.relayed = BOB_RELAYED
+    garbage: list[object] = [
+        {"kind": "turn", "address": "203.0.113.50", "port": 0},
+        {"kind": "turn", "address": "203.0.113.50", "port": 70000},
+        {"kind": "turn", "address": "fe80::1", "port": 3478},
+        {"kind": "turn", "address": "224.0.0.1", "port": 3478},
+        {"kind": "turn", "address": "not an address", "port": 3478},
+        {"kind": "turn", "address": ["203.0.113.50"], "port": 3478},
+    ]
+    payload = offer([], token(keys, alice.device_id, bob.device_id))
+    payload["candidates"] = garbage
+    await bob_agent.manager.on_signal(alice.device_id, payload)
+    assert bob_agent.relay.learned == {}
+    assert len(bob_agent.link.signals) == 1  # still answered: the offer itself was honest
+
+
+async def test_without_an_allocation_no_turn_candidate_is_offered(
+    bob_agent: Bob, alice: identity.Identity, bob: identity.Identity, keys: SigningKeys
+) -> None:
+    jwt = token(keys, alice.device_id, bob.device_id)
+    await bob_agent.manager.on_signal(alice.device_id, offer([ALICE_TURN], jwt))
+    [(_, answer)] = bob_agent.link.signals
+    assert all(c["kind"] != "turn" for c in answer["candidates"])
+    assert bob_agent.relay.learned == {}
