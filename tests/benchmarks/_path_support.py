@@ -235,25 +235,72 @@ async def quic_in_process(
             target = relay_address(ids[0].device_id)
         else:
             target = listener.local_address
+        return await _one_stream(listener, dialer, target, ids[0].device_id, size)
 
-        async def receive() -> int:
-            conn = await listener.accept()
-            stream = await conn.accept_stream()
-            received = 0
-            while chunk := await stream.read(CHUNK):
-                received += len(chunk)
-            return received
 
-        receiving = asyncio.create_task(receive())
-        conn = await dialer.connect(target, ids[0].device_id, timeout=15)
-        stream = await conn.open_stream()
-        payload = os.urandom(CHUNK)
-        cpu0, started = time.process_time(), time.perf_counter()
-        for _ in range(size // CHUNK):
-            await stream.write(payload)
-        await stream.close()
-        received = await asyncio.wait_for(receiving, 600)
-        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu0
-        conn.close()
-        assert received == size // CHUNK * CHUNK
+async def _one_stream(
+    listener: Any, dialer: Any, target: Any, listener_id: str, size: int
+) -> dict[str, float]:
+    """``size`` bytes on one QUIC stream from ``dialer`` to ``listener`` (at ``target``): the
+    rate and this process's CPU seconds."""
+
+    async def receive() -> int:
+        conn = await listener.accept()
+        stream = await conn.accept_stream()
+        received = 0
+        while chunk := await stream.read(CHUNK):
+            received += len(chunk)
+        return received
+
+    receiving = asyncio.create_task(receive())
+    conn = await dialer.connect(target, listener_id, timeout=15)
+    stream = await conn.open_stream()
+    payload = os.urandom(CHUNK)
+    cpu0, started = time.process_time(), time.perf_counter()
+    for _ in range(size // CHUNK):
+        await stream.write(payload)
+    await stream.close()
+    received = await asyncio.wait_for(receiving, 600)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    conn.close()
+    assert received == size // CHUNK * CHUNK
     return {"mb_per_s": size / elapsed / 1e6, "cpu": cpu}
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.wait([task])
+
+
+async def quic_over_websocket_relay(
+    size: int, homes: Sequence[Path], *, batch: bool
+) -> dict[str, float]:
+    """One QUIC stream between two enrolled homes' endpoints (this process) through their
+    server's WebSocket relay only (``RelayLink``; ``batch`` False: single frames, as agents
+    sent before batching). The server's CPU is the caller's to read (its own process)."""
+    from meshagent_gui.context import Context
+    from meshagent_gui.core.mesh.enroll import mesh_client
+    from meshagent_gui.core.p2p import Endpoint
+    from meshagent_gui.core.p2p.endpoint import relay_address
+    from meshagent_gui.core.p2p.relay import RelayLink
+
+    contexts = [Context.open(home) for home in homes]
+    async with contextlib.AsyncExitStack() as stack:
+        endpoints, links = [], []
+        for ctx in contexts:
+            client = mesh_client(ctx)
+            stack.push_async_callback(client.aclose)
+            endpoint = Endpoint(ctx.identity)
+            await endpoint.start(LOOPBACK, 0)
+            stack.push_async_callback(endpoint.close)
+            link = RelayLink(client, endpoint, batch=batch)
+            stack.push_async_callback(_cancelled, asyncio.create_task(link.run()))
+            await link.wait_connected(15)
+            endpoints.append(endpoint)
+            links.append(link)
+        listener, dialer = endpoints
+        listener_id = contexts[0].identity.device_id
+        result = await _one_stream(listener, dialer, relay_address(listener_id), listener_id, size)
+        sent = links[1].stats
+        result["datagrams_per_frame"] = sent.frames_out / max(sent.sends, 1)
+        return result

@@ -25,7 +25,7 @@ from typing import Final
 import pytest
 
 from ._measure import write_report
-from ._path_support import CHUNK, quic_in_process, run_pair
+from ._path_support import CHUNK, quic_in_process, quic_over_websocket_relay, run_pair
 from .linkemu import EmulatedLink, LinkProfile, unavailable
 from .test_bench_netns import Sshd, _random_file, scp_result
 
@@ -196,4 +196,63 @@ def test_relay_through_turn_against_direct(tmp_path: Path) -> None:
             f" agents {row['cpu'] / gib:.1f} CPU-s/GiB{relay}"
         )
     write_report({"benchmark": "relay-turn", "bytes": size, "rows": rows}, "paths-relay.json")
+    assert all(row["mb_per_s"] > 0 for row in rows.values())
+
+
+@pytest.mark.benchmark
+@pytest.mark.timeout(3600)
+def test_websocket_relay_batched_against_single_frames_and_direct(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last-resort relay (the Mesh Server's WebSocket, a real ``meshagent server``
+    process): batch frames against one frame per datagram (as before) and direct, interleaved
+    rounds; this process's CPU (both agents' ends) and the server's per GiB. The server's
+    per-device relay budget (16 MiB/s) caps the rate: the CPU per GiB is the comparison."""
+    from tests.integration.harness import AgentHome, Server
+
+    monkeypatch.setenv("MESHAGENT_SECRET_STORE", "file")  # the homes' tokens, in process
+    size = int(os.environ.get("MESHAGENT_BENCH_WS_RELAY_BYTES", 64 * CHUNK)) // CHUNK * CHUNK
+    gib = size / (1 << 30)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    server = Server(tmp_path / "server", logs).start()
+    try:
+        server.add_user("ann")
+        homes = []
+        for name in ("listener", "dialer"):
+            home = AgentHome(tmp_path / name, logs, name, config={"device.name": name})
+            home.login(server, server.join_code("ann"))
+            homes.append(home.home)
+        assert server.process is not None
+        pid = server.process.proc.pid
+        runs: dict[str, list[dict[str, float]]] = {
+            "direct, 1452 B": [],
+            "WS relay, single": [],
+            "WS relay, batched": [],
+        }
+        for _ in range(max(_repeat(), 3)):
+            runs["direct, 1452 B"].append(asyncio.run(quic_in_process(size, None, jumbo=False)))
+            for name, batch in (("WS relay, single", False), ("WS relay, batched", True)):
+                before = _cpu_seconds(pid)
+                result = asyncio.run(quic_over_websocket_relay(size, homes, batch=batch))
+                result["relay_cpu"] = _cpu_seconds(pid) - before
+                runs[name].append(result)
+    finally:
+        server.stop()
+    rows = {
+        name: {key: statistics.median(run[key] for run in values) for key in values[0]}
+        for name, values in runs.items()
+    }
+    direct = rows["direct, 1452 B"]["mb_per_s"]
+    print(f"\nWebSocket relay, loopback, {size >> 20} MiB, median of {len(runs['direct, 1452 B'])}")
+    for name, row in rows.items():
+        relay_cpu = row.get("relay_cpu")
+        relay = f", server {relay_cpu / gib:.1f} CPU-s/GiB" if relay_cpu is not None else ""
+        if "datagrams_per_frame" in row:
+            relay += f", {row['datagrams_per_frame']:.1f} datagrams a frame (dialer)"
+        print(
+            f"  {name:<18} {row['mb_per_s']:8.1f} MB/s  x{row['mb_per_s'] / direct:.2f} of direct;"
+            f" agents {row['cpu'] / gib:.1f} CPU-s/GiB{relay}"
+        )
+    write_report({"benchmark": "relay-websocket", "bytes": size, "rows": rows}, "paths-ws.json")
     assert all(row["mb_per_s"] > 0 for row in rows.values())
