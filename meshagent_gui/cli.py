@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         TerminalShareParams,
         TerminalViewParams,
     )
+    from meshagent_gui.core.mesh.client import Enrollment
 
 log = logging.getLogger("meshagent")
 T = TypeVar("T")
@@ -490,6 +491,14 @@ def cmd_login(args: argparse.Namespace) -> int:
             device_name=args.name,
         )
     )
+    _emit_enrolled(args, ctx, enrollment)
+    return 0
+
+
+def _emit_enrolled(
+    args: argparse.Namespace, ctx: Context, enrollment: Enrollment, then: str = ""
+) -> None:
+    """What ``login`` and ``join`` say once this device is enrolled (``then``: what next)."""
     emit(
         args,
         {
@@ -499,9 +508,8 @@ def cmd_login(args: argparse.Namespace) -> int:
             "server": enrollment.url,
         },
         f"enrolled {ctx.device_name} ({ctx.identity.short_id}) as {enrollment.user}'s device"
-        f" on {enrollment.url}",
+        f" on {enrollment.url}{then}",
     )
-    return 0
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -517,16 +525,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         )
     ctx = _context(args.home)
     enrollment = _run(join(ctx, args.code, device_name=args.name))
-    emit(
-        args,
-        {
-            "device_id": enrollment.device_id,
-            "name": ctx.device_name,
-            "user": enrollment.user,
-            "server": enrollment.url,
-        },
-        f"enrolled {ctx.device_name} ({ctx.identity.short_id}) as {enrollment.user}'s device"
-        f" on {enrollment.url}; start it with `meshagent up` (or the app: `meshagent`)",
+    _emit_enrolled(
+        args, ctx, enrollment, "; start it with `meshagent up` (or the app: `meshagent`)"
     )
     return 0
 

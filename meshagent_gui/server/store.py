@@ -870,6 +870,36 @@ class Store:
         )
         return change
 
+    def _join_by_consent(
+        self,
+        db: sqlite3.Connection,
+        room: str,
+        user: str,
+        role: Role,
+        *,
+        device: str | None,
+        now: float,
+        how: dict[str, Any],
+    ) -> MembershipChange:
+        """``user`` joins ``room`` as ``role`` by its own act (``how``: an invitation, a room join
+        code), audited. Already in (joined meanwhile): the role stays, neither changed nor
+        lowered."""
+        current = self._role(db, room, user)
+        if current is not None:
+            return MembershipChange(room, user, current, self._members(db, room), frozenset())
+        change = self._set_member(db, room, user, role)
+        _audit(
+            db,
+            now,
+            "room.joined",
+            room=room,
+            actor_user=user,
+            actor_device=device,
+            subject=user,
+            detail={"role": role, **how},
+        )
+        return change
+
     def _set_member(
         self, db: sqlite3.Connection, room: str, user: str, role: Role
     ) -> MembershipChange:
@@ -980,21 +1010,15 @@ class Store:
             db.execute("DELETE FROM invitations WHERE room = ? AND user = ?", (room, user))
             if row is None:
                 raise StoreError("unknown_room", f"You have no invitation to the room {room!r}.")
-            current = self._role(db, room, user)
-            if current is not None:  # joined meanwhile (a join code): the role stays
-                return MembershipChange(room, user, current, self._members(db, room), frozenset())
-            change = self._set_member(db, room, user, row["role"])
-            _audit(
+            return self._join_by_consent(
                 db,
-                now,
-                "room.joined",
-                room=room,
-                actor_user=user,
-                actor_device=device,
-                subject=user,
-                detail={"role": row["role"], "via": "invitation", "invited_by": row["invited_by"]},
+                room,
+                user,
+                row["role"],
+                device=device,
+                now=now,
+                how={"via": "invitation", "invited_by": row["invited_by"]},
             )
-            return change
 
     def decline_invitation(self, room: str, user: str, *, now: float) -> None:
         """Drop the invitation. The inviter is not told (only real users could decline)."""
@@ -1047,22 +1071,15 @@ class Store:
                 "UPDATE room_join_codes SET used_at = ?, used_by = ? WHERE hash = ?",
                 (now, user, row["hash"]),
             )
-            room = str(row["room"])
-            current = self._role(db, room, user)
-            if current is not None:  # already in: a join code never changes (or lowers) a role
-                return MembershipChange(room, user, current, self._members(db, room), frozenset())
-            change = self._set_member(db, room, user, "member")
-            _audit(
+            return self._join_by_consent(
                 db,
-                now,
-                "room.joined",
-                room=room,
-                actor_user=user,
-                actor_device=device,
-                subject=user,
-                detail={"role": "member", "via": "room join code", "code_by": row["created_by"]},
+                str(row["room"]),
+                user,
+                "member",
+                device=device,
+                now=now,
+                how={"via": "room join code", "code_by": row["created_by"]},
             )
-            return change
 
     # ------------------------------------------------------------ members: roles, leaving
 

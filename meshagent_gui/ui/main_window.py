@@ -55,6 +55,7 @@ from .transfers import (
     fit_transfer_columns,
 )
 from .tunnels import TunnelsWindow
+from .widgets import bring_to_front
 
 log = logging.getLogger(__name__)
 
@@ -548,12 +549,7 @@ class MainWindow(QMainWindow):
     # ------------------------------------------------------------ window
 
     def bring_to_front(self) -> None:
-        self.show()
-        self.setWindowState(
-            (self.windowState() & ~Qt.WindowState.WindowMinimized) | Qt.WindowState.WindowActive
-        )
-        self.raise_()
-        self.activateWindow()
+        bring_to_front(self)
 
     def closeEvent(self, event: QCloseEvent) -> None:
         if self.keep_running_on_close:

@@ -20,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import unicodedata
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, cast, get_args
 
 from PySide6.QtCore import QObject, Qt, Signal
@@ -53,6 +52,7 @@ from meshagent_gui.core.notify.router import Notification
 from meshagent_gui.errors import UserError
 
 from .resources import app_icon
+from .widgets import Spawn, bring_to_front, one_line, show_message, succeeded
 
 if TYPE_CHECKING:
     from meshagent_gui.core.mesh.types import AuditEntry, Invitation, JoinCode, Room
@@ -63,25 +63,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 
 ROLES: Final[tuple[str, ...]] = get_args(Role)
 PERSONAL_PREFIX: Final = "@"  # a user's own room: their devices; nobody else can be invited
 JOIN_CODE_TTL: Final = 24 * 3600  # seconds a room join code made here stays valid
 AUDIT_LIMIT: Final = 200
 INVITATION_PRIORITY: Final = 6  # a toast that stands out a little (Gotify scale, 7+ is loud)
-_MAX_LINE: Final = 240
 # On top of the main window's style sheet (this window is its child): errors look like errors.
 STYLE: Final = """
 #banner[error="true"] { background: #fde8e8; color: #7a1f1f; border: 1px solid #f2b8b8; }
 """
-
-
-def one_line(text: str) -> str:
-    """A message as one short line: control characters and newlines become spaces."""
-    kept = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
-    kept = " ".join(kept.split())
-    return kept if len(kept) <= _MAX_LINE else kept[: _MAX_LINE - 1] + "…"
 
 
 def as_role(text: str) -> Role | None:
@@ -199,7 +190,7 @@ class RoomsModel(QObject):
         user = user.strip()
         return self._start(
             "invite",
-            lambda api: _true(api.invite(room, user, role)),
+            lambda api: succeeded(api.invite(room, user, role)),
             # The server answers the same whether the user exists or not: so do we.
             f"Invitation to {room} sent to {user} (as {role}); they see it when they accept.",
             check=None if user else "Enter the user name of the person to invite.",
@@ -211,12 +202,14 @@ class RoomsModel(QObject):
     def decline(self, room: str) -> asyncio.Task[bool | None]:
         return self._start(
             "decline",
-            lambda api: _true(api.decline_invitation(room)),
+            lambda api: succeeded(api.decline_invitation(room)),
             f"Invitation to {room} declined.",
         )
 
     def leave(self, room: str) -> asyncio.Task[bool | None]:
-        return self._start("leave", lambda api: _true(api.leave_room(room)), f"You left {room}.")
+        return self._start(
+            "leave", lambda api: succeeded(api.leave_room(room)), f"You left {room}."
+        )
 
     def set_role(self, room: str, user: str, role: Role) -> asyncio.Task[Room | None]:
         return self._start(
@@ -226,7 +219,7 @@ class RoomsModel(QObject):
     def remove_member(self, room: str, user: str) -> asyncio.Task[bool | None]:
         return self._start(
             "remove",
-            lambda api: _true(api.remove_member(room, user)),
+            lambda api: succeeded(api.remove_member(room, user)),
             f"{user} removed from {room}.",
         )
 
@@ -300,12 +293,6 @@ class RoomsModel(QObject):
 
 async def _nothing() -> None:
     return None
-
-
-async def _true(call: Awaitable[None]) -> bool:
-    """An API call that answers nothing: True once it succeeded (None means it failed)."""
-    await call
-    return True
 
 
 # ---------------------------------------------------------------- dialogs
@@ -643,11 +630,7 @@ class RoomsWindow(QWidget):
         self._say(text, error=False)
 
     def _say(self, text: str, *, error: bool) -> None:
-        self.message.setText(one_line(text))
-        self.message.setProperty("error", "true" if error else "false")
-        self.message.style().unpolish(self.message)
-        self.message.style().polish(self.message)
-        self.message.show()
+        show_message(self.message, text, error=error)
 
     def selected_room(self) -> Room | None:
         rows = self.room_table.selectionModel().selectedRows()
@@ -863,12 +846,7 @@ class RoomsWindow(QWidget):
             self.model.load_audit(room.name)
 
     def bring_to_front(self) -> None:
-        self.show()
-        self.setWindowState(
-            (self.windowState() & ~Qt.WindowState.WindowMinimized) | Qt.WindowState.WindowActive
-        )
-        self.raise_()
-        self.activateWindow()
+        bring_to_front(self)
 
 
 def member_roles(room: Room, me: str | None) -> list[tuple[str, str]]:

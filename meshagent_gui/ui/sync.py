@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
@@ -70,7 +70,8 @@ from meshagent_gui.units import human_size
 
 from .devices import DeviceEntry
 from .resources import app_icon
-from .rooms import confirm, one_line
+from .rooms import confirm
+from .widgets import Spawn, bring_to_front, one_line, show_message, succeeded
 
 if TYPE_CHECKING:
     from .bridge import AgentBridge
@@ -78,7 +79,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Spawn = Callable[[Coroutine[Any, Any, Any], str], "asyncio.Task[Any]"]
 
 SYNC_EVENTS: Final = (
     SyncFolderOffered,
@@ -405,14 +405,14 @@ class SyncModel(QObject):
 
     def remove(self, folder_id: str, label: str) -> asyncio.Task[bool | None]:
         done = f"Stopped syncing “{label}”. Its files are still on this device."
-        return self._start("remove", lambda api: _true(api.remove(folder_id)), done)
+        return self._start("remove", lambda api: succeeded(api.remove(folder_id)), done)
 
     def answer_offer(
         self, offer_id: str, accept: bool, path: Path | None = None
     ) -> asyncio.Task[bool | None]:
         return self._start(
             "answer-offer",
-            lambda api: _true(api.answer_offer(offer_id, accept, path=path)),
+            lambda api: succeeded(api.answer_offer(offer_id, accept, path=path)),
             None,
         )
 
@@ -442,12 +442,6 @@ class SyncModel(QObject):
             self.notice.emit(one_line(done))
         self.refresh()
         return result
-
-
-async def _true(call: Awaitable[None]) -> bool:
-    """An API call that answers nothing: True once it succeeded (None means it failed)."""
-    await call
-    return True
 
 
 # ---------------------------------------------------------------- dialogs
@@ -843,11 +837,7 @@ class SyncWindow(QWidget):
         self._say(text, error=False)
 
     def _say(self, text: str, *, error: bool) -> None:
-        self.message.setText(one_line(text))
-        self.message.setProperty("error", "true" if error else "false")
-        self.message.style().unpolish(self.message)
-        self.message.style().polish(self.message)
-        self.message.show()
+        show_message(self.message, text, error=error)
 
     def selected_folder(self) -> FolderInfo | None:
         rows = self.table.selectionModel().selectedRows()
@@ -1043,12 +1033,7 @@ class SyncWindow(QWidget):
         self._tick.stop()
 
     def bring_to_front(self) -> None:
-        self.show()
-        self.setWindowState(
-            (self.windowState() & ~Qt.WindowState.WindowMinimized) | Qt.WindowState.WindowActive
-        )
-        self.raise_()
-        self.activateWindow()
+        bring_to_front(self)
 
 
 def _pause_label(folder: FolderInfo | None) -> str:

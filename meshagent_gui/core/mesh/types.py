@@ -8,7 +8,7 @@ See docs/server-api.md for the contract any Mesh Server must offer.
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Self, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -25,15 +25,6 @@ RELAY_MAX_BATCH: Final = 32 * 1024
 CLOSE_UNAUTHORIZED: Final = 4401  # bad or expired access token
 CLOSE_REVOKED: Final = 4403  # the session was revoked; a refused refresh means: enrol again
 # p2p:connect admits a QUIC connection (its first stream); the others admit service streams.
-SCOPES: Final = (
-    "p2p:connect",
-    "share:file",
-    "share:folder",
-    "terminal:view",
-    "terminal:control",
-    "tunnel:connect",
-    "terminal:open",
-)
 Scope = Literal[
     "p2p:connect",
     "share:file",
@@ -43,6 +34,7 @@ Scope = Literal[
     "tunnel:connect",
     "terminal:open",
 ]
+SCOPES: Final[tuple[Scope, ...]] = get_args(Scope)
 Role = Literal["owner", "member", "viewer"]
 # Granted only toward the caller's own devices (the personal room): no room role gives them.
 OWN_DEVICES_ONLY: Final = frozenset({"terminal:open"})
@@ -141,7 +133,25 @@ _ENROLL_CREDENTIALS: Final[dict[str, Any]] = {
 }
 
 
-class EnrollRequest(Wire):
+class _EnrollCredentials(Wire):
+    """How an enrolment proves the right to join: a join code, or a username and password."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_ENROLL_CREDENTIALS)
+    join_code: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
+    username: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
+    password: str | SkipJsonSchema[None] = Field(default=None, max_length=1024)
+
+    @model_validator(mode="after")
+    def _one_way_to_enroll(self) -> Self:
+        by_code = self.join_code is not None
+        by_password = self.username is not None or self.password is not None
+        half_password = by_password and (self.username is None or self.password is None)
+        if by_code == by_password or half_password:
+            raise ValueError("give either join_code, or username and password")
+        return self
+
+
+class EnrollRequest(_EnrollCredentials):
     """``POST /enroll``: either ``join_code``, or ``username`` and ``password`` (never both).
 
     ``nonce`` comes from ``POST /enroll/challenge``; ``signature`` is the device key's signature
@@ -149,10 +159,6 @@ class EnrollRequest(Wire):
     the caller holds the key of ``certificate``, which is public (every P2P peer sees it).
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_ENROLL_CREDENTIALS)
-    join_code: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
-    username: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
-    password: str | SkipJsonSchema[None] = Field(default=None, max_length=1024)
     device_name: str = Field(min_length=1, max_length=64)
     platform: str = Field(default="", max_length=32)
     certificate: str = Field(
@@ -164,15 +170,6 @@ class EnrollRequest(Wire):
         max_length=512,
         description="base64url (no padding) signature of the device key over the enrolment proof",
     )
-
-    @model_validator(mode="after")
-    def _one_way_to_enroll(self) -> EnrollRequest:
-        by_code = self.join_code is not None
-        by_password = self.username is not None or self.password is not None
-        half_password = by_password and (self.username is None or self.password is None)
-        if by_code == by_password or half_password:
-            raise ValueError("give either join_code, or username and password")
-        return self
 
 
 class TokenPair(Wire):
@@ -371,31 +368,18 @@ LINK_TTL: Final = 900
 MAX_LINK_TTL: Final = 86400
 
 
-class BrowserEnrollRequest(Wire):
+class BrowserEnrollRequest(_EnrollCredentials):
     """``POST /enroll/browser``: a web page enrols its RTCCertificate's fingerprint.
 
     No proof of possession (a page can neither sign with nor export its certificate's key):
     DTLS proves it on every connection instead, and a token for this id is useless without it.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_ENROLL_CREDENTIALS)
-    join_code: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
-    username: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
-    password: str | SkipJsonSchema[None] = Field(default=None, max_length=1024)
     device_name: str = Field(min_length=1, max_length=64)
     fingerprint: str = Field(
         pattern=FINGERPRINT_PATTERN,
         description="SHA-256 of the page's RTCCertificate, 64 lowercase hex digits",
     )
-
-    @model_validator(mode="after")
-    def _one_way_to_enroll(self) -> BrowserEnrollRequest:
-        by_code = self.join_code is not None
-        by_password = self.username is not None or self.password is not None
-        half_password = by_password and (self.username is None or self.password is None)
-        if by_code == by_password or half_password:
-            raise ValueError("give either join_code, or username and password")
-        return self
 
 
 class WsTicket(Wire):

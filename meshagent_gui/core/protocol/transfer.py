@@ -481,6 +481,17 @@ class Admit(Enum):
     """Dropped unread: it was in flight when the transfer ended on our side."""
 
 
+def _admission(admits: Mapping[type, Admit], state: Enum, message: object) -> Admit:
+    """How ``state`` (whose row of an ADMITS table is ``admits``) takes ``message``: a message
+    the row does not list is a violation."""
+    admit = admits.get(type(message))
+    if admit is None:
+        _violation(
+            TransferErrorCode.UNEXPECTED_MESSAGE, f"{type(message).__name__} while {state.name}"
+        )
+    return admit
+
+
 class SenderState(Enum):
     IDLE = auto()
     OFFERING = auto()
@@ -827,12 +838,7 @@ class TransferSender:
             raise
 
     def _receive(self, message: object) -> list[SenderEvent]:
-        admit = SENDER_ADMITS[self.state].get(type(message))
-        if admit is None:
-            _violation(
-                TransferErrorCode.UNEXPECTED_MESSAGE,
-                f"{type(message).__name__} while {self.state.name}",
-            )
+        admit = _admission(SENDER_ADMITS[self.state], self.state, message)
         if admit is Admit.IGNORE:
             return []
         if isinstance(message, Answer):
@@ -1099,12 +1105,7 @@ class TransferReceiver:
             raise
 
     def _receive(self, message: object) -> list[ReceiverEvent]:
-        admit = RECEIVER_ADMITS[self.state].get(type(message))
-        if admit is None:
-            _violation(
-                TransferErrorCode.UNEXPECTED_MESSAGE,
-                f"{type(message).__name__} while {self.state.name}",
-            )
+        admit = _admission(RECEIVER_ADMITS[self.state], self.state, message)
         if admit is Admit.IGNORE:
             return []
         if isinstance(message, Chunk):

@@ -40,12 +40,8 @@ from typing import Final
 import msgspec
 
 from meshagent_gui.core.bus import EventBus
-from meshagent_gui.core.events import (
-    AnnouncementReceived,
-    ControlRequested,
-    PeerWentOffline,
-    ServerConnected,
-)
+from meshagent_gui.core.events import AnnouncementReceived, ControlRequested
+from meshagent_gui.core.mesh.announced import PeerAnnouncements
 from meshagent_gui.core.mesh.client import MeshClient, MeshError
 from meshagent_gui.core.mesh.link import MeshLink
 from meshagent_gui.core.mesh.types import CapabilityGrant, personal_room
@@ -106,7 +102,7 @@ REPORT_BACKLOG: Final = 64
 class SessionAnnouncement(msgspec.Struct, frozen=True, kw_only=True):
     """The body of a shared session's standing announcement (``ANNOUNCE_KIND``), as sent.
 
-    Read back leniently by :meth:`TerminalService._announcement`: a peer of another version may
+    Read back leniently by :func:`_read_announcement`: a peer of another version may
     send less, and what it sends is checked there field by field."""
 
     session_id: str
@@ -376,6 +372,29 @@ class SharedTerminal:
                 self.host.deny_control(viewer, "the host declined")
 
 
+def _read_announcement(event: AnnouncementReceived, sender: str) -> AnnouncedSession | None:
+    """A peer's session announcement, read leniently (a peer of another version may add or
+    omit fields); None if it is malformed."""
+    data = event.data
+    session_id = data.get("session_id")
+    if not isinstance(session_id, str) or not session_id:
+        return None
+    try:
+        return AnnouncedSession(
+            sender,
+            session_id,
+            str(data.get("title", ""))[:200],
+            int(data.get("cols", 80)),
+            int(data.get("rows", 24)),
+            bool(data.get("allow_control", False)),
+            float(data.get("started_at", time.time())),
+            event.rooms,
+        )
+    except (TypeError, ValueError):
+        log.info("ignored a malformed terminal announcement from %s", sender[:12])
+        return None
+
+
 class TerminalService:
     """The agent's terminal sessions (hosted here) and the peers' (announced to us)."""
 
@@ -404,7 +423,7 @@ class TerminalService:
         self._peer_name = peer_name
         self._device_name = device_name
         self._shared: dict[str, SharedTerminal] = {}
-        self._announced: dict[tuple[str, str], AnnouncedSession] = {}
+        self._announced = PeerAnnouncements(ANNOUNCE_KIND, "session_id", _read_announcement)
         self._announcements_changed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         peers.register(
@@ -546,7 +565,9 @@ class TerminalService:
     def sessions(self, device_id: str | None = None) -> list[AnnouncedSession]:
         """Sessions the room's devices announced, newest first."""
         found = [
-            s for s in self._announced.values() if device_id is None or s.device_id == device_id
+            s
+            for s in self._announced.entries.values()
+            if device_id is None or s.device_id == device_id
         ]
         return sorted(found, key=lambda s: s.started_at, reverse=True)
 
@@ -562,39 +583,8 @@ class TerminalService:
         """Follow the room's terminal announcements (owned by the agent's task group)."""
         with self._bus.subscribed() as events:
             async for event in events:
-                match event:
-                    case AnnouncementReceived(sender=sender) if sender:
-                        self._announcement(event, sender)
-                    case PeerWentOffline(device_id=device_id):
-                        for key in [k for k in self._announced if k[0] == device_id]:
-                            del self._announced[key]
-                    case ServerConnected():
-                        self._announced.clear()  # the server replays what still stands
-                    case _:
-                        continue
-                self._announcements_changed.set()
-
-    def _announcement(self, event: AnnouncementReceived, sender: str) -> None:
-        kind, data = event.kind, event.data
-        session_id = data.get("session_id")
-        if not isinstance(session_id, str) or not session_id:
-            return
-        if kind == f"{ANNOUNCE_KIND}.ended":
-            self._announced.pop((sender, session_id), None)
-        elif kind == ANNOUNCE_KIND:
-            try:
-                self._announced[(sender, session_id)] = AnnouncedSession(
-                    sender,
-                    session_id,
-                    str(data.get("title", ""))[:200],
-                    int(data.get("cols", 80)),
-                    int(data.get("rows", 24)),
-                    bool(data.get("allow_control", False)),
-                    float(data.get("started_at", time.time())),
-                    event.rooms,
-                )
-            except (TypeError, ValueError):
-                log.info("ignored a malformed terminal announcement from %s", sender[:12])
+                if self._announced.follow(event):
+                    self._announcements_changed.set()
 
     # ------------------------------------------------------------ viewing
 

@@ -31,7 +31,8 @@ from typing import Final
 import msgspec
 
 from meshagent_gui.core.bus import EventBus
-from meshagent_gui.core.events import AnnouncementReceived, PeerWentOffline, ServerConnected
+from meshagent_gui.core.events import AnnouncementReceived
+from meshagent_gui.core.mesh.announced import PeerAnnouncements
 from meshagent_gui.core.mesh.client import MeshClient, MeshError
 from meshagent_gui.core.mesh.link import MeshLink
 from meshagent_gui.core.p2p.errors import P2PError
@@ -203,7 +204,7 @@ class TunnelService:
         self._bus = bus
         self._save_rules = save_rules
         self._announced_rooms: set[str] = set()  # the rooms our standing announcements are in
-        self.available: dict[tuple[str, str], tuple[str, ...]] = {}  # (device, room) -> targets
+        self._announced = PeerAnnouncements(ANNOUNCE_KIND, "room", _read_announcement)
         peers.register(self.service())
 
     def service(self) -> Service:
@@ -322,30 +323,12 @@ class TunnelService:
             return
         with self._bus.subscribed() as events:
             async for event in events:
-                match event:
-                    case AnnouncementReceived(sender=sender) if sender:
-                        self._announcement(event, sender)
-                    case PeerWentOffline(device_id=device_id):
-                        for key in [k for k in self.available if k[0] == device_id]:
-                            del self.available[key]
-                    case ServerConnected():
-                        self.available.clear()  # the server replays what still stands
-                    case _:
-                        continue
+                self._announced.follow(event)
 
-    def _announcement(self, event: AnnouncementReceived, sender: str) -> None:
-        room, targets = event.data.get("room"), event.data.get("targets")
-        if not isinstance(room, str):
-            return
-        if event.kind == f"{ANNOUNCE_KIND}.ended":
-            self.available.pop((sender, room), None)
-        elif event.kind == ANNOUNCE_KIND and isinstance(targets, list):
-            readable = []
-            for text in targets[:MAX_ANNOUNCED]:
-                with contextlib.suppress(ValueError):
-                    if isinstance(text, str):
-                        readable.append(str(parse_target(text)))
-            self.available[(sender, room)] = tuple(readable)
+    @property
+    def available(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        """(device, room) -> the targets it announces to us there."""
+        return self._announced.entries
 
     def announced_by(self, device_id: str) -> list[str] | None:
         """The targets ``device_id`` announces to us (None: no announcement from it)."""
@@ -648,6 +631,19 @@ def _refused(forward: Forward, number: int, exc: BaseException) -> TunnelEvent:
     else:
         reason, message = "unreachable", f"cannot reach {forward.device_name}: {exc}"
     return TunnelEvent(event="refused", connection=number, reason=reason, message=message)
+
+
+def _read_announcement(event: AnnouncementReceived, _sender: str) -> tuple[str, ...] | None:
+    """The targets of a peer's tunnel announcement that parse (at most MAX_ANNOUNCED)."""
+    targets = event.data.get("targets")
+    if not isinstance(targets, list):
+        return None
+    readable = []
+    for text in targets[:MAX_ANNOUNCED]:
+        with contextlib.suppress(ValueError):
+            if isinstance(text, str):
+                readable.append(str(parse_target(text)))
+    return tuple(readable)
 
 
 def _announce_key(room: str) -> str:
