@@ -387,10 +387,12 @@ class FirstRunDialog(QDialog):
         """End the mDNS browse and wait until its sockets are closed: a Quit (or SIGTERM) while
         the dialog is open must not leave the browse to be torn down after the loop stopped."""
         task = self._browse_task
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is None or task.done():
+            return
+        if not task.cancelling():  # done() may have asked already: a second cancel would cut
+            task.cancel()  # its shielded close short (sockets closed under the loop's feet)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.reject()
