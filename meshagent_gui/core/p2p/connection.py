@@ -22,11 +22,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import time
-from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from meshagent_gui.core.p2p import auth, control
 from meshagent_gui.core.p2p.engine import (
@@ -40,11 +38,14 @@ from meshagent_gui.core.p2p.errors import (
     CloseCode,
     CloseInfo,
     ConnectionClosedError,
-    P2PError,
-    PeerAuthenticationError,
     StreamLimitError,
 )
 from meshagent_gui.core.p2p.streams import FlowControlViolation, PeerStream
+from meshagent_gui.core.p2p.transport import (
+    PeerStreamIds,
+    TransportBase,
+    consume_exception,
+)
 from meshagent_gui.identity import fingerprint
 
 
@@ -111,7 +112,7 @@ class ConnectionStats:
     smoothed_rtt: float | None
 
 
-class PeerConnection:
+class PeerConnection(TransportBase):
     """A QUIC connection whose far end is a verified device. Created by the endpoint."""
 
     def __init__(
@@ -125,6 +126,7 @@ class PeerConnection:
         credentials: auth.DeviceCredentials,
         expected_peer_id: str | None = None,
     ) -> None:
+        super().__init__()
         self._endpoint = endpoint
         self._engine = engine_connection
         self._loop = asyncio.get_running_loop()
@@ -134,7 +136,6 @@ class PeerConnection:
         self._credentials = credentials
         self._local_id = credentials.device_id
         self._expected_peer_id = expected_peer_id
-        self._peer_id: str | None = None
         self._state = ConnectionState.HANDSHAKING
         self._handshake_done = False
         # control streams and the identity exchange
@@ -148,35 +149,26 @@ class PeerConnection:
         self._established: asyncio.Future[None] = self._loop.create_future()
         # streams
         self._streams: dict[int, PeerStream] = {}
-        self._peer_stream_high = -1
-        self._peer_stream_gaps: set[int] = set()
-        self._held: list[PeerStream] = []
-        self._incoming: deque[PeerStream] = deque()
-        self._incoming_waiter: asyncio.Future[None] | None = None
+        self._peer_streams = PeerStreamIds()
         self._first_stream: asyncio.Future[PeerStream] = self._loop.create_future()
         self._authorize_stream: PeerStream | None = None
         self._blocked_writers: set[PeerStream] = set()
         # lifetime
-        self._close_info: CloseInfo | None = None
-        self._closed_error: ConnectionClosedError | None = None
         self._terminated = False
-        self._closed: asyncio.Future[CloseInfo] = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._flush_scheduled = False
         self._processing = False
         self._keepalive = settings.keepalive_interval
         self._last_activity = self._loop.time()
-        self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
-        self._next_ping = 1
         # counters
         self.datagrams_received = 0
         self.datagrams_sent = 0
         self.bytes_received = 0
         self.bytes_sent = 0
-        for future in (self._authenticated, self._established, self._first_stream, self._closed):
+        for future in (self._authenticated, self._established, self._first_stream):
             # Nobody may be waiting when the connection fails; do not log "never retrieved".
-            future.add_done_callback(_consume_exception)
+            future.add_done_callback(consume_exception)
 
     def __repr__(self) -> str:
         role = "dialer" if self.is_dialer else "listener"
@@ -185,27 +177,12 @@ class PeerConnection:
     # ------------------------------------------------------------------ public API
 
     @property
-    def peer_id(self) -> str:
-        """The verified device id of the peer; raises until it is verified."""
-        if self._peer_id is None:
-            raise P2PError("the peer is not authenticated (yet)")
-        return self._peer_id
-
-    @property
     def state(self) -> ConnectionState:
         return self._state
 
     @property
     def engine(self) -> EngineName:
         return self._engine.engine
-
-    @property
-    def is_closed(self) -> bool:
-        return self._close_info is not None
-
-    @property
-    def close_info(self) -> CloseInfo | None:
-        return self._close_info
 
     async def open_stream(self) -> PeerStream:
         """A new bidirectional stream (the peer sees it once we write on it).
@@ -221,22 +198,6 @@ class PeerConnection:
             raise self._engine_failed(exc) from exc
         return self._new_stream(stream_id, local=True)
 
-    async def accept_stream(self) -> PeerStream:
-        """The next stream the peer opened."""
-        while not self._incoming:
-            if self._closed_error is not None:
-                raise self._closed_error
-            if self._incoming_waiter is not None:
-                raise RuntimeError("another task is already accepting streams")
-            self._incoming_waiter = self._loop.create_future()
-            try:
-                await self._incoming_waiter
-            finally:
-                self._incoming_waiter = None
-        stream = self._incoming.popleft()
-        stream.on_accepted()
-        return stream
-
     async def streams(self) -> AsyncIterator[PeerStream]:
         """Every stream the peer opens, until the connection closes."""
         while True:
@@ -248,20 +209,14 @@ class PeerConnection:
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time of one QUIC PING, in seconds."""
         self._raise_if_not_usable()
-        uid = self._next_ping
-        self._next_ping += 1
-        future: asyncio.Future[float] = self._loop.create_future()
-        self._pings[uid] = (time.perf_counter(), future)
+        return await self._pings.measure(self._send_ping, timeout)
+
+    def _send_ping(self, uid: int) -> None:
         try:
             self._engine.send_ping(uid)
         except Exception as exc:
             raise self._engine_failed(exc) from exc
         self._schedule_flush()
-        try:
-            async with asyncio.timeout(timeout):
-                return await future
-        finally:
-            self._pings.pop(uid, None)
 
     def close(self, code: int = CloseCode.NO_ERROR, reason: str = "") -> None:
         """Close the connection (CONNECTION_CLOSE with ``code``); returns at once."""
@@ -270,10 +225,6 @@ class PeerConnection:
         self._engine.close(int(code), reason)
         self._mark_closed(CloseInfo(int(code), reason, by_peer=False, application=True))
         self._schedule_flush()
-
-    async def wait_closed(self) -> CloseInfo:
-        """Wait until the connection is closed (by either side, or idle); why it closed."""
-        return await asyncio.shield(self._closed)
 
     def stats(self) -> ConnectionStats:
         return ConnectionStats(
@@ -316,10 +267,7 @@ class PeerConnection:
         self._set_state(ConnectionState.ESTABLISHED)
         if not self._established.done():
             self._established.set_result(None)
-        held, self._held = self._held, []
-        for stream in held:
-            if stream is not self._authorize_stream:
-                self._deliver(stream)
+        self._incoming.release_held(keep_back=self._authorize_stream)
 
     def receive(self, datagrams: list[bytes], addr: Address, now: float) -> None:
         self.datagrams_received += len(datagrams)
@@ -466,9 +414,7 @@ class PeerConnection:
         self._endpoint.remove_connection_id(self, connection_id)
 
     def on_ping_acknowledged(self, uid: int) -> None:
-        entry = self._pings.get(uid)
-        if entry is not None and not entry[1].done():
-            entry[1].set_result(time.perf_counter() - entry[0])
+        self._pings.answered(uid)
 
     def on_terminated(self, error_code: int, frame_type: int | None, reason: str) -> None:
         info = CloseInfo(
@@ -527,9 +473,6 @@ class PeerConnection:
     def stream_finished(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
 
-    def closed_error(self) -> ConnectionClosedError | None:
-        return self._closed_error
-
     # ------------------------------------------------------------------ internals
 
     def _engine_failed(self, exc: Exception) -> Exception:
@@ -581,7 +524,7 @@ class PeerConnection:
             # Unidirectional streams other than the control stream are not part of the protocol.
             self._engine.stop_stream(stream_id, CloseCode.PROTOCOL_ERROR)
             return None
-        if not self._is_new_peer_stream(stream_id):
+        if not self._peer_streams.is_new(stream_id):
             return None  # finished already; late data
         if not self.is_dialer and self._peer_id is None:
             # A genuine dialer opens streams only after connect() returned, i.e. after our
@@ -590,34 +533,17 @@ class PeerConnection:
             return None
         stream = self._new_stream(stream_id, local=False)
         if self._state is ConnectionState.ESTABLISHED:
-            self._deliver(stream)
+            self._incoming.deliver(stream)
         else:
-            self._held.append(stream)
+            self._incoming.hold(stream)
             if stream_id == FIRST_STREAM and not self.is_dialer and not self._first_stream.done():
                 self._first_stream.set_result(stream)
         return stream
-
-    def _is_new_peer_stream(self, stream_id: int) -> bool:
-        if stream_id > self._peer_stream_high:
-            start = self._peer_stream_high + 4 if self._peer_stream_high >= 0 else stream_id % 4
-            self._peer_stream_gaps.update(range(start, stream_id, 4))
-            self._peer_stream_high = stream_id
-            return True
-        if stream_id in self._peer_stream_gaps:
-            self._peer_stream_gaps.discard(stream_id)
-            return True
-        return False
 
     def hand_first_stream(self, stream: PeerStream) -> None:
         """The authorize hook takes the first stream: accepted (full credit), never delivered."""
         self._authorize_stream = stream
         stream.on_accepted()
-
-    def _deliver(self, stream: PeerStream) -> None:
-        self._incoming.append(stream)
-        waiter = self._incoming_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def _open_control_stream(self) -> None:
         if self._control_stream is None:
@@ -697,27 +623,16 @@ class PeerConnection:
             self._authenticated.set_result(peer_id)
 
     def _mark_closed(self, info: CloseInfo) -> None:
-        if self._close_info is not None:
+        error = self._begin_close(info, admitted=self._state is ConnectionState.ESTABLISHED)
+        if error is None:
             return
-        self._close_info = info
-        authenticated = self._peer_id is not None and self._state is ConnectionState.ESTABLISHED
-        error_type = ConnectionClosedError if authenticated else PeerAuthenticationError
-        error = error_type(info)
-        self._closed_error = error
         self._state = ConnectionState.CLOSED
         for future in (self._authenticated, self._established, self._first_stream):
             if not future.done():
                 future.set_exception(error)
-        waiter = self._incoming_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
         for stream in tuple(self._streams.values()):
             stream.on_connection_closed(error)
-        for _, future_rtt in self._pings.values():
-            if not future_rtt.done():
-                future_rtt.set_exception(error)
-        if not self._closed.done():
-            self._closed.set_result(info)
+        self._end_close(error)
 
     def _on_engine_terminated(self, info: CloseInfo) -> None:
         self._mark_closed(info)
@@ -728,8 +643,3 @@ class PeerConnection:
             self._timer.cancel()
             self._timer = None
         self._endpoint.forget(self)
-
-
-def _consume_exception(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()

@@ -39,7 +39,6 @@ import enum
 import ipaddress
 import logging
 import re
-import time
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -68,12 +67,11 @@ from .engine import Address
 from .errors import (
     CloseCode,
     CloseInfo,
-    ConnectionClosedError,
     P2PError,
-    PeerAuthenticationError,
     StreamLimitError,
 )
 from .streams import FlowControlViolation, PeerStream
+from .transport import PeerStreamIds, TransportBase, consume_exception
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +159,7 @@ class _Pipe:
         return self.channel.bufferedAmount + self.pending_bytes
 
 
-class DataChannelConnection:
+class DataChannelConnection(TransportBase):
     """A WebRTC peer connection whose far end is a verified device; a :class:`Transport`.
 
     Made around an :class:`RTCPeerConnection` before the offer/answer exchange (the dialer's
@@ -179,36 +177,29 @@ class DataChannelConnection:
         expected_peer_id: str | None = None,
         settings: WebRTCSettings | None = None,
     ) -> None:
+        super().__init__()
         self.pc = pc
         self.is_dialer = is_dialer
         self._expected_peer_id = expected_peer_id
         self._settings = settings or WebRTCSettings()
         self._loop = asyncio.get_running_loop()
-        self._peer_id: str | None = None
         self._state = WebRTCState.CONNECTING
         self._pipes: dict[int, _Pipe] = {}
         self._next_stream = 0 if is_dialer else 1
         self._peer_parity = 1 if is_dialer else 0
-        self._peer_high = -1
-        self._peer_gaps: set[int] = set()
-        self._held: list[PeerStream] = []
-        self._incoming: deque[PeerStream] = deque()
-        self._incoming_waiter: asyncio.Future[None] | None = None
+        # Channels announce themselves on their own SCTP streams, so two may arrive in either
+        # order; a jump past what max_streams could explain is refused (as QUIC's stream limit).
+        self._peer_streams = PeerStreamIds(max_gap=4 * self._settings.max_streams)
         self._first_stream: asyncio.Future[PeerStream] = self._loop.create_future()
         self._authorize_stream: PeerStream | None = None
         self._control: RTCDataChannel | None = None
         self._control_open: asyncio.Future[None] = self._loop.create_future()
-        self._close_info: CloseInfo | None = None
-        self._closed_error: ConnectionClosedError | None = None
-        self._closed: asyncio.Future[CloseInfo] = self._loop.create_future()
-        self._pings: dict[int, tuple[float, asyncio.Future[float]]] = {}
-        self._next_ping = 1
         self._rtt: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.bytes_received = 0
         self.bytes_sent = 0
-        for future in (self._first_stream, self._control_open, self._closed):
-            future.add_done_callback(_consume_exception)
+        for future in (self._first_stream, self._control_open):
+            future.add_done_callback(consume_exception)
         pc.on("datachannel", self._on_datachannel)
         pc.on("connectionstatechange", self._on_connection_state)
         if is_dialer:
@@ -221,12 +212,6 @@ class DataChannelConnection:
         return f"<DataChannelConnection {role} {self._state.value}>"
 
     # ------------------------------------------------------------------ Transport
-
-    @property
-    def peer_id(self) -> str:
-        if self._peer_id is None:
-            raise P2PError("the peer is not authenticated (yet)")
-        return self._peer_id
 
     @property
     def state(self) -> WebRTCState:
@@ -242,14 +227,6 @@ class DataChannelConnection:
             return (str(pair.remote_candidate.host), int(pair.remote_candidate.port))
         except (AttributeError, StopIteration, TypeError, ValueError):
             return ("0.0.0.0", 0)
-
-    @property
-    def is_closed(self) -> bool:
-        return self._close_info is not None
-
-    @property
-    def close_info(self) -> CloseInfo | None:
-        return self._close_info
 
     async def open_stream(self) -> PeerStream:
         """A new stream: its DataChannel opens at once; what is written before it is open waits
@@ -267,35 +244,10 @@ class DataChannelConnection:
         self._adopt(channel, stream)
         return stream
 
-    async def accept_stream(self) -> PeerStream:
-        """The next stream the peer opened."""
-        while not self._incoming:
-            if self._closed_error is not None:
-                raise self._closed_error
-            if self._incoming_waiter is not None:
-                raise RuntimeError("another task is already accepting streams")
-            self._incoming_waiter = self._loop.create_future()
-            try:
-                await self._incoming_waiter
-            finally:
-                self._incoming_waiter = None
-        stream = self._incoming.popleft()
-        stream.on_accepted()
-        return stream
-
     async def ping(self, timeout: float = 5.0) -> float:
         """Round-trip time of one ``ping`` record on the control channel, in seconds."""
         self._raise_if_not_usable()
-        uid = self._next_ping
-        self._next_ping += 1
-        future: asyncio.Future[float] = self._loop.create_future()
-        self._pings[uid] = (time.perf_counter(), future)
-        self._send_control(f"ping {uid}")
-        try:
-            async with asyncio.timeout(timeout):
-                rtt = await future
-        finally:
-            self._pings.pop(uid, None)
+        rtt = await self._pings.measure(lambda uid: self._send_control(f"ping {uid}"), timeout)
         self._rtt = rtt if self._rtt is None else 0.875 * self._rtt + 0.125 * rtt
         return rtt
 
@@ -306,9 +258,6 @@ class DataChannelConnection:
         self._send_control(f"close {int(code)} {reason[:MAX_REASON]}")
         self._mark_closed(CloseInfo(int(code), reason, by_peer=False, application=True))
         self._spawn(self._teardown(linger=self._settings.close_linger))
-
-    async def wait_closed(self) -> CloseInfo:
-        return await asyncio.shield(self._closed)
 
     async def aclose(self) -> None:
         """Close, and wait until the peer connection and every task of ours has ended."""
@@ -379,10 +328,7 @@ class DataChannelConnection:
 
     def _establish(self) -> None:
         self._state = WebRTCState.ESTABLISHED
-        held, self._held = self._held, []
-        for stream in held:
-            if stream is not self._authorize_stream:
-                self._deliver(stream)
+        self._incoming.release_held(keep_back=self._authorize_stream)
 
     # ------------------------------------------------------------------ StreamOwner
 
@@ -445,9 +391,6 @@ class DataChannelConnection:
             # reaches the peer first (the stream reset follows the last TSN, RFC 8831 6.7).
             pipe.channel.close()
 
-    def closed_error(self) -> ConnectionClosedError | None:
-        return self._closed_error
-
     # ------------------------------------------------------------------ channels
 
     def _new_stream(self, stream_id: int, *, local: bool) -> PeerStream:
@@ -498,7 +441,7 @@ class DataChannelConnection:
         if self._control is None:
             self._protocol_error("a stream before the control channel")
             return
-        if not self._is_new_peer_stream(stream_id):
+        if not self._peer_streams.is_new(stream_id):
             self._protocol_error(f"stream {stream_id} opened twice")
             return
         peer_open = sum(1 for sid in self._pipes if sid % 4 == self._peer_parity)
@@ -508,32 +451,11 @@ class DataChannelConnection:
         stream = self._new_stream(stream_id, local=False)
         self._adopt(channel, stream)
         if self._state is WebRTCState.ESTABLISHED:
-            self._deliver(stream)
+            self._incoming.deliver(stream)
         else:
-            self._held.append(stream)
+            self._incoming.hold(stream)
             if stream_id == 0 and not self.is_dialer and not self._first_stream.done():
                 self._first_stream.set_result(stream)
-
-    def _is_new_peer_stream(self, stream_id: int) -> bool:
-        # Channels announce themselves on their own SCTP streams, so two may arrive in either
-        # order: remember the gaps below the highest id seen (bounded like QUIC's stream ids).
-        if stream_id > self._peer_high:
-            start = self._peer_high + 4 if self._peer_high >= 0 else self._peer_parity
-            if (stream_id - start) // 4 > 4 * self._settings.max_streams:
-                return False  # a jump that would make us remember a huge gap
-            self._peer_gaps.update(range(start, stream_id, 4))
-            self._peer_high = stream_id
-            return True
-        if stream_id in self._peer_gaps:
-            self._peer_gaps.discard(stream_id)
-            return True
-        return False
-
-    def _deliver(self, stream: PeerStream) -> None:
-        self._incoming.append(stream)
-        waiter = self._incoming_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def _on_stream_open(self, pipe: _Pipe, stream: PeerStream) -> None:
         try:
@@ -604,9 +526,7 @@ class DataChannelConnection:
         if verb == "ping" and number is not None:
             self._send_control(f"pong {number}")
         elif verb == "pong" and number is not None:
-            entry = self._pings.get(number)
-            if entry is not None and not entry[1].done():
-                entry[1].set_result(time.perf_counter() - entry[0])
+            self._pings.answered(number)
         elif verb == "close" and number is not None:
             self._mark_closed(CloseInfo(number, rest or "", by_peer=True, application=True))
             self._spawn(self._teardown(linger=0.0))
@@ -649,29 +569,18 @@ class DataChannelConnection:
             raise RuntimeError(f"connection is {self._state.value}, not established")
 
     def _mark_closed(self, info: CloseInfo) -> None:
-        if self._close_info is not None:
+        error = self._begin_close(info, admitted=self._state is WebRTCState.ESTABLISHED)
+        if error is None:
             return
-        self._close_info = info
-        authenticated = self._peer_id is not None and self._state is WebRTCState.ESTABLISHED
-        error_type = ConnectionClosedError if authenticated else PeerAuthenticationError
-        error = error_type(info)
-        self._closed_error = error
         self._state = WebRTCState.CLOSED
         for future in (self._first_stream, self._control_open):
             if not future.done():
                 future.set_exception(error)
-        waiter = self._incoming_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(error)
         for pipe in list(self._pipes.values()):
             pipe.pending.clear()
             pipe.pending_bytes = 0
             pipe.stream.on_connection_closed(error)
-        for _, future_rtt in self._pings.values():
-            if not future_rtt.done():
-                future_rtt.set_exception(error)
-        if not self._closed.done():
-            self._closed.set_result(info)
+        self._end_close(error)
 
     async def _teardown(self, *, linger: float) -> None:
         control = self._control
@@ -871,8 +780,3 @@ def _code(error_code: int) -> int:
 
 def _host_for_url(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
-def _consume_exception(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
