@@ -38,7 +38,9 @@ from meshagent_gui.core.p2p.endpoint import relay_address
 from meshagent_gui.core.p2p.relay import TurnRelay, TurnStats
 from meshagent_gui.core.p2p.webrtc import new_peer_connection, rtc_certificate
 from meshagent_gui.server.turn import ISSUE_BURST, TurnConfig
-from tests.integration.harness import AgentHome, Server, cleanup, wait_until
+from tests.integration import test_browser_peers as browser_peers
+from tests.integration.harness import AgentHome, Process, Server, cleanup, wait_until
+from tests.integration.test_browser_peers import Page, start
 
 LOOPBACK = "127.0.0.1"
 
@@ -421,3 +423,69 @@ def test_agents_with_direct_blocked_transfer_through_coturn_not_the_server(
     via_server, via_turn = _relay_totals(sender)
     assert via_turn > 8 << 20 and via_server < 64 << 10
     assert _relay_totals(receiver)[0] < 64 << 10
+
+
+# ---------------------------------------------------------------------------- a guest over TURN
+
+
+async def test_a_share_link_guest_receives_through_the_agents_turn_candidate(
+    turn_lab: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guest may not have TURN credentials; the agent may not use direct paths (ICE policy
+    ``relay``): the agent's relayed candidate carries the whole session."""
+    turn, server, _ = turn_lab
+    # A browser checks every candidate it is given. The stand-in keeps the agent's same-host
+    # rule, which drops a loopback candidate from a peer without host candidates: the lab's
+    # coturn relays on loopback, so the stand-in is told it has no other address.
+    monkeypatch.setattr(browser_peers, "own_addresses", frozenset)
+    block = tmp_path / "block-direct"
+    block.touch()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    agent = AgentHome(
+        tmp_path / "rdesk",
+        logs,
+        "rdesk",
+        config={"server.reconnect_max": "1", "device.name": "rdesk"},
+    )
+    agent.env = {"MESHAGENT_TEST_BLOCK_DIRECT": str(block)}
+    agent.login(server, server.join_code("ann"))
+    payload = os.urandom(1 << 20)
+    source = tmp_path / "relayed.bin"
+    source.write_bytes(payload)
+    page = Page(server, tmp_path / "guest")
+    with cleanup(agent):
+        agent.up()
+        log = agent.home / "state" / "meshagent.log"
+        await asyncio.to_thread(
+            wait_until, lambda: "TURN allocation" in log.read_text(), 30, "the agent's allocation"
+        )
+        before = _coturn_received_bytes(turn)
+        sending = Process(
+            ["--home", str(agent.home), "send", str(source), "--link", "--ttl", "120"],
+            logs / "send-link.log",
+            env=agent.env,
+        )
+        try:
+            url = (await asyncio.to_thread(sending.read_line, r"(http://\S+/s/\S+#\S+)")).group(1)
+            claimed = await page.claim(url)
+            async with httpx.AsyncClient(base_url=server.url + API_PREFIX) as http:
+                guest = {"Authorization": f"Bearer {claimed.access_token}"}
+                refused = await http.post("/turn/credentials", headers=guest)
+                assert refused.status_code == 403 and "password" not in refused.text
+            await start(page)
+            assert await asyncio.to_thread(sending.proc.wait, 60) == 0
+            assert (page.downloads / "relayed.bin").read_bytes() == payload
+        finally:
+            sending.stop()
+            if page.task is not None:
+                page.task.cancel()
+                await asyncio.gather(page.task, return_exceptions=True)
+            await page.aclose()
+        agent.stop()
+    await asyncio.to_thread(
+        wait_until,
+        lambda: _coturn_received_bytes(turn) - before > len(payload),
+        10,
+        "coturn's usage lines",
+    )

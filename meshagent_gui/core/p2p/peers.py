@@ -180,6 +180,8 @@ class PeerManager:
             validator=self._validator,
             adopt=lambda mesh, dialer: self._adopt(mesh, dialer=dialer),
             local_addresses=local_addresses,
+            turn=lambda: self.relay.turn_credentials,
+            relay_only=_direct_blocked,
             registry=registry,
         )
 

@@ -44,7 +44,7 @@ from websockets.exceptions import ConnectionClosed
 from meshagent_gui.core.mesh.authed_socket import ENROL_AGAIN, refreshable, run_authed_socket
 from meshagent_gui.core.mesh.backoff import Backoff
 from meshagent_gui.core.mesh.client import MeshClient, MeshError, ws_url
-from meshagent_gui.core.mesh.types import RELAY_BATCH_PROTOCOL, RELAY_MAX_BATCH
+from meshagent_gui.core.mesh.types import RELAY_BATCH_PROTOCOL, RELAY_MAX_BATCH, TurnCredentials
 from meshagent_gui.core.mesh.types import RELAY_ID_BYTES as ID_BYTES
 from meshagent_gui.core.mesh.types import RELAY_MAX_DATAGRAM as MAX_DATAGRAM
 from meshagent_gui.core.p2p.endpoint import Endpoint, relay_address, relay_peer
@@ -121,6 +121,9 @@ class RelayLink:
         self.stats = RelayStats()
         self.last_error: str | None = None
         self.turn: TurnRelay | None = None  # preferred for the peers it knows
+        # The credentials :attr:`turn` was opened with, renewed with it: WebRTC connections
+        # take them too (a relayed ICE candidate), rather than asking the server again.
+        self.turn_credentials: TurnCredentials | None = None
         self._retiring: list[TurnRelay] = []  # replaced allocations, still carrying old peers
         self._turn_backoff = Backoff(initial=5.0, cap=TURN_RETRY_MAX)
         self._retire_timers: list[asyncio.TimerHandle] = []
@@ -225,6 +228,7 @@ class RelayLink:
                 self.turn_bytes_out += turn.stats.bytes_out
                 await turn.close()
             self.turn = None
+            self.turn_credentials = None
             self._retiring.clear()
 
     async def _allocate(self) -> float | None:
@@ -246,6 +250,7 @@ class RelayLink:
             return delay
         self._turn_backoff.reset()
         previous, self.turn = self.turn, turn
+        self.turn_credentials = issued
         log.info("TURN allocation %s:%s on %s:%s", *(turn.relayed_address or ("?", 0)), *server)
         if previous is not None:
             self._retiring.append(previous)

@@ -49,6 +49,7 @@ from aiortc import (
     RTCDataChannel,
     RTCIceCandidate,
     RTCIceServer,
+    RTCIceTransportPolicy,
     RTCPeerConnection,
 )
 from aiortc.exceptions import InvalidStateError
@@ -620,17 +621,20 @@ def new_peer_connection(
     *,
     stun: tuple[str, int] | None = None,
     turn: TurnCredentials | None = None,
+    relay_only: bool = False,
 ) -> RTCPeerConnection:
     """An RTCPeerConnection that presents ``certificate`` in DTLS and asks only ``stun``
     (the Mesh Server's STUN) for its reflexive address: never aiortc's default public STUN.
     ``turn``: the deployment's TURN servers with credentials the Mesh Server minted (a relayed
-    candidate for peers that reach each other no other way)."""
+    candidate for peers that reach each other no other way). ``relay_only``: that candidate
+    alone (ICE policy ``relay``), when direct paths are blocked."""
     servers = [RTCIceServer(urls=f"stun:{_host_for_url(stun[0])}:{stun[1]}")] if stun else []
     if turn is not None:
         servers.append(
             RTCIceServer(urls=list(turn.urls), username=turn.username, credential=turn.password)
         )
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+    policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=policy))
     # aiortc has no API to choose the certificate (browsers take one in the configuration);
     # it makes one at construction and uses it for every transport made later.
     pc._RTCPeerConnection__certificates = [certificate]  # type: ignore[attr-defined]

@@ -17,6 +17,11 @@ ICE packet leaves for an offer without one. The offer's DTLS fingerprint must be
 device id; after DTLS the certificate the peer presented must be too (``PEER_ID_MISMATCH``), and
 the session handshake then checks the token's ``sub`` and ``cnf`` against it. ICE candidates
 follow the QUIC path's rules (:class:`~.webrtc.CandidateBudget`).
+
+When the server has TURN, every peer connection is also given the TURN server with the relay
+link's current credentials, so an agent's SDP carries a ``typ relay`` candidate: ICE prefers
+host and reflexive pairs and falls back to it only where no direct path exists. A share-link
+guest gets no TURN credentials of its own; the agent's relayed candidate is its way through.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol
 import msgspec
 
 from meshagent_gui.core.mesh.client import MeshError
+from meshagent_gui.core.mesh.types import TurnCredentials
 from meshagent_gui.core.protocol.handshake import Validator
 from meshagent_gui.core.protocol.messages import BASE_REGISTRY
 from meshagent_gui.core.protocol.registry import MessageRegistry
@@ -189,6 +195,8 @@ class WebRTCPeers:
         validator: Callable[[str], Validator],
         adopt: Callable[[MeshSession, str], bool],
         local_addresses: Callable[[], Collection[str]],
+        turn: Callable[[], TurnCredentials | None] = lambda: None,
+        relay_only: Callable[[], bool] = lambda: False,
         registry: MessageRegistry = BASE_REGISTRY,
         settings: WebRTCSettings | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
@@ -201,6 +209,8 @@ class WebRTCPeers:
         self._validator = validator
         self._adopt = adopt
         self._local_addresses = local_addresses
+        self._turn = turn  # the relay link's current TURN credentials, if the server has TURN
+        self._relay_only = relay_only  # direct paths blocked (tests): the TURN candidate alone
         self.registry = registry
         self._settings = settings
         self.connect_timeout = connect_timeout
@@ -233,7 +243,9 @@ class WebRTCPeers:
 
         stun = await self._stun()
         return DataChannelConnection(
-            new_peer_connection(self._cert(), stun=stun),
+            new_peer_connection(
+                self._cert(), stun=stun, turn=self._turn(), relay_only=self._relay_only()
+            ),
             is_dialer=dialer,
             expected_peer_id=peer_id,
             settings=self.settings,

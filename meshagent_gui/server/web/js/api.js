@@ -149,6 +149,8 @@ export class Session {
     return this.call("POST", "/capabilities", { aud, scope, resource, ...(room ? { room } : {}) }).then((g) => g.token);
   }
   ticket() { return this.call("POST", "/ws/ticket").then((t) => t.ticket); }
+  /** {urls, username, password, expires_at}: the deployment's TURN, for this device only. */
+  turnCredentials() { return this.call("POST", "/turn/credentials"); }
 }
 
 /** Claims a share link: a guest session that may reach only the link's sender. */

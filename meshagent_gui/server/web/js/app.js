@@ -338,11 +338,28 @@ app.terminalText = () => {
 
 // ------------------------------------------------------------------ start
 
-async function iceServers() {
+const TURN_RETRY_MS = 5 * 60 * 1000;
+
+/** The server's STUN, and for a signed-in device the deployment's TURN (when /info lists
+ * turn_urls) with short-lived credentials, replaced in `app.peers` a minute before they expire.
+ * A share-link guest gets none (docs/security.md): the sender's agent offers a relayed candidate. */
+async function iceServers(session = null) {
+  let info;
+  try { info = await api.serverInfo(); } catch { return []; }
+  const servers = info.stun_port ? [{ urls: `stun:${location.hostname}:${info.stun_port}` }] : [];
+  if (!session || session.state.guest || !info.turn_urls?.length) return servers;
+  const renew = (ms) => setTimeout(async () => {
+    const fresh = await iceServers(session);
+    if (app.peers) app.peers.iceServers = fresh;
+  }, ms);
   try {
-    const info = await api.serverInfo();
-    return info.stun_port ? [{ urls: `stun:${location.hostname}:${info.stun_port}` }] : [];
-  } catch { return []; }
+    const turn = await session.turnCredentials();
+    servers.push({ urls: turn.urls, username: turn.username, credential: turn.password });
+    renew(Math.max(30, turn.expires_at - Date.now() / 1000 - 60) * 1000);
+  } catch {
+    renew(TURN_RETRY_MS); // no TURN for now: direct paths only until then
+  }
+  return servers;
 }
 
 async function start(session) {
@@ -368,7 +385,7 @@ async function start(session) {
       if (text === "signed out") signOut();
     },
   });
-  app.peers = new Peers({ session, link: app.link, cert, iceServers: await iceServers(), onChannel });
+  app.peers = new Peers({ session, link: app.link, cert, iceServers: await iceServers(session), onChannel });
   $("#terminal-close").addEventListener("click", stopWatching);
   refreshDevices();
   app.link.start();
