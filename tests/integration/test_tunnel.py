@@ -325,7 +325,9 @@ def test_a_flood_of_connections_gets_the_budget_and_the_rest_are_reset(mesh: Mes
     held = [mesh.connect() for _ in range(30)]
     try:
         for sock in held:
-            sock.sendall(b"flood\n")
+            # One over the budget may be reset before we even write: that is its answer too.
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                sock.sendall(b"flood\n")
         answers = []
         for sock in held:
             sock.settimeout(TIMEOUT)

