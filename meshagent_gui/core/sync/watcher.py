@@ -1,10 +1,12 @@
-"""Filesystem events of a synced folder (watchdog: inotify on Linux) as settled batches of names.
+"""Filesystem events of a synced folder as settled batches of names.
 
-The observer's threads hand each event to the event loop (``call_soon_threadsafe``); the loop
-gathers names until ``settle`` seconds pass without a new event, but never holds a batch more
-than ``max_delay`` after its first event (a file written without pause for minutes still syncs
-as it goes). ``None`` instead of a batch means "events were lost: rescan everything" (the
-kernel queue overflowed, too many names at once, the observer died and was restarted).
+On Linux, inotify is read on the event loop itself (:mod:`.inotify`: no thread, no object per
+event); elsewhere watchdog's observer threads hand each event to the loop
+(``call_soon_threadsafe``). The loop gathers names until ``settle`` seconds pass without a new
+event, but never holds a batch more than ``max_delay`` after its first event (a file written
+without pause for minutes still syncs as it goes). ``None`` instead of a batch means "events
+were lost: rescan everything" (the kernel queue overflowed, too many names at once, the root
+went away, the observer died and was restarted).
 """
 
 from __future__ import annotations
@@ -18,27 +20,12 @@ import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import TYPE_CHECKING, Final, Self
 
-from watchdog.events import (
-    DirAttribEvent,
-    DirCreatedEvent,
-    DirDeletedEvent,
-    DirModifiedEvent,
-    DirMovedEvent,
-    EventsLostEvent,
-    FileAttribEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileDeletedEvent,
-    FileModifiedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
 
+from . import inotify
 from .ignore import STATE_DIR
 
 log = logging.getLogger(__name__)
@@ -48,34 +35,11 @@ MAX_PENDING: Final = 20_000
 HEALTH_INTERVAL: Final = 2.0
 """How often an idle watcher checks that its observer threads are still alive."""
 MAX_RESTART_DELAY: Final = 60.0
+WATCHER_ENV: Final = "MESHAGENT_SYNC_WATCHER"
+"""Set to ``watchdog`` to use watchdog on Linux too (the default there reads inotify itself)."""
 
-# Opens and read-only closes are left out: the scanner's own reads would trigger rescans.
-# Parents' "modified" events (watchdog adds one per create/delete) are dropped in _names: they
-# would make the scanner walk a whole folder for one file.
-_EVENTS: Final[list[type[FileSystemEvent]]] = [
-    FileCreatedEvent,
-    DirCreatedEvent,
-    FileDeletedEvent,
-    DirDeletedEvent,
-    FileMovedEvent,
-    DirMovedEvent,
-    FileModifiedEvent,
-    FileAttribEvent,
-    DirAttribEvent,
-    FileClosedEvent,
-    EventsLostEvent,
-]
-
-_RESCAN: Final = object()
+_RESCAN: Final = inotify.RESCAN
 """Stands for "rescan all" among the names an event reports."""
-
-
-class _Handler(FileSystemEventHandler):
-    def __init__(self, watcher: FolderWatcher) -> None:
-        self._watcher = watcher
-
-    def dispatch(self, event: FileSystemEvent) -> None:  # observer thread
-        self._watcher._from_thread(event)
 
 
 class FolderWatcher:
@@ -84,8 +48,20 @@ class FolderWatcher:
     ``async with FolderWatcher(root) as watcher: async for names in watcher.changes(): ...``
     """
 
-    def __init__(self, root: Path, *, settle: float = 0.1, max_delay: float = 1.0) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        settle: float = 0.1,
+        max_delay: float = 1.0,
+        use_inotify: bool | None = None,
+    ) -> None:
         self._root = root
+        if use_inotify is None:
+            # The environment's switch back to watchdog: an escape hatch, and for measuring.
+            use_inotify = inotify.available() and os.environ.get(WATCHER_ENV) != "watchdog"
+        self._use_inotify = use_inotify
+        self._inotify: inotify.InotifySource | None = None
         self._prefix = os.path.join(str(root), "")
         self._settle = settle
         self._max_delay = max_delay
@@ -104,7 +80,11 @@ class FolderWatcher:
         self._loop = asyncio.get_running_loop()
         self._closed = False
         # Starting adds one inotify watch per folder below the root: a walk, off the loop.
-        self._observer = await asyncio.to_thread(self._start_observer)
+        if self._use_inotify:
+            self._inotify = await asyncio.to_thread(self._start_inotify)
+            self._inotify.attach(self._loop)
+        else:
+            self._observer = await asyncio.to_thread(self._start_observer)
         return self
 
     async def __aexit__(
@@ -115,27 +95,30 @@ class FolderWatcher:
     ) -> None:
         self._closed = True
         self._wake.set()
+        source, self._inotify = self._inotify, None
+        if source is not None:
+            source.close()
         observer, self._observer = self._observer, None
         if observer is not None:
             await asyncio.to_thread(_stop_observer, observer)
 
+    def _start_inotify(self) -> inotify.InotifySource:
+        source = inotify.InotifySource(self._root, self._add)
+        source.start()
+        return source
+
     def _start_observer(self) -> BaseObserver:
-        observer = Observer()
-        try:
-            observer.schedule(_Handler(self), str(self._root), recursive=True, event_filter=_EVENTS)
-            observer.start()
-        except BaseException:
-            _stop_observer(observer)
-            raise
-        return observer
+        from . import watchdog_source  # imported only where used (its ~2 MB)
+
+        return watchdog_source.start(self._root, self._from_thread)
 
     # ----------------------------------------------------------------- events (any thread)
 
-    def _from_thread(self, event: FileSystemEvent) -> None:
+    def _from_thread(self, paths: list[str | bytes] | None) -> None:
         loop = self._loop
         if loop is None or self._closed:
             return
-        names = self._names(event)
+        names = self._names(paths)
         if not names:
             return
         # Names gather here; the loop is woken once per burst, not once per event (a pull of
@@ -153,12 +136,9 @@ class FolderWatcher:
             names, self._inbox = self._inbox, []
         self._add(names)
 
-    def _names(self, event: FileSystemEvent) -> list[str | object]:
-        if isinstance(event, EventsLostEvent):
+    def _names(self, paths: list[str | bytes] | None) -> list[str | object]:
+        if paths is None:
             return [_RESCAN]
-        if isinstance(event, DirModifiedEvent):
-            return []
-        paths = [event.src_path, event.dest_path] if event.dest_path else [event.src_path]
         names: list[str | object] = []
         for path in paths:
             name = self._relative(os.fsdecode(path))
@@ -238,21 +218,33 @@ class FolderWatcher:
             yield batch
 
     def _observer_alive(self) -> bool:
-        observer = self._observer
-        if observer is None or not observer.is_alive():
-            return False
-        # An emitter stops by itself when the root is deleted; the observer thread lives on.
-        return all(emitter.is_alive() for emitter in tuple(observer.emitters))
+        if self._use_inotify:
+            return self._inotify is not None and self._inotify.alive
+        from . import watchdog_source
+
+        return self._observer is not None and watchdog_source.alive(self._observer)
 
     async def _restart(self) -> bool:
         """A new observer for a dead one (root deleted and made again, watch limit reached)."""
+        source, self._inotify = self._inotify, None
+        if source is not None:
+            source.close()
         old, self._observer = self._observer, None
         if old is not None:
             await asyncio.to_thread(_stop_observer, old)
         if self._closed:
             return False
         try:
-            self._observer = await asyncio.to_thread(self._start_observer)
+            if self._use_inotify:
+                self._inotify = await asyncio.to_thread(self._start_inotify)
+                if self._closed:
+                    self._inotify.close()
+                    self._inotify = None
+                    return False
+                assert self._loop is not None
+                self._inotify.attach(self._loop)
+            else:
+                self._observer = await asyncio.to_thread(self._start_observer)
         except OSError as exc:
             log.warning("cannot watch %s: %s", self._root, exc)
             return False
@@ -260,7 +252,6 @@ class FolderWatcher:
 
 
 def _stop_observer(observer: BaseObserver) -> None:
-    """Stop and join (blocking: the caller runs it off the loop)."""
-    observer.stop()
-    if observer.is_alive():
-        observer.join()
+    from . import watchdog_source
+
+    watchdog_source.stop(observer)
