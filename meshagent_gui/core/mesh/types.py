@@ -137,9 +137,11 @@ class _EnrollCredentials(Wire):
     """How an enrolment proves the right to join: a join code, or a username and password."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_ENROLL_CREDENTIALS)
-    join_code: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
-    username: str | SkipJsonSchema[None] = Field(default=None, max_length=64)
-    password: str | SkipJsonSchema[None] = Field(default=None, max_length=1024)
+    # The length limits sit on the str, not the union: on the union pydantic applies them to a
+    # JSON null too and fails with a TypeError (a 500, found by the schemathesis fuzz test).
+    join_code: Annotated[str, Field(max_length=64)] | SkipJsonSchema[None] = None
+    username: Annotated[str, Field(max_length=64)] | SkipJsonSchema[None] = None
+    password: Annotated[str, Field(max_length=1024)] | SkipJsonSchema[None] = None
 
     @model_validator(mode="after")
     def _one_way_to_enroll(self) -> Self:
