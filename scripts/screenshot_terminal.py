@@ -38,8 +38,8 @@ from meshagent_gui.core.protocol.terminal import (  # noqa: E402 (after the plat
     SessionEnded,
     ViewerEvent,
 )
-from meshagent_gui.core.terminal.pty import spawn_pty  # noqa: E402
 from meshagent_gui.core.terminal.sanitize import OutputSanitizer  # noqa: E402
+from meshagent_gui.core.terminal.spawn import spawn_pty  # noqa: E402
 
 
 async def record(argv: list[str], seconds: float) -> bytes:

@@ -1,10 +1,11 @@
 """Screenshots of the desktop app under Xvfb, each window at its default size: the main window
 with a transfer in progress, the first-run dialog (with a real local mesh found on this network),
-an offer's accept dialog, the transfer history, settings, rooms, a share link and the synced
-folders window, saved to docs/screenshots/. The terminal viewer's screenshot comes from
+an offer's accept dialog, the transfer history, settings, rooms, a share link, the synced
+folders window, the tunnels window and a shared terminal's host window, saved to
+docs/screenshots/. The terminal viewer's screenshot comes from
 scripts/screenshot_terminal.py (hooked in by :func:`terminal_viewer_hook`).
 
-    python scripts/screenshots.py            # starts Xvfb itself (/usr/bin/Xvfb)
+    python scripts/screenshots.py            # starts Xvfb itself if it can, else offscreen
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def start_xvfb() -> subprocess.Popen[bytes] | None:
-    if os.environ.get("DISPLAY") or not shutil.which("Xvfb"):
+    if os.environ.get("DISPLAY"):
+        return None
+    if not shutil.which("Xvfb"):  # no display to start: render offscreen (same pixels)
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
         return None
     xcb_libs = ("libxcb-cursor.so.0", "libxcb-icccm.so.4", "libxcb-keysyms.so.1")
     probe = " && ".join(f"ldconfig -p | grep -q {lib}" for lib in xcb_libs)
@@ -107,10 +111,15 @@ async def scene(work: Path) -> None:
         server.add_user("ann")
         for home in (laptop, phone):
             home.login(server, server.join_code("ann"))
+        # A port the laptop lets its own devices reach (a real listener), for the tunnels window.
+        service = await asyncio.start_server(echo, "127.0.0.1", 0)
+        service_port = service.sockets[0].getsockname()[1]
+        laptop.ok("expose", str(service_port))
         laptop.up()
         desk = AgentHome(work / "desk", logs, "desk")
         desk.ok("config", "set", "device.name", "desk")
         desk.ok("config", "set", "transfer.rate_limit", "12M")  # keeps a transfer in view
+        desk.ok("expose", "8080")
         desk.ok("login", server.url, "--join-code", server.join_code("ann"), "--name", "desk")
         # The files first: writing 160 MB on the loop would stall the running app.
         done = work / "holiday-photos"
@@ -179,12 +188,46 @@ async def scene(work: Path) -> None:
         gui.sync.model.refresh()
         await asyncio.sleep(0.6)
         sync_window.grab().save(str(OUT / "synced-folders.png"))
+        sync_window.close()
+        await tunnels_and_terminal(gui, laptop_id, service_port)
         gui.quit()
         await task
     finally:
         laptop.stop()
         phone.stop()
         server.stop()
+        service.close()
+
+
+async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The laptop's exposed service: answers what it is sent."""
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()
+
+
+async def tunnels_and_terminal(gui, laptop_id: str, service_port: int) -> None:  # type: ignore[no-untyped-def]
+    """The tunnels window with a forward that carried a connection, this device's exposed port
+    and a shared shell; then that shell's host window."""
+    from meshagent_gui.core.protocol.tunnel import Target
+    from meshagent_gui.ui.terminal_host_window import HostTerminalWindow
+
+    agent = gui.bridge.agent
+    forward = await agent.tunnels.forward(laptop_id, "laptop", Target("localhost", service_port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", forward.port)
+    writer.write(b"hello" * 2000)
+    await reader.readexactly(10_000)
+    await gui.share_terminal()
+    host = next(w for w in gui.terminal_windows if isinstance(w, HostTerminalWindow))
+    tunnels = gui.window.open_tunnels()
+    await asyncio.sleep(1.2)  # the window refreshes every second
+    await grab(tunnels, "tunnels.png")
+    tunnels.close()
+    writer.close()
+    await grab(host, "terminal-host.png")
+    host.shared.stop()
+    await asyncio.sleep(0.5)
 
 
 def main() -> int:
@@ -192,7 +235,7 @@ def main() -> int:
     os.environ.setdefault("MESHAGENT_SECRET_STORE", "file")
     OUT.mkdir(parents=True, exist_ok=True)
     try:
-        import qasync
+        import qasync  # type: ignore[import-untyped]
 
         from meshagent_gui.ui.app import make_application
 
