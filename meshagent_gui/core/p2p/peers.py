@@ -565,13 +565,8 @@ class PeerManager:
         current = self._sessions.get(peer_id)
         if current is not None and not current.closed.is_set():
             new_kind, old_kind = self.path_of(mesh).kind, self.path_of(current).kind
-            old_dialer = self._dialed_by.get(current, dialer)
-            # A side that dials again gave up on its session (a cut link it noticed before we
-            # did): its new one replaces it. The id order only settles two sides dialing at once.
-            new_wins = (
-                dialer == old_dialer
-                or (new_kind, old_kind) == ("direct", "relay")
-                or (new_kind == old_kind and dialer < old_dialer)
+            new_wins = (new_kind, old_kind) == ("direct", "relay") or (
+                new_kind == old_kind and dialer < self._dialed_by.get(current, dialer)
             )
             if not new_wins:
                 mesh.close(ErrorCode.NO_ERROR, "duplicate connection")
