@@ -148,9 +148,18 @@ def test_cut_link_reconnects_by_itself(mesh: Mesh) -> None:
 
     wait_until(lambda: "bravo" in alpha.online(), 30, "bravo back online", every=0.5)
     wait_until(lambda: "alpha" in bravo.online(), 10, "bravo sees alpha again", every=0.5)
-    tries = ping(alpha, "bravo")
-    assert [t["path"] for t in tries] == ["direct", "direct"], mesh.diagnosis()
-    assert all("error" not in t for t in tries)
+    # Until bravo notices its old session is dead it may refuse alpha's redial as a duplicate
+    # (the closing note's known issue); the direct path must come back by itself, unaided.
+    wait_until(lambda: _direct_twice(alpha, "bravo"), 30, "direct pings again", every=1)
+
+
+def _direct_twice(agent: AgentHome, device: str) -> bool:
+    done = agent.cli("ping", device, "--count", "2", "--json")
+    tries = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    return done.returncode == 0 and [t.get("path") for t in tries if "error" not in t] == [
+        "direct",
+        "direct",
+    ]
 
 
 def test_lab_stays_inside_its_namespaces(mesh: Mesh) -> None:
