@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from meshagent_gui.core.protocol.sync import INLINE_BLOCKS, Block, FileRow
+from meshagent_gui.core.protocol.sync import INLINE_BLOCKS, MAX_BLOCK, Block, FileRow
 from meshagent_gui.core.sync import blocks
 from meshagent_gui.core.sync.ignore import Ignores
 from meshagent_gui.core.sync.index import FolderIndex
@@ -519,7 +519,9 @@ def test_batches_can_be_stored_as_they_come(folder: Folder) -> None:
 
 
 def test_a_large_file_lists_segments(folder: Folder) -> None:
-    size = (INLINE_BLOCKS + 64) * 64 * 1024
+    # More than INLINE_BLOCKS even if every cut falls at the largest block size: random data
+    # cut around 64 KiB could otherwise land just under the limit now and then.
+    size = (INLINE_BLOCKS + 16) * MAX_BLOCK
     folder.write("big.bin", os.urandom(size))
     (row,) = folder.scan().rows
     assert row.blocks == () and row.segments and row.size == size
