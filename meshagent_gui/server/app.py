@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
+from starlette.status import WS_1008_POLICY_VIOLATION
 
 from meshagent_gui import __version__
 from meshagent_gui.core.mesh.types import (
@@ -985,8 +986,12 @@ def create_app(state: ServerState) -> FastAPI:
     @router.websocket("/relay")
     async def relay(socket: WebSocket) -> None:
         batches = RELAY_BATCH_PROTOCOL if offers_batches(socket) else None
-        if (principal := await accept_device(socket, subprotocol=batches)) is not None:
-            await state.relay.serve(socket, principal)
+        if (principal := await accept_device(socket, subprotocol=batches)) is None:
+            return
+        if principal.guest_of is not None:  # a guest reaches its sender over WebRTC only
+            await socket.close(WS_1008_POLICY_VIOLATION, "a share link's guest has no relay")
+            return
+        await state.relay.serve(socket, principal)
 
     app.include_router(router)
     return app

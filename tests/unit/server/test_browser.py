@@ -366,6 +366,7 @@ async def test_a_link_is_claimed_once_and_its_guest_reaches_the_sender_only(
         ("POST", "/links", {"name": "x", "size": 1}),
         ("PATCH", "/devices/self", {"name": "renamed"}),
         ("POST", "/rooms/join", {"code": "AAAA-AAAA-AAAA-AAAA"}),
+        ("POST", "/turn/credentials", None),
     ):
         refused = await client.request(method, path, json=body, headers=guest)
         assert_error(refused, 403, "forbidden")
@@ -597,6 +598,9 @@ async def test_a_guest_and_its_sender_see_and_signal_each_other_only(mesh: Mesh)
             await guest.send(type="announce", kind="x", data={}, rooms=["@ann"])
             refused = await guest.receive()
             assert refused["error"] == "not_allowed"
+            # Nor has it a relay socket (its token in a header, as a non-browser could send).
+            relay_url = mesh.ws_url.removesuffix("/ws") + "/relay"
+            assert await closed_code(relay_url, additional_headers=guest_auth) == 1008
         await sender.receive_until(presence(guest, False))
 
 
