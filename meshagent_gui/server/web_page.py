@@ -144,10 +144,12 @@ def mount_web_page(app: FastAPI) -> None:
     async def to_app() -> Response:
         return RedirectResponse(APP_PATH, status_code=307)
 
+    # Plain functions: FastAPI runs them in its thread pool, so the file lookups (stat,
+    # resolve) stay off the event loop.
     @app.api_route("/app/{relative:path}", methods=["GET", "HEAD"], include_in_schema=False)
-    async def page_file(relative: str) -> Response:
+    def page_file(relative: str) -> Response:
         return _serve(relative)
 
     @app.api_route("/s/{link_id}", methods=["GET", "HEAD"], include_in_schema=False)
-    async def share_link_page(link_id: str) -> Response:
+    def share_link_page(link_id: str) -> Response:
         return _serve(INDEX)
