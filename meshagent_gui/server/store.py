@@ -573,10 +573,6 @@ class Store:
             tokens = self._new_session(db, device.id, now, replace_existing=False)
         return Enrolment(device=record, tokens=tokens, revoked_sessions=revoked)
 
-    def _platform(self, db: sqlite3.Connection, device_id: str) -> str:
-        row = db.execute("SELECT platform FROM devices WHERE id = ?", (device_id,)).fetchone()
-        return "" if row is None else str(row["platform"])
-
     def _device_owner(self, db: sqlite3.Connection, device_id: str) -> str | None:
         row = db.execute("SELECT user FROM devices WHERE id = ?", (device_id,)).fetchone()
         return None if row is None else str(row["user"])
@@ -584,10 +580,10 @@ class Store:
     def _register_device(
         self, db: sqlite3.Connection, user: str, device: NewDevice, now: float
     ) -> DeviceRecord:
-        owner = self._device_owner(db, device.id)
-        if owner is not None and owner != user:
+        existing = self._device(db, device.id)
+        if existing is not None and existing.user != user:
             raise StoreError("forbidden", "This device certificate is enrolled to another user.")
-        if owner is not None and _kind(self._platform(db, device.id)) != _kind(device.platform):
+        if existing is not None and _kind(existing.platform) != _kind(device.platform):
             # A browser's enrolment proves no key: it must never take over (or revoke the
             # sessions of) an agent that happens to have, or is given, the same fingerprint.
             raise StoreError(
@@ -609,7 +605,11 @@ class Store:
             actor_user=user,
             actor_device=device.id,
             subject=device.id,
-            detail={"name": device.name, "platform": device.platform, "again": owner is not None},
+            detail={
+                "name": device.name,
+                "platform": device.platform,
+                "again": existing is not None,
+            },
         )
         return record
 
@@ -1350,7 +1350,7 @@ class Store:
         with self._transaction() as db:
             row = db.execute("SELECT * FROM links WHERE id = ?", (link_id,)).fetchone()
             if row is None or not hmac.compare_digest(row["secret_hash"], secret_hash(secret)):
-                raise StoreError("link_unknown", "This share link is not known to the server.")
+                raise _unknown_link()
             if row["guest"] is not None:
                 raise StoreError("link_claimed", "This share link has already been used.")
             if row["expires_at"] <= now:
@@ -1387,11 +1387,7 @@ class Store:
 
     def link_status(self, link_id: str, sender: str) -> tuple[LinkRecord, str | None]:
         """A link of ``sender``'s, and its guest once claimed (another device's: unknown)."""
-        row = self._db.execute(
-            "SELECT * FROM links WHERE id = ? AND sender = ?", (link_id, sender)
-        ).fetchone()
-        if row is None:
-            raise StoreError("link_unknown", "This share link is not known to the server.")
+        row = _sender_link(self._db, link_id, sender)
         link = LinkRecord(row["id"], sender, row["name"], row["size"], row["expires_at"])
         return link, row["guest"]
 
@@ -1399,11 +1395,7 @@ class Store:
         """``sender`` cancelled its send: nobody may claim the link any more (a claim then
         hears ``link_expired``). Another device's link is unknown; a claimed one, too late."""
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT * FROM links WHERE id = ? AND sender = ?", (link_id, sender)
-            ).fetchone()
-            if row is None:
-                raise StoreError("link_unknown", "This share link is not known to the server.")
+            row = _sender_link(db, link_id, sender)
             if row["guest"] is not None:
                 raise StoreError("link_claimed", "This share link has already been used.")
             if row["expires_at"] <= now:
@@ -1523,6 +1515,21 @@ def _device_record(row: sqlite3.Row) -> DeviceRecord:
         last_seen=row["last_seen"],
         addresses=tuple(json.loads(row["addresses"])),
     )
+
+
+def _sender_link(db: sqlite3.Connection, link_id: str, sender: str) -> sqlite3.Row:
+    """The link ``link_id`` of device ``sender``; another device's link is as unknown as a
+    missing one (no oracle for link ids)."""
+    row = db.execute(
+        "SELECT * FROM links WHERE id = ? AND sender = ?", (link_id, sender)
+    ).fetchone()
+    if row is None:
+        raise _unknown_link()
+    return row  # type: ignore[no-any-return]
+
+
+def _unknown_link() -> StoreError:
+    return StoreError("link_unknown", "This share link is not known to the server.")
 
 
 def _kind(platform: str) -> str:
