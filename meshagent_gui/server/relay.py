@@ -199,19 +199,20 @@ class Relay:
         elif not self._buckets.take(peer.device_id, now, len(frame) - ID_BYTES):
             self.stats.dropped += 1
         elif peer.batched == target.batched:
-            forwarded = target.push(peer.raw_id + frame[ID_BYTES:])
-            self.stats.forwarded += forwarded
-            self.stats.dropped += not forwarded
+            self._deliver(target, peer.raw_id + frame[ID_BYTES:])
         elif target.batched:  # one datagram for a batching receiver: a batch of one
             datagram = frame[ID_BYTES:]
-            forwarded = target.push(peer.raw_id + LENGTH.pack(len(datagram)) + datagram)
-            self.stats.forwarded += forwarded
-            self.stats.dropped += not forwarded
+            self._deliver(target, peer.raw_id + LENGTH.pack(len(datagram)) + datagram)
         else:
             for datagram in split_batch(frame):
-                forwarded = target.push(peer.raw_id + datagram)
-                self.stats.forwarded += forwarded
-                self.stats.dropped += not forwarded
+                self._deliver(target, peer.raw_id + datagram)
+
+    def _deliver(self, target: _Peer, frame: bytes) -> None:
+        """Queue ``frame`` for ``target``, counted dropped when it pushed an older one out."""
+        if target.push(frame):
+            self.stats.forwarded += 1
+        else:
+            self.stats.dropped += 1
 
     async def _write(self, websocket: WebSocket, peer: _Peer) -> None:
         try:
