@@ -34,6 +34,7 @@ from .hub import BucketTable
 # A device needs credentials once per connection attempt; more than this is a loop or a flood.
 ISSUE_RATE: Final = 1.0  # per second, per device
 ISSUE_BURST: Final = 20.0
+PRUNE_AT: Final = 64  # buckets kept before idle ones are forgotten
 DEFAULT_TTL: Final = 600  # seconds: long enough to set up a call, short enough to be worthless
 MIN_SECRET_BYTES: Final = 16
 # turn: / turns: URLs (RFC 7065): host or [v6], an optional port and ?transport=udp|tcp.
@@ -97,11 +98,14 @@ class TurnIssuer:
     def __init__(self, config: TurnConfig) -> None:
         self.config = config
         self._buckets = BucketTable(ISSUE_RATE, ISSUE_BURST)
-        self.issued = 0
+        self._prune_at = PRUNE_AT
 
     def issue(self, device_id: str, now: float) -> TurnCredentials | None:
         if not self._buckets.take(device_id, now):
             return None
-        self._buckets.prune(now, {device_id})
-        self.issued += 1
+        if len(self._buckets) >= self._prune_at:
+            # Pruning scans every bucket: only when the table doubled, so a request costs O(1)
+            # on average however many devices ask.
+            self._buckets.prune(now, {device_id})
+            self._prune_at = max(PRUNE_AT, 2 * len(self._buckets))
         return self.config.mint(device_id, now)

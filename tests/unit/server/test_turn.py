@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from meshagent_gui.server.turn import ISSUE_BURST, TurnConfig, TurnConfigError, TurnIssuer
+from meshagent_gui.server.turn import (
+    ISSUE_BURST,
+    PRUNE_AT,
+    TurnConfig,
+    TurnConfigError,
+    TurnIssuer,
+)
 
 SECRET = b"a shared secret of some length"
 DEVICE = "ab" * 32
@@ -64,3 +70,10 @@ def test_a_device_asking_too_often_is_cut_off_and_others_are_not() -> None:
     assert answers[-1] is None
     assert issuer.issue("cd" * 32, 100.0) is not None  # another device has its own budget
     assert issuer.issue(DEVICE, 110.0) is not None  # and the budget refills
+
+
+def test_a_flood_of_devices_leaves_only_a_bounded_table() -> None:
+    issuer = TurnIssuer(TurnConfig(("turn:h",), SECRET))
+    for index in range(10 * PRUNE_AT):  # each device asks once; their budgets refill meanwhile
+        assert issuer.issue(f"{index:064x}", 100.0 + 30.0 * index) is not None
+    assert len(issuer._buckets) <= PRUNE_AT
