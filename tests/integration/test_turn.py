@@ -318,10 +318,13 @@ async def _stranger_sends_to(turn: Coturn) -> TurnStats:
         stranger = peer[0]
         # a peer of ours on the same IP opens the permission; the stranger's port is not it
         relay.add_peer("ab" * 32, (LOOPBACK, 9))
-        await asyncio.sleep(0.3)
-        for _ in range(200):
-            stranger.sendto(b"\xc0garbage", relayed)
-        await asyncio.sleep(0.5)
+        # Until coturn installed the permission it drops the stranger's packets: keep sending
+        # until some got through to us (no fixed sleep: a loaded machine may take longer).
+        async with asyncio.timeout(30):
+            while relay.stats.unknown_sources == 0:
+                for _ in range(20):
+                    stranger.sendto(b"\xc0garbage", relayed)
+                await asyncio.sleep(0.05)
         stranger.close()
         return relay.stats
     finally:

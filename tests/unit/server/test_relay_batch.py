@@ -48,8 +48,9 @@ async def test_batches_pass_between_batching_sockets_and_are_split_for_others(me
         connect(url, additional_headers=old.auth) as c,
     ):
         assert a.subprotocol == b.subprotocol == RELAY_BATCH_PROTOCOL and c.subprotocol is None
-        while mesh.server.state.relay.connection_count < 3:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(WAIT):
+            while mesh.server.state.relay.connection_count < 3:
+                await asyncio.sleep(0.01)
         flight = batch(b"one", b"two", b"three")
         await a.send(bytes.fromhex(phone.device_id) + flight)
         assert await asyncio.wait_for(b.recv(), WAIT) == bytes.fromhex(laptop.device_id) + flight
