@@ -1516,20 +1516,20 @@ def cmd_expose(args: argparse.Namespace) -> int:
         if args.to in room_names:
             rule = Exposure(target, room=args.to)
         else:
-            from meshagent_gui.core.ipc_types import DeviceView, NoParams
+            from meshagent_gui.core.ipc_types import DeviceView, NoParams, pick_device
 
             devices = _run(_ask(ctx, "devices", NoParams(), list[DeviceView]))
-            wanted = args.to.lower()
-            matches = [d for d in devices if wanted in (d.name.lower(), d.id)] or [
-                d for d in devices if len(wanted) >= 4 and d.id.startswith(wanted)
-            ]
-            if len(matches) != 1:
+            try:
+                device = pick_device(devices, args.to)
+            except UserError as exc:
+                if exc.code != "unknown_device":
+                    raise  # several devices match: the error names them
                 raise UserError(
                     f"{args.to!r} is neither a room of yours nor one device (see meshagent"
                     " rooms list, meshagent devices)",
                     code="unknown_device",
-                )
-            rule = Exposure(target, device=matches[0].id)
+                ) from None
+            rule = Exposure(target, device=device.id)
     kept = [r for r in rules if r.target != target] if args.off else [*rules, rule]
     if args.off and len(kept) == len(rules):
         raise UserError(f"{target} is not exposed", code="not_exposed")

@@ -24,7 +24,6 @@ from meshagent_gui.build_info import is_newer
 from meshagent_gui.config import Config, parse_rate
 from meshagent_gui.context import Context
 from meshagent_gui.errors import UserError
-from meshagent_gui.identity import short_id
 
 from .bus import EventBus
 from .events import (
@@ -66,6 +65,7 @@ from .ipc_types import (
     TerminalViewParams,
     TransferInfo,
     TransfersParams,
+    pick_device,
 )
 from .mesh.client import Enrollment, MeshClient, MeshError
 from .mesh.enroll import require_enrollment
@@ -357,22 +357,7 @@ class Agent:
 
     async def resolve_device(self, text: str) -> DeviceView:
         """A device by name (any case), full id, id prefix or short id; one clear error else."""
-        wanted = text.strip().lower()
-        devices = await self.devices()
-        for matches in (
-            [d for d in devices if d.name.lower() == wanted or d.id == wanted],
-            [d for d in devices if len(wanted) >= 4 and d.id.startswith(wanted)],
-            [d for d in devices if short_id(d.id).lower().startswith(wanted) and len(wanted) >= 4],
-        ):
-            if len(matches) == 1:
-                return matches[0]
-            if len(matches) > 1:
-                names = ", ".join(f"{d.name} ({short_id(d.id)})" for d in matches)
-                raise UserError(f"{text!r} matches several devices: {names}", code="ambiguous")
-        raise UserError(
-            f"no device {text!r} shares a room with this one (see meshagent devices)",
-            code="unknown_device",
-        )
+        return pick_device(await self.devices(), text)
 
     async def ping(self, device: str, count: int = 4, interval: float = 1.0) -> PingReply:
         """Connect to a device (direct, else relay) and measure round trips over QUIC."""

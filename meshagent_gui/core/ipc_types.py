@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 import msgspec
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from meshagent_gui.core.mesh.types import Device
 
 Cells = Annotated[int, msgspec.Meta(ge=1, le=1000)]
@@ -506,3 +508,25 @@ class DeviceView:
         return cls(
             device.id, device.name, device.user, device.platform, online, device.last_seen, "none"
         )
+
+
+def pick_device(devices: Sequence[DeviceView], text: str) -> DeviceView:
+    """A device by name (any case), full id, id prefix or short id; one clear error else."""
+    from meshagent_gui.errors import UserError
+    from meshagent_gui.identity import short_id  # cryptography: only when asked
+
+    wanted = text.strip().lower()
+    for matches in (
+        [d for d in devices if d.name.lower() == wanted or d.id == wanted],
+        [d for d in devices if len(wanted) >= 4 and d.id.startswith(wanted)],
+        [d for d in devices if short_id(d.id).lower().startswith(wanted) and len(wanted) >= 4],
+    ):
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            names = ", ".join(f"{d.name} ({short_id(d.id)})" for d in matches)
+            raise UserError(f"{text!r} matches several devices: {names}", code="ambiguous")
+    raise UserError(
+        f"no device {text!r} shares a room with this one (see meshagent devices)",
+        code="unknown_device",
+    )
