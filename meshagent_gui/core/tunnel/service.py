@@ -96,8 +96,14 @@ def refusal_text(device: str, target: Target, code: int, message: str = "") -> s
             return f"{device} refused the tunnel's capability token ({message or 'bad token'})"
         if code == ErrorCode.UNKNOWN_ROLE:
             return f"{device} does not take tunnels (an older version)"
-        return f"{device} ended the connection ({message or TunnelErrorCode(code).name.lower()})"
+        return f"{device} ended the connection ({message or code_name(code)})"
     return f"{device} " + words.format(target=target, port=target.port)
+
+
+def code_name(code: int) -> str:
+    """``target_refused``, ``bad_token``: a tunnel code's name, else the session's."""
+    tunnel = TunnelErrorCode(code)
+    return (tunnel if tunnel.known else ErrorCode(code)).name.lower()
 
 
 class TunnelEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -332,10 +338,10 @@ class TunnelService:
 
     def announced_by(self, device_id: str) -> list[str] | None:
         """The targets ``device_id`` announces to us (None: no announcement from it)."""
-        found = [t for (d, _), ts in self.available.items() if d == device_id for t in ts]
-        if not any(d == device_id for d, _ in self.available):
+        per_room = [ts for (d, _), ts in self.available.items() if d == device_id]
+        if not per_room:
             return None
-        return list(dict.fromkeys(found))
+        return list(dict.fromkeys(t for targets in per_room for t in targets))
 
     # ------------------------------------------------------------ forwards
 
@@ -622,7 +628,7 @@ class Forward:
 
 def _refused(forward: Forward, number: int, exc: BaseException) -> TunnelEvent:
     if isinstance(exc, ChannelClosed):
-        reason = TunnelErrorCode(int(exc.code)).name.lower()
+        reason = code_name(int(exc.code))
         message = refusal_text(forward.device_name, forward.target, int(exc.code), exc.message)
         if not isinstance(exc, ChannelRefused) and not exc.by_peer:
             message = f"the connection to {forward.device_name} closed"

@@ -34,7 +34,14 @@ from meshagent_gui.core.protocol.tunnel import (
     TunnelErrorCode,
 )
 from meshagent_gui.core.tunnel.exposure import Exposure, parse_rules
-from meshagent_gui.core.tunnel.service import TOKEN_POOL, Forward, TunnelEvent, TunnelService
+from meshagent_gui.core.tunnel.service import (
+    TOKEN_POOL,
+    Forward,
+    TunnelEvent,
+    TunnelService,
+    code_name,
+    refusal_text,
+)
 from meshagent_gui.errors import UserError
 
 TIMEOUT = 10.0
@@ -227,6 +234,16 @@ async def connect(forward: Forward) -> tuple[asyncio.StreamReader, asyncio.Strea
     return await asyncio.open_connection("127.0.0.1", forward.port)
 
 
+async def echoed(
+    forward: Forward, line: bytes = b"hello\n"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection through ``forward`` that has carried ``line`` there and back."""
+    reader, writer = await connect(forward)
+    writer.write(line)
+    assert await asyncio.wait_for(reader.readexactly(len(line)), TIMEOUT) == line
+    return reader, writer
+
+
 async def test_bulk_data_both_ways_arrives_whole(
     alice: identity.Identity, bob: identity.Identity
 ) -> None:
@@ -288,18 +305,14 @@ async def test_later_connections_ride_the_ticket_not_the_server(
     async with world(alice, bob) as w:
         forward = await w.forward()
         for number in range(6):
-            reader, writer = await connect(forward)
-            writer.write(b"%05d\n" % number)
-            assert await asyncio.wait_for(reader.readexactly(6), TIMEOUT) == b"%05d\n" % number
+            _, writer = await echoed(forward, b"%05d\n" % number)
             writer.close()
         assert w.client.asked <= 1 + TOKEN_POOL  # the first connection's, and the pool's
         assert len(w.exposing.tickets) == 1
         # The exposing side forgets its tickets (a restart): the forward falls back to a token.
         w.exposing.tickets = TicketBook()
         asked = w.client.asked
-        reader, writer = await connect(forward)
-        writer.write(b"again\n")
-        assert await asyncio.wait_for(reader.readexactly(6), TIMEOUT) == b"again\n"
+        _, writer = await echoed(forward, b"again\n")
         writer.close()
         assert w.client.asked > asked and len(w.exposing.tickets) == 1
 
@@ -417,16 +430,12 @@ async def test_a_dead_session_resets_its_connections_and_the_forward_redials(
 ) -> None:
     async with world(alice, bob) as w:
         forward = await w.forward()
-        reader, writer = await connect(forward)
-        writer.write(b"hello\n")
-        assert await asyncio.wait_for(reader.readexactly(6), TIMEOUT) == b"hello\n"
+        reader, writer = await echoed(forward)
         w.peers.sessions[-1].close(ErrorCode.GOING_AWAY, "gone")  # the path died
         assert await _ended(reader) == b""
         writer.close()
         await w.dial()  # what the peer manager does for the next connection
-        reader, writer = await connect(forward)
-        writer.write(b"again\n")
-        assert await asyncio.wait_for(reader.readexactly(6), TIMEOUT) == b"again\n"
+        _, writer = await echoed(forward, b"again\n")
         writer.close()
 
 
@@ -435,9 +444,7 @@ async def test_an_idle_connection_is_reset_on_both_sides(
 ) -> None:
     async with world(alice, bob, idle=0.3) as w:
         forward = await w.forward()
-        reader, writer = await connect(forward)
-        writer.write(b"hello\n")
-        assert await asyncio.wait_for(reader.readexactly(6), TIMEOUT) == b"hello\n"
+        reader, writer = await echoed(forward)
         assert await _ended(reader) == b""  # then silence: the idle timer ends it
         closed = await _event(w, "closed")
         assert closed.reason == "idle_timeout"
@@ -613,9 +620,7 @@ async def test_stop_ends_what_the_listing_names_and_nothing_else(
 ) -> None:
     async with world(alice, bob) as w:
         forward = await w.forward()
-        reader, writer = await connect(forward)
-        writer.write(b"hello\n")
-        assert await asyncio.wait_for(reader.readexactly(6), TIMEOUT) == b"hello\n"
+        reader, writer = await echoed(forward)
         [served] = [t for t in w.exposing.listing() if t.kind == "served"]
         for garbage in ("", "served:", "served:999", "served:-1", "nope:1", "forward:1.2.3.4:5"):
             assert not await w.exposing.stop(garbage) and not await w.forwarding.stop(garbage)
@@ -633,3 +638,15 @@ async def test_stop_ends_what_the_listing_names_and_nothing_else(
         assert forward.closed.is_set() and not w.forwarding.listing()
         with pytest.raises(OSError):
             await connect(forward)
+
+
+def test_a_refusal_names_session_codes_as_well_as_tunnel_codes() -> None:
+    target = Target("localhost", 22)
+    assert code_name(TunnelErrorCode.TARGET_REFUSED) == "target_refused"
+    assert code_name(ErrorCode.BAD_TOKEN) == "bad_token"  # not unknown_0x21
+    assert code_name(0x4FF) == "unknown_0x4ff"  # a newer peer's code
+    assert refusal_text("bob", target, ErrorCode.BAD_TOKEN, "expired") == (
+        "bob refused the tunnel's capability token (expired)"
+    )
+    ended = refusal_text("bob", target, ErrorCode.CANCELLED)
+    assert ended == "bob ended the connection (cancelled)"
