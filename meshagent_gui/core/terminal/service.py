@@ -182,6 +182,9 @@ class SharedTerminal:
         self._reports_waiting = asyncio.Event()
         self._reported: str | None = None
         self._ended = False
+        self.hang_up_when_abandoned = False
+        """A shell opened by ``terminal open``: hung up OPENED_GRACE after its last viewer left
+        (whichever stream that was: the opener's, or a reconnect's)."""
 
     async def run(self) -> ExitStatus:
         """Announce the session and share it until the command exits (or cancellation)."""
@@ -275,6 +278,19 @@ class SharedTerminal:
     # ------------------------------------------------------------ one viewer's stream
 
     async def serve(self, channel: Channel, grant: Capability) -> None:
+        try:
+            await self._serve_viewer(channel, grant)
+        finally:
+            if self.hang_up_when_abandoned and not self.host.viewers:
+                name = f"terminal-abandoned-{self.session_id}"
+                self.service._spawn(self._hang_up_if_abandoned(), name)
+
+    async def _hang_up_if_abandoned(self) -> None:
+        await asyncio.sleep(OPENED_GRACE)
+        if not self.host.viewers and not self._ended:
+            self.stop()
+
+    async def _serve_viewer(self, channel: Channel, grant: Capability) -> None:
         try:
             async with asyncio.timeout(JOIN_TIMEOUT):
                 join = await channel.receive()
@@ -425,7 +441,7 @@ class TerminalService:
         self._shared: dict[str, SharedTerminal] = {}
         self._announced = PeerAnnouncements(ANNOUNCE_KIND, "session_id", _read_announcement)
         self._announcements_changed = asyncio.Event()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[object]] = set()
         peers.register(
             Service(StreamRole.TERMINAL, (CONTROL_SCOPE, VIEW_SCOPE, OPEN_SCOPE), self._serve)
         )
@@ -497,7 +513,7 @@ class TerminalService:
                     code="unknown_room",
                 )
 
-    def _spawn(self, coroutine: Awaitable[None], name: str) -> None:
+    def _spawn(self, coroutine: Awaitable[object], name: str) -> None:
         """A task nobody awaits, kept referenced until it ends."""
         task = asyncio.ensure_future(coroutine)
         task.set_name(name)
@@ -554,11 +570,9 @@ class TerminalService:
             channel.abort(ErrorCode.REFUSED, exc.message)
             return
         log.info("opened a shell (%s) for %s", session_id, self._peer_name(channel.peer_id))
-        self._spawn(_discard(shared.run()), f"terminal-opened-{session_id}")
-        try:
-            await shared.serve(channel, grant)
-        finally:
-            self._spawn(_hang_up_when_abandoned(shared), f"terminal-abandoned-{session_id}")
+        shared.hang_up_when_abandoned = True
+        self._spawn(shared.run(), f"terminal-opened-{session_id}")
+        await shared.serve(channel, grant)
 
     # ------------------------------------------------------------ the peers' sessions
 
@@ -626,16 +640,6 @@ class TerminalService:
         await view.connect()
         view.opening = False  # a reconnect attaches to the shell it opened
         return view
-
-
-async def _discard(running: Awaitable[object]) -> None:
-    await running
-
-
-async def _hang_up_when_abandoned(shared: SharedTerminal) -> None:
-    await asyncio.sleep(OPENED_GRACE)
-    if not shared.host.viewers:
-        shared.stop()
 
 
 @dataclass
