@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
 )
 
 from meshagent_gui.core.agent import Agent
-from meshagent_gui.units import human_size
+from meshagent_gui.units import human_size, plural
 
 from .bridge import AgentBridge
 
@@ -66,7 +66,7 @@ def tunnel_rows(agent: Agent) -> list[TunnelRow]:
     for info in agent.tunnels.listing():
         if info.kind in ("forward", "served"):
             details = (
-                f"{info.connections} connection{'s' * (info.connections != 1)}, "
+                f"{plural(info.connections, 'connection')}, "
                 f"{human_size(info.bytes_sent)} out, {human_size(info.bytes_received)} in"
             )
             if info.listen:
@@ -77,13 +77,12 @@ def tunnel_rows(agent: Agent) -> list[TunnelRow]:
             TunnelRow(info.kind, info.device or "this device", info.target, details, info.id)
         )
     for session_id, shared in agent.terminals.shared.items():
-        viewers = len(shared.host.viewers)
         rows.append(
             TunnelRow(
                 "shell",
                 "this device",
                 shared.title,
-                f"{viewers} viewer{'s' * (viewers != 1)}",
+                plural(len(shared.host.viewers), "viewer"),
                 f"{SHELL_PREFIX}{session_id}",
             )
         )

@@ -89,7 +89,9 @@ def test_a_data_frame_claiming_more_than_its_cap_costs_nothing() -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=64), st.integers(0, 0xFF))
-def test_garbage_on_a_tunnel_stream_is_always_a_protocol_error(garbage: bytes, flags: int) -> None:
+def test_garbage_on_a_tunnel_stream_raises_nothing_but_a_protocol_error(
+    garbage: bytes, flags: int
+) -> None:
     for code in (CONNECTED, DATA):
         with contextlib.suppress(ProtocolError):
             MessageStream(TUNNEL_REGISTRY).receive_data(
