@@ -502,7 +502,7 @@ class TurnRelay(asyncio.DatagramProtocol):
         self._client: TurnClientUdpProtocol | None = None
         self._peers: dict[str, Address] = {}  # device id -> its relayed address
         self._sources: dict[Address, Address] = {}  # relayed address -> relay pseudo address
-        self._binding: set[asyncio.Task[None]] = set()
+        self._binding: dict[Address, asyncio.Task[None]] = {}  # relayed address -> its bind
         self._inbound: list[tuple[bytes, Address]] = []
         self._flush_scheduled = False
         self._socket: _TurnSocket | None = None
@@ -579,9 +579,13 @@ class TurnRelay(asyncio.DatagramProtocol):
         if client is None or target is None or self.relayed_address is None:
             return False
         channel = client.peer_to_channel.get(target)
-        if channel is None or time.time() > client.channel_refresh_at[channel]:
+        if channel is None:
             self._bind(target)  # the packets are lost meanwhile: QUIC resends
             return True
+        if time.time() > client.channel_refresh_at[channel]:
+            # Refreshed in the background: the server keeps a binding for 10 minutes, aioice
+            # refreshes it after TURN_LIFETIME // 2, so the channel still carries meanwhile.
+            self._bind(target)
         pack = CHANNEL_DATA_HEADER.pack
         messages = [pack(channel, len(datagram)) + datagram for datagram in datagrams]
         assert self._io is not None and self._server is not None
@@ -597,12 +601,14 @@ class TurnRelay(asyncio.DatagramProtocol):
         self.send(datagrams, addr)
 
     def _bind(self, target: Address) -> None:
+        """Bind (or refresh) ``target``'s channel in the background; the sends meanwhile start
+        no second ChannelBind (aioice marks only a first binding as under way, not a refresh)."""
         client = self._client
-        if client is None or target in client.peer_connect_waiters:
-            return  # a binding is under way
+        if client is None or target in self._binding:
+            return
         task = asyncio.get_running_loop().create_task(self._bind_channel(client, target))
-        self._binding.add(task)
-        task.add_done_callback(self._binding.discard)
+        self._binding[target] = task
+        task.add_done_callback(lambda _: self._binding.pop(target, None))
 
     async def _bind_channel(self, client: TurnClientUdpProtocol, target: Address) -> None:
         # aioice binds (or refreshes) the channel before it sends; an empty ChannelData
@@ -671,7 +677,7 @@ class TurnRelay(asyncio.DatagramProtocol):
     async def close(self) -> None:
         """Give the allocation back (a Refresh with lifetime 0) and close the socket."""
         client = self._client
-        for task in list(self._binding):
+        for task in list(self._binding.values()):
             task.cancel()
         if client is not None:
             with contextlib.suppress(Exception):

@@ -99,6 +99,25 @@ async def test_a_peer_that_moves_is_not_reachable_at_its_old_address() -> None:
     assert relay.stats.unknown_sources == 1
 
 
+async def test_a_channel_due_for_refresh_keeps_carrying_and_is_refreshed_once() -> None:
+    relay, _, io = _relay_with_channel()
+    assert relay._client is not None
+    relay._client.channel_refresh_at[0x4000] = time.time() - 1  # aioice's refresh time passed
+    refreshes: list[Address] = []
+
+    async def refresh(client: object, target: Address) -> None:
+        refreshes.append(target)
+        await asyncio.Event().wait()  # the server has not answered yet
+
+    relay._bind_channel = refresh  # type: ignore[method-assign]
+    for _ in range(3):  # a flight of sends while the refresh is out
+        assert relay.send([b"quic"], relay_address(PEER))
+    await asyncio.sleep(0)
+    assert len(io.sent) == 3  # nothing lost: the server still holds the binding
+    assert refreshes == [PEER_RELAYED]  # one ChannelBind, not one per send
+    await relay.close()
+
+
 # ---------------------------------------------------------------------------- RelayLink's choice
 
 
