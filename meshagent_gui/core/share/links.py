@@ -53,8 +53,8 @@ async def share_link(
     :data:`HEARTBEAT`) until someone claims it, then :class:`LinkClaimedBy`."""
     if len(paths) != 1:
         raise UserError("a share link carries one file or folder", code="usage")
-    manifest = await asyncio.to_thread(walk, paths)
-    [item] = zip_folders(manifest).entries  # what the page will receive: one file
+    # What the page will receive: one file (laid out in a worker, like the walk).
+    [item] = (await asyncio.to_thread(lambda: zip_folders(walk(paths)))).entries
     with bus.subscribed() as events:  # before the link exists: no claim can be missed
         link = await client.create_link(item.path, item.size, ttl)
         ready = LinkReady(f"{client.url.rstrip('/')}{link.path}#{link.secret}", link.expires_at)

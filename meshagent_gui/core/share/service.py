@@ -66,7 +66,7 @@ from .progress import RateMeter, transfer_title
 from .ratelimit import TokenBucket
 from .receiving import Decision, IncomingTransfer, ReceiverTools
 from .sending import CHUNK_SIZE, Interrupted, ItemResult, OutgoingTransfer, Totals, item_results
-from .source import SourceEntry, walk
+from .source import Manifest, SourceEntry, walk
 from .zipsource import zip_folders
 
 __all__ = ["CHUNK_SIZE", "ActiveTransfer", "ItemResult", "TransferError", "TransferService"]
@@ -194,9 +194,12 @@ class TransferService:
 
         ``folders_as_zip``: each folder goes as one ``NAME.zip`` made on the fly (to a browser,
         which saves one file)."""
-        manifest = await asyncio.to_thread(walk, paths, disk=self._disk)
-        if folders_as_zip:
-            manifest = zip_folders(manifest)
+
+        def manifest_of() -> Manifest:  # in a worker: a big folder's zip layout is work too
+            walked = walk(paths, disk=self._disk)
+            return zip_folders(walked) if folders_as_zip else walked
+
+        manifest = await asyncio.to_thread(manifest_of)
         for skipped in manifest.skipped:
             log.warning("not sent: %s (%s)", skipped.path, skipped.reason)
         entries = manifest.entries
