@@ -129,24 +129,20 @@ def _print_rows(title: str, rows: dict[str, float], against: str) -> None:
 
 @pytest.mark.benchmark
 @pytest.mark.timeout(3600)
-def test_a_lossy_link_against_tcp_and_scp(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "link", "with_scp", "against"),
+    [("lossy", LOSSY, True, "TCP BBR"), ("fast", FAST, False, "TCP CUBIC")],
+    ids=["lossy-against-tcp-and-scp", "fast-against-tcp"],
+)
+def test_a_link_against_tcp(
+    tmp_path: Path, name: str, link: LinkProfile, with_scp: bool, against: str
+) -> None:
     _skip_unless_possible()
-    rows = _path_rows(tmp_path, LOSSY, with_scp=True)
-    _print_rows(LOSSY.describe(), rows, "TCP BBR")
+    rows = _path_rows(tmp_path, link, with_scp=with_scp)
+    _print_rows(link.describe(), rows, against)
     write_report(
-        {"benchmark": "paths-lossy", "link": LOSSY.describe(), "MB/s": rows}, "paths-lossy.json"
-    )
-    assert all(rate > 0 for rate in rows.values())
-
-
-@pytest.mark.benchmark
-@pytest.mark.timeout(3600)
-def test_a_fast_link_against_tcp(tmp_path: Path) -> None:
-    _skip_unless_possible()
-    rows = _path_rows(tmp_path, FAST, with_scp=False)
-    _print_rows(FAST.describe(), rows, "TCP CUBIC")
-    write_report(
-        {"benchmark": "paths-fast", "link": FAST.describe(), "MB/s": rows}, "paths-fast.json"
+        {"benchmark": f"paths-{name}", "link": link.describe(), "MB/s": rows},
+        f"paths-{name}.json",
     )
     assert all(rate > 0 for rate in rows.values())
 
