@@ -36,6 +36,7 @@ from meshagent_gui.core.protocol.terminal import (
 from meshagent_gui.core.terminal import service as service_module
 from meshagent_gui.core.terminal.service import (
     CONTROL_SCOPE,
+    OPEN_SCOPE,
     VIEW_SCOPE,
     ControlAsk,
     SharedTerminal,
@@ -164,6 +165,7 @@ def make_service(
     verify: Callable[..., Awaitable[Capability]] | None = None,
     peer_user: str = "ann",
     client: FakeClient | None = None,
+    allow_open: str = "off",
 ) -> tuple[TerminalService, FakeLink, EventBus]:
     async def refuse(*_: Any, **__: Any) -> Capability:
         raise Expired("token expired")
@@ -182,6 +184,7 @@ def make_service(
         peer_user=user_of,
         peer_name=lambda device_id: f"name-of-{device_id}",
         device_name=lambda: "laptop",
+        allow_open=lambda: allow_open,
     )
     return service, link, bus
 
@@ -577,3 +580,36 @@ async def test_two_viewers_of_one_device_get_distinct_names_and_a_returning_one_
     assert sorted(v.party for v in shared.host.viewers) == ["name-of-peer-1", "name-of-peer-1 (2)"]
     await stop(shared, task)
     await asyncio.wait_for(asyncio.gather(*serving[1:]), TIMEOUT)
+
+
+async def test_an_opened_shell_is_hung_up_once_its_last_viewer_leaves_even_a_returning_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service_module, "OPENED_GRACE", 0.0)
+    service, _, _ = make_service(allow_open="own")
+
+    def viewer() -> FakeChannel:
+        channel = FakeChannel(resource="abcd1234")
+        channel.inbox.put_nowait(Join())
+        return channel
+
+    opener = viewer()
+    opener.grant = grant(OPEN_SCOPE)
+    opening = asyncio.create_task(service._serve(opener))  # type: ignore[arg-type]
+    await opener.wait_sent(Snapshot)
+    (shared,) = service.shared.values()
+    # The opener's stream ends while a reconnected viewer is attached: the shell stays.
+    returning = viewer()
+    staying = asyncio.create_task(shared.serve(returning, grant(OPEN_SCOPE)))  # type: ignore[arg-type]
+    await returning.wait_sent(Snapshot)
+    opener.inbox.put_nowait(ChannelClosed(ErrorCode.NO_ERROR, "", by_peer=True))
+    await opening
+    for _ in range(10):  # a hang-up check (with no grace here) would have run by now
+        await asyncio.sleep(0)
+    assert shared.session_id in service.shared
+    # The returning viewer leaves too: nobody is left, so the shell is hung up.
+    returning.inbox.put_nowait(ChannelClosed(ErrorCode.NO_ERROR, "", by_peer=True))
+    await staying
+    async with asyncio.timeout(TIMEOUT):
+        while shared.session_id in service.shared:
+            await asyncio.sleep(0.01)
