@@ -16,7 +16,7 @@ import io
 import os
 import time
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -24,11 +24,6 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from meshagent_gui import identity
-from meshagent_gui.core.bus import EventBus
-from meshagent_gui.core.events import SignalReceived
-from meshagent_gui.core.mesh.client import MeshClient
-from meshagent_gui.core.mesh.link import MeshLink
 from meshagent_gui.core.mesh.types import (
     API_PREFIX,
     EnrollResponse,
@@ -37,7 +32,7 @@ from meshagent_gui.core.mesh.types import (
     TokenPair,
 )
 from meshagent_gui.core.p2p.candidates import own_addresses
-from meshagent_gui.core.p2p.peers import PathInfo, PeerManager, Service, capability_validator
+from meshagent_gui.core.p2p.peers import Service, capability_validator
 from meshagent_gui.core.p2p.session import ChannelClosed, MeshSession
 from meshagent_gui.core.p2p.webrtc_peers import WebRTCPeers
 from meshagent_gui.core.protocol.captoken import (
@@ -50,32 +45,22 @@ from meshagent_gui.core.protocol.handshake import Validator
 from meshagent_gui.core.protocol.messages import StreamRole
 from meshagent_gui.core.protocol.transfer import TRANSFER_REGISTRY
 from meshagent_gui.core.share.service import TransferService
-from meshagent_gui.secrets import FileStore, SecretStore
 
 from .harness import AgentHome, Process, Server, wait_until
+from .webrtc_support import WebRTCStandIn
 
 WAIT = 60.0
 
 
-class Page:
+class Page(WebRTCStandIn):
     """What the web client is to an agent: a WebRTC-only device that receives."""
 
     def __init__(self, server: Server, home: Path) -> None:
-        home.mkdir(parents=True, exist_ok=True)
+        super().__init__(server, home, "page", None)
         self.server = server
-        self.home = home
         self.downloads = home / "downloads"
         self.downloads.mkdir()
-        self.identity = identity.generate("page")  # its RTCCertificate: the id is its print
-        self.client = MeshClient(
-            server.url, secrets=SecretStore(FileStore(home / "secrets.json"), "file")
-        )
-        self.bus = EventBus()
-        self.link = MeshLink(self.client, self.bus)
         self.services: dict[StreamRole, Service] = {}
-        self.sessions: dict[str, MeshSession] = {}
-        self.rtc: WebRTCPeers | None = None
-        self._tasks: asyncio.TaskGroup | None = None
         self.task: asyncio.Task[None] | None = None  # run(), once started
         self.refused_offers = 0
 
@@ -166,16 +151,7 @@ class Page:
                 channel = await mesh.accept_channel()
             except ChannelClosed:
                 return
-            self._tasks.create_task(self.services[channel.role].handle(channel))
-
-    async def run(self) -> None:
-        async with asyncio.TaskGroup() as tasks:
-            self._tasks = tasks
-            tasks.create_task(self.link.run())
-            with self.bus.subscribed() as events:
-                async for event in events:
-                    if isinstance(event, SignalReceived) and self.rtc is not None:
-                        tasks.create_task(self.rtc.on_signal(event.sender, event.payload))
+            self._tasks.create_task(_awaited(self.services[channel.role].handle(channel)))
 
     # what TransferService uses of a PeerManager
     def register(self, service: Service) -> None:
@@ -184,28 +160,9 @@ class Page:
     async def session(self, peer_id: str) -> MeshSession:
         return self.sessions[peer_id]
 
-    def path_of(self, session: MeshSession) -> PathInfo:
-        return PathInfo("direct", "webrtc", "webrtc")
-
     def receiver(self) -> TransferService:
-        data = self.home / "data"
-        data.mkdir(exist_ok=True)
-
-        async def no_user(_: str) -> str | None:
-            return None
-
-        return TransferService(
-            peers=cast(PeerManager, self),
-            client=self.client,
-            bus=self.bus,
-            downloads=lambda: self.downloads,
-            data_dir=data,
-            own_user="",
-            peer_user=no_user,
-            peer_name=lambda peer: peer[:8],
-            auto_accept=lambda: "all",  # the page shows the offer; here it takes it
-            global_rate=lambda: None,
-        )
+        # The page shows the offer; here it takes it.
+        return self.transfer_service(downloads=self.downloads, own_user="", auto_accept="all")
 
     async def aclose(self) -> None:
         for mesh in self.sessions.values():
@@ -350,3 +307,7 @@ async def test_a_browser_in_no_shared_room_is_out_of_reach(
         assert "shares a room with this one" in done.stderr and "Traceback" not in done.stderr
     assert not page.sessions and page.refused_offers == 0
     assert not any(page.downloads.iterdir())
+
+
+async def _awaited(work: Awaitable[None]) -> None:
+    await work  # a TaskGroup takes coroutines; a service's handler is any awaitable

@@ -16,14 +16,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from meshagent_gui import identity
-from meshagent_gui.core.bus import EventBus
-from meshagent_gui.core.events import SignalReceived
-from meshagent_gui.core.mesh.client import EnrollCredentials, MeshClient
-from meshagent_gui.core.mesh.link import MeshLink
+from meshagent_gui.core.mesh.client import EnrollCredentials
 from meshagent_gui.core.p2p.candidates import own_addresses
 from meshagent_gui.core.p2p.peers import (
-    PathInfo,
-    PeerManager,
     PeerUnreachable,
     capability_validator,
 )
@@ -33,26 +28,17 @@ from meshagent_gui.core.protocol.captoken import CapabilityVerifier, public_key_
 from meshagent_gui.core.protocol.handshake import Validator
 from meshagent_gui.core.protocol.transfer import TRANSFER_REGISTRY
 from meshagent_gui.core.share.service import TransferService
-from meshagent_gui.secrets import FileStore, SecretStore
 
 from .harness import AgentHome, Server, wait_until
+from .webrtc_support import WebRTCStandIn
 
 
-class Browser:
-    """An enrolled device whose only transport is WebRTC (what the web client will be)."""
+class Browser(WebRTCStandIn):
+    """An enrolled device whose only transport is WebRTC (what the web client is): it dials."""
 
     def __init__(self, server: Server, home: Path, *, cert: identity.Identity | None = None):
-        home.mkdir(parents=True, exist_ok=True)
-        self.home = home
-        self.identity = cert or identity.generate("browser")
-        self.client = MeshClient(
-            server.url, secrets=SecretStore(FileStore(home / "secrets.json"), "file")
-        )
-        self.bus = EventBus()
-        self.link = MeshLink(self.client, self.bus)
-        self.sessions: dict[str, MeshSession] = {}
+        super().__init__(server, home, "browser", cert)
         self.verifier: CapabilityVerifier | None = None
-        self.rtc: WebRTCPeers | None = None
 
     async def enrol(self, join_code: str) -> None:
         answer = await self.client.enroll(
@@ -89,15 +75,6 @@ class Browser:
             registry=TRANSFER_REGISTRY,
         )
 
-    async def run(self) -> None:
-        """The server link, and its ``webrtc`` signals to the dial path (as PeerManager does)."""
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.link.run())
-            with self.bus.subscribed() as events:
-                async for event in events:
-                    if isinstance(event, SignalReceived) and self.rtc is not None:
-                        tasks.create_task(self.rtc.on_signal(event.sender, event.payload))
-
     async def connect(self, peer_id: str) -> MeshSession:
         assert self.rtc is not None
         grant = await self.client.capability(peer_id, "p2p:connect")
@@ -112,28 +89,9 @@ class Browser:
     async def session(self, peer_id: str) -> MeshSession:
         return self.sessions.get(peer_id) or await self.connect(peer_id)
 
-    def path_of(self, session: MeshSession) -> PathInfo:
-        return PathInfo("direct", "webrtc", "webrtc")
-
     def transfers(self) -> TransferService:
-        data = self.home / "data"
-        data.mkdir(exist_ok=True)
-
-        async def no_user(_: str) -> str | None:
-            return None
-
-        return TransferService(
-            peers=cast(PeerManager, self),
-            client=self.client,
-            bus=self.bus,
-            downloads=lambda: self.home,
-            data_dir=data,
-            own_user="ann",
-            peer_user=no_user,
-            peer_name=lambda peer: peer[:8],
-            auto_accept=lambda: "none",
-            global_rate=lambda: None,
-            reconnect_window=5.0,
+        return self.transfer_service(
+            downloads=self.home, own_user="ann", auto_accept="none", reconnect_window=5.0
         )
 
 
