@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import meshagent_gui
-from tests.integration.harness import AgentHome, Server
+from tests.integration.harness import AgentHome, Server, agent_homes
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -35,21 +35,5 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 @pytest.fixture
 def make_agent(tmp_path: Path) -> Iterator[type[AgentHome]]:
-    made: list[AgentHome] = []
-    (tmp_path / "logs").mkdir(exist_ok=True)
-
-    def factory(name: str, **config: str) -> AgentHome:
-        agent = AgentHome(
-            tmp_path / name,
-            tmp_path / "logs",
-            name,
-            config={"server.reconnect_max": "1", "device.name": name, **config},
-        )
-        made.append(agent)
-        return agent
-
-    try:
+    with agent_homes(tmp_path) as factory:
         yield factory  # type: ignore[misc]
-    finally:
-        for agent in made:
-            agent.stop()

@@ -14,6 +14,7 @@ holds the file. ``MESHAGENT_BENCH_BROWSER_MB`` (default 64) sizes the throughput
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -27,8 +28,8 @@ import psutil
 import pytest
 
 from tests.benchmarks._measure import write_report
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, PASSWORD, chromium_missing
-from tests.integration.harness import AgentHome, Server, run, wait_until
+from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, PASSWORD, chromium_missing, sign_in
+from tests.integration.harness import AgentHome, Server, agent_homes, run, wait_until
 
 MiB = 1024 * 1024
 SIZE_MB = int(os.environ.get("MESHAGENT_BENCH_BROWSER_MB", "64"))
@@ -45,11 +46,7 @@ def _file(path: Path, mib: int) -> Path:
 
 def _sign_in(context: Any, url: str, name: str) -> Any:
     page = context.new_page()
-    page.goto(url + "/app/")
-    page.fill("#device-name", name)
-    page.fill("#login-password [name=username]", "ann")
-    page.fill("#login-password [name=password]", PASSWORD)
-    page.click("#login-password button")
+    sign_in(page, url, name)
     page.wait_for_selector("li.device.online >> text=desk", timeout=30_000)
     page.uncheck("#ask-where")
     return page
@@ -134,16 +131,13 @@ def test_browser_throughput_and_memory_against_quic() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-browser-"))
     (root / "logs").mkdir()
     server = Server(root / "server", root / "logs").start()
-    agents: list[AgentHome] = []
+    stack = contextlib.ExitStack()  # stops the agents first, then the server
     try:
+        make_agent = stack.enter_context(agent_homes(root))
         server.add_user("ann", PASSWORD)
+        agents: list[AgentHome] = []
         for name in ("desk", "lap"):
-            agent = AgentHome(
-                root / name,
-                root / "logs",
-                name,
-                config={"device.name": name, "downloads.dir": str(root / f"{name}-in")},
-            )
+            agent = make_agent(name, **{"downloads.dir": str(root / f"{name}-in")})
             agent.login(server, server.join_code("ann"))
             agents.append(agent.up())
         desk = agents[0]
@@ -248,7 +242,6 @@ def test_browser_throughput_and_memory_against_quic() -> None:
         assert peaks["js_heap_mb"] < before["js_heap_mb"] + 64
         assert all(v > 0 for v in rates.values())
     finally:
-        for agent in agents:
-            agent.stop()
+        stack.close()
         server.stop()
         shutil.rmtree(root, ignore_errors=True)  # a GiB of test files

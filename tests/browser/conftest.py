@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import AgentHome, Server
+from tests.integration.harness import AgentHome, Server, agent_homes
 
 CHROMIUM = os.environ.get("MESHAGENT_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -27,6 +27,15 @@ CHROMIUM_ARGS = [
     "--allow-loopback-in-peer-connection",
 ]
 PASSWORD = "correct horse battery"
+
+
+def sign_in(page: Any, url: str, name: str, user: str = "ann", password: str = PASSWORD) -> None:
+    """Enrols ``page`` as the browser device ``name`` with a user's password."""
+    page.goto(url + "/app/")
+    page.fill("#device-name", name)
+    page.fill("#login-password [name=username]", user)
+    page.fill("#login-password [name=password]", password)
+    page.click("#login-password button")
 
 
 def chromium_missing() -> str | None:
@@ -70,22 +79,5 @@ def web_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def module_agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., AgentHome]]:
-    root = tmp_path_factory.mktemp("agents")
-    (root / "logs").mkdir()
-    made: list[AgentHome] = []
-
-    def factory(name: str, **config: str) -> AgentHome:
-        agent = AgentHome(
-            root / name,
-            root / "logs",
-            name,
-            config={"server.reconnect_max": "1", "device.name": name, **config},
-        )
-        made.append(agent)
-        return agent
-
-    try:
+    with agent_homes(tmp_path_factory.mktemp("agents")) as factory:
         yield factory
-    finally:
-        for agent in made:
-            agent.stop()

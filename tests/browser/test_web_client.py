@@ -32,19 +32,11 @@ from tests.integration.harness import (
     wait_until,
 )
 
-from .conftest import PASSWORD
+from .conftest import PASSWORD, sign_in
 
 pytestmark = pytest.mark.timeout(600)
 
 MiB = 1024 * 1024
-
-
-def sign_in(page: Any, url: str, name: str, user: str = "ann", password: str = PASSWORD) -> None:
-    page.goto(url + "/app/")
-    page.fill("#device-name", name)
-    page.fill("#login-password [name=username]", user)
-    page.fill("#login-password [name=password]", password)
-    page.click("#login-password button")
 
 
 def new_page(context: Any, errors: list[str]) -> Any:

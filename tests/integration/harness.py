@@ -259,6 +259,31 @@ def cleanup(*things: Any) -> Iterator[None]:
             thing.stop()
 
 
+@contextlib.contextmanager
+def agent_homes(root: Path) -> Iterator[Callable[..., AgentHome]]:
+    """A factory of agent homes under ``root`` (logs in ``root/logs``), each named after its
+    device and reconnecting to the server within a second; every agent made is stopped at the
+    end (the ``make_agent`` fixtures, per test or per module)."""
+    made: list[AgentHome] = []
+    (root / "logs").mkdir(exist_ok=True)
+
+    def factory(name: str, **config: str) -> AgentHome:
+        agent = AgentHome(
+            root / name,
+            root / "logs",
+            name,
+            config={"server.reconnect_max": "1", "device.name": name, **config},
+        )
+        made.append(agent)
+        return agent
+
+    try:
+        yield factory
+    finally:
+        for agent in made:
+            agent.stop()
+
+
 class Tmux:
     """A private tmux server: each session is a real console (a PTY) that tests type into and
     read the screen of, as a person would."""
