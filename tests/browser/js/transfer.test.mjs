@@ -239,3 +239,37 @@ test("declined, cancelled by the user, and a hostile answer each end the send wi
   assert.ok(cancelled.types().includes("Cancel"));
   assert.equal(cancelled.types().filter((t) => t === "Chunk").length, 1);
 });
+
+test("a receiver that keeps asking for one chunk gets it MAX_RESENDS times, then a Cancel", async () => {
+  const items = [{ file: new File([randomBytes(CS)], "a"), path: "a" }];
+  const channel = new FakeChannel("t");
+  channel.onSend = (m) => {
+    if (m.type === "Offer") channel.push({ type: "Answer", accepted: true, reason: "", have: [] });
+    if (m.type === "Chunk") channel.push({ type: "Resend", index: 0, chunk: 0 });
+  };
+  await assert.rejects(tx.sendFiles(channel, items, { chunkSize: CS }), (err) => err.code === tx.TransferErrorCode.TOO_MANY_RESENDS);
+  assert.equal(channel.types().filter((t) => t === "Chunk").length, 1 + tx.MAX_RESENDS);
+  assert.equal(channel.sent.find((m) => m.type === "Cancel").code, tx.TransferErrorCode.TOO_MANY_RESENDS);
+});
+
+test("a Resend of a chunk already asked for, and Progress beyond the offer, are violations", async () => {
+  const items = [{ file: new File([randomBytes(CS * 2)], "a"), path: "a" }];
+  const twice = new FakeChannel("t");
+  twice.onSend = (m) => {
+    if (m.type === "Offer") twice.push({ type: "Answer", accepted: true, reason: "", have: [] });
+    if (m.type === "Chunk" && m.chunk === 0) {
+      twice.push({ type: "Resend", index: 0, chunk: 0 });
+      twice.push({ type: "Resend", index: 0, chunk: 0 });
+    }
+  };
+  await assert.rejects(tx.sendFiles(twice, items, { chunkSize: CS }), (err) => err.code === tx.TransferErrorCode.BAD_RESEND);
+  assert.equal(twice.aborted.code, tx.TransferErrorCode.BAD_RESEND);
+
+  const boast = new FakeChannel("t");
+  boast.onSend = (m) => {
+    if (m.type === "Offer") boast.push({ type: "Answer", accepted: true, reason: "", have: [] });
+    if (m.type === "Chunk") boast.push({ type: "Progress", bytes_verified: CS * 3, files_done: 0 });
+  };
+  await assert.rejects(tx.sendFiles(boast, items, { chunkSize: CS }), (err) => err.code === tx.TransferErrorCode.BAD_REPORT);
+  assert.equal(boast.aborted.code, tx.TransferErrorCode.BAD_REPORT);
+});

@@ -94,10 +94,10 @@ test("a hostile length costs nothing until the bytes arrive", () => {
 });
 
 test("bounds are checked on decode: a Hello with nine tokens, a reason over 1 KiB, a wrong field type", () => {
-  const frames = [
-    wire.encode({ type: "Hello", versions: [1], role: 0, tokens: [], resource: "" }),
-  ];
-  assert.equal(frames.length, 1);
+  // A reason's bound counts code points, as msgspec does: 1024 emoji (2048 UTF-16 units) fit.
+  const [emoji] = new wire.FrameDecoder().receive(wire.encode({ type: "Close", code: 0, message: "\u{1F600}".repeat(1024) }));
+  assert.equal([...emoji.message].length, 1024);
+  assert.throws(() => wire.encode({ type: "Close", code: 0, message: "\u{1F600}".repeat(1025) }), wire.ProtocolError);
   assert.throws(() => wire.encode({ type: "Hello", versions: [1], role: 0, tokens: Array(9).fill("t"), resource: "" }), wire.ProtocolError);
   assert.throws(() => wire.encode({ type: "Close", code: 0, message: "x".repeat(1025) }), wire.ProtocolError);
   assert.throws(() => wire.encode({ type: "FileDone", index: -1, ok: true, reason: "" }), wire.ProtocolError);

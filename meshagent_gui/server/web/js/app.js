@@ -3,7 +3,7 @@
 // framework; the protocol lives in wire.js, rtc.js, transfer.js and terminal.js.
 import * as api from "./api.js";
 import { Peers, checkToken } from "./peer.js";
-import { StreamRole, ErrorCode } from "./wire.js";
+import { StreamRole, ErrorCode, randomHex } from "./wire.js";
 import { IncomingTransfer, sendFiles } from "./transfer.js";
 import { TerminalViewer, filterQueries } from "./terminal.js";
 import { downloadSink, pickedFileSink, saveName, downloadWorker } from "./save.js";
@@ -22,7 +22,6 @@ export function humanSize(n) {
 
 const status = (text) => { $("#status").textContent = text; };
 const show = (id) => { for (const s of ["login", "home", "share"]) $(`#${s}`).hidden = s !== id; };
-const randomHex = (n) => Array.from(crypto.getRandomValues(new Uint8Array(n)), (b) => b.toString(16).padStart(2, "0")).join("");
 
 function explain(err) {
   if (err instanceof api.ApiError) {

@@ -4,7 +4,7 @@
 // certificate is the identity: the page's is its enrolled RTCCertificate, and an agent's
 // SDP fingerprint must be the device id the server vouches for.
 import { RtcConnection, SUBPROTOCOL, CONTROL_LABEL, dialSession, acceptSession, serveStream } from "./rtc.js";
-import { ErrorCode } from "./wire.js";
+import { ErrorCode, randomHex } from "./wire.js";
 
 const ANSWER_TIMEOUT_MS = 20000;
 const CONNECT_TIMEOUT_MS = 30000;
@@ -53,8 +53,6 @@ export async function checkToken(token, { keys, serverId, audience, subject, sco
   return claims;
 }
 
-const randomId = () => Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("");
-
 function withTimeout(promise, ms, what) {
   let timer;
   return Promise.race([
@@ -78,6 +76,7 @@ export class Peers {
     this.onChannel = onChannel; // (hello, channel, peerId) -> bool: accept a stream the agent opened
     this.attempts = new Map(); // `${peer}/${attempt}` -> {pc, answer: resolver, candidates}
     this.sessions = new Map(); // peerId -> Promise<MeshSession> (dialled)
+    this.answering = new Map(); // `${peer}/${attempt}` -> {pc, candidates}: offers being answered
   }
 
   _pc() {
@@ -118,7 +117,7 @@ export class Peers {
     const token = await this.session.capability(peerId, "p2p:connect");
     const pc = this._pc();
     const control = pc.createDataChannel(CONTROL_LABEL, { ordered: true, protocol: SUBPROTOCOL });
-    const attempt = randomId();
+    const attempt = randomHex(8);
     const key = `${peerId}/${attempt}`;
     let answered;
     const answer = new Promise((resolve) => { answered = resolve; });
@@ -166,7 +165,7 @@ export class Peers {
     if (payload.webrtc === "answer" && typeof payload.sdp === "string") {
       this.attempts.get(key)?.answered(payload.sdp);
     } else if (payload.webrtc === "candidate") {
-      const entry = this.attempts.get(key) || this.answering?.get(key);
+      const entry = this.attempts.get(key) || this.answering.get(key);
       if (!entry || typeof payload.candidate !== "string" || payload.candidate.length > 512) return;
       if (++entry.candidates > MAX_REMOTE_CANDIDATES) return;
       await entry.pc.addIceCandidate(payload.candidate ? { candidate: payload.candidate, sdpMid: payload.sdpMid ?? null, sdpMLineIndex: payload.sdpMLineIndex ?? null } : null).catch(() => {});
@@ -186,7 +185,6 @@ export class Peers {
     }
     const prints = sdpFingerprints(offer.sdp);
     if (prints.size !== 1 || !prints.has(from)) return;
-    this.answering ??= new Map();
     const key = `${from}/${attempt}`;
     const pc = this._pc();
     this.answering.set(key, { pc, candidates: 0 });

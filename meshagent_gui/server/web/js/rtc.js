@@ -182,7 +182,6 @@ export class RtcStream {
       if (this.connection.closedError) throw this.connection.closedError;
       const room = this._peerLimit - this._written;
       if (room <= 0 || this.channel.bufferedAmount > MAX_UNSENT) {
-        this.channel.bufferedAmountLowThreshold = room <= 0 ? MAX_UNSENT / 2 : MAX_UNSENT / 2;
         await new Promise((resolve) => { this._sendWaiter = resolve; });
         continue;
       }

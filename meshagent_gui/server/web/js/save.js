@@ -5,6 +5,8 @@
 //    manager writes to disk, and the stream's backpressure holds the transfer back;
 // 3. else (no service worker: a private window in some browsers) Blob parts, only for files
 //    up to BLOB_LIMIT; larger ones are refused with a clear message.
+import { randomHex } from "./wire.js";
+
 const BLOB_LIMIT = 256 * 1024 * 1024;
 const STREAM_HIGH_WATER = 4 * 1024 * 1024;
 let worker = null; // a Promise of the active worker, or of false
@@ -33,8 +35,6 @@ async function registerWorker() {
   }
 }
 
-const randomId = () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
-
 /** A sink that streams to the browser's downloads through the service worker. */
 export async function downloadSink(name, size) {
   const active = await downloadWorker();
@@ -50,7 +50,7 @@ export async function downloadSink(name, size) {
       const p = pulled; pulled = null; p?.();
     },
   }, new ByteLengthQueuingStrategy({ highWaterMark: STREAM_HIGH_WATER }));
-  const id = randomId();
+  const id = randomHex(16);
   const ready = new MessageChannel();
   const handed = new Promise((resolve) => { ready.port1.onmessage = resolve; });
   active.postMessage({ type: "download", id, name, size, stream }, [stream, ready.port2]);

@@ -8,7 +8,7 @@
 // agent sends them in order and a reliable DataChannel keeps it. A chunk that fails its digest
 // therefore cancels the transfer instead of asking for a Resend.
 import { createBLAKE3 } from "../vendor/blake3.mjs";
-import { ErrorCode, StreamRole, ProtocolError } from "./wire.js";
+import { ErrorCode, ProtocolError } from "./wire.js";
 
 export const TransferErrorCode = Object.freeze({
   CANCELLED: 0x03, BAD_OFFER: 0x100, TOO_MANY_ENTRIES: 0x101, TOO_LARGE: 0x102, BAD_PATH: 0x103,
@@ -21,6 +21,7 @@ export const CHUNK_SIZE = 1024 * 1024;
 export const MIN_CHUNK_SIZE = 16 * 1024;
 export const MAX_CHUNK_SIZE = 4 * 1024 * 1024;
 const PROGRESS_INTERVAL_MS = 100;
+export const MAX_RESENDS = 3; // of one chunk (transfer.py DEFAULT_MAX_RESENDS)
 
 export class TransferError extends Error {
   constructor(message, code = ErrorCode.CANCELLED) {
@@ -38,8 +39,6 @@ export function sameBytes(a, b) {
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
   return true;
 }
-
-export const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 
 /** Syntax of an offered path (transfer.py): relative, '/'-separated, no empty part, no NUL. */
 export function checkPath(path) {
@@ -82,7 +81,6 @@ export class IncomingTransfer {
     this.filesDone = 0;
     this.state = "deciding";
     this._lastProgress = -Infinity;
-    this._received = 0;
     this._cancelled = false;
   }
 
@@ -103,10 +101,17 @@ export class IncomingTransfer {
     const chunkHasher = await createBLAKE3();
     this.state = "receiving";
     await this.channel.send({ type: "Answer", accepted: true, reason: "", have: [] });
-    const incoming = new Map(); // index -> {entry, sink, hasher, next, chunks, ended}
+    const incoming = new Map(); // index -> {entry, index, sink, hasher, next, chunks, ended, done}
     for (const { entry, index } of this.files) {
-      incoming.set(index, { entry, sink: null, hasher: null, next: 0, chunks: chunkCount(entry.size, chunkSize), ended: false, done: false });
+      incoming.set(index, { entry, index, sink: null, hasher: null, next: 0, chunks: chunkCount(entry.size, chunkSize), ended: false, done: false });
     }
+    const openFile = async (file) => {
+      // The sink opens with the file's first chunk (or its FileEnd, for an empty file).
+      if (file.sink) return;
+      file.sink = await openSink(file.entry, file.index);
+      file.hasher = await createBLAKE3();
+      file.hasher.init();
+    };
     let doneFiles = 0;
     let doneBytes = 0;
     const finish = async (file, ok, reason) => {
@@ -141,13 +146,11 @@ export class IncomingTransfer {
           if (!entry) throw violation(T.NO_SUCH_ENTRY, "no such entry");
           if (entry.kind !== "file") throw violation(T.NOT_A_FILE, "not a file");
           const file = incoming.get(message.index);
-          file.index = message.index;
           if (message.type === "Chunk") {
             if (file.ended) throw violation(T.EXCESS_DATA, "a chunk after its file's end");
             if (message.chunk >= file.chunks) throw violation(T.CHUNK_OUT_OF_RANGE, "chunk out of range");
             const expected = message.chunk === file.chunks - 1 ? entry.size - message.chunk * chunkSize : chunkSize;
             if (message.data.length !== expected) throw violation(T.BAD_CHUNK_LENGTH, "bad chunk length");
-            this._received += message.data.length;
             if (message.chunk < file.next) continue; // a duplicate: ignored, never written twice
             if (message.chunk !== file.next) throw violation(ErrorCode.UNEXPECTED_MESSAGE, "a chunk out of order");
             chunkHasher.init();
@@ -155,11 +158,7 @@ export class IncomingTransfer {
             if (!sameBytes(chunkHasher.digest("binary"), message.digest)) {
               throw new TransferError("a chunk arrived damaged (its digest does not match)", ErrorCode.INTERNAL_ERROR);
             }
-            if (!file.sink) {
-              file.sink = await openSink(entry, message.index);
-              file.hasher = await createBLAKE3();
-              file.hasher.init();
-            }
+            await openFile(file);
             await file.sink.write(message.data);
             file.hasher.update(message.data);
             file.next += 1;
@@ -168,14 +167,10 @@ export class IncomingTransfer {
             if (file.ended) throw violation(T.DUPLICATE_FILE_END, "a second FileEnd");
             if (file.next !== file.chunks) throw violation(T.EARLY_FILE_END, "FileEnd before every chunk");
             file.ended = true;
-            if (!file.sink) {
-              file.sink = await openSink(entry, message.index);
-              file.hasher = await createBLAKE3();
-              file.hasher.init();
-            }
+            await openFile(file);
             const ok = sameBytes(file.hasher.digest("binary"), message.digest);
             await finish(file, ok, ok ? "" : "the file's digest does not match");
-            if (doneFilesOf(incoming) === incoming.size) {
+            if (this.filesDone === incoming.size) {
               await this.channel.send({ type: "Complete", files: doneFiles, bytes: doneBytes });
               this.state = "done";
             }
@@ -214,12 +209,6 @@ export class IncomingTransfer {
       .then(() => this.channel.close()).catch(() => {});
     this.state = "cancelled";
   }
-}
-
-function doneFilesOf(incoming) {
-  let n = 0;
-  for (const file of incoming.values()) if (file.done) n += 1;
-  return n;
 }
 
 // ------------------------------------------------------------------ sending
@@ -273,9 +262,10 @@ function heldChunks(answer, entries, chunkSize) {
 export async function sendFiles(channel, items, { onProgress = () => {}, signal = null, chunkSize = CHUNK_SIZE } = {}) {
   const entries = await buildEntries(items);
   const total = items.reduce((n, { file }) => n + file.size, 0);
-  const fileOf = new Map();
+  const byPath = new Map(items.map((item) => [item.path, item.file]));
+  const fileOf = new Map(); // entry index -> File (one lookup each: a folder may hold 10^5 files)
   entries.forEach((entry, index) => {
-    if (entry.kind === "file") fileOf.set(index, items.find((item) => item.path === entry.path).file);
+    if (entry.kind === "file") fileOf.set(index, byPath.get(entry.path));
   });
   await channel.send({ type: "Offer", transfer_id: channel.resource, entries, total_bytes: total, chunk_size: chunkSize });
   const answer = await channel.receive();
@@ -292,7 +282,8 @@ export async function sendFiles(channel, items, { onProgress = () => {}, signal 
     const size = entries[index].size;
     for (const c of chunks) resumed += Math.min(chunkSize, size - c * chunkSize);
   }
-  const resends = [];
+  const resends = []; // [index, chunk] asked for again and not yet sent
+  const resendCounts = new Map(); // "index/chunk" -> times sent again
   const failed = new Set();
   const confirmed = new Set();
   const sentChunks = new Map();
@@ -318,13 +309,18 @@ export async function sendFiles(channel, items, { onProgress = () => {}, signal 
       }
       switch (message.type) {
         case "Resend":
-          if (!sentChunks.get(message.index)?.has(message.chunk) || confirmed.has(message.index)) {
-            peerError = violation(TransferErrorCode.BAD_RESEND, "a Resend of a chunk not sent");
+          if (!sentChunks.get(message.index)?.has(message.chunk) || confirmed.has(message.index) || failed.has(message.index)
+              || resends.some(([i, c]) => i === message.index && c === message.chunk)) {
+            peerError = violation(TransferErrorCode.BAD_RESEND, "a Resend of a chunk not sent, already reported on, or already asked for");
             return poke();
           }
           resends.push([message.index, message.chunk]);
           break;
         case "Progress":
+          if (message.bytes_verified > total || message.files_done > fileOf.size) {
+            peerError = violation(TransferErrorCode.BAD_REPORT, "progress beyond the offer");
+            return poke();
+          }
           verified = message.bytes_verified;
           onProgress({ bytes: verified, total, sent });
           break;
@@ -370,6 +366,11 @@ export async function sendFiles(channel, items, { onProgress = () => {}, signal 
     }
     while (resends.length) {
       const [index, c] = resends.shift();
+      const count = (resendCounts.get(`${index}/${c}`) ?? 0) + 1;
+      if (count > MAX_RESENDS) {
+        throw new TransferError(`${entries[index].path}: chunk ${c} failed its digest ${count} times`, TransferErrorCode.TOO_MANY_RESENDS);
+      }
+      resendCounts.set(`${index}/${c}`, count);
       await sendChunk(index, c, await readChunk(fileOf.get(index), c));
     }
   };
@@ -414,4 +415,3 @@ export async function sendFiles(channel, items, { onProgress = () => {}, signal 
   }
 }
 
-export { StreamRole };

@@ -18,6 +18,9 @@ export const MAX_CONTROL_PAYLOAD = 64 * KiB;
 export const MAX_BULK_PAYLOAD = 4 * MiB + 4 * KiB;
 export const PROTOCOL_VERSION = 1;
 
+/** `n` random bytes as lowercase hex: transfer ids, signalling attempts, download ids. */
+export const randomHex = (n) => Array.from(crypto.getRandomValues(new Uint8Array(n)), (b) => b.toString(16).padStart(2, "0")).join("");
+
 export const ErrorCode = Object.freeze({
   NO_ERROR: 0x00, PROTOCOL_ERROR: 0x01, INTERNAL_ERROR: 0x02, CANCELLED: 0x03, GOING_AWAY: 0x04,
   UNSUPPORTED_FRAME_VERSION: 0x10, UNKNOWN_MESSAGE_TYPE: 0x11, FRAME_TOO_LARGE: 0x12,
@@ -62,7 +65,8 @@ const F = {
   },
   str: (min, max) => (v, name) => {
     if (typeof v !== "string") bad(`${name}: not a string`);
-    if (v.length < min || v.length > max) bad(`${name}: length out of range`);
+    // msgspec counts code points; a JS length counts UTF-16 units (2 for an emoji).
+    if (v.length < min || (v.length > max && [...v].length > max)) bad(`${name}: length out of range`);
     return v;
   },
   bytes: (min, max) => (v, name) => {
@@ -108,7 +112,9 @@ function checkMap(fields, value, name) {
 const U16 = F.int(0, 0xffff);
 const U32 = F.int(0, 0xffffffff);
 const I64 = F.int("-9223372036854775808", "9223372036854775807");
-const BYTE_COUNT = F.int(0, 2 ** 50); // MAX_FILE_SIZE: 1 PiB
+// 1 PiB: TransferLimits' max_file_size and max_total_bytes (the wire allows int64; a page adds
+// sizes as Numbers, exact only below 2^53, so it refuses more at decoding).
+const BYTE_COUNT = F.int(0, 2 ** 50);
 const CODE = F.int(0, 0xffffffff);
 const REASON = F.str(0, 1024);
 
@@ -376,9 +382,10 @@ export class FrameDecoder {
           }
           throw new ProtocolError(ErrorCode.UNKNOWN_MESSAGE_TYPE, `unknown message type ${code}`);
         }
+        // In framing.py's order, so a frame breaking two rules gets the same code from both.
+        if (this.allowed && !this.allowed.has(code)) throw new ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, `unexpected ${spec.type}`);
         if ((flags & 0x7f) & ~spec.flagsMask) throw new ProtocolError(ErrorCode.BAD_FLAGS, `flags ${flags} on ${spec.type}`);
         if (length > spec.maxPayload) throw new ProtocolError(ErrorCode.FRAME_TOO_LARGE, `${spec.type} of ${length} bytes`);
-        if (this.allowed && !this.allowed.has(code)) throw new ProtocolError(ErrorCode.UNEXPECTED_MESSAGE, `unexpected ${spec.type}`);
         this._header = { spec, flags: flags & 0x7f, length };
       }
       const { spec, flags, length } = this._header;
