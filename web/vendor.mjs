@@ -1,6 +1,7 @@
 // Copies the pinned front-end dependencies (package-lock.json) into the Python package, each as
 // one ES module beside its licence, so `pip install` alone serves a working page. Run after
-// `npm ci`: `npm run vendor`. The output is committed; CI checks it matches (tests/browser).
+// `npm ci`: `npm run vendor`. The output is committed; tests/browser/test_js_protocol.py checks
+// its VERSIONS.txt against package.json and the lock, and that each licence is there.
 import { mkdirSync, readFileSync, writeFileSync, copyFileSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
