@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import functools
@@ -52,7 +51,7 @@ from meshagent_gui.core.protocol.sync import (
     conflict_name,
     same_content,
 )
-from meshagent_gui.core.share.disk import AT_FDCWD, DISK, NOT_SUPPORTED, Disk, libc
+from meshagent_gui.core.share.disk import DISK, NOT_SUPPORTED, Disk
 from meshagent_gui.core.share.partial import HashMismatch, _disk_errors
 from meshagent_gui.core.share.paths import (
     UnsafePath,
@@ -84,7 +83,6 @@ _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _BINARY: Final = getattr(os, "O_BINARY", 0)
 _NOT_EMPTY: Final = frozenset({errno.ENOTEMPTY, errno.EEXIST})
 _SHOWN_ENTRIES: Final = 3
-_AT_SYMLINK_FOLLOW: Final = 0x400
 _PROC_FD: Final = "/proc/self/fd"
 _ECHOES_KEPT: Final = 10_000  # a few seconds of pulled files; 2-3 MB
 
@@ -1076,17 +1074,14 @@ class Applier:
     def _link_exact(self, fd: int, path: Path) -> bool:
         """Give the unnamed file ``fd`` the name ``path``; False if the name is taken (never
         replaces anything: ``linkat`` fails on an existing name)."""
-        lib = libc()
-        assert lib is not None
-        target = os.fsencode(path)
-        source = f"{_PROC_FD}/{fd}".encode()
-        if lib.linkat(AT_FDCWD, source, AT_FDCWD, target, _AT_SYMLINK_FOLLOW) == 0:
-            return True
-        code = ctypes.get_errno()
-        if code == errno.EEXIST:
+        try:
+            self._disk.link_at(fd, path)
+        except FileExistsError:
             return False
-        self._unnamed_ok = False  # e.g. no /proc: the next batches use temp files
-        raise OSError(code, os.strerror(code), str(path))
+        except OSError:
+            self._unnamed_ok = False  # e.g. no /proc: the next batches use temp files
+            raise
+        return True
 
 
 # ---------------------------------------------------------------------------- helpers

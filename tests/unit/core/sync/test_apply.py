@@ -9,7 +9,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from meshagent_gui.core.protocol.sync import Action, Block, Decision, FileRow, Version
+from meshagent_gui.core.share.disk import Disk
 from meshagent_gui.core.share.partial import DiskFull, HashMismatch
 from meshagent_gui.core.sync.apply import Applied, Applier, BlockUnavailable
 from meshagent_gui.core.sync.blocks import cut, row_layout, segments_of
@@ -589,6 +590,56 @@ async def test_disk_full_keeps_old_file(
     disk.heal()  # space freed: the same row applies
     assert (await applier.apply(file_row("f.bin", new), take(), FakeSource(new))).outcome == "done"
     assert (root / "f.bin").read_bytes() == new
+
+
+def linking_disk(link_at: Callable[[Callable[[int, Path], None], int, Path], None]) -> Disk:
+    """The real disk whose ``link_at`` goes through ``link_at(real, fd, target)``."""
+    disk = Disk()
+    if not disk.unnamed_files():
+        pytest.skip("no unnamed files here")
+    real = disk.link_at
+    disk.link_at = lambda fd, target: link_at(real, fd, target)
+    return disk
+
+
+async def test_a_small_new_file_never_replaces_a_name_made_here_meanwhile(
+    root: Path, index: FolderIndex, executor: ThreadPoolExecutor
+) -> None:
+    def made_here_first(real: Callable[[int, Path], None], fd: int, target: Path) -> None:
+        target.write_bytes(b"ours")  # after the last check, just before the link
+        real(fd, target)
+
+    applier = Applier(
+        root, index, executor=executor, device_name="laptop", disk=linking_disk(made_here_first)
+    )
+    [outcome] = await applier.apply_small(
+        [(file_row("new.txt", b"theirs"), take())], FakeSource(b"theirs")
+    )
+    assert isinstance(outcome, Applied) and outcome.outcome == "deferred"
+    assert (root / "new.txt").read_bytes() == b"ours"
+    assert await run_sync(executor, index.get, "new.txt") is None
+
+
+async def test_a_link_that_fails_stops_that_file_and_later_batches_use_temp_files(
+    root: Path, index: FolderIndex, executor: ThreadPoolExecutor
+) -> None:
+    links: list[Path] = []
+
+    def no_proc(real: Callable[[int, Path], None], fd: int, target: Path) -> None:
+        links.append(target)
+        raise OSError(errno.ENOENT, "no /proc", str(target))
+
+    applier = Applier(
+        root, index, executor=executor, device_name="laptop", disk=linking_disk(no_proc)
+    )
+    source = FakeSource(b"first", b"second")
+    [failed] = await applier.apply_small([(file_row("a.txt", b"first"), take())], source)
+    assert isinstance(failed, OSError) and not (root / "a.txt").exists()
+    [done] = await applier.apply_small([(file_row("b.txt", b"second"), take())], source)
+    assert done == Applied("b.txt", "done")
+    assert (root / "b.txt").read_bytes() == b"second"
+    assert links == [root / "a.txt"]  # the second batch went through a temp file
+    assert leftovers(root) == []
 
 
 async def test_cancelled_apply_leaves_nothing(
