@@ -79,12 +79,7 @@ class FolderWatcher:
     async def __aenter__(self) -> Self:
         self._loop = asyncio.get_running_loop()
         self._closed = False
-        # Starting adds one inotify watch per folder below the root: a walk, off the loop.
-        if self._use_inotify:
-            self._inotify = await asyncio.to_thread(self._start_inotify)
-            self._inotify.attach(self._loop)
-        else:
-            self._observer = await asyncio.to_thread(self._start_observer)
+        await self._start()
         return self
 
     async def __aexit__(
@@ -95,6 +90,27 @@ class FolderWatcher:
     ) -> None:
         self._closed = True
         self._wake.set()
+        await self._stop()
+
+    async def _start(self) -> None:
+        """Watch the root: one inotify watch per folder below it, a walk, so off the loop. A
+        source started while the watcher was being closed is stopped again at once."""
+        assert self._loop is not None
+        if self._use_inotify:
+            source = await asyncio.to_thread(self._start_inotify)
+            if self._closed:
+                source.close()
+                return
+            source.attach(self._loop)
+            self._inotify = source
+        else:
+            observer = await asyncio.to_thread(self._start_observer)
+            if self._closed:
+                await asyncio.to_thread(_stop_observer, observer)
+                return
+            self._observer = observer
+
+    async def _stop(self) -> None:
         source, self._inotify = self._inotify, None
         if source is not None:
             source.close()
@@ -226,29 +242,15 @@ class FolderWatcher:
 
     async def _restart(self) -> bool:
         """A new observer for a dead one (root deleted and made again, watch limit reached)."""
-        source, self._inotify = self._inotify, None
-        if source is not None:
-            source.close()
-        old, self._observer = self._observer, None
-        if old is not None:
-            await asyncio.to_thread(_stop_observer, old)
+        await self._stop()
         if self._closed:
             return False
         try:
-            if self._use_inotify:
-                self._inotify = await asyncio.to_thread(self._start_inotify)
-                if self._closed:
-                    self._inotify.close()
-                    self._inotify = None
-                    return False
-                assert self._loop is not None
-                self._inotify.attach(self._loop)
-            else:
-                self._observer = await asyncio.to_thread(self._start_observer)
+            await self._start()
         except OSError as exc:
             log.warning("cannot watch %s: %s", self._root, exc)
             return False
-        return True
+        return not self._closed
 
 
 def _stop_observer(observer: BaseObserver) -> None:
