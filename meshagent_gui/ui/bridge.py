@@ -109,7 +109,6 @@ class AgentBridge(QObject):
         self.link_retry_at: float | None = None  # time.monotonic() of the next attempt
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sends: dict[str, asyncio.Task[Any]] = {}
-        self._link_rows: set[str] = set()  # rows sent to whoever opens a share link
         self._refreshing: asyncio.Task[None] | None = None
         self._refresh_again = False
         self._tray_state = TrayState.OFFLINE
@@ -266,8 +265,7 @@ class AgentBridge(QObject):
 
     def share_by_link(self, path: str) -> TransferRow:
         """Send ``path`` to whoever opens a one-time link; ``link_shared`` says its URL."""
-        row = self.transfers.add_send([path], "", LINK_RECIPIENT)
-        self._link_rows.add(row.key)
+        row = self.transfers.add_send([path], "", LINK_RECIPIENT, link=True)
         self._start_send(row)
         return row
 
@@ -282,8 +280,7 @@ class AgentBridge(QObject):
             self.transfers.happen(row, "failed", error="the agent is not running")
             return
         try:
-            link = row.key in self._link_rows
-            async for update in agent.send(list(row.paths), row.peer_id, link=link):
+            async for update in agent.send(list(row.paths), row.peer_id, link=row.link):
                 if isinstance(update, SendReply):
                     self.transfers.happen(row, "completed")
                 elif update.link_url:
@@ -315,7 +312,7 @@ class AgentBridge(QObject):
 
     def resume(self, row: TransferRow) -> None:
         """Send again: the receiver's verified chunks are kept, only the rest goes."""
-        if row.key in self._link_rows:
+        if row.link:
             self.error.emit("A share link is for one person: share the file again for a new link.")
             return
         if row.can_resume and self.transfers.happen(row, "restarted"):

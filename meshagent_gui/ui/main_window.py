@@ -513,8 +513,7 @@ class MainWindow(QMainWindow):
         """The history of finished transfers (core/share/history.py), read afresh."""
         if self.history is None:
             self.history = HistoryWindow(self._load_history, self.bridge.spawn, self)
-        self.history.show()
-        self.history.raise_()
+        bring_to_front(self.history)
         self.history.refresh()
         return self.history
 

@@ -6,15 +6,12 @@ from __future__ import annotations
 from html import escape
 from pathlib import Path
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QDialog,
-    QDialogButtonBox,
     QFileDialog,
-    QHBoxLayout,
     QLabel,
-    QPushButton,
     QVBoxLayout,
     QWidget,
 )
@@ -23,6 +20,7 @@ from meshagent_gui.core.events import TransferOffered
 from meshagent_gui.units import human_size
 
 from .resources import app_icon
+from .widgets import answer_buttons, folder_row
 
 
 class OfferDialog(QDialog):
@@ -58,23 +56,12 @@ class OfferDialog(QDialog):
             f"{'s' if offer.files != 1 else ''}, {human_size(offer.total)}</span>"
         )
         what.setWordWrap(True)
-        where = QHBoxLayout()
-        self.where = QLabel()
-        self.where.setTextFormat(Qt.TextFormat.PlainText)  # a folder name is never markup
-        self.where.setAccessibleName("Save to")
-        self.where.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.change_button = QPushButton("Change…")
-        self.change_button.setAccessibleName("Choose where the files are saved")
-        self.change_button.clicked.connect(self._change)
-        where.addWidget(self.where, 1)
-        where.addWidget(self.change_button)
+        where, self.where, self.change_button = folder_row(
+            "Save to", "Choose where the files are saved", self._change
+        )
         self.always = QCheckBox("Always accept from this device")
-        buttons = QDialogButtonBox()
-        self.accept_button = buttons.addButton("Accept", QDialogButtonBox.ButtonRole.AcceptRole)
-        self.decline_button = buttons.addButton("Decline", QDialogButtonBox.ButtonRole.RejectRole)
+        buttons, self.accept_button, self.decline_button = answer_buttons(self)
         self.accept_button.setDefault(True)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
         layout.addWidget(title)
         layout.addWidget(what)
         layout.addLayout(where)

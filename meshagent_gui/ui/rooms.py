@@ -52,7 +52,15 @@ from meshagent_gui.core.notify.router import Notification
 from meshagent_gui.errors import UserError
 
 from .resources import app_icon
-from .widgets import Spawn, bring_to_front, one_line, show_message, succeeded
+from .widgets import (
+    Spawn,
+    answer_buttons,
+    bring_to_front,
+    one_line,
+    plain_label,
+    show_message,
+    succeeded,
+)
 
 if TYPE_CHECKING:
     from meshagent_gui.core.mesh.types import AuditEntry, Invitation, JoinCode, Room
@@ -298,13 +306,6 @@ async def _nothing() -> None:
 # ---------------------------------------------------------------- dialogs
 
 
-def _plain(text: str) -> QLabel:
-    label = QLabel(text)
-    label.setTextFormat(Qt.TextFormat.PlainText)  # names come from other people
-    label.setWordWrap(True)
-    return label
-
-
 class InvitationDialog(QDialog):
     """Accept or decline one invitation; not modal, so it never blocks the app."""
 
@@ -320,17 +321,13 @@ class InvitationDialog(QDialog):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(20, 18, 20, 16)
         layout.setSpacing(10)
-        self.text = _plain(f"{by} invites you to the room “{room}” as {role}.")
-        self.detail = _plain(
+        self.text = plain_label(f"{by} invites you to the room “{room}” as {role}.")
+        self.detail = plain_label(
             "If you accept, the members of this room can see your devices and reach them as"
             " their role allows. Nothing of yours is visible to them before you accept."
         )
         self.detail.setObjectName("subtitle")
-        buttons = QDialogButtonBox()
-        self.accept_button = buttons.addButton("Accept", QDialogButtonBox.ButtonRole.AcceptRole)
-        self.decline_button = buttons.addButton("Decline", QDialogButtonBox.ButtonRole.RejectRole)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
+        buttons, self.accept_button, self.decline_button = answer_buttons(self)
         for widget in (self.text, self.detail, buttons):
             layout.addWidget(widget)
         self.setWindowModality(Qt.WindowModality.NonModal)
@@ -369,7 +366,7 @@ class AuditDialog(QDialog):
         self.table.horizontalHeader().setSectionResizeMode(
             len(self.COLUMNS) - 1, QHeaderView.ResizeMode.Stretch
         )
-        self.empty = _plain("Nothing recorded yet.")
+        self.empty = plain_label("Nothing recorded yet.")
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         buttons.rejected.connect(self.close)
         layout.addWidget(self.table, 1)
@@ -477,7 +474,7 @@ class RoomsWindow(QWidget):
         header.addStretch(1)
         header.addWidget(self.refresh_button)
         outer.addLayout(header)
-        explain = _plain(
+        explain = plain_label(
             "A room shares your devices with its members: owners and members may send files and"
             " control shared terminals, viewers may only watch. Nobody joins without accepting."
         )
@@ -546,7 +543,7 @@ class RoomsWindow(QWidget):
         right = QWidget()
         right_layout = QVBoxLayout(right)
         right_layout.setContentsMargins(6, 0, 0, 0)
-        self.room_title = _plain("Select a room.")
+        self.room_title = plain_label("Select a room.")
         self.room_title.setObjectName("sectionTitle")
         right_layout.addWidget(self.room_title)
         self.member_table = QTableWidget(0, 2)
@@ -582,7 +579,7 @@ class RoomsWindow(QWidget):
         self.role_button.clicked.connect(self._change_role)
         self.remove_button = QPushButton("Remove member")
         self.remove_button.clicked.connect(self._remove)
-        member.addWidget(_plain("Selected member:"))
+        member.addWidget(plain_label("Selected member:"))
         member.addWidget(self.member_role)
         member.addWidget(self.role_button)
         member.addWidget(self.remove_button)

@@ -31,6 +31,7 @@ from meshagent_gui.units import human_size
 
 from .bridge import AgentBridge
 from .transfers import FINISHED, State, TransferRow
+from .widgets import bring_to_front
 
 INTRO = (
     "Anyone who opens the link receives it once, straight from this computer, in their browser. "
@@ -215,6 +216,5 @@ class ShareLinkWindow(QDialog):
 def open_share_link(bridge: AgentBridge, parent: QWidget | None = None) -> ShareLinkWindow:
     """The 'Share by link…' action of the tray and the main window."""
     window = ShareLinkWindow(bridge, parent)
-    window.show()
-    window.raise_()
+    bring_to_front(window)
     return window

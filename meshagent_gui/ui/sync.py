@@ -71,7 +71,16 @@ from meshagent_gui.units import human_size
 from .devices import DeviceEntry
 from .resources import app_icon
 from .rooms import confirm
-from .widgets import Spawn, bring_to_front, one_line, show_message, succeeded
+from .widgets import (
+    Spawn,
+    answer_buttons,
+    bring_to_front,
+    folder_row,
+    one_line,
+    plain_label,
+    show_message,
+    succeeded,
+)
 
 if TYPE_CHECKING:
     from .bridge import AgentBridge
@@ -447,15 +456,6 @@ class SyncModel(QObject):
 # ---------------------------------------------------------------- dialogs
 
 
-def _plain(text: str = "", name: str = "") -> QLabel:
-    label = QLabel(text)
-    label.setTextFormat(Qt.TextFormat.PlainText)  # labels and names come from other devices
-    label.setWordWrap(True)
-    if name:
-        label.setAccessibleName(name)
-    return label
-
-
 class SyncOfferDialog(QDialog):
     """Accept (here, or in a folder of one's choice) or decline a peer's folder; not modal.
 
@@ -482,30 +482,21 @@ class SyncOfferDialog(QDialog):
         layout.setContentsMargins(20, 18, 20, 16)
         layout.setSpacing(10)
         peer, label = one_line(offer.peer_name), one_line(offer.label)
-        self.text = _plain(f"{peer} wants to sync the folder “{label}” with this device.")
+        self.text = plain_label(f"{peer} wants to sync the folder “{label}” with this device.")
         self.text.setObjectName("offerTitle")
         self.text.setAccessibleName("Offer")
-        self.explain = _plain(
+        self.explain = plain_label(
             "If you accept, the folder is kept the same on both devices, in both directions:"
             " a change made on either one reaches the other."
         )
-        where = QHBoxLayout()
-        self.where = _plain(name="Where the folder is kept")
-        self.where.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.change_button = QPushButton("Change…")
-        self.change_button.setAccessibleName("Change where the folder is kept")
-        self.change_button.clicked.connect(self._change)
-        where.addWidget(self.where, 1)
-        where.addWidget(self.change_button)
-        self.warning = _plain(name="Warning")
+        where, self.where, self.change_button = folder_row(
+            "Where the folder is kept", "Change where the folder is kept", self._change
+        )
+        self.warning = plain_label(name="Warning")
         self.warning.setObjectName("subtitle")
         self.warning.hide()
-        buttons = QDialogButtonBox()
-        self.accept_button = buttons.addButton("Accept", QDialogButtonBox.ButtonRole.AcceptRole)
-        self.decline_button = buttons.addButton("Decline", QDialogButtonBox.ButtonRole.RejectRole)
+        buttons, self.accept_button, self.decline_button = answer_buttons(self)
         self.accept_button.setDefault(True)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
         layout.addWidget(self.text)
         layout.addWidget(self.explain)
         layout.addLayout(where)
@@ -583,7 +574,7 @@ class ConflictsDialog(QDialog):
         self.setWindowIcon(app_icon())
         self.resize(620, 380)
         layout = QVBoxLayout(self)
-        explain = _plain(
+        explain = plain_label(
             "When a file changed on two devices at the same time, both versions are kept: the"
             " other one is saved beside it, with “sync-conflict”, the date and the device in its"
             " name. Open both, keep what you need, then delete the conflict copy (the deletion"
@@ -594,7 +585,7 @@ class ConflictsDialog(QDialog):
         self.list.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.list.itemActivated.connect(self._open_item)
         self.list.currentItemChanged.connect(self._update_buttons)
-        self.status = _plain("Looking for conflict copies…", "Status")
+        self.status = plain_label("Looking for conflict copies…", "Status")
         buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
         self.open_button = buttons.addButton("Open", QDialogButtonBox.ButtonRole.ActionRole)
         self.open_button.setAccessibleName("Open the selected conflict copy")
@@ -742,14 +733,14 @@ class SyncWindow(QWidget):
         header.addStretch(1)
         header.addWidget(self.add_button)
         outer.addLayout(header)
-        explain = _plain(
+        explain = plain_label(
             "Each folder here is kept the same on this device and on the devices listed, live,"
             " in both directions, directly between the devices (never through the server)."
         )
         explain.setObjectName("subtitle")
         outer.addWidget(explain)
 
-        self.message = _plain(name="Message")
+        self.message = plain_label(name="Message")
         self.message.setObjectName("banner")
         self.message.hide()
         outer.addWidget(self.message)
@@ -784,7 +775,7 @@ class SyncWindow(QWidget):
             self.table.setItemDelegateForColumn(column, self._elide_right)
         self.table.itemSelectionChanged.connect(self._show_selected)
         self.table.itemActivated.connect(lambda _: self._open_selected())
-        self.empty = _plain(
+        self.empty = plain_label(
             "No synced folders yet.\n\nAdd folder… keeps a folder of this device the same on"
             " another of your devices (or a room member's), in both directions.",
             "No synced folders",
@@ -795,7 +786,7 @@ class SyncWindow(QWidget):
         self.stack.addWidget(self.empty)
         outer.addWidget(self.stack, 1)
 
-        self.detail = _plain(name="Selected folder")
+        self.detail = plain_label(name="Selected folder")
         self.detail.setObjectName("syncDetail")
         self.detail.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         outer.addWidget(self.detail)

@@ -130,6 +130,7 @@ class TransferRow:
     error: str = ""
     transfer_id: str | None = None
     paths: tuple[str, ...] = ()  # what a resume sends again (sends only)
+    link: bool = False  # sent to whoever opens a one-time share link (never resumed)
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -269,14 +270,16 @@ class TransferTableModel(QAbstractTableModel):
         self.endInsertRows()
         return row
 
-    def add_send(self, paths: list[str], peer_id: str, peer_name: str) -> TransferRow:
-        """A send the user started here; its transfer id is learned from the first event."""
+    def add_send(
+        self, paths: list[str], peer_id: str, peer_name: str, *, link: bool = False
+    ) -> TransferRow:
+        """A send the user started here (``link``: by a share link); its transfer id is learned
+        from the first event."""
         names = [Path(p).name or p for p in paths]
         name = names[0] if len(names) == 1 else f"{names[0]} and {len(names) - 1} more"
+        key = f"local-{next(self._keys)}"
         return self.add(
-            TransferRow(
-                f"local-{next(self._keys)}", "send", name, peer_id, peer_name, paths=tuple(paths)
-            )
+            TransferRow(key, "send", name, peer_id, peer_name, paths=tuple(paths), link=link)
         )
 
     def claim(self, row: TransferRow, transfer_id: str) -> None:
