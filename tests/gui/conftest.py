@@ -98,3 +98,18 @@ def mesh(gui_home: Context, server: Server, make_agent) -> tuple[Server, AgentHo
     home.ok("login", server.url, "--join-code", server.join_code("ann"), "--name", "desk")
     gui_home.config = Context.open(gui_home.paths.home).config
     return server, receiver
+
+
+@pytest.fixture
+def bob_and_desk(gui_home: Context, server: Server, make_agent) -> AgentHome:  # type: ignore[no-untyped-def]
+    """bob's laptop (a real `meshagent up`) and ann's desk (the app) share the room `team`:
+    bob's offers ask ann first."""
+    server.add_user("ann")
+    server.add_user("bob")
+    bob: AgentHome = make_agent("bobs-laptop")
+    bob.login(server, server.join_code("bob", room="team"))
+    bob.up()
+    assert gui_home.paths.home is not None
+    desk = AgentHome(gui_home.paths.home, bob.logs, "desk")
+    desk.ok("login", server.url, "--join-code", server.join_code("ann", room="team"))
+    return bob

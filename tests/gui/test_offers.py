@@ -4,52 +4,21 @@ later offers from it land without asking."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from html import escape
 from pathlib import Path
 from typing import Any
 
-import pytest
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QApplication, QLabel
+from PySide6.QtWidgets import QLabel
 
 from meshagent_gui.context import Context
 from meshagent_gui.core.events import TransferOffered
 from meshagent_gui.ui.app import GuiApp
 from meshagent_gui.ui.devices import DeviceEntry
 from meshagent_gui.ui.main_window import DropZone, OfferDialog
-from tests.integration.harness import BASE_ENV, AgentHome, Server, free_port, meshagent_cmd
+from tests.integration.harness import AgentHome, free_port
 
-
-@pytest.fixture
-def bob_and_desk(gui_home: Context, server: Server, make_agent) -> AgentHome:  # type: ignore[no-untyped-def]
-    """bob's laptop (a real `meshagent up`) and ann's desk (the app) share the room `team`."""
-    server.add_user("ann")
-    server.add_user("bob")
-    bob: AgentHome = make_agent("bobs-laptop")
-    bob.login(server, server.join_code("bob", room="team"))
-    bob.up()
-    assert gui_home.paths.home is not None
-    desk = AgentHome(gui_home.paths.home, bob.logs, "desk")
-    desk.ok("login", server.url, "--join-code", server.join_code("ann", room="team"))
-    return bob
-
-
-def offer_dialog() -> OfferDialog | None:
-    for widget in QApplication.topLevelWidgets():
-        if isinstance(widget, OfferDialog) and widget.isVisible():
-            return widget
-    return None
-
-
-def send_from(bob: AgentHome, path: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        meshagent_cmd("--home", str(bob.home), "send", str(path), "--to", "desk"),
-        env=BASE_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+from .support import offer_dialog, send_from
 
 
 def test_another_users_offer_asks_and_always_accept_sticks(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 from collections.abc import Iterator
 from html import escape
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QApplication, QLabel
+from PySide6.QtWidgets import QLabel
 
 from meshagent_gui.compose.local_mesh import owner_name
 from meshagent_gui.context import Context
@@ -30,15 +29,12 @@ from meshagent_gui.ui.resources import TrayState
 from meshagent_gui.ui.transfers import HistoryColumn, HistoryWindow
 from meshagent_gui.ui.tray import Tray
 from tests.integration.harness import (
-    BASE_ENV,
     AgentHome,
     Process,
-    Server,
     free_port,
-    meshagent_cmd,
 )
 
-from .support import run
+from .support import offer_dialog, run, send_from
 
 OFFER = TransferOffered("t1", "peer", "bobs-laptop", ("photos", "notes.txt"), 3, 12_345, False)
 
@@ -84,28 +80,6 @@ def test_peer_names_in_the_offer_are_text(qtbot: Any) -> None:
     assert escape(evil) in shown and "<img" not in shown
 
 
-@pytest.fixture
-def bob_and_desk(gui_home: Context, server: Server, make_agent) -> AgentHome:  # type: ignore[no-untyped-def]
-    """bob's laptop (a real `meshagent up`) and ann's desk (the app) share the room `team`:
-    bob's offers ask ann first."""
-    server.add_user("ann")
-    server.add_user("bob")
-    bob: AgentHome = make_agent("bobs-laptop")
-    bob.login(server, server.join_code("bob", room="team"))
-    bob.up()
-    assert gui_home.paths.home is not None
-    desk = AgentHome(gui_home.paths.home, bob.logs, "desk")
-    desk.ok("login", server.url, "--join-code", server.join_code("ann", room="team"))
-    return bob
-
-
-def _offer_dialog() -> OfferDialog | None:
-    for widget in QApplication.topLevelWidgets():
-        if isinstance(widget, OfferDialog) and widget.isVisible():
-            return widget
-    return None
-
-
 def test_a_real_offer_lands_where_the_receiver_chose_and_shows_in_history(
     qtbot: Any,
     qloop: asyncio.AbstractEventLoop,
@@ -124,15 +98,9 @@ def test_a_real_offer_lands_where_the_receiver_chose_and_shows_in_history(
         qtbot.waitUntil(lambda: bool(gui.bridge.online_devices()), timeout=10_000)
         report = tmp_path / "report.txt"
         report.write_text("quarterly")
-        sending = subprocess.Popen(
-            meshagent_cmd("--home", str(bob.home), "send", str(report), "--to", "desk"),
-            env=BASE_ENV,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        qtbot.waitUntil(lambda: _offer_dialog() is not None, timeout=20_000)
-        dialog = _offer_dialog()
+        sending = send_from(bob, report)
+        qtbot.waitUntil(lambda: offer_dialog() is not None, timeout=20_000)
+        dialog = offer_dialog()
         assert dialog is not None
         assert dialog.where.text() == f"Save to: {tmp_path / 'downloads'}"
         elsewhere = tmp_path / "chosen" / "folder"  # made if need be, as `accept --to` does

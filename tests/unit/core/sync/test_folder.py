@@ -26,7 +26,7 @@ from meshagent_gui.core.protocol.sync import FileRow, Subscribe
 from meshagent_gui.core.sync import folder as folder_module
 from meshagent_gui.core.sync.index import FolderIndex
 from meshagent_gui.core.sync.service import SyncService
-from tests.unit.core.share.fakes import wait_for
+from tests.unit.core.share.fakes import Recorder, wait_for
 
 from .test_service import (
     ANN,
@@ -42,6 +42,14 @@ from .test_service import (
 
 TIMEOUT = 30.0
 """Generous: the machines running this are often loaded. Nothing waits this long when it works."""
+
+
+def ann_and_bob(tmp_path: Path) -> tuple[SyncNetwork, SyncService, SyncService, Recorder]:
+    """ann's and bob's services on one in-memory network, and bob's events."""
+    network = SyncNetwork()
+    ann, _ = make_sync(network, ANN, tmp_path / "ann")
+    bob, bob_events = make_sync(network, BOB, tmp_path / "bob")
+    return network, ann, bob, bob_events
 
 
 def landed_at(home: Path, name: str) -> Path:
@@ -71,9 +79,7 @@ def cut(network: SyncNetwork, device_id: str) -> None:
 async def test_pause_cuts_open_streams_and_refuses_new_ones_resume_restarts(
     tmp_path: Path,
 ) -> None:
-    network = SyncNetwork()
-    ann, _ = make_sync(network, ANN, tmp_path / "ann")
-    bob, _ = make_sync(network, BOB, tmp_path / "bob")
+    network, ann, bob, _ = ann_and_bob(tmp_path)
     folder = tmp_path / "paused"
     write(folder / "first.txt", b"first")
     async with running(ann, bob):
@@ -137,9 +143,7 @@ async def test_peer_came_online_wakes_a_pull_backing_off(
 ) -> None:
     # Every backoff lasts far longer than the test: only the event can bring the pull back.
     monkeypatch.setattr(folder_module, "BACKOFF_MIN", 10_000.0)
-    network = SyncNetwork()
-    ann, _ = make_sync(network, ANN, tmp_path / "ann")
-    bob, _ = make_sync(network, BOB, tmp_path / "bob")
+    network, ann, bob, _ = ann_and_bob(tmp_path)
     folder = tmp_path / "roaming"
     write(folder / "before.txt", b"before")
     async with running(ann, bob):
@@ -163,9 +167,7 @@ async def test_peer_came_online_wakes_a_pull_backing_off(
 
 
 async def test_a_peer_connecting_and_leaving_is_an_event_once_per_change(tmp_path: Path) -> None:
-    network = SyncNetwork()
-    ann, _ = make_sync(network, ANN, tmp_path / "ann")
-    bob, bob_events = make_sync(network, BOB, tmp_path / "bob")
+    network, ann, bob, bob_events = ann_and_bob(tmp_path)
     folder = tmp_path / "linked"
     write(folder / "a.txt", b"a")
     async with running(ann, bob):
@@ -189,9 +191,7 @@ async def test_a_peer_connecting_and_leaving_is_an_event_once_per_change(tmp_pat
 
 
 async def test_a_meshignore_change_takes_effect(tmp_path: Path) -> None:
-    network = SyncNetwork()
-    ann, _ = make_sync(network, ANN, tmp_path / "ann")
-    bob, _ = make_sync(network, BOB, tmp_path / "bob")
+    _, ann, bob, _ = ann_and_bob(tmp_path)
     folder = tmp_path / "project"
     write(folder / ".meshignore", b"*.log\n")
     write(folder / "notes.txt", b"v1")
@@ -245,9 +245,7 @@ def small_tmpfs(path: Path, size: str) -> Iterator[None]:
 
 
 async def test_a_full_disk_is_one_error_loses_nothing_and_recovers(tmp_path: Path) -> None:
-    network = SyncNetwork()
-    ann, _ = make_sync(network, ANN, tmp_path / "ann")
-    bob, bob_events = make_sync(network, BOB, tmp_path / "bob")
+    _, ann, bob, bob_events = ann_and_bob(tmp_path)
     folder = tmp_path / "media"
     contents = {f"clip{i}.bin": os.urandom(700_000) for i in range(4)}  # 2.8 MB: too much
     contents["small.txt"] = b"fits"
@@ -289,9 +287,7 @@ async def test_a_full_disk_is_one_error_loses_nothing_and_recovers(tmp_path: Pat
 
 
 async def test_the_peers_copy_is_never_missing_nor_partial_while_updated(tmp_path: Path) -> None:
-    network = SyncNetwork()
-    ann, _ = make_sync(network, ANN, tmp_path / "ann")
-    bob, _ = make_sync(network, BOB, tmp_path / "bob")
+    _, ann, bob, _ = ann_and_bob(tmp_path)
     folder = tmp_path / "live"
     # Two sizes: one block (the batched path) and several (the assembled path).
     versions: dict[str, list[bytes]] = {"small.txt": [], "large.bin": []}
@@ -365,9 +361,7 @@ suite's default keeps it under half a minute on a loaded machine."""
 
 
 async def test_a_folder_of_many_files_syncs_whole(tmp_path: Path) -> None:
-    network = SyncNetwork()
-    ann, _ = make_sync(network, ANN, tmp_path / "ann")
-    bob, _ = make_sync(network, BOB, tmp_path / "bob")
+    _, ann, bob, _ = ann_and_bob(tmp_path)
     folder = tmp_path / "many"
 
     def make() -> None:
