@@ -139,7 +139,10 @@ class ShareLinkWindow(QDialog):
         self.folder_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         what = Path(path)
-        size = "" if what.is_dir() else f" ({human_size(what.stat().st_size)})"
+        try:
+            size = "" if what.is_dir() else f" ({human_size(what.stat().st_size)})"
+        except OSError:
+            size = ""  # gone since it was picked: the send itself says so, in its row
         kind = "Folder (sent as one .zip)" if what.is_dir() else "File"
         self.item_label.setText(f"{kind}: {what.name}{size}")
         self.item_label.show()

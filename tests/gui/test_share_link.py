@@ -187,3 +187,14 @@ def test_without_a_running_agent_the_window_says_why_and_shows_only_its_own_link
     assert not window.cancel_button.isEnabled()
     assert expiry_text(1000.0 + 900, 1000.0).endswith("(in 15 min)")
     assert expiry_text(1000.0 + 20, 1000.0).endswith("(in 20 s)")
+
+
+def test_a_file_gone_since_it_was_picked_is_no_traceback(
+    qtbot: Any, qloop: asyncio.AbstractEventLoop, gui_home: Context, tmp_path: Path
+) -> None:
+    window = ShareLinkWindow(AgentBridge(gui_home))
+    qtbot.addWidget(window)
+    row = window.share(str(tmp_path / "deleted meanwhile.txt"))
+    assert window.item_label.text() == "File: deleted meanwhile.txt"
+    qtbot.waitUntil(lambda: row.state is State.FAILED)
+    assert window.status_label.text().startswith("Failed: ")
